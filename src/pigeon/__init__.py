@@ -1,0 +1,1 @@
+"""pigeon: message queues for Python."""

@@ -1,0 +1,109 @@
+"""The exceptions pigeon raises.
+
+Every error pigeon raises on purpose derives from :class:`PigeonError`::
+
+    PigeonError
+     ├── ConfigurationError (ValueError)   bad URL, option or combination
+     ├── ClosedError                        you closed the object you used
+     ├── TransportError                     connect failed / connection lost (retryable)
+     ├── Timeout (TimeoutError)             a deadline passed
+     ├── ProtocolError
+     │    ├── LocalProtocolError            we were asked to do something illegal
+     │    └── RemoteProtocolError           a peer sent something malformed
+     ├── DeliveryError
+     │    ├── NoResponders                  no live server offers the service
+     │    ├── Rejected                      the server's handler failed the request
+     │    └── Backpressure                  a bounded buffer is full and the policy is "raise"
+     ├── MessageTooLarge (ValueError)       a body is over the configured maximum size
+     ├── DecodeError                        a body could not be decoded into the asked type
+     └── StoreError                         the durable store failed or is unusable
+"""
+
+from __future__ import annotations
+
+
+class PigeonError(Exception):
+    """Root of every error pigeon raises on purpose."""
+
+
+class ConfigurationError(PigeonError, ValueError):
+    """Raised when a URL, option or combination of options is not valid."""
+
+
+class ClosedError(PigeonError):
+    """Raised when an object is used after the caller closed it."""
+
+
+class TransportError(PigeonError):
+    """Raised when a connection could not be made or was lost; retrying may help."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class Timeout(PigeonError, TimeoutError):
+    """Raised when an operation's timeout or deadline passed."""
+
+
+class ProtocolError(PigeonError):
+    """Base for violations of pigeon's wire or state rules."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Raised when the caller asks for an illegal move (e.g. acking twice)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """Raised when a peer sends a malformed frame or an unknown protocol version."""
+
+
+class DeliveryError(PigeonError):
+    """Base for failures to get a message to, or an answer from, its destination."""
+
+
+class NoResponders(DeliveryError):
+    """Raised at once when no live server offers the requested service."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"no live server offers service {service!r}")
+        self.service = service
+
+
+class Rejected(DeliveryError):
+    """Raised by ``request`` when the server's handler raised; carries its reason."""
+
+    def __init__(self, service: str, reason: str) -> None:
+        super().__init__(f"service {service!r} failed the request: {reason}")
+        self.service = service
+        self.reason = reason
+
+
+class Backpressure(DeliveryError):
+    """Raised when a bounded buffer is full and its policy says to raise."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} is full ({limit} messages)")
+        self.what = what
+        self.limit = limit
+
+
+class MessageTooLarge(PigeonError, ValueError):
+    """Raised at the sender when a body is over the configured maximum size."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message body is {size} bytes, over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class DecodeError(PigeonError):
+    """Raised when a body cannot be decoded as its content type or into the asked type."""
+
+
+class StoreError(PigeonError):
+    """Raised when the durable store is corrupt, full, locked or otherwise unusable."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -1,0 +1,212 @@
+"""The message envelope and the payload codecs.
+
+A :class:`Message` is what every transport carries and every handler gets.
+Bodies are bytes; :func:`encode_body` turns Python values into bytes plus a
+content type, and :meth:`Message.decode` turns them back, optionally into a
+typed value (msgspec Struct, dataclass, pydantic model, builtins).
+Only data formats are used: JSON, msgpack, text, raw bytes. Never pickle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, TypeVar
+
+import msgspec
+
+from .errors import DecodeError
+
+__all__ = [
+    "BYTES",
+    "JSON",
+    "MSGPACK",
+    "TEXT",
+    "Message",
+    "decode_body",
+    "encode_body",
+    "new_id",
+]
+
+T = TypeVar("T")
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+TEXT = "text/plain; charset=utf-8"
+BYTES = "application/octet-stream"
+_CONTENT_TYPES = (JSON, MSGPACK, TEXT, BYTES)
+
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+
+# Ids sort by creation time: 12 hex digits of milliseconds, then a random
+# per-process prefix and a counter, so two processes never collide and one
+# process never repeats itself without a syscall per id.
+_process_tag = os.urandom(5).hex()
+_counter = itertools.count()
+
+
+def _reseed_after_fork() -> None:
+    global _process_tag, _counter
+    _process_tag = os.urandom(5).hex()
+    _counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
+def new_id() -> str:
+    """Return a new unique message id that sorts by creation time."""
+    return "%012x%s%08x" % (time.time_ns() // 1_000_000, _process_tag, next(_counter))
+
+
+class Message(msgspec.Struct, array_like=True, gc=False):
+    """One message: the envelope every transport carries.
+
+    Attributes:
+        id: unique, time-ordered; producers resend with the same id and hosts
+            de-duplicate on it.
+        body: the payload bytes.
+        content_type: how ``body`` is encoded (JSON, msgpack, text or bytes).
+        headers: free-form ``str -> str`` metadata; keys starting with
+            ``x-pigeon-`` are pigeon's own.
+        attempt: how many times this message has been delivered, counting
+            this delivery (1 on the first delivery).
+        redelivered: True when this message may have been seen before. When it
+            is False the message has never been delivered before.
+        created_at: wall-clock seconds when the producer made it.
+        deadline: wall-clock seconds after which nobody should work on it.
+    """
+
+    id: str
+    body: bytes
+    content_type: str = BYTES
+    headers: dict[str, str] = {}
+    attempt: int = 0
+    redelivered: bool = False
+    created_at: float = 0.0
+    deadline: float | None = None
+
+    def decode(self, type: type[T] | None = None) -> Any:
+        """Decode the body by its content type, into ``type`` when given.
+
+        Raises:
+            DecodeError: the body is not valid for its content type or type.
+        """
+        return decode_body(self.body, self.content_type, type)
+
+    @property
+    def text(self) -> str:
+        """The body as UTF-8 text.
+
+        Raises:
+            DecodeError: the body is not UTF-8.
+        """
+        try:
+            return self.body.decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"message {self.id} body is not UTF-8 text") from exc
+
+
+def make_message(
+    payload: Any,
+    *,
+    content_type: str | None = None,
+    headers: dict[str, str] | None = None,
+    deadline: float | None = None,
+    message_id: str | None = None,
+) -> Message:
+    """Build a new message from a Python value (see :func:`encode_body`)."""
+    if headers is not None:
+        _check_headers(headers)
+    body, ctype = encode_body(payload, content_type)
+    return Message(
+        id=message_id or new_id(),
+        body=body,
+        content_type=ctype,
+        headers=dict(headers) if headers else {},
+        created_at=time.time(),
+        deadline=deadline,
+    )
+
+
+def _check_headers(headers: dict[str, str]) -> None:
+    if not isinstance(headers, dict):
+        raise TypeError(f"headers must be a dict of str to str, not {type(headers).__name__}")
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"headers must map str to str; got {key!r}: {value!r}")
+
+
+def _to_builtins(payload: Any) -> Any:
+    # pydantic models are not msgspec types; dump them to plain data first.
+    dump = getattr(payload, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    return payload
+
+
+def encode_body(payload: Any, content_type: str | None = None) -> tuple[bytes, str]:
+    """Encode a Python value as message body bytes and a content type.
+
+    bytes-like values travel as they are, ``str`` as UTF-8 text, anything else
+    as JSON (or msgpack when ``content_type`` is ``MSGPACK``).
+
+    Raises:
+        ConfigurationError: the content type is not one pigeon knows.
+        TypeError: the value cannot be encoded in that content type.
+    """
+    if content_type is None:
+        if isinstance(payload, bytes):
+            return payload, BYTES
+        if isinstance(payload, (bytearray, memoryview)):
+            return bytes(payload), BYTES
+        if isinstance(payload, str):
+            return payload.encode(), TEXT
+        content_type = JSON
+    if content_type == BYTES:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"content type {BYTES} needs bytes, not {type(payload).__name__}")
+        return bytes(payload), BYTES
+    if content_type == TEXT:
+        if not isinstance(payload, str):
+            raise TypeError(f"content type {TEXT!r} needs str, not {type(payload).__name__}")
+        return payload.encode(), TEXT
+    encoder = {JSON: _json_encoder, MSGPACK: _msgpack_encoder}.get(content_type)
+    if encoder is None:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"unknown content type {content_type!r}; expected one of {', '.join(_CONTENT_TYPES)}"
+        )
+    try:
+        return encoder.encode(_to_builtins(payload)), content_type
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise TypeError(
+            f"cannot encode {type(payload).__name__} as {content_type}: {exc}"
+        ) from exc
+
+
+def decode_body(body: bytes, content_type: str, type: Any = None) -> Any:
+    """Decode body bytes by content type, optionally into ``type``.
+
+    Raises:
+        DecodeError: the body does not parse, or does not fit ``type``.
+    """
+    validate = getattr(type, "model_validate", None)  # pydantic
+    target = Any if type is None or validate is not None else type
+    try:
+        if content_type == JSON:
+            value = msgspec.json.decode(body, type=target)
+        elif content_type == MSGPACK:
+            value = msgspec.msgpack.decode(body, type=target)
+        elif content_type.startswith("text/"):
+            value = msgspec.convert(body.decode(), target)
+        else:
+            value = msgspec.convert(body, target) if target not in (Any, bytes) else body
+        return validate(value) if validate is not None else value
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"cannot decode {content_type} body: {exc}") from exc
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise DecodeError(f"cannot decode {content_type} body into {type}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Test kits shipped to users: the history checker and (later) the conformance suite."""
