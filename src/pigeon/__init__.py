@@ -1,1 +1,62 @@
-"""pigeon: message queues for Python."""
+"""pigeon: message queues for Python.
+
+Work queues, request-reply and (soon) publish-subscribe with acks, retries,
+dead letters, leases, heartbeats and failover; brokerless over ZeroMQ by
+default, the same API on NATS and RabbitMQ.
+"""
+
+from ._core.backoff import RetryPolicy
+from ._core.ledger import dead_letter_queue
+from .connection import Connection, connect
+from .errors import (
+    Backpressure,
+    ClosedError,
+    ConfigurationError,
+    DecodeError,
+    DeliveryError,
+    LocalProtocolError,
+    MessageTooLarge,
+    NoResponders,
+    PigeonError,
+    ProtocolError,
+    Rejected,
+    RemoteProtocolError,
+    StoreError,
+    Timeout,
+    TransportError,
+)
+from .message import BYTES, JSON, MSGPACK, TEXT, Message
+from .transports import Delivery
+from .worker import Server, Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BYTES",
+    "JSON",
+    "MSGPACK",
+    "TEXT",
+    "Backpressure",
+    "ClosedError",
+    "ConfigurationError",
+    "Connection",
+    "DecodeError",
+    "Delivery",
+    "DeliveryError",
+    "LocalProtocolError",
+    "Message",
+    "MessageTooLarge",
+    "NoResponders",
+    "PigeonError",
+    "ProtocolError",
+    "Rejected",
+    "RemoteProtocolError",
+    "RetryPolicy",
+    "Server",
+    "StoreError",
+    "Timeout",
+    "TransportError",
+    "Worker",
+    "connect",
+    "dead_letter_queue",
+]

@@ -1,0 +1,71 @@
+"""Retry policy: exponential backoff with jitter, and when to give up.
+
+Rule 1: a failed attempt below ``max_attempts`` is retried after
+``retry_delay``; the attempt that reaches ``max_attempts`` is dead-lettered.
+Rule 2: the delay grows by ``factor`` per attempt, is capped at ``max_delay``
+and is jittered downwards by up to ``jitter`` of itself, so a crowd of
+failures does not retry in lock-step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigurationError
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a handler failure is retried.
+
+    Attributes:
+        max_attempts: deliveries before a failing message is dead-lettered.
+        base_delay: seconds before the first retry.
+        max_delay: the cap on any retry delay, in seconds.
+        factor: growth of the delay per attempt.
+        jitter: fraction (0..1) of the delay that is randomised away.
+    """
+
+    max_attempts: int = 5
+    base_delay: float = 0.1
+    max_delay: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ConfigurationError("retry delays must be >= 0 seconds")
+        if self.factor < 1:
+            raise ConfigurationError(f"factor must be >= 1, not {self.factor!r}")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigurationError(f"jitter must be within 0..1, not {self.jitter!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Verdict: deliver again after ``delay`` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Verdict: stop retrying; dead-letter with ``reason``."""
+
+    reason: str
+
+
+def retry_delay(policy: RetryPolicy, attempt: int, rand: float) -> float:
+    """Seconds to wait after failed ``attempt`` (1-based); ``rand`` is in [0, 1)."""
+    raw = policy.base_delay * policy.factor ** max(0, attempt - 1)
+    capped = min(policy.max_delay, raw)
+    return capped * (1.0 - policy.jitter * rand)
+
+
+def on_failure(policy: RetryPolicy, attempt: int, error: str, rand: float) -> Retry | DeadLetter:
+    """Decide what happens to a message whose handler failed on ``attempt``."""
+    if attempt >= policy.max_attempts:
+        return DeadLetter(f"failed {attempt} of {policy.max_attempts} attempts; last error: {error}")
+    return Retry(retry_delay(policy, attempt, rand))

@@ -1,0 +1,133 @@
+"""Wire frames between pigeon nodes (see docs/protocol.md).
+
+Every frame is one ZeroMQ message part: one version byte, then one msgpack
+array whose first item is the frame's tag. Batches (several envelopes, several
+ack ids) travel in one frame because the number of socket calls, not the
+encoding, is what costs.
+
+Rule 1: ``decode`` either returns a frame or raises ``RemoteProtocolError``;
+no input crashes it.
+Rule 2: a frame with another version byte is refused, never guessed at.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..errors import RemoteProtocolError
+from ..message import Message
+
+VERSION = 1
+_VERSION_BYTE = bytes([VERSION])
+
+
+class Hello(msgspec.Struct, array_like=True, tag=1, gc=False):
+    """Heartbeat and advertisement; both sides send it every interval."""
+
+    node: str
+    session: str
+    services: list[str] = []
+    hosts_queues: bool = False
+    load: int = 0
+
+
+class Send(msgspec.Struct, array_like=True, tag=2, gc=False):
+    """Producer → host: store these messages in ``queue``; confirm them."""
+
+    queue: str
+    messages: list[Message]
+
+
+class Confirm(msgspec.Struct, array_like=True, tag=3, gc=False):
+    """Host → producer: these ids are stored (or were already)."""
+
+    ids: list[str]
+
+
+class Refuse(msgspec.Struct, array_like=True, tag=4, gc=False):
+    """Host → producer: these ids were not accepted, with why."""
+
+    id_reasons: list[tuple[str, str]]
+
+
+class Consume(msgspec.Struct, array_like=True, tag=5, gc=False):
+    """Worker → host: deliver ``queue`` to me, up to ``prefetch`` unsettled."""
+
+    queue: str
+    prefetch: int
+    lease_ttl: float = 30.0
+    max_attempts: int = 0
+
+
+class Cancel(msgspec.Struct, array_like=True, tag=6, gc=False):
+    """Worker → host: stop delivering ``queue``; unsettled ones go back."""
+
+    queue: str
+
+
+class Deliver(msgspec.Struct, array_like=True, tag=7, gc=False):
+    """Host → worker: messages leased to this worker."""
+
+    queue: str
+    messages: list[Message]
+
+
+class Settle(msgspec.Struct, array_like=True, tag=8, gc=False):
+    """Worker → host: outcomes of deliveries, batched."""
+
+    queue: str
+    acks: list[str] = []
+    nacks: list[tuple[str, float, str]] = []
+    rejects: list[tuple[str, str]] = []
+    extends: list[str] = []
+
+
+class Request(msgspec.Struct, array_like=True, tag=9, gc=False):
+    """Client → server: run ``service`` on ``message``; ``timeout`` is what is left."""
+
+    request_id: str
+    service: str
+    message: Message
+    timeout: float
+
+
+class Reply(msgspec.Struct, array_like=True, tag=10, gc=False):
+    """Server → client: the answer to ``request_id`` (or ``error``)."""
+
+    request_id: str
+    message: Message | None = None
+    error: str = ""
+    error_kind: str = ""
+
+
+class Error(msgspec.Struct, array_like=True, tag=11, gc=False):
+    """Either way: the peer's last frame was refused, with why."""
+
+    reason: str
+
+
+Frame = Hello | Send | Confirm | Refuse | Consume | Cancel | Deliver | Settle | Request | Reply | Error
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode one frame, version byte first."""
+    return _VERSION_BYTE + _encoder.encode(frame)
+
+
+def decode(data: bytes | memoryview) -> Frame:
+    """Decode one frame.
+
+    Raises:
+        RemoteProtocolError: empty input, another version, or a malformed frame.
+    """
+    if not data:
+        raise RemoteProtocolError("empty frame")
+    if data[0] != VERSION:
+        raise RemoteProtocolError(f"unknown protocol version {data[0]} (this node speaks {VERSION})")
+    try:
+        return _decoder.decode(memoryview(data)[1:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise RemoteProtocolError(f"malformed frame: {exc}") from exc

@@ -1,0 +1,172 @@
+"""Request-reply decisions: which server gets a call, when a call is retried
+elsewhere or fails, and the server's reply cache.
+
+Client rules:
+Rule 1: a call goes to the live server with the fewest calls outstanding;
+servers not yet tried for this call come first.
+Rule 2: a call is retried, with the same request id, on another server when
+its attempt times out or its server is lost; it fails with ``Timeout`` at its
+deadline, never later.
+Rule 3: a reply for a call that is no longer pending is dropped and counted.
+
+Server rules:
+Rule 4: a request id seen before is never run again: while it runs, the
+retry waits for the same result; once done, the cached reply is sent again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(slots=True)
+class PendingCall:
+    request_id: str
+    service: str
+    deadline: float
+    attempt_timeout: float
+    server: Hashable | None = None
+    attempt_deadline: float = 0.0
+    tried: list[Hashable] = field(default_factory=list)
+
+
+class Correlator:
+    """The client side: pending calls and their servers."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, PendingCall] = {}
+        self._outstanding: dict[Hashable, int] = {}
+        self._tiebreak = itertools.count()
+        self.late_replies = 0
+        self.retries = 0
+
+    def start(
+        self, request_id: str, service: str, now: float, *, timeout: float, attempt_timeout: float
+    ) -> PendingCall:
+        call = PendingCall(request_id, service, now + timeout, attempt_timeout)
+        self._calls[request_id] = call
+        return call
+
+    def choose(self, call: PendingCall, candidates: Iterable[Hashable], now: float) -> Hashable | None:
+        """Pick the server for the call's next attempt (Rule 1), or None."""
+        best: tuple[int, int, int] | None = None
+        chosen: Hashable | None = None
+        for server in candidates:
+            key = (
+                1 if server in call.tried else 0,
+                self._outstanding.get(server, 0),
+                next(self._tiebreak) % 1024,
+            )
+            if best is None or key < best:
+                best, chosen = key, server
+        if chosen is not None:
+            self._assign(call, chosen, now)
+        return chosen
+
+    def _assign(self, call: PendingCall, server: Hashable, now: float) -> None:
+        self._unassign(call)
+        if call.tried:
+            self.retries += 1
+        call.server = server
+        call.tried.append(server)
+        call.attempt_deadline = min(call.deadline, now + call.attempt_timeout)
+        self._outstanding[server] = self._outstanding.get(server, 0) + 1
+
+    def _unassign(self, call: PendingCall) -> None:
+        if call.server is not None:
+            left = self._outstanding.get(call.server, 1) - 1
+            if left > 0:
+                self._outstanding[call.server] = left
+            else:
+                self._outstanding.pop(call.server, None)
+            call.server = None
+
+    def finish(self, request_id: str) -> PendingCall | None:
+        """A reply arrived (or the caller gave up): the call is no longer pending."""
+        call = self._calls.pop(request_id, None)
+        if call is None:
+            self.late_replies += 1
+            return None
+        self._unassign(call)
+        return call
+
+    def due(self, now: float) -> tuple[list[PendingCall], list[PendingCall]]:
+        """Return ``(expired, to_retry)``: calls past their deadline, and calls
+        whose attempt timed out and that should move to another server."""
+        expired: list[PendingCall] = []
+        retry: list[PendingCall] = []
+        for call in self._calls.values():
+            if now >= call.deadline:
+                expired.append(call)
+            elif call.server is not None and now >= call.attempt_deadline:
+                retry.append(call)
+        for call in expired:
+            self.finish(call.request_id)
+        return expired, retry
+
+    def server_lost(self, server: Hashable) -> list[PendingCall]:
+        """Calls whose server died: they must be retried elsewhere (Rule 2)."""
+        lost = [call for call in self._calls.values() if call.server == server]
+        for call in lost:
+            self._unassign(call)
+        self._outstanding.pop(server, None)
+        return lost
+
+    def next_wakeup(self) -> float | None:
+        times = [
+            min(c.deadline, c.attempt_deadline) if c.server is not None else c.deadline
+            for c in self._calls.values()
+        ]
+        return min(times) if times else None
+
+    def load(self, server: Hashable) -> int:
+        return self._outstanding.get(server, 0)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+
+class CacheState(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class ReplyCache:
+    """The server side of Rule 4: remembers recent request ids and replies."""
+
+    def __init__(self, *, max_entries: int = 10_000, ttl: float = 300.0) -> None:
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._entries: OrderedDict[str, tuple[float, object | None]] = OrderedDict()
+        self.hits = 0
+
+    def begin(self, request_id: str, now: float) -> tuple[CacheState, object | None]:
+        """Note a request; says whether to run it, wait for it, or resend a reply."""
+        self._prune(now)
+        entry = self._entries.get(request_id)
+        if entry is None:
+            self._entries[request_id] = (now, None)
+            return CacheState.NEW, None
+        self.hits += 1
+        reply = entry[1]
+        return (CacheState.RUNNING, None) if reply is None else (CacheState.DONE, reply)
+
+    def finish(self, request_id: str, reply: object, now: float) -> None:
+        self._entries[request_id] = (now, reply)
+        self._entries.move_to_end(request_id)
+
+    def _prune(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            oldest_id, (stamp, reply) = next(iter(entries.items()))
+            too_many = len(entries) > self.max_entries
+            if not too_many and now - stamp <= self.ttl:
+                break
+            if reply is None and not too_many:
+                break  # still running: keep it so a retry does not run it twice
+            entries.popitem(last=False)

@@ -1,0 +1,228 @@
+"""The async API: :func:`connect` gives a :class:`Connection`, whose verbs are
+the same on every transport: ``send``, ``consume``, ``request``, ``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+from typing import Any
+
+from ._core.backoff import RetryPolicy
+from .errors import ClosedError, ConfigurationError, Timeout
+from .message import Message, make_message
+from .transports import ConsumeOptions, Transport, open_transport
+from .worker import Handler, Server, ServiceFunction, Worker
+
+__all__ = ["Connection", "connect"]
+
+
+def _as_list(value: str | list[str] | tuple[str, ...] | None, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{what} must be a URL string or a list of them, not {value!r}")
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
+    if not name or len(name) > 255 or any(c.isspace() for c in name):
+        raise ValueError(f"{what} name must be 1-255 characters without spaces, not {name!r}")
+    return name
+
+
+def _positive(value: float, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{what} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+class Connection:
+    """A process's handle on one transport.
+
+    Use it as ``async with pigeon.connect(...) as conn:`` or
+    ``conn = await pigeon.connect(...)`` and ``await conn.close()``.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._started = False
+        self._closed = False
+        self._workers: list[Worker] = []
+        self._servers: list[Server] = []
+
+    async def start(self) -> Connection:
+        if not self._started:
+            await self.transport.start()
+            self._started = True
+        return self
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self.start().__await__()
+
+    async def __aenter__(self) -> Connection:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("connection is closed")
+        if not self._started:
+            raise ClosedError("connection is not started; use 'async with' or 'await connect()'")
+
+    # -- work queues -----------------------------------------------------
+
+    def send_nowait(
+        self, queue: str, payload: Any, *, headers: dict[str, str] | None = None,
+        content_type: str | None = None, message_id: str | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue ``payload`` for ``queue`` without waiting; the returned future
+        resolves when the host has stored it (see :meth:`flush`).
+
+        Raises:
+            ClosedError: the connection is closed.
+            MessageTooLarge: the body is over the transport's limit.
+            Backpressure: the outbox or queue is full.
+            TypeError: the payload or headers cannot be encoded.
+        """
+        self._check_open()
+        message = make_message(
+            payload, content_type=content_type, headers=headers, message_id=message_id
+        )
+        return self.transport.send_nowait(_check_name(queue, "queue"), message)
+
+    async def send(
+        self, queue: str, payload: Any, *, headers: dict[str, str] | None = None,
+        content_type: str | None = None, message_id: str | None = None, timeout: float = 30.0,
+    ) -> None:
+        """Send ``payload`` to ``queue`` and wait until the host stored it.
+
+        Raises:
+            Timeout: no confirmation within ``timeout`` (the message may still
+                arrive: it stays in the outbox and is resent with its id).
+            (and everything :meth:`send_nowait` raises)
+        """
+        future = self.send_nowait(
+            queue, payload, headers=headers, content_type=content_type, message_id=message_id
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(future), _positive(timeout, "timeout"))
+        except TimeoutError as exc:
+            raise Timeout(f"send to {queue!r} not confirmed within {timeout} s") from exc
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every send so far is confirmed.
+
+        Raises:
+            Timeout: some are still unconfirmed after ``timeout`` seconds.
+        """
+        self._check_open()
+        await self.transport.flush(_positive(timeout, "timeout"))
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int = 64, concurrency: int = 1,
+        retry: RetryPolicy | None = None, lease_ttl: float = 30.0,
+    ) -> Worker:
+        """Run ``handler(delivery)`` for every message of ``queue``.
+
+        A handler that returns acks the message; one that raises is retried
+        with backoff and dead-lettered after ``retry.max_attempts``. A
+        handler may settle by hand with ``delivery.ack()``, ``nack()``,
+        ``reject()`` or keep it with ``extend()``.
+
+        Raises:
+            ValueError: prefetch or concurrency below 1.
+            ConfigurationError: an option the transport cannot honour.
+        """
+        self._check_open()
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        for value, what in ((prefetch, "prefetch"), (concurrency, "concurrency")):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be an int >= 1, not {value!r}")
+        policy = retry or RetryPolicy()
+        if not isinstance(policy, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, not {type(policy).__name__}")
+        worker = Worker(_check_name(queue, "queue"), handler, policy, concurrency)
+        options = ConsumeOptions(prefetch, _positive(lease_ttl, "lease_ttl"), policy.max_attempts)
+        await worker.start(self.transport, options)
+        self._workers.append(worker)
+        return worker
+
+    # -- request-reply ---------------------------------------------------
+
+    async def request(
+        self, service: str, payload: Any, *, timeout: float = 10.0,
+        headers: dict[str, str] | None = None, content_type: str | None = None,
+    ) -> Message:
+        """Call ``service`` and return the reply message.
+
+        Raises:
+            NoResponders: no live server offers ``service`` (at once).
+            Timeout: no reply within ``timeout`` seconds, retries included.
+            Rejected: the server's handler raised.
+        """
+        self._check_open()
+        timeout = _positive(timeout, "timeout")
+        message = make_message(payload, content_type=content_type, headers=headers)
+        return await self.transport.request(_check_name(service, "service"), message, timeout=timeout)
+
+    async def serve(self, service: str, handler: ServiceFunction) -> Server:
+        """Answer requests for ``service`` with ``handler(message) -> reply``."""
+        self._check_open()
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        server = Server(_check_name(service, "service"), handler)
+        await server.start(self.transport)
+        self._servers.append(server)
+        return server
+
+    # -- lifecycle -------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Everything counted so far: transport, workers and servers."""
+        stats = dict(self.transport.stats())
+        stats["workers"] = [w.stats() for w in self._workers]
+        stats["servers"] = [s.stats() for s in self._servers]
+        return stats
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop workers (letting running handlers finish), wait for sends to be
+        confirmed, then close. Never waits longer than about ``timeout``."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            return
+        for worker in self._workers:
+            await worker.close(timeout)
+        for server in self._servers:
+            await server.close()
+        await self.transport.close(timeout)
+
+
+def connect(
+    url: str | list[str] | None = None, *, bind: str | list[str] | None = None, **options: Any
+) -> Connection:
+    """Open a connection; start it with ``async with`` or ``await``.
+
+    Args:
+        url: where to connect: ``memory://NAME``, ``tcp://HOST:PORT``,
+            ``ipc://PATH``, ``inproc://NAME``, ``nats://…``, ``amqp://…``,
+            or a list of ZeroMQ addresses.
+        bind: ZeroMQ address(es) to serve on; the node then hosts queues.
+        options: transport options (e.g. ``heartbeat``, ``max_message_size``).
+
+    Raises:
+        ConfigurationError: unknown scheme or unusable combination.
+    """
+    connect_urls = _as_list(url, "url")
+    bind_urls = _as_list(bind, "bind")
+    if not connect_urls and not bind_urls:
+        raise ConfigurationError("connect() needs a URL, or bind= for a node that serves")
+    return Connection(open_transport(connect_urls, bind_urls, **options))

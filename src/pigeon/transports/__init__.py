@@ -1,0 +1,67 @@
+"""Transports, chosen by URL scheme and imported only when used."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import ConsumeOptions, Delivery, Subscription, Transport
+
+__all__ = ["ConsumeOptions", "Delivery", "Subscription", "Transport", "open_transport"]
+
+ZMQ_SCHEMES = ("inproc", "ipc", "tcp")
+SCHEMES = ("memory", *ZMQ_SCHEMES, "nats", "amqp")
+
+
+def _scheme(url: str) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"a URL must be a str, not {type(url).__name__}")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigurationError(f"{url!r} is not a URL; expected SCHEME://ADDRESS with SCHEME one of "
+                                 f"{', '.join(SCHEMES)}")
+    if scheme not in SCHEMES:
+        raise ConfigurationError(
+            f"unknown URL scheme {scheme!r} in {url!r}; pigeon knows {', '.join(SCHEMES)}"
+        )
+    if scheme in ("tcp", "ipc", "inproc") and not rest:
+        raise ConfigurationError(f"{url!r} has no address")
+    return scheme
+
+
+def open_transport(connect: list[str], bind: list[str], **options: Any) -> Transport:
+    """Make (not start) the transport for these URLs.
+
+    Raises:
+        ConfigurationError: unknown scheme, mixed families, or an option the
+            chosen transport does not take.
+    """
+    if not connect and not bind:
+        raise ConfigurationError("give at least one URL to connect to or to bind")
+    schemes = {_scheme(u) for u in [*connect, *bind]}
+    family = {"zmq" if s in ZMQ_SCHEMES else s for s in schemes}
+    if len(family) > 1:
+        raise ConfigurationError(f"cannot mix URL schemes {sorted(schemes)} in one connection")
+    (kind,) = family
+    if kind != "zmq" and bind:
+        raise ConfigurationError(f"bind= is for ZeroMQ addresses; {kind}:// connects to a server")
+    if kind != "zmq" and len(connect) != 1:
+        raise ConfigurationError(f"{kind}:// takes exactly one URL")
+    try:
+        if kind == "memory":
+            from .memory import MemoryTransport
+
+            return MemoryTransport(connect[0], **options)
+        if kind == "zmq":
+            from .zmq import ZmqTransport
+
+            return ZmqTransport(connect, bind, **options)
+        if kind == "nats":
+            from .nats import NatsTransport
+
+            return NatsTransport(connect[0], **options)
+        from .amqp import AmqpTransport
+
+        return AmqpTransport(connect[0], **options)
+    except TypeError as exc:
+        raise ConfigurationError(f"{kind} transport: {exc}") from exc

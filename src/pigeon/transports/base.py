@@ -1,0 +1,176 @@
+"""The seam between pigeon's API and its transports.
+
+A transport moves messages for one URL scheme. It is small on purpose: the
+API layer (workers running handlers, retry policy, codecs) is shared by all
+of them, so a transport only stores, delivers, settles and correlates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import LocalProtocolError
+from ..message import Message
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeOptions:
+    """What a worker asks of the queue it consumes.
+
+    Attributes:
+        prefetch: deliveries the worker may hold unsettled (its credit).
+        lease_ttl: seconds an unsettled delivery is kept before redelivery.
+        max_attempts: deliveries after which the queue dead-letters a message
+            (0: no host-side limit).
+    """
+
+    prefetch: int = 64
+    lease_ttl: float = 30.0
+    max_attempts: int = 0
+
+
+class Settler(Protocol):
+    """How a transport settles one of its deliveries."""
+
+    def ack(self, delivery: Delivery) -> Awaitable[None] | None: ...
+    def nack(self, delivery: Delivery, delay: float, reason: str) -> Awaitable[None] | None: ...
+    def reject(self, delivery: Delivery, reason: str) -> Awaitable[None] | None: ...
+    def extend(self, delivery: Delivery) -> Awaitable[None] | None: ...
+
+
+class Delivery:
+    """One message handed to a worker, to be settled exactly once.
+
+    ``ack`` removes it from the queue; ``nack`` puts it back (after ``delay``
+    seconds); ``reject`` dead-letters it with a reason; ``extend`` keeps the
+    lease alive for a slow handler. A second settle raises
+    :class:`~pigeon.errors.LocalProtocolError`.
+    """
+
+    __slots__ = ("message", "queue", "settled", "_settler", "tag")
+
+    def __init__(self, queue: str, message: Message, settler: Settler, tag: Any = None) -> None:
+        self.queue = queue
+        self.message = message
+        self.settled = False
+        self._settler = settler
+        self.tag = tag  # transport-specific handle (e.g. a broker's delivery)
+
+    @property
+    def body(self) -> bytes:
+        return self.message.body
+
+    def decode(self, type: Any = None) -> Any:
+        """Decode the body (see :meth:`pigeon.Message.decode`)."""
+        return self.message.decode(type)
+
+    def _settle(self) -> None:
+        if self.settled:
+            raise LocalProtocolError(f"message {self.message.id} was already settled")
+        self.settled = True
+
+    async def ack(self) -> None:
+        """Settle as done: the queue forgets the message."""
+        self._settle()
+        result = self._settler.ack(self)
+        if result is not None:
+            await result
+
+    async def nack(self, delay: float = 0.0, reason: str = "") -> None:
+        """Settle as not done: deliver it again, after ``delay`` seconds."""
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0 seconds, not {delay!r}")
+        self._settle()
+        result = self._settler.nack(self, float(delay), reason)
+        if result is not None:
+            await result
+
+    async def reject(self, reason: str = "rejected by handler") -> None:
+        """Settle as failed for good: dead-letter it with ``reason``."""
+        self._settle()
+        result = self._settler.reject(self, reason)
+        if result is not None:
+            await result
+
+    async def extend(self) -> None:
+        """Ask for more time: the lease is renewed for another ``lease_ttl``."""
+        if self.settled:
+            raise LocalProtocolError(f"message {self.message.id} was already settled")
+        result = self._settler.extend(self)
+        if result is not None:
+            await result
+
+
+DeliverySink = Callable[[list[Delivery]], None]
+ServiceHandler = Callable[[Message], Awaitable[Message]]
+
+
+class Subscription(Protocol):
+    """A running consumer or server registration; ``cancel`` stops it."""
+
+    async def cancel(self) -> None: ...
+
+
+class Transport(Protocol):
+    """What every transport provides. Methods raise only pigeon errors."""
+
+    url: str
+
+    async def start(self) -> None:
+        """Connect or bind.
+
+        Raises:
+            TransportError: the address cannot be used or reached.
+        """
+
+    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+        """Queue a message for ``queue``; the future resolves once the host
+        confirms it is stored.
+
+        Raises:
+            ClosedError: the transport is closed.
+            MessageTooLarge: the body is over the configured limit.
+        """
+        ...
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until every send so far is confirmed.
+
+        Raises:
+            Timeout: some are still unconfirmed after ``timeout`` seconds.
+        """
+
+    async def consume(
+        self, queue: str, sink: DeliverySink, options: ConsumeOptions
+    ) -> Subscription:
+        """Start delivering ``queue`` into ``sink`` (called on the loop with
+        batches of deliveries, never more than ``prefetch`` unsettled).
+
+        Raises:
+            ConfigurationError: an option the transport cannot honour.
+        """
+        ...
+
+    async def request(self, service: str, message: Message, *, timeout: float) -> Message:
+        """Call ``service`` and return its reply.
+
+        Raises:
+            NoResponders: no live server offers the service.
+            Timeout: no reply within ``timeout`` seconds.
+            Rejected: the server's handler raised.
+        """
+        ...
+
+    async def serve(self, service: str, handler: ServiceHandler) -> Subscription:
+        """Answer requests for ``service`` with ``handler``."""
+        ...
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop: wait up to ``timeout`` for unconfirmed sends, then release all."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of everything sent, delivered, retried, dropped, dead-lettered."""
+        ...

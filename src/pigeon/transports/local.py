@@ -1,0 +1,125 @@
+"""In-process pieces shared by the memory and ZeroMQ transports: local
+consumers of a :class:`QueueHost`, and a table of local services."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from ..errors import NoResponders, Rejected, Timeout
+from ..message import Message
+from .base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler
+from .host import QueueHost
+
+
+class HostSettler:
+    """Settles deliveries of a local consumer straight into the host."""
+
+    __slots__ = ("host", "consumer")
+
+    def __init__(self, host: QueueHost, consumer: Hashable) -> None:
+        self.host = host
+        self.consumer = consumer
+
+    def ack(self, delivery: Delivery) -> None:
+        self.host.settle(delivery.queue, self.consumer, acks=[delivery.message.id])
+
+    def nack(self, delivery: Delivery, delay: float, reason: str) -> None:
+        self.host.settle(delivery.queue, self.consumer, nacks=[(delivery.message.id, delay, reason)])
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        self.host.settle(delivery.queue, self.consumer, rejects=[(delivery.message.id, reason)])
+
+    def extend(self, delivery: Delivery) -> None:
+        self.host.settle(delivery.queue, self.consumer, extends=[delivery.message.id])
+
+
+class LocalSubscription:
+    """A local consumer of a host queue."""
+
+    def __init__(self, host: QueueHost, queue: str, sink: DeliverySink, options: ConsumeOptions):
+        self.host = host
+        self.queue = queue
+        self.settler = HostSettler(host, self)
+
+        def deliver(queue: str, messages: list[Message]) -> None:
+            settler = self.settler
+            sink([Delivery(queue, m, settler) for m in messages])
+
+        host.subscribe(
+            queue, self, deliver, prefetch=options.prefetch, lease_ttl=options.lease_ttl,
+            max_attempts=options.max_attempts,
+        )
+
+    async def cancel(self) -> None:
+        self.host.unsubscribe(self.queue, self)
+
+
+@dataclass(eq=False)
+class _LocalServer:
+    handler: ServiceHandler
+    outstanding: int = 0
+
+
+class LocalServices:
+    """Services served in this process, least-outstanding first."""
+
+    def __init__(self) -> None:
+        self._servers: dict[str, list[_LocalServer]] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._servers)
+
+    def offers(self, service: str) -> bool:
+        return bool(self._servers.get(service))
+
+    def add(self, service: str, handler: ServiceHandler) -> _ServiceRegistration:
+        server = _LocalServer(handler)
+        self._servers.setdefault(service, []).append(server)
+        return _ServiceRegistration(self, service, server)
+
+    def remove(self, service: str, server: _LocalServer) -> None:
+        servers = self._servers.get(service, [])
+        if server in servers:
+            servers.remove(server)
+        if not servers:
+            self._servers.pop(service, None)
+
+    def load(self) -> int:
+        return sum(s.outstanding for servers in self._servers.values() for s in servers)
+
+    async def call(self, service: str, message: Message, *, timeout: float) -> Message:
+        """Run a local server's handler on ``message``.
+
+        Raises:
+            NoResponders: nobody here serves ``service``.
+            Timeout: the handler took longer than ``timeout``.
+            Rejected: the handler raised.
+        """
+        servers = self._servers.get(service)
+        if not servers:
+            raise NoResponders(service)
+        server = min(servers, key=lambda s: s.outstanding)
+        server.outstanding += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await server.handler(message)
+        except TimeoutError as exc:
+            raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s") from exc
+        except Rejected:
+            raise
+        except Exception as exc:  # the handler's failure becomes the caller's Rejected
+            raise Rejected(service, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            server.outstanding -= 1
+
+
+class _ServiceRegistration:
+    def __init__(self, table: LocalServices, service: str, server: _LocalServer) -> None:
+        self._table = table
+        self._service = service
+        self._server = server
+
+    async def cancel(self) -> None:
+        self._table.remove(self._service, self._server)

@@ -1,0 +1,96 @@
+"""``memory://NAME``: every connection to the same name in this process shares
+one in-memory host. Same semantics as the other transports (credit, leases,
+redelivery, dead letters, request-reply), nothing durable."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..errors import Backpressure, ClosedError, MessageTooLarge
+from ..message import Message
+from .base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
+from .host import QueueHost
+from .local import LocalServices, LocalSubscription
+
+
+class _Hub:
+    def __init__(self, max_length: int | None) -> None:
+        self.host = QueueHost(max_length=max_length)
+        self.services = LocalServices()
+        self.users = 0
+
+
+_hubs: dict[str, _Hub] = {}
+
+
+class MemoryTransport:
+    """In-process transport; see the module docstring."""
+
+    def __init__(
+        self, url: str, *, max_message_size: int = 4 << 20, max_length: int | None = None
+    ) -> None:
+        self.url = url
+        self.name = url.partition("://")[2] or "default"
+        self.max_message_size = max_message_size
+        self._max_length = max_length
+        self._hub: _Hub | None = None
+        self._subscriptions: list[Subscription] = []
+        self.sent = 0
+
+    async def start(self) -> None:
+        hub = _hubs.get(self.name)
+        if hub is None:
+            hub = _hubs[self.name] = _Hub(self._max_length)
+        hub.users += 1
+        self._hub = hub
+
+    def _live_hub(self) -> _Hub:
+        if self._hub is None:
+            raise ClosedError(f"transport {self.url} is closed")
+        return self._hub
+
+    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+        hub = self._live_hub()
+        if len(message.body) > self.max_message_size:
+            raise MessageTooLarge(len(message.body), self.max_message_size)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if hub.host.put(queue, message) is None:
+            future.set_exception(Backpressure(f"queue {queue!r}", hub.host.max_length or 0))
+        else:
+            self.sent += 1
+            future.set_result(None)
+        return future
+
+    async def flush(self, timeout: float) -> None:
+        """Sends are stored as they are made; nothing to wait for."""
+        self._live_hub()
+
+    async def consume(self, queue: str, sink: DeliverySink, options: ConsumeOptions) -> Subscription:
+        sub = LocalSubscription(self._live_hub().host, queue, sink, options)
+        self._subscriptions.append(sub)
+        return sub
+
+    async def request(self, service: str, message: Message, *, timeout: float) -> Message:
+        return await self._live_hub().services.call(service, message, timeout=timeout)
+
+    async def serve(self, service: str, handler: ServiceHandler) -> Subscription:
+        registration = self._live_hub().services.add(service, handler)
+        self._subscriptions.append(registration)
+        return registration
+
+    async def close(self, timeout: float = 5.0) -> None:
+        hub, self._hub = self._hub, None
+        if hub is None:
+            return
+        for sub in self._subscriptions:
+            await sub.cancel()
+        self._subscriptions.clear()
+        hub.users -= 1
+        if hub.users == 0:
+            hub.host.close()
+            _hubs.pop(self.name, None)
+
+    def stats(self) -> dict[str, Any]:
+        hub = self._hub
+        return {"sent": self.sent, "queues": hub.host.stats() if hub else {}}

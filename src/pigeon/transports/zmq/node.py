@@ -1,0 +1,391 @@
+"""A pigeon node over ZeroMQ: hosts queues and services on its bind
+addresses, and reaches other nodes through links to their addresses.
+
+Where a queue lives: a node that binds hosts the queues it is sent to (the
+seed's fountain binds, its processors connect). A node that only connects
+sends to, and consumes from, the nodes it connects to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import zmq
+
+from ..._core import frames
+from ..._core.frames import Consume, Hello, Reply, Request
+from ..._core.rpc import Correlator
+from ...errors import (
+    Backpressure,
+    ClosedError,
+    DeliveryError,
+    MessageTooLarge,
+    NoResponders,
+    Rejected,
+    Timeout,
+    TransportError,
+)
+from ...message import Message, new_id
+from ..base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, Subscription
+from ..host import QueueHost
+from ..local import LocalServices, LocalSubscription
+from .link import Link
+from .router import RouterSide
+
+_RETRY = object()  # resolves an attempt's future when the call must move on
+_LOCAL = "local"  # the candidate name of this node's own services
+
+_context: zmq.Context[zmq.Socket[bytes]] | None = None
+
+
+def shared_context() -> zmq.Context[zmq.Socket[bytes]]:
+    """One zmq context per process, so ``inproc://`` works between nodes."""
+    global _context
+    if _context is None or _context.closed:
+        _context = zmq.Context()
+    return _context
+
+
+class _RemoteSubscription:
+    def __init__(self, node: ZmqTransport, queue: str) -> None:
+        self.node = node
+        self.queue = queue
+
+    async def cancel(self) -> None:
+        self.node.cancel_remote(self.queue)
+
+
+class ZmqTransport:
+    """The brokerless transport; see the module docstring.
+
+    Args:
+        connect: addresses of nodes to reach.
+        bind: addresses to serve on (this node then hosts queues).
+        heartbeat: seconds between heartbeats; a peer is dead after
+            ``heartbeat_misses`` of them pass in silence.
+        max_message_size: largest body accepted, in bytes.
+        outbox_limit: sends awaiting confirmation per link before ``send``
+            raises :class:`~pigeon.errors.Backpressure`.
+        connect_grace: how long a request waits for a new link's handshake
+            before deciding that nobody offers the service.
+    """
+
+    def __init__(
+        self, connect: list[str], bind: list[str], *, heartbeat: float = 1.0,
+        heartbeat_misses: int = 3, max_message_size: int = 4 << 20,
+        outbox_limit: int = 100_000, connect_grace: float = 0.5, lease_ttl: float = 30.0,
+        max_length: int | None = None,
+    ) -> None:
+        self.url = " ".join([*connect, *(f"bind:{b}" for b in bind)])
+        self.connect_addresses = list(connect)
+        self.bind_addresses = list(bind)
+        self.heartbeat = heartbeat
+        self.heartbeat_misses = heartbeat_misses
+        self.max_message_size = max_message_size
+        self.outbox_limit = outbox_limit
+        self.connect_grace = connect_grace
+        self.node_id = f"{os.getpid()}-{new_id()}"
+        self.session = new_id()
+        self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length)
+        self.services = LocalServices()
+        self.correlator = Correlator()
+        self.links: list[Link] = []
+        self.router: RouterSide | None = None
+        self.bound: list[str] = []
+        self._sinks: dict[str, DeliverySink] = {}
+        self._local_subs: list[Subscription] = []
+        self._attempts: dict[str, asyncio.Future[Any]] = {}
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._started = False
+        self.sent = 0
+
+    # -- lifecycle -------------------------------------------------------
+
+    def tune(self, sock: zmq.Socket[bytes]) -> None:
+        """Socket options every pigeon socket gets."""
+        sock.setsockopt(zmq.LINGER, 0)  # delivery is ours to ensure, never linger's
+        # Credit and outbox limits bound every flow; socket HWMs would only drop.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size * 2 + (1 << 16))
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+
+    async def start(self) -> None:
+        context = shared_context()
+        if self.bind_addresses:
+            self.router = RouterSide(self, context)
+            for address in self.bind_addresses:
+                try:
+                    self.bound.append(self.router.bind(address))
+                except zmq.ZMQError as exc:
+                    self.router.close()
+                    raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
+            self.router.start()
+        for address in self.connect_addresses:
+            try:
+                link = Link(self, address, context)
+            except zmq.ZMQError as exc:
+                await self.close()
+                raise TransportError(f"cannot connect to {address}: {exc}", address=address) from exc
+            self.links.append(link)
+            link.send_hello()
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._beat())
+        self._started = True
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            now = time.monotonic()
+            for link in self.links:
+                link.send_hello()
+                if link.up and now - link.last_heard > self.heartbeat * self.heartbeat_misses:
+                    link.mark_down("heartbeats missed")
+            if self.router is not None:
+                self.router.reap(now)
+
+    def hello(self) -> Hello:
+        return Hello(
+            self.node_id, self.session, self.services.names(),
+            hosts_queues=bool(self.bind_addresses), load=self.services.load(),
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"node {self.url} is closed")
+        if not self._started:
+            raise ClosedError(f"node {self.url} is not started")
+
+    # -- queues ----------------------------------------------------------
+
+    def _hosting_link(self) -> Link | None:
+        for link in self.links:
+            if link.hosts_queues:
+                return link
+        for link in self.links:  # none is up: the outbox waits for the first
+            return link
+        return None
+
+    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+        self._check_open()
+        if len(message.body) > self.max_message_size:
+            raise MessageTooLarge(len(message.body), self.max_message_size)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        link = None if self.bind_addresses else self._hosting_link()
+        if link is None:
+            if self.host.put(queue, message) is None:
+                raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
+            future.set_result(None)
+        else:
+            link.enqueue(queue, message, future)
+        self.sent += 1
+        return future
+
+    def refusal(self, queue: str, reason: str) -> DeliveryError:
+        if "full" in reason:
+            return Backpressure(f"queue {queue!r}", 0)
+        return DeliveryError(f"host refused a message for queue {queue!r}: {reason}")
+
+    async def consume(self, queue: str, sink: DeliverySink, options: ConsumeOptions) -> Subscription:
+        self._check_open()
+        if self.bind_addresses or not self.links:
+            sub = LocalSubscription(self.host, queue, sink, options)
+            self._local_subs.append(sub)
+            if not self.links:
+                return sub
+        self._sinks[queue] = sink
+        consume = Consume(queue, options.prefetch, options.lease_ttl, options.max_attempts)
+        for link in self.links:
+            link.consumers[queue] = consume
+            link.send_frame(consume)
+        return _RemoteSubscription(self, queue)
+
+    def cancel_remote(self, queue: str) -> None:
+        self._sinks.pop(queue, None)
+        for link in self.links:
+            if link.consumers.pop(queue, None) is not None:
+                link.send_frame(frames.Cancel(queue))
+
+    def deliver(self, link: Link, queue: str, messages: list[Message]) -> None:
+        sink = self._sinks.get(queue)
+        if sink is None:
+            # Cancelled meanwhile: hand them straight back.
+            settle = link.pending_settle(queue)
+            settle.nacks.extend((m.id, 0.0, "") for m in messages)
+            return
+        settler = link.settler
+        sink([Delivery(queue, m, settler) for m in messages])
+
+    # -- request-reply ---------------------------------------------------
+
+    async def serve(self, service: str, handler: ServiceHandler) -> Subscription:
+        self._check_open()
+        registration = self.services.add(service, handler)
+        for link in self.links:  # advertise at once rather than at the next beat
+            link.send_hello()
+        return registration
+
+    async def request(self, service: str, message: Message, *, timeout: float) -> Message:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        deadline = now + timeout
+        rid = message.id
+        call = self.correlator.start(rid, service, now, timeout=timeout, attempt_timeout=timeout)
+        try:
+            await self._await_handshakes(service, deadline)
+            while True:
+                candidates: list[Any] = [link for link in self.links if link.offers(service)]
+                if self.services.offers(service):
+                    candidates.append(_LOCAL)
+                server = self.correlator.choose(call, candidates, time.monotonic())
+                if server is None:
+                    raise NoResponders(service)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if server is _LOCAL:
+                    return await self.services.call(service, message, timeout=remaining)
+                attempt: asyncio.Future[Any] = loop.create_future()
+                self._attempts[rid] = attempt
+                server.send_frame(Request(rid, service, message, remaining))
+                timer = loop.call_later(remaining, _resolve, attempt, _RETRY)
+                try:
+                    result = await attempt
+                finally:
+                    timer.cancel()
+                if result is not _RETRY:
+                    return _reply_or_raise(service, result)
+                if time.monotonic() >= deadline:
+                    break
+        finally:
+            self._attempts.pop(rid, None)
+            self.correlator.finish(rid)
+        raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+
+    async def _await_handshakes(self, service: str, deadline: float) -> None:
+        # Right after connecting we do not yet know who serves what; wait
+        # (briefly, bounded by connect_grace) rather than claim NoResponders.
+        while (
+            not any(link.offers(service) for link in self.links)
+            and not self.services.offers(service)
+            and any(link.pending_handshake for link in self.links)
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.005)
+
+    def on_reply(self, link: Link, reply: Reply) -> None:
+        attempt = self._attempts.get(reply.request_id)
+        if attempt is None:
+            self.correlator.late_replies += 1
+            return
+        _resolve(attempt, reply)
+
+    def on_remote_error(self, link: Link, reason: str) -> None:
+        self.last_remote_error = reason
+
+    def link_down(self, link: Link, why: str) -> None:
+        for call in self.correlator.server_lost(link):
+            attempt = self._attempts.get(call.request_id)
+            if attempt is not None:
+                _resolve(attempt, _RETRY)
+
+    def link_up(self, link: Link) -> None:
+        pass
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until every link's outbox is confirmed.
+
+        Raises:
+            Timeout: sends are still unconfirmed after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while any(link.outbox for link in self.links):
+            if time.monotonic() >= deadline:
+                unconfirmed = sum(len(link.outbox) for link in self.links)
+                raise Timeout(f"{unconfirmed} sends still unconfirmed after {timeout} s")
+            await asyncio.sleep(0.001)
+
+    # -- closing ---------------------------------------------------------
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` for unconfirmed sends, then close every socket.
+
+        Sends still unconfirmed after that fail with ``TransportError`` and
+        are counted in ``stats()["unconfirmed_at_close"]``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.flush(timeout)
+        except Timeout:
+            pass  # counted and failed below
+        for link in self.links:
+            link.flush()
+        self.unconfirmed_at_close = 0
+        for link in self.links:
+            for queue, _message, future in link.outbox.values():
+                self.unconfirmed_at_close += 1
+                if not future.done():
+                    future.set_exception(
+                        TransportError(f"closed before {link.address} confirmed a send to {queue!r}",
+                                       address=link.address)
+                    )
+            link.outbox.clear()
+        for queue in list(self._sinks):
+            self.cancel_remote(queue)
+        for link in self.links:
+            link.flush()
+        for sub in self._local_subs:
+            await sub.cancel()
+        # Let the Cancel frames leave before the sockets close (LINGER is 0).
+        await asyncio.sleep(0)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        for attempt in self._attempts.values():
+            _resolve(attempt, _RETRY)
+        for link in self.links:
+            link.close()
+        if self.router is not None:
+            self.router.close()
+        self.host.close()
+
+    def stats(self) -> dict[str, Any]:
+        router = self.router
+        return {
+            "sent": self.sent,
+            "unconfirmed": sum(len(link.outbox) for link in self.links),
+            "unconfirmed_at_close": getattr(self, "unconfirmed_at_close", 0),
+            "request_retries": self.correlator.retries,
+            "late_replies": self.correlator.late_replies,
+            "stale_settles": sum(link.stale_settles for link in self.links),
+            "protocol_errors": sum(link.protocol_errors for link in self.links)
+            + (router.protocol_errors if router else 0),
+            "malformed_frames": sum(link.pump.malformed for link in self.links)
+            + (router.pump.malformed if router and router.pump else 0),
+            "peers_lost": router.peers_lost if router else 0,
+            "reply_cache_hits": router.replies.hits if router else 0,
+            "links": {link.address: {"up": link.up} for link in self.links},
+            "bound": list(self.bound),
+            "queues": self.host.stats(),
+        }
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reply_or_raise(service: str, reply: Reply) -> Message:
+    if reply.message is not None and not reply.error_kind:
+        return reply.message
+    if reply.error_kind == "NoResponders":
+        raise NoResponders(service)
+    if reply.error_kind == "Timeout":
+        raise Timeout(reply.error)
+    raise Rejected(service, reply.error)

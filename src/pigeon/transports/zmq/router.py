@@ -1,0 +1,181 @@
+"""The serving side of a node: a ROUTER socket on the node's bind addresses.
+
+Peers connect here to send into the queues this node hosts, to consume them,
+and to call the services it serves. Garbage from a peer is counted and
+dropped, and that peer gets an ``Error`` frame; everyone else is served on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import zmq
+
+from ..._core import frames
+from ..._core.liveness import Liveness
+from ..._core.rpc import CacheState, ReplyCache
+from ...errors import NoResponders, Rejected, RemoteProtocolError, Timeout
+from ...message import Message
+from .pump import Pump
+
+if TYPE_CHECKING:
+    from .node import ZmqTransport
+
+
+class RouterSide:
+    """Answers peers on the bind addresses of ``node``."""
+
+    def __init__(self, node: ZmqTransport, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        self.node = node
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A peer that reconnects with the same id takes over its old pipe.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        node.tune(sock)
+        self.sock = sock
+        self.liveness = Liveness(interval=node.heartbeat, misses=node.heartbeat_misses)
+        self.replies = ReplyCache()
+        self._running: dict[str, list[bytes]] = {}
+        self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
+        self.protocol_errors = 0
+        self.peers_lost = 0
+        self.pump: Pump | None = None
+
+    def bind(self, address: str) -> str:
+        """Bind one address; returns the resolved one (``tcp://…:0`` gets a port)."""
+        self.sock.bind(address)
+        return str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def start(self) -> None:
+        self.pump = Pump(self.sock, self._on_frame, router=True)
+
+    # -- incoming --------------------------------------------------------
+
+    def _on_frame(self, identity: bytes | None, data: bytes) -> None:
+        assert identity is not None
+        try:
+            frame = frames.decode(data)
+        except RemoteProtocolError as exc:
+            self._refuse_peer(identity, str(exc))
+            return
+        if self.liveness.heard(identity, time.monotonic()) and not isinstance(frame, frames.Hello):
+            # A peer we did not know (or had given up on) speaks first with
+            # data: tell it who we are so it re-registers what it needs.
+            self._send(identity, self.node.hello())
+        node = self.node
+        host = node.host
+        match frame:
+            case frames.Send(queue, messages):
+                self._on_send(identity, queue, messages)
+            case frames.Settle(queue, acks, nacks, rejects, extends):
+                host.settle(
+                    queue, (identity, queue), acks=acks, nacks=nacks, rejects=rejects,
+                    extends=extends,
+                )
+            case frames.Hello():
+                self._send(identity, node.hello())
+            case frames.Consume(queue, prefetch, lease_ttl, max_attempts):
+                self._on_consume(identity, queue, prefetch, lease_ttl, max_attempts)
+            case frames.Cancel(queue):
+                host.unsubscribe(queue, (identity, queue))
+                self._consumers.get(identity, set()).discard((identity, queue))
+            case frames.Request():
+                self._on_request(identity, frame)
+            case _:
+                self._refuse_peer(identity, f"unexpected frame {type(frame).__name__} from a peer")
+
+    def _refuse_peer(self, identity: bytes, reason: str) -> None:
+        # ZeroMQ gives a ROUTER no way to hang up on one peer; we answer with
+        # an Error frame and keep serving everyone else.
+        self.protocol_errors += 1
+        self._send(identity, frames.Error(reason))
+
+    def _on_send(self, identity: bytes, queue: str, messages: list[Message]) -> None:
+        confirmed: list[str] = []
+        refused: list[tuple[str, str]] = []
+        limit = self.node.max_message_size
+        for message in messages:
+            if len(message.body) > limit:
+                refused.append((message.id, f"too large: {len(message.body)} > {limit} bytes"))
+            elif self.node.host.put(queue, message) is None:
+                refused.append((message.id, f"queue {queue!r} is full"))
+            else:
+                confirmed.append(message.id)
+        if confirmed:
+            self._send(identity, frames.Confirm(confirmed))
+        if refused:
+            self._send(identity, frames.Refuse(refused))
+
+    def _on_consume(
+        self, identity: bytes, queue: str, prefetch: int, lease_ttl: float, max_attempts: int
+    ) -> None:
+        if prefetch < 1:
+            self._refuse_peer(identity, f"prefetch must be >= 1, not {prefetch}")
+            return
+        consumer = (identity, queue)
+
+        def deliver(queue: str, messages: list[Message]) -> None:
+            self._send(identity, frames.Deliver(queue, messages))
+
+        self.node.host.subscribe(
+            queue, consumer, deliver, prefetch=prefetch, lease_ttl=lease_ttl,
+            max_attempts=max_attempts,
+        )
+        self._consumers.setdefault(identity, set()).add(consumer)
+
+    def _on_request(self, identity: bytes, request: frames.Request) -> None:
+        rid = request.request_id
+        state, cached = self.replies.begin(rid, time.monotonic())
+        if state is CacheState.DONE:
+            self._send(identity, cached)  # type: ignore[arg-type]
+            return
+        waiting = self._running.setdefault(rid, [])
+        waiting.append(identity)
+        if state is CacheState.NEW:
+            asyncio.get_running_loop().create_task(self._run_request(request))
+
+    async def _run_request(self, request: frames.Request) -> None:
+        rid = request.request_id
+        try:
+            reply = await self.node.services.call(
+                request.service, request.message, timeout=max(0.0, request.timeout)
+            )
+            answer = frames.Reply(rid, reply)
+        except NoResponders as exc:
+            answer = frames.Reply(rid, None, str(exc), "NoResponders")
+        except Timeout as exc:
+            answer = frames.Reply(rid, None, str(exc), "Timeout")
+        except Rejected as exc:
+            answer = frames.Reply(rid, None, exc.reason, "Rejected")
+        self.replies.finish(rid, answer, time.monotonic())
+        for identity in self._running.pop(rid, []):
+            self._send(identity, answer)
+
+    # -- outgoing and liveness -----------------------------------------------
+
+    def _send(self, identity: bytes, frame: frames.Frame) -> None:
+        if self.pump is not None and not self.pump.send(frames.encode(frame), identity):
+            self.peer_lost(identity)
+
+    def reap(self, now: float) -> None:
+        for identity in self.liveness.reap(now):
+            self.peer_lost(identity)  # type: ignore[arg-type]
+
+    def peer_lost(self, identity: bytes) -> None:
+        """The peer is gone: every delivery it held goes to someone else."""
+        consumers: set[tuple[bytes, str]] = self._consumers.pop(identity, set())
+        if consumers:
+            self.peers_lost += 1
+        for consumer in consumers:
+            consumer_key: Hashable = consumer
+            self.node.host.consumer_lost(consumer_key)
+        self.liveness.forget(identity)
+
+    def close(self) -> None:
+        if self.pump is not None:
+            self.pump.close()
+        else:
+            self.sock.close(linger=0)

@@ -1,0 +1,162 @@
+"""Running user handlers: a :class:`Worker` for a queue, a :class:`Server`
+for a service. Shared by every transport, so retries, backoff and
+dead-lettering behave the same everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._core.backoff import DeadLetter, RetryPolicy, on_failure
+from .message import Message, make_message
+from .transports import ConsumeOptions, Delivery, Subscription, Transport
+
+Handler = Callable[[Delivery], Awaitable[Any] | Any]
+ServiceFunction = Callable[[Message], Awaitable[Any] | Any]
+
+
+async def call_handler(handler: Callable[[Any], Any], argument: Any) -> Any:
+    """Await an async handler; run a plain function in a thread so it cannot
+    block the event loop."""
+    if inspect.iscoroutinefunction(handler):
+        return await handler(argument)
+    result = await asyncio.to_thread(handler, argument)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+class Worker:
+    """Consumes one queue and runs ``handler`` on each delivery."""
+
+    def __init__(self, queue: str, handler: Handler, policy: RetryPolicy, concurrency: int) -> None:
+        self.queue = queue
+        self.handler = handler
+        self.policy = policy
+        self.concurrency = concurrency
+        self._pending: deque[Delivery] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscription: Subscription | None = None
+        self._busy = 0
+        self._closing = False
+        self._async_handler = inspect.iscoroutinefunction(handler)
+        self.counts = {
+            "received": 0, "redelivered": 0, "acked": 0, "retried": 0, "dead_lettered": 0,
+            "handler_errors": 0,
+        }
+
+    async def start(self, transport: Transport, options: ConsumeOptions) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run()) for _ in range(self.concurrency)]
+        self._subscription = await transport.consume(self.queue, self._sink, options)
+
+    def _sink(self, deliveries: list[Delivery]) -> None:
+        self._pending.extend(deliveries)
+        self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        """True when no delivery is waiting or being handled here."""
+        return not self._pending and self._busy == 0
+
+    async def _run(self) -> None:
+        pending = self._pending
+        while not self._closing:
+            if not pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delivery = pending.popleft()
+            self._busy += 1
+            try:
+                await self._handle(delivery)
+            finally:
+                self._busy -= 1
+
+    async def _handle(self, delivery: Delivery) -> None:
+        counts = self.counts
+        counts["received"] += 1
+        if delivery.message.redelivered:
+            counts["redelivered"] += 1
+        try:
+            if self._async_handler:
+                await self.handler(delivery)
+            else:
+                await call_handler(self.handler, delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a handler failure is data for the retry policy
+            counts["handler_errors"] += 1
+            if delivery.settled:
+                return
+            error = f"{type(exc).__name__}: {exc}"
+            verdict = on_failure(self.policy, delivery.message.attempt, error, random.random())
+            if isinstance(verdict, DeadLetter):
+                counts["dead_lettered"] += 1
+                await delivery.reject(verdict.reason)
+            else:
+                counts["retried"] += 1
+                await delivery.nack(verdict.delay, error)
+            return
+        if not delivery.settled:
+            counts["acked"] += 1
+            await delivery.ack()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop taking deliveries, let running handlers finish (up to
+        ``timeout``), and give back the ones not started."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._tasks:
+            _done, still = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        # Unstarted deliveries go back to the queue as soon as possible.
+        while self._pending:
+            delivery = self._pending.popleft()
+            if not delivery.settled:
+                await delivery.nack(0.0, "worker closed")
+        if self._subscription is not None:
+            await self._subscription.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        return {"queue": self.queue, **self.counts, "waiting": len(self._pending)}
+
+
+class Server:
+    """Serves one service with ``handler(message) -> reply payload``."""
+
+    def __init__(self, service: str, handler: ServiceFunction) -> None:
+        self.service = service
+        self.handler = handler
+        self.counts = {"handled": 0, "failed": 0}
+        self._registration: Subscription | None = None
+
+    async def _serve(self, message: Message) -> Message:
+        try:
+            result = await call_handler(self.handler, message)
+        except Exception:
+            self.counts["failed"] += 1
+            raise
+        self.counts["handled"] += 1
+        return result if isinstance(result, Message) else make_message(result)
+
+    async def start(self, transport: Transport) -> None:
+        self._registration = await transport.serve(self.service, self._serve)
+
+    async def close(self) -> None:
+        if self._registration is not None:
+            await self._registration.cancel()
+            self._registration = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"service": self.service, **self.counts}
