@@ -1,0 +1,248 @@
+"""The pigeon rows: the same shapes as the peers, through pigeon's public API.
+
+The producer's process hosts the queue (binds); workers connect.  Children
+import :mod:`pigeon` themselves, so if the public API is missing the rows are
+reported as skipped by :func:`available` before any process starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import tempfile
+import time
+from typing import Any
+
+from pigeon.bench.harness import (
+    Ctl,
+    Skip,
+    Tally,
+    free_port,
+    publish_until_stop,
+    reporting,
+    wait_stop,
+    wait_workers_async,
+)
+from pigeon.bench.shapes import run_backlog, run_callers, run_queue, run_rpc
+
+QUEUE = "bench"
+SERVICE = "echo"
+LOCAL = "tcp://127.0.0.1"
+# Unconfirmed sends the producer allows before awaiting the oldest confirm:
+# bounds the producer's memory the way HWM bounds raw pyzmq's.
+WINDOW = 10_000
+
+
+def available() -> None:
+    """Raise Skip unless the async and public entry points exist."""
+    try:
+        import pigeon
+
+        pigeon.connect  # noqa: B018 - attribute access is the check
+    except (ImportError, AttributeError) as exc:
+        raise Skip(f"pigeon transport unavailable: {type(exc).__name__}: {exc}") from None
+
+
+def _durable_kwargs(tmpdir: str) -> dict[str, Any]:
+    """Keyword arguments asking ``pigeon.connect`` for an on-disk queue store.
+
+    Raises:
+        Skip: If ``connect`` offers no durability option.
+    """
+    import pigeon
+
+    params = inspect.signature(pigeon.connect).parameters
+    if "store" in params:
+        return {"store": f"sqlite:///{os.path.join(tmpdir, 'bench.db')}"}
+    if "durable" in params:
+        return {"durable": True}
+    raise Skip("pigeon durable queue: pigeon.connect has no store/durable option yet")
+
+
+# --------------------------------------------------------------------- queue
+
+
+def queue_producer(ctl: Ctl) -> None:
+    """Host process: binds, hosts the queue, sends for ``seconds``."""
+    with reporting(ctl):
+        asyncio.run(_queue_producer(ctl))
+
+
+async def _queue_producer(ctl: Ctl) -> None:
+    import pigeon
+
+    port = free_port()
+    kwargs = ctl.cfg.get("connect_kwargs", {})
+    async with pigeon.connect(bind=f"{LOCAL}:{port}", **kwargs) as node:
+        ctl.port.value = port
+        ctl.bound.set()
+        await wait_workers_async(ctl)
+        body = b"x" * ctl.cfg["size"]
+        send = node.send_nowait
+        pending: list[asyncio.Future] = []
+        n = 0
+        t0 = time.perf_counter()
+        end = t0 + ctl.cfg["seconds"]
+        ctl.t0.value = t0
+        while time.perf_counter() < end:
+            for _ in range(1000):
+                fut = send(QUEUE, body)
+            n += 1000
+            pending.append(fut)
+            if len(pending) * 1000 > WINDOW:
+                await pending.pop(0)  # confirms arrive in order; bound what is unconfirmed
+            else:
+                await asyncio.sleep(0)  # let the node's I/O run
+        await node.flush()
+        ctl.sent.value = n
+        ctl.done.set()
+        await wait_stop(ctl)  # keep hosting until the workers have it all
+
+
+def queue_worker(ctl: Ctl, i: int) -> None:
+    """Worker process: connects and consumes with prefetch 1000."""
+    with reporting(ctl):
+        asyncio.run(_queue_worker(ctl, i))
+
+
+async def _queue_worker(ctl: Ctl, i: int) -> None:
+    import pigeon
+
+    tally = Tally()
+    clock = time.perf_counter
+
+    async def handle(message: Any) -> None:
+        tally.n += 1
+        tally.last = clock()
+
+    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}") as conn:
+        await conn.consume(QUEUE, handle, prefetch=1000)
+        ctl.worker_ready()
+        await publish_until_stop(ctl, i, tally)
+
+
+def queue(opts: Any, size: int) -> dict:
+    """pigeon acked work queue: host+producer → 3 workers."""
+    return run_queue(queue_producer, queue_worker, {"size": size}, opts.seconds)
+
+
+def queue_durable(opts: Any, size: int) -> dict:
+    """pigeon work queue with an on-disk store (confirm = stored)."""
+    with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
+        cfg = {"size": size, "connect_kwargs": _durable_kwargs(tmp)}
+        return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
+
+
+# ----------------------------------------------------------------------- rpc
+
+
+def rpc_server(ctl: Ctl) -> None:
+    """Server process: binds and serves an echo service."""
+    with reporting(ctl):
+        asyncio.run(_rpc_server(ctl))
+
+
+async def _rpc_server(ctl: Ctl) -> None:
+    import pigeon
+
+    async def echo(message: Any) -> bytes:
+        return message.body
+
+    port = free_port()
+    async with pigeon.connect(bind=f"{LOCAL}:{port}") as node:
+        await node.serve(SERVICE, echo)
+        ctl.port.value = port
+        ctl.bound.set()
+        await wait_stop(ctl)
+
+
+def rpc_client(ctl: Ctl) -> None:
+    """Client process: ``window`` concurrent callers for ``seconds``."""
+    with reporting(ctl):
+        asyncio.run(_rpc_client(ctl))
+
+
+async def _rpc_client(ctl: Ctl) -> None:
+    import pigeon
+
+    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}") as client:
+
+        async def call(body: bytes) -> None:
+            await client.request(SERVICE, body, timeout=5.0)
+
+        result = await run_callers(call, ctl.cfg["window"], ctl.cfg["seconds"])
+    ctl.results.put(result)
+
+
+def rpc_latency(opts: Any) -> dict:
+    """pigeon request/serve, one request in flight."""
+    return run_rpc(rpc_server, rpc_client, {"window": 1}, opts.seconds)
+
+
+def rpc_throughput(opts: Any) -> dict:
+    """pigeon request/serve, 100 concurrent requests."""
+    return run_rpc(rpc_server, rpc_client, {"window": 100}, opts.seconds)
+
+
+# ------------------------------------------------------------------- backlog
+
+
+def backlog_holder(ctl: Ctl) -> None:
+    """Host process: queues ``count`` messages before any worker connects."""
+    with reporting(ctl):
+        asyncio.run(_backlog_holder(ctl))
+
+
+async def _backlog_holder(ctl: Ctl) -> None:
+    import pigeon
+
+    async with pigeon.connect(bind=f"{LOCAL}:{ctl.cfg['port']}") as node:
+        ctl.bound.set()
+        body = b"x" * ctl.cfg["size"]
+        send = node.send_nowait
+        ctl.t0.value = time.perf_counter()
+        for start in range(0, ctl.cfg["count"], 10_000):
+            for _ in range(min(10_000, ctl.cfg["count"] - start)):
+                send(QUEUE, body)
+            await asyncio.sleep(0)
+        await node.flush()
+        ctl.done.set()
+        await wait_stop(ctl)
+
+
+def backlog_worker(ctl: Ctl, i: int) -> None:
+    """Worker process: connects and drains the backlog."""
+    with reporting(ctl):
+        asyncio.run(_backlog_worker(ctl))
+
+
+async def _backlog_worker(ctl: Ctl) -> None:
+    import pigeon
+
+    count = ctl.cfg["count"]
+    clock = time.perf_counter
+    times = [0.0, 0.0]
+    seen = 0
+    finished = asyncio.Event()
+
+    async def handle(message: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 1:
+            times[0] = clock()
+        elif seen == count:
+            times[1] = clock()
+            finished.set()
+
+    async with pigeon.connect(f"{LOCAL}:{ctl.cfg['port']}") as conn:
+        await conn.consume(QUEUE, handle, prefetch=1000)
+        await finished.wait()
+    ctl.results.put({"n": count - 1, "elapsed": times[1] - times[0]})
+
+
+def backlog(opts: Any) -> dict:
+    """pigeon: the backlog lives in the host (producer) process."""
+    return run_backlog(
+        backlog_holder, backlog_worker, {"port": free_port(), "size": 100}, opts.count
+    )

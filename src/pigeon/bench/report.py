@@ -1,0 +1,149 @@
+"""Rendering of a benchmark document: text table, JSON line, PNG chart.
+
+Everything here works from the JSON-shaped document returned by
+:func:`pigeon.bench.runner.run`, so a saved ``--json`` line can be re-rendered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def short(row: dict[str, Any]) -> str:
+    """One-line summary of a result row for the progress output."""
+    parts = [f"{_num(row.get('msgs_per_s'))} msgs/s"]
+    if row.get("p50_us") is not None:
+        parts.append(f"p50 {_num(row['p50_us'])} µs p99 {_num(row['p99_us'])} µs")
+    if row.get("peak_rss_mb") is not None:
+        parts.append(f"peak RSS {_num(row['peak_rss_mb'])} MB")
+    return ", ".join(parts)
+
+
+def ratio(row: dict[str, Any], pigeon: dict[str, Any] | None) -> float | None:
+    """How many times better pigeon is than ``row`` (> 1: pigeon better).
+
+    Latency-only variants (one request in flight) compare p50; all others
+    compare throughput.
+    """
+    if not pigeon:
+        return None
+    if row.get("p50_us") and pigeon.get("p50_us"):
+        return row["p50_us"] / pigeon["p50_us"]
+    if row.get("msgs_per_s") and pigeon.get("msgs_per_s"):
+        return pigeon["msgs_per_s"] / row["msgs_per_s"]
+    return None
+
+
+def table(doc: dict[str, Any]) -> str:
+    """Fixed-width table of results followed by the skipped systems."""
+    results = doc["results"]
+    pigeon = {r["variant"]: r for r in results if r["system"] == "pigeon"}
+    head = ("system", "variant", "msgs/s", "p50 µs", "p99 µs", "peak RSS MB", "pigeon ×", "note")
+    body = [
+        (
+            r["system"],
+            r["variant"],
+            _num(r["msgs_per_s"]),
+            _num(r["p50_us"]),
+            _num(r["p99_us"]),
+            _num(r["peak_rss_mb"]),
+            _num(ratio(r, pigeon.get(r["variant"])), 2),
+            r.get("note") or "",
+        )
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    lines = [f"scenario: {doc['scenario']}"]
+    for i, cells in enumerate([head, *body]):
+        lines.append(
+            "  ".join(
+                str(c).rjust(w) if 2 <= j <= 6 else str(c).ljust(w)
+                for j, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if not results:
+        lines.append("(no results)")
+    for s in doc["skipped"]:
+        where = f" {s['variant']}" if s.get("variant") else ""
+        lines.append(f"skipped: {s['system']}{where}: {s['reason']}")
+    lines.append(
+        "pigeon ×: > 1 means pigeon is better (throughput ratio, or p50 ratio for latency rows)"
+    )
+    return "\n".join(lines)
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    """The document as one line of JSON (NaN becomes null)."""
+
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    out = {
+        "scenario": doc["scenario"],
+        "results": [{k: clean(v) for k, v in r.items()} for r in doc["results"]],
+        "skipped": doc["skipped"],
+    }
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+def chart(doc: dict[str, Any], path: str) -> None:
+    """Write a grouped bar chart: one panel per metric present, bars per system.
+
+    Throughput uses a log axis because the systems span three orders of magnitude.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot import
+    import matplotlib.pyplot as plt
+
+    metrics = [
+        (k, label, log)
+        for k, label, log in (
+            ("msgs_per_s", "msgs/s (log)", True),
+            ("p50_us", "p50 µs", False),
+            ("p99_us", "p99 µs", False),
+            ("peak_rss_mb", "peak RSS MB", False),
+        )
+        if any(r.get(k) is not None for r in doc["results"])
+    ]
+    variants = list(dict.fromkeys(r["variant"] for r in doc["results"]))
+    systems = list(dict.fromkeys(r["system"] for r in doc["results"]))
+    fig, axes = plt.subplots(
+        1, max(1, len(metrics)), figsize=(5 * max(1, len(metrics)), 4), squeeze=False
+    )
+    width = 0.8 / max(1, len(systems))
+    for ax, (key, label, log) in zip(axes[0], metrics, strict=False):
+        for i, system in enumerate(systems):
+            vals = [
+                next(
+                    (
+                        r.get(key)
+                        for r in doc["results"]
+                        if r["system"] == system and r["variant"] == v
+                    ),
+                    None,
+                )
+                for v in variants
+            ]
+            xs = [x + i * width for x in range(len(variants))]
+            ax.bar(xs, [math.nan if v is None else v for v in vals], width, label=system)
+        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(variants))])
+        ax.set_xticklabels(variants, rotation=15)
+        ax.set_title(label)
+        if log:
+            ax.set_yscale("log")
+    axes[0][0].legend()
+    fig.suptitle(f"pigeon bench {doc['scenario']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,204 @@
+"""``pigeon bench``: command line, registry of variants, and the run loop.
+
+Adding a system or a variant is one function plus one :data:`REGISTRY` line.
+A variant function takes the parsed options (and ``size=`` for sized
+variants), runs its processes, and returns a dict with any of ``msgs_per_s``,
+``p50_us``, ``p99_us``, ``peak_rss_mb`` and ``note``; it raises
+:class:`~pigeon.bench.harness.Skip` when it cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pigeon.bench import report
+from pigeon.bench.harness import Skip, probe
+
+SYSTEMS = ("pigeon", "pyzmq", "nats", "rabbitmq")
+PEERS = SYSTEMS[1:]
+SCENARIOS = ("queue", "queue-durable", "rpc", "backlog")
+FIELDS = ("msgs_per_s", "p50_us", "p99_us", "peak_rss_mb")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One measured row: which system, which variant, and the function to call.
+
+    Attributes:
+        system: One of :data:`SYSTEMS`.
+        variant: Row label; ``{size}`` is expanded once per ``--size`` value.
+        func: ``"module:function"``, imported only when the row runs, so a
+            missing client library only affects its own rows.
+    """
+
+    system: str
+    variant: str
+    func: str
+
+    @property
+    def sized(self) -> bool:
+        return "{size}" in self.variant
+
+
+_Z, _N, _A, _P = (
+    f"pigeon.bench.{m}" for m in ("peers_zmq", "peers_nats", "peers_amqp", "pigeon_side")
+)
+
+REGISTRY: dict[str, list[Entry]] = {
+    "queue": [
+        Entry("pigeon", "{size}", f"{_P}:queue"),
+        Entry("pyzmq", "{size}", f"{_Z}:queue"),
+        Entry("nats", "{size}", f"{_N}:queue"),
+        Entry("rabbitmq", "{size}", f"{_A}:queue"),
+    ],
+    "queue-durable": [
+        Entry("pigeon", "{size} durable", f"{_P}:queue_durable"),
+        Entry("nats", "{size} jetstream", f"{_N}:queue_durable"),
+        Entry("rabbitmq", "{size} durable", f"{_A}:queue_durable"),
+    ],
+    "rpc": [
+        Entry("pigeon", "1 in flight", f"{_P}:rpc_latency"),
+        Entry("pigeon", "100 in flight", f"{_P}:rpc_throughput"),
+        Entry("pyzmq", "1 in flight", f"{_Z}:rpc_latency"),
+        Entry("pyzmq", "100 in flight", f"{_Z}:rpc_throughput"),
+        Entry("nats", "1 in flight", f"{_N}:rpc_latency"),
+        Entry("nats", "100 in flight", f"{_N}:rpc_throughput"),
+        Entry("rabbitmq", "1 in flight", f"{_A}:rpc_latency"),
+        Entry("rabbitmq", "100 in flight", f"{_A}:rpc_throughput"),
+    ],
+    "backlog": [
+        Entry("pigeon", "{count} x 100B", f"{_P}:backlog"),
+        Entry("pyzmq", "{count} x 100B", f"{_Z}:backlog"),
+        Entry("nats", "{count} x 100B", f"{_N}:backlog"),
+        Entry("rabbitmq", "{count} x 100B", f"{_A}:backlog"),
+    ],
+}
+
+
+def _availability(opts: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """Per-system check run once before its rows; raises Skip with the reason."""
+    from pigeon.bench import pigeon_side
+
+    return {
+        "pigeon": pigeon_side.available,
+        "pyzmq": lambda: None,
+        "nats": lambda: probe(opts.nats_url),
+        "rabbitmq": lambda: probe(opts.amqp_url),
+    }
+
+
+def size_label(size: int) -> str:
+    """``16`` -> ``16B``, ``1024`` -> ``1KiB``."""
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= div and size % div == 0:
+            return f"{size // div}{unit}"
+    return f"{size}B"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``pigeon bench`` arguments."""
+    p = argparse.ArgumentParser(
+        prog="pigeon bench",
+        description="Compare pigeon with raw pyzmq, NATS and RabbitMQ on the same shapes of work.",
+    )
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per variant")
+    p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated peers to compare with (pigeon always runs)",
+    )
+    p.add_argument("--size", default="16,1024", help="body sizes in bytes for queue scenarios")
+    p.add_argument("--count", type=int, default=1_000_000, help="backlog size (backlog only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--chart", metavar="PATH", help="write a PNG bar chart of the results")
+    p.add_argument(
+        "--nats-url", default=os.environ.get("PIGEON_BENCH_NATS_URL", "nats://127.0.0.1:4222")
+    )
+    p.add_argument(
+        "--amqp-url",
+        default=os.environ.get("PIGEON_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+    )
+    opts = p.parse_args(argv)
+    opts.peers = [s.strip() for s in opts.peers.split(",") if s.strip()]
+    if bad := [s for s in opts.peers if s not in SYSTEMS]:
+        p.error(f"unknown peer(s): {', '.join(bad)}; choose from {', '.join(PEERS)}")
+    opts.sizes = [int(s) for s in opts.size.split(",") if s.strip()]
+    if opts.seconds <= 0 or opts.count < 2 or not opts.sizes:
+        p.error("--seconds must be > 0, --count >= 2 and --size non-empty")
+    return opts
+
+
+def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[tuple]:
+    """Expand the registry into (system, variant, func, kwargs), pigeon first per variant."""
+    rows = []
+    for entry in REGISTRY[scenario]:
+        if entry.system not in systems:
+            continue
+        sizes = opts.sizes if entry.sized else [None]
+        for size in sizes:
+            label = entry.variant.format(size=size_label(size or 0), count=opts.count)
+            rows.append((entry.system, label, entry.func, {"size": size} if size else {}))
+    order = {label: i for i, label in enumerate(dict.fromkeys(r[1] for r in rows))}
+    return sorted(rows, key=lambda r: (order[r[1]], systems.index(r[0])))
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    """Run one scenario and return the JSON-shaped document."""
+    systems = ["pigeon"] + [s for s in opts.peers if s != "pigeon"]
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    checks = _availability(opts)
+    down: set[str] = set()
+    for system in systems:
+        try:
+            checks[system]()
+        except Skip as exc:
+            down.add(system)
+            skipped.append({"system": system, "variant": None, "reason": str(exc)})
+    for system, variant, func, kwargs in _rows(opts.scenario, systems, opts):
+        if system in down:
+            continue
+        print(f"{opts.scenario}: {system} {variant} …", end="", file=sys.stderr, flush=True)
+        t = time.monotonic()
+        try:
+            module, name = func.split(":")
+            row = getattr(importlib.import_module(module), name)(opts, **kwargs)
+        except Skip as exc:
+            skipped.append({"system": system, "variant": variant, "reason": str(exc)})
+            print(f" skipped: {exc}", file=sys.stderr)
+            continue
+        except Exception as exc:  # one broken row must not lose the others
+            reason = f"failed: {type(exc).__name__}: {exc}"
+            skipped.append({"system": system, "variant": variant, "reason": reason})
+            print(f" {reason}", file=sys.stderr)
+            continue
+        out = {"system": system, "variant": variant}
+        out.update({k: row.get(k) for k in FIELDS})
+        out["note"] = row.get("note")
+        results.append(out)
+        print(f" {report.short(out)} ({time.monotonic() - t:.1f} s)", file=sys.stderr)
+    return {"scenario": opts.scenario, "results": results, "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``pigeon bench``; returns a process exit code."""
+    try:
+        opts = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # argparse exits on --help and on usage errors
+        return int(exc.code or 0)
+    doc = run(opts)
+    print(report.table(doc))
+    if opts.chart:
+        report.chart(doc, opts.chart)
+        print(f"chart written to {opts.chart}", file=sys.stderr)
+    if opts.json:
+        print(report.to_json(doc))
+    return 0
