@@ -206,6 +206,9 @@ class QueueLedger:
                     self._leases[message.id] = Lease(message, cid, expires_at)
                     consumer.unsettled += 1
                     out.append(message)
+                # Rotate: the consumer just served goes to the back of the
+                # line, so the next message starts with someone else.
+                self._consumers[cid] = self._consumers.pop(cid)
         self.stats.delivered += sum(len(b) for b in batches.values())
         return [(cid, msgs) for cid, msgs in batches.items() if msgs], dead
 

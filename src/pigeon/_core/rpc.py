@@ -40,7 +40,7 @@ class Correlator:
     def __init__(self) -> None:
         self._calls: dict[str, PendingCall] = {}
         self._outstanding: dict[Hashable, int] = {}
-        self._tiebreak = itertools.count()
+        self._rotation = itertools.count()
         self.late_replies = 0
         self.retries = 0
 
@@ -52,19 +52,20 @@ class Correlator:
         return call
 
     def choose(self, call: PendingCall, candidates: Iterable[Hashable], now: float) -> Hashable | None:
-        """Pick the server for the call's next attempt (Rule 1), or None."""
-        best: tuple[int, int, int] | None = None
-        chosen: Hashable | None = None
-        for server in candidates:
-            key = (
-                1 if server in call.tried else 0,
-                self._outstanding.get(server, 0),
-                next(self._tiebreak) % 1024,
-            )
-            if best is None or key < best:
-                best, chosen = key, server
-        if chosen is not None:
-            self._assign(call, chosen, now)
+        """Pick the server for the call's next attempt (Rule 1), or None.
+
+        Ties rotate: each choice starts looking one candidate further on, so
+        equally loaded servers take turns.
+        """
+        servers = list(candidates)
+        if not servers:
+            return None
+        start = next(self._rotation) % len(servers)
+        ordered = servers[start:] + servers[:start]
+        chosen = min(
+            ordered, key=lambda s: (s in call.tried, self._outstanding.get(s, 0))
+        )
+        self._assign(call, chosen, now)
         return chosen
 
     def _assign(self, call: PendingCall, server: Hashable, now: float) -> None:

@@ -1,0 +1,31 @@
+"""``pigeon``: run the demo, a node, the benchmark; see ``pigeon --help``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import demo
+
+
+def _bench(argv: list[str]) -> int:
+    from ..bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The benchmark parses its own options.
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    parser = argparse.ArgumentParser(prog="pigeon", description="Message queues for Python.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    demo.add_parser(subparsers)
+    subparsers.add_parser("bench", help="benchmark pigeon beside pyzmq, NATS and RabbitMQ")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
