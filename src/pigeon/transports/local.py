@@ -4,6 +4,7 @@ consumers of a :class:`QueueHost`, and a table of local services."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ class LocalServices:
 
     def __init__(self) -> None:
         self._servers: dict[str, list[_LocalServer]] = {}
+        self._rotation = itertools.count()
 
     def names(self) -> list[str]:
         return sorted(self._servers)
@@ -100,7 +102,9 @@ class LocalServices:
         servers = self._servers.get(service)
         if not servers:
             raise NoResponders(service)
-        server = min(servers, key=lambda s: s.outstanding)
+        # Least outstanding first; ties take turns.
+        start = next(self._rotation) % len(servers)
+        server = min(servers[start:] + servers[:start], key=lambda s: s.outstanding)
         server.outstanding += 1
         try:
             async with asyncio.timeout(timeout):
