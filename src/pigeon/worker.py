@@ -43,6 +43,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._subscription: Subscription | None = None
         self._busy = 0
+        self._in_progress: set[Delivery] = set()
         self._closing = False
         self._async_handler = inspect.iscoroutinefunction(handler)
         self.counts = {
@@ -73,10 +74,13 @@ class Worker:
                 continue
             delivery = pending.popleft()
             self._busy += 1
+            self._in_progress.add(delivery)
             try:
                 await self._handle(delivery)
             finally:
                 self._busy -= 1
+                if delivery.settled:  # a cancelled one stays, for close() to nack
+                    self._in_progress.discard(delivery)
 
     async def _handle(self, delivery: Delivery) -> None:
         counts = self.counts
@@ -120,9 +124,12 @@ class Worker:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
-        # Unstarted deliveries go back to the queue as soon as possible.
-        while self._pending:
-            delivery = self._pending.popleft()
+        # Handlers cut short and deliveries never started go back to the
+        # queue now, rather than when their leases run out.
+        unfinished = [*self._in_progress, *self._pending]
+        self._in_progress.clear()
+        self._pending.clear()
+        for delivery in unfinished:
             if not delivery.settled:
                 await delivery.nack(0.0, "worker closed")
         if self._subscription is not None:

@@ -52,7 +52,15 @@ def _durable_kwargs(tmpdir: str) -> dict[str, Any]:
     """
     import pigeon
 
-    params = inspect.signature(pigeon.connect).parameters
+    # Durability options may be taken by connect() itself or passed through
+    # to the ZeroMQ transport; look at both.
+    params = dict(inspect.signature(pigeon.connect).parameters)
+    try:
+        from pigeon.transports.zmq import ZmqTransport
+
+        params.update(inspect.signature(ZmqTransport).parameters)
+    except ImportError:
+        pass
     if "store" in params:
         return {"store": f"sqlite:///{os.path.join(tmpdir, 'bench.db')}"}
     if "durable" in params:

@@ -60,7 +60,7 @@ REGISTRY: dict[str, list[Entry]] = {
     ],
     "queue-durable": [
         Entry("pigeon", "{size} durable", f"{_P}:queue_durable"),
-        Entry("nats", "{size} jetstream", f"{_N}:queue_durable"),
+        Entry("nats", "{size} durable", f"{_N}:queue_durable"),
         Entry("rabbitmq", "{size} durable", f"{_A}:queue_durable"),
     ],
     "rpc": [
