@@ -90,3 +90,24 @@ def test_table_is_printed_and_chart_written(capsys: pytest.CaptureFixture[str], 
 def test_unknown_peer_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["queue", "--peers", "kafka"]) == 2
     assert "unknown peer" in capsys.readouterr().err
+
+
+def broken_variant(opts: object) -> dict:
+    """A variant that crashes, standing in for a peer that breaks mid-run."""
+    raise RuntimeError("peer exploded")
+
+
+def test_a_failing_variant_is_skipped_not_zero(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.bench import runner
+
+    entries = [
+        runner.Entry(system, "broken", f"{__name__}:broken_variant")
+        for system in ("pigeon", "pyzmq")
+    ]
+    monkeypatch.setitem(runner.REGISTRY, "rpc", entries)
+    doc = run_json(capsys, "rpc", "--peers", "pyzmq")
+    assert doc["results"] == []
+    (skip,) = [s for s in doc["skipped"] if s["system"] == "pyzmq"]
+    assert skip["variant"] == "broken" and "peer exploded" in skip["reason"]
