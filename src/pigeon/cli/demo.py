@@ -40,8 +40,8 @@ class Tally:
         self.by_responder: Counter[str] = Counter()
         self.redelivered = 0
         self.kills: list[dict[str, Any]] = []
-        self.drained = asyncio.Event()
-        self.drain_report: dict[str, Any] = {}
+        self.producing_done = asyncio.Event()
+        self.abort = asyncio.Event()  # a second Ctrl-C: stop waiting for the drain
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("ev")
@@ -54,9 +54,25 @@ class Tally:
             self.redelivered += bool(event["redelivered"])
             if not self.quiet:
                 print(event["processor"], event["word"], flush=True)
-        elif kind == "drained":
-            self.drain_report = event.get("queue", {})
-            self.drained.set()
+        elif kind == "producing_done":
+            self.producing_done.set()
+
+    def all_processed(self) -> bool:
+        return self.producing_done.is_set() and self.produced.issubset(self.processed)
+
+    async def drain(self, timeout: float) -> None:
+        """After production ends, wait until every word produced was processed."""
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self.producing_done, self.abort)]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.all_processed() and not self.abort.is_set():
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        if not self.all_processed():
+            self.note("drain: stopped before every word was processed")
 
     def note(self, text: str) -> None:
         print(text, file=sys.stderr if self.quiet else sys.stdout, flush=True)
@@ -77,35 +93,43 @@ class Tally:
 
 def _plan(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
     """Role name → (role, keyword arguments), with the addresses wired up."""
-    fountain_url = f"tcp://127.0.0.1:{free_port()}"
-    responder_urls = {case: f"tcp://127.0.0.1:{free_port()}" for case in demo_roles.CASES}
     plan: dict[str, tuple[str, dict[str, Any]]] = {}
-    for case, url in responder_urls.items():
-        plan[f"responder-{case}"] = ("responder", {"case": case, "bind": url})
+    if args.url:
+        fountain_where: dict[str, Any] = {"url": args.url}
+        processor_where: dict[str, Any] = {"url": args.url}
+        responder_where = {case: {"url": args.url} for case in demo_roles.CASES}
+    else:
+        fountain_url = f"tcp://127.0.0.1:{free_port()}"
+        responder_where = {
+            case: {"bind": f"tcp://127.0.0.1:{free_port()}"} for case in demo_roles.CASES
+        }
+        fountain_where = {"bind": fountain_url}
+        processor_where = {
+            "fountain_url": fountain_url,
+            "responder_urls": [w["bind"] for w in responder_where.values()],
+        }
+    for case, where in responder_where.items():
+        plan[f"responder-{case}"] = ("responder", {"case": case, **where})
     for n in range(1, PROCESSORS + 1):
-        plan[f"processor-{n}"] = ("processor", {
-            "number": n, "fountain_url": fountain_url,
-            "responder_urls": list(responder_urls.values()),
-        })
-    plan["fountain"] = ("fountain", {
-        "bind": fountain_url, "rate": args.rate, "seconds": args.seconds,
-    })
+        plan[f"processor-{n}"] = ("processor", {"number": n, **processor_where})
+    plan["fountain"] = ("fountain", {"rate": args.rate, "seconds": args.seconds, **fountain_where})
     return plan
 
 
 async def _run_in_process(args: argparse.Namespace, tally: Tally, interrupted: asyncio.Event) -> None:
-    plan = _plan(args)
-    stop_all = asyncio.Event()
-    stop_fountain = interrupted
+    stop = asyncio.Event()
     tasks = []
-    for name, (role, kwargs) in plan.items():
-        stop = stop_fountain if role == "fountain" else stop_all
+    for name, (role, kwargs) in _plan(args).items():
+        if role == "fountain":
+            kwargs["halt"] = interrupted
         coro = demo_roles.ROLES[role](tally.on_event, stop, **kwargs)
-        tasks.append(asyncio.create_task(coro, name=name))
-    fountain_task = tasks[-1]
-    await fountain_task
-    stop_all.set()
-    await asyncio.gather(*tasks[:-1])
+        task = asyncio.create_task(coro, name=name)
+        # A role that fails ends the demo instead of leaving it waiting.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() and tally.abort.set())
+        tasks.append(task)
+    await tally.drain(args.drain_timeout)
+    stop.set()
+    await asyncio.gather(*tasks)
 
 
 class _Child:
@@ -169,24 +193,29 @@ async def _chaos(children: dict[str, _Child], tally: Tally, seconds: float) -> N
 
 
 async def _run_processes(args: argparse.Namespace, tally: Tally, interrupted: asyncio.Event) -> None:
-    plan = _plan(args)
-    children = {name: _Child(name, role, kwargs, tally) for name, (role, kwargs) in plan.items()}
+    children = {
+        name: _Child(name, role, kwargs, tally) for name, (role, kwargs) in _plan(args).items()
+    }
     for child in children.values():
         await child.start()
     fountain = children["fountain"]
-    chaos = asyncio.create_task(_chaos(children, tally, args.seconds or 20.0)) if args.chaos else None
-
     async def forward_interrupt() -> None:
         await interrupted.wait()
         if fountain.proc is not None and fountain.proc.returncode is None:
-            fountain.proc.terminate()  # it stops producing, drains, and exits
+            fountain.proc.send_signal(signal.SIGUSR1)  # stop producing; keep hosting
 
-    forwarder = asyncio.create_task(forward_interrupt())
-    assert fountain.reader is not None
-    await fountain.reader
-    if chaos is not None:
-        chaos.cancel()
-    forwarder.cancel()
+    async def watch_fountain() -> None:
+        assert fountain.proc is not None
+        code = await fountain.proc.wait()
+        tally.note(f"fountain exited unexpectedly (exit code {code})")
+        tally.abort.set()
+
+    helpers = [asyncio.create_task(forward_interrupt()), asyncio.create_task(watch_fountain())]
+    if args.chaos:
+        helpers.append(asyncio.create_task(_chaos(children, tally, args.seconds or 20.0)))
+    await tally.drain(args.drain_timeout)
+    for helper in helpers:
+        helper.cancel()
     for child in children.values():
         await child.stop()
 
@@ -201,6 +230,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--chaos", action="store_true",
                         help="kill -9 a processor and a responder while running (implies --processes)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the summary")
+    parser.add_argument("--url", default=None,
+                        help="run on a broker (nats://… or amqp://…) instead of brokerless")
+    parser.add_argument("--drain-timeout", type=float, default=60.0,
+                        help="seconds to wait for in-flight words after producing (default 60)")
     parser.set_defaults(func=run)
 
 
@@ -211,12 +244,26 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("pigeon demo: --seconds must be > 0")
     if args.chaos:
         args.processes = True
+    if args.url is not None:
+        scheme = args.url.partition("://")[0]
+        allowed = ("nats", "amqp", "amqps") if args.processes else ("nats", "amqp", "amqps", "memory")
+        if scheme not in allowed:
+            raise SystemExit(
+                f"pigeon demo: --url takes {', '.join(s + '://' for s in allowed)} "
+                f"(brokerless is the default and needs no URL), not {args.url!r}"
+            )
     tally = Tally(quiet=False)
 
     async def main() -> None:
         interrupted = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, interrupted.set)
+
+        def on_signal() -> None:
+            if interrupted.is_set():
+                tally.abort.set()
+            interrupted.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, on_signal)
         runner = _run_processes if args.processes else _run_in_process
         await runner(args, tally, interrupted)
 

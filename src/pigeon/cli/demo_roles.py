@@ -29,18 +29,26 @@ WORDS = [w for w in dir(builtins) if w.islower() and not w.startswith("_")]
 CASES: dict[str, Callable[[str], str]] = {"upper": str.upper, "lower": str.lower}
 
 
+def _connect(url: str | None, bind: str | None = None, **options: Any) -> pigeon.Connection:
+    # With a broker URL every role connects to it; brokerless, nodes bind.
+    return pigeon.connect(url, **options) if url else pigeon.connect(bind=bind, **options)
+
+
 async def fountain(
-    emit: Emit, stop: asyncio.Event, *, bind: str, rate: float, seconds: float | None,
-    drain_timeout: float = 60.0, store: str | None = None,
+    emit: Emit, stop: asyncio.Event, *, rate: float, seconds: float | None,
+    bind: str | None = None, url: str | None = None, halt: asyncio.Event | None = None,
+    store: str | None = None,
 ) -> None:
-    """Send random words at ``rate`` per second, then wait until all are acked."""
+    """Send random words at ``rate`` per second until ``seconds`` pass or
+    ``halt`` is set; keep hosting the queue until ``stop``."""
+    halt = halt or asyncio.Event()
     options: dict[str, Any] = {"store": store} if store else {}
-    async with pigeon.connect(bind=bind, **options) as conn:
+    async with _connect(url, bind, **options) as conn:
         emit({"ev": "ready", "role": "fountain"})
         interval = 1.0 / rate
         started = time.monotonic()
         sent = 0
-        while not stop.is_set():
+        while not (halt.is_set() or stop.is_set()):
             if seconds is not None and time.monotonic() - started >= seconds:
                 break
             word = random.choice(WORDS)
@@ -52,25 +60,19 @@ async def fountain(
             delay = started + sent * interval - time.monotonic()
             if delay > 0:
                 try:
-                    await asyncio.wait_for(stop.wait(), delay)
+                    await asyncio.wait_for(halt.wait(), delay)
                 except TimeoutError:
                     pass
         emit({"ev": "producing_done", "sent": sent})
-        deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline:
-            queue = conn.stats()["queues"].get("words", {})
-            if not (queue.get("ready") or queue.get("in_flight") or queue.get("delayed")):
-                break
-            await asyncio.sleep(0.05)
-        emit({"ev": "drained", "queue": conn.stats()["queues"].get("words", {})})
+        await stop.wait()
 
 
 async def processor(
-    emit: Emit, stop: asyncio.Event, *, number: int, fountain_url: str,
-    responder_urls: list[str],
+    emit: Emit, stop: asyncio.Event, *, number: int, fountain_url: str | None = None,
+    responder_urls: list[str] | None = None, url: str | None = None,
 ) -> None:
     """Take each word from the queue, get it processed by ``case``, print it."""
-    async with pigeon.connect([fountain_url, *responder_urls]) as conn:
+    async with pigeon.connect(url or [fountain_url or "", *(responder_urls or [])]) as conn:
 
         async def process(delivery: pigeon.Delivery) -> None:
             word = delivery.message.text
@@ -88,10 +90,12 @@ async def processor(
         await stop.wait()
 
 
-async def responder(emit: Emit, stop: asyncio.Event, *, case: str, bind: str) -> None:
+async def responder(
+    emit: Emit, stop: asyncio.Event, *, case: str, bind: str | None = None, url: str | None = None
+) -> None:
     """Answer ``case`` requests by changing the word's case."""
     change = CASES[case]
-    async with pigeon.connect(bind=bind) as conn:
+    async with _connect(url, bind) as conn:
         await conn.serve("case", lambda message: {"word": change(message.text), "by": case})
         emit({"ev": "ready", "role": f"responder-{case}"})
         await stop.wait()
@@ -104,7 +108,8 @@ def main() -> None:
     """Run one role in this process; events go to stdout as JSON lines.
 
     SIGINT is ignored (Ctrl-C reaches the whole process group; the demo's
-    parent decides when to stop); SIGTERM stops the role cleanly.
+    parent decides when to stop); SIGUSR1 makes the fountain stop producing;
+    SIGTERM stops the role cleanly.
     """
     role, kwargs = sys.argv[1], json.loads(sys.argv[2])
 
@@ -113,10 +118,13 @@ def main() -> None:
         sys.stdout.flush()
 
     async def run() -> None:
-        stop = asyncio.Event()
+        stop, halt = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, halt.set)
+        if role == "fountain":
+            kwargs["halt"] = halt
         await ROLES[role](emit, stop, **kwargs)
         emit({"ev": "exit", "role": role})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import PigeonError
 from . import demo
 
 
@@ -24,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_parser(subparsers)
     subparsers.add_parser("bench", help="benchmark pigeon beside pyzmq, NATS and RabbitMQ")
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except PigeonError as exc:
+        print(f"pigeon {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
