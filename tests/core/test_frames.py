@@ -1,0 +1,217 @@
+"""Wire frames: a version byte, then a msgpack array tagged by frame type."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from pigeon._core import frames
+from pigeon._core.frames import (
+    VERSION,
+    Cancel,
+    Confirm,
+    Consume,
+    Deliver,
+    Error,
+    Hello,
+    Refuse,
+    Reply,
+    Request,
+    Send,
+    Settle,
+    decode,
+    encode,
+)
+from pigeon.errors import RemoteProtocolError
+from pigeon.message import JSON, Message
+
+FULL = Message(
+    id="0190f1e2a3b4deadbeef0000000001",
+    body=b"\x00\xffpayload",
+    content_type=JSON,
+    headers={"trace": "abc", "x-pigeon-last-error": "boom"},
+    attempt=3,
+    redelivered=True,
+    created_at=1_700_000_000.25,
+    deadline=1_700_000_060.5,
+)
+BARE = Message(id="m2", body=b"")
+
+SAMPLES = {
+    "hello": Hello("node-1", "sess-9", ["echo", "sum"], True, 7),
+    "hello defaults": Hello("node-1", "sess-9"),
+    "send": Send("jobs", [FULL, BARE]),
+    "send empty": Send("jobs", []),
+    "confirm": Confirm(["a", "b"]),
+    "refuse": Refuse([("a", "queue full"), ("b", "too large")]),
+    "consume": Consume("jobs", 16, 12.5, 4),
+    "consume defaults": Consume("jobs", 1),
+    "cancel": Cancel("jobs"),
+    "deliver": Deliver("jobs", [FULL]),
+    "settle": Settle("jobs", ["a"], [("b", 1.5, "retry")], [("c", "bad")], ["d"]),
+    "settle defaults": Settle("jobs"),
+    "request": Request("req-1", "echo", FULL, 4.5),
+    "reply": Reply("req-1", BARE),
+    "reply error": Reply("req-1", None, "ValueError: nope", "Rejected"),
+    "error": Error("unknown frame"),
+}
+
+ALL_TYPES = {Hello, Send, Confirm, Refuse, Consume, Cancel, Deliver, Settle, Request, Reply, Error}
+
+
+def test_samples_cover_every_frame_type() -> None:
+    assert {type(f) for f in SAMPLES.values()} == ALL_TYPES
+
+
+def test_tags_are_distinct() -> None:
+    tags = [t.__struct_config__.tag for t in ALL_TYPES]
+    assert sorted(tags) == list(range(1, 12))
+
+
+@pytest.mark.parametrize("frame", SAMPLES.values(), ids=SAMPLES.keys())
+def test_round_trip(frame: frames.Frame) -> None:
+    data = encode(frame)
+    assert isinstance(data, bytes)
+    assert data[0] == VERSION == 1
+    back = decode(data)
+    assert type(back) is type(frame)
+    assert back == frame
+    # memoryview and bytearray input decode alike
+    assert decode(memoryview(data)) == frame
+    assert decode(bytearray(data)) == frame
+
+
+def test_round_trip_keeps_every_message_field() -> None:
+    back = decode(encode(Deliver("q", [FULL])))
+    assert isinstance(back, Deliver)
+    (m,) = back.messages
+    assert msgspec.structs.asdict(m) == msgspec.structs.asdict(FULL)
+
+
+def test_empty_input_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="empty"):
+        decode(b"")
+
+
+@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("name", ["hello", "send", "settle"])
+def test_other_version_byte_is_refused(version: int, name: str) -> None:
+    data = bytes([version]) + encode(SAMPLES[name])[1:]
+    with pytest.raises(RemoteProtocolError, match="version"):
+        decode(data)
+
+
+@pytest.mark.parametrize("name", SAMPLES.keys())
+def test_every_truncation_is_refused(name: str) -> None:
+    data = encode(SAMPLES[name])
+    for cut in range(1, len(data)):
+        with pytest.raises(RemoteProtocolError):
+            decode(data[:cut])
+
+
+@pytest.mark.parametrize("name", ["hello", "cancel", "deliver"])
+def test_trailing_bytes_are_refused(name: str) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode(encode(SAMPLES[name]) + b"\x00")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [99, "x"],  # unknown tag
+        ["cancel", "x"],  # tag of the wrong type
+        [6],  # missing field
+        [6, 5],  # field of the wrong type
+        [5, "q", "many"],  # prefetch not an int
+        {"tag": 6},  # not an array
+        [],
+        "hello",
+    ],
+    ids=repr,
+)
+def test_malformed_but_valid_msgpack_is_refused(payload: object) -> None:
+    data = bytes([VERSION]) + msgspec.msgpack.encode(payload)
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode(data)
+
+
+@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
+                   reason="decode catches DecodeError/ValidationError but not the "
+                          "UnicodeDecodeError msgspec raises for a non-UTF-8 str")
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x01\x92\x06\xa1\xff",  # Cancel(queue=<invalid utf-8>)
+        b"\x01\x92\x0b\xa2\xc3\x28",  # Error(reason=<invalid utf-8>)
+        b"\x01\x92\x03\x91\xa1\xff",  # Confirm(ids=[<invalid utf-8>])
+    ],
+)
+def test_invalid_utf8_in_a_string_field_is_refused(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode(data)
+
+
+# Escapes of decode() that test_invalid_utf8_in_a_string_field_is_refused
+# documents as a bug; the fuzz tests below tolerate only these. Empty this
+# tuple once that test passes.
+KNOWN_ESCAPES: tuple[type[BaseException], ...] = (UnicodeDecodeError,)
+
+
+def _decode_or_refuse(data: bytes) -> frames.Frame | None:
+    try:
+        frame = decode(data)
+    except RemoteProtocolError:
+        return None
+    except KNOWN_ESCAPES:
+        return None
+    assert type(frame) in ALL_TYPES
+    return frame
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64))
+@example(b"\x01")
+@example(b"\x01\xc1")  # reserved msgpack byte
+@example(b"\x01" + b"\x91" * 5000)  # deep nesting
+def test_random_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
+    frame = _decode_or_refuse(data)
+    if frame is not None:
+        assert data[0] == VERSION
+        # compare encodings: a decoded float may be NaN, which != itself
+        assert encode(decode(encode(frame))) == encode(frame)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(list(SAMPLES.values())), st.data())
+def test_mutated_frames_decode_or_raise_protocol_error(frame: frames.Frame,
+                                                       data: st.DataObject) -> None:
+    raw = bytearray(encode(frame))
+    edits = data.draw(st.lists(st.tuples(st.integers(1, len(raw) - 1), st.integers(0, 255)),
+                               min_size=1, max_size=4))
+    for pos, byte in edits:
+        raw[pos] = byte
+    result = _decode_or_refuse(bytes(raw))
+    if result is not None:
+        assert encode(decode(encode(result))) == encode(result)
+
+
+messages = st.builds(
+    Message,
+    id=st.text(min_size=1, max_size=30),
+    body=st.binary(max_size=64),
+    content_type=st.sampled_from([JSON, "application/msgpack", "text/plain; charset=utf-8"]),
+    headers=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+    attempt=st.integers(0, 2**31),
+    redelivered=st.booleans(),
+    created_at=st.floats(allow_nan=False, allow_infinity=False),
+    deadline=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(messages, max_size=4), st.text(max_size=10))
+def test_generated_batches_round_trip(batch: list[Message], queue: str) -> None:
+    for frame in (Send(queue, batch), Deliver(queue, batch)):
+        assert decode(encode(frame)) == frame

@@ -1,0 +1,73 @@
+"""Liveness: peers are alive while heard from within the grace, reaped once."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pigeon._core.liveness import Liveness
+
+
+def test_grace_is_interval_times_misses() -> None:
+    assert Liveness().grace == 3.0
+    assert Liveness(interval=0.5, misses=4).grace == 2.0
+
+
+def test_heard_reports_new_and_returning_peers() -> None:
+    live = Liveness(interval=1.0, misses=3)
+    assert live.heard("a", 0.0) is True
+    assert live.heard("a", 1.0) is False
+    assert live.heard("b", 1.0) is True
+    assert sorted(live.peers()) == ["a", "b"]
+    live.forget("a")
+    assert live.peers() == ["b"]
+    assert live.heard("a", 2.0) is True  # back after being forgotten
+    live.forget("never-seen")  # no error
+    assert sorted(live.peers()) == ["a", "b"]
+
+
+def test_alive_until_the_grace_ends_inclusive() -> None:
+    live = Liveness(interval=1.0, misses=3)
+    assert not live.is_alive("a", 0.0)
+    live.heard("a", 10.0)
+    assert live.is_alive("a", 10.0)
+    assert live.is_alive("a", 13.0)
+    assert not live.is_alive("a", 13.001)
+    live.heard("a", 13.0)  # any frame counts (Rule 1)
+    assert live.is_alive("a", 16.0)
+
+
+def test_reap_reports_each_dead_peer_exactly_once() -> None:
+    live = Liveness(interval=1.0, misses=2)
+    live.heard("a", 0.0)
+    live.heard("b", 1.0)
+    assert live.reap(2.0) == []  # a is exactly at the grace
+    assert live.reap(2.5) == ["a"]
+    assert live.reap(2.6) == []
+    assert live.reap(10.0) == ["b"]
+    assert live.reap(20.0) == []
+    assert live.peers() == []
+    assert live.heard("a", 21.0) is True  # back: reported as new again
+    assert live.reap(23.5) == ["a"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 3, allow_nan=False)),
+                max_size=30),
+       st.floats(0.1, 2, allow_nan=False), st.integers(1, 4))
+def test_reap_agrees_with_is_alive(events: list[tuple[str, float]], interval: float,
+                                   misses: int) -> None:
+    live = Liveness(interval=interval, misses=misses)
+    now = 0.0
+    reported: set[str] = set()  # reported dead and not heard from since
+    for peer, dt in events:
+        now += dt
+        alive_before = {p: live.is_alive(p, now) for p in live.peers()}
+        dead = live.reap(now)
+        assert sorted(dead) == sorted(p for p, alive in alive_before.items() if not alive)
+        assert all(live.is_alive(p, now) for p in live.peers())
+        assert not reported & set(dead), "a dead peer was reported twice"
+        reported |= set(dead)
+        assert live.heard(peer, now) is (peer not in alive_before or not alive_before[peer])
+        reported.discard(peer)
+        assert live.is_alive(peer, now)
