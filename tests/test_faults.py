@@ -237,3 +237,24 @@ def test_a_retried_request_id_runs_the_handler_once() -> None:
             raw.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_nonsense_values_in_valid_frames_are_refused() -> None:
+    url = free_tcp()
+
+    async def scenario() -> None:
+        async with pigeon.connect(bind=url) as node:
+            raw = _raw_dealer(url)
+            raw.send(frames.encode(frames.Consume("q", 1, float("nan"), 0)))
+            raw.send(frames.encode(frames.Consume("q", 0, 1.0, 0)))
+            loop = asyncio.get_running_loop()
+            replies = [frames.decode(await loop.run_in_executor(None, raw.recv)) for _ in range(3)]
+            assert sum(isinstance(r, frames.Error) for r in replies) == 2
+            async with pigeon.connect(url) as client:
+                got: list[str] = []
+                await client.consume("q", lambda d: got.append(d.message.text))
+                await node.send("q", "fine")
+                await wait_until(lambda: got == ["fine"], 5, "a delivery to the good consumer")
+            raw.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))

@@ -9,6 +9,7 @@ failures does not retry in lock-step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigurationError
@@ -35,9 +36,10 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ConfigurationError("retry delays must be >= 0 seconds")
-        if self.factor < 1:
+        # Written as "not (x >= 0)" so that NaN is refused too.
+        if not (self.base_delay >= 0 and self.max_delay >= 0):
+            raise ConfigurationError("retry delays must be numbers >= 0 seconds")
+        if not (self.factor >= 1) or math.isinf(self.factor):
             raise ConfigurationError(f"factor must be >= 1, not {self.factor!r}")
         if not 0 <= self.jitter <= 1:
             raise ConfigurationError(f"jitter must be within 0..1, not {self.jitter!r}")
@@ -59,7 +61,10 @@ class DeadLetter:
 
 def retry_delay(policy: RetryPolicy, attempt: int, rand: float) -> float:
     """Seconds to wait after failed ``attempt`` (1-based); ``rand`` is in [0, 1)."""
-    raw = policy.base_delay * policy.factor ** max(0, attempt - 1)
+    try:
+        raw = policy.base_delay * policy.factor ** max(0, attempt - 1)
+    except OverflowError:  # far past the cap anyway
+        raw = policy.max_delay
     capped = min(policy.max_delay, raw)
     return capped * (1.0 - policy.jitter * rand)
 

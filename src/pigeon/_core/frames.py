@@ -129,5 +129,5 @@ def decode(data: bytes | memoryview) -> Frame:
         raise RemoteProtocolError(f"unknown protocol version {data[0]} (this node speaks {VERSION})")
     try:
         return _decoder.decode(memoryview(data)[1:])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"malformed frame: {exc}") from exc

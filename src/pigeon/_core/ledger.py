@@ -32,6 +32,7 @@ from ..errors import LocalProtocolError
 from ..message import Message
 
 DEAD_SUFFIX = ".dead"
+MAX_DELAY = 86_400.0
 
 
 def dead_letter_queue(queue: str) -> str:
@@ -41,6 +42,8 @@ def dead_letter_queue(queue: str) -> str:
 
 @dataclass(slots=True)
 class Lease:
+    """A view of one delivery in flight (built on demand; see ``leases``)."""
+
     message: Message
     consumer: Hashable
     expires_at: float
@@ -48,12 +51,24 @@ class Lease:
 
 @dataclass(slots=True)
 class _Consumer:
+    """One consumer: its credit limit, lease ttl and the leases it holds.
+
+    ``leases`` maps id → (message, expires_at) and is kept in expiry order:
+    every lease of one consumer has the same ttl, new ones go to the end,
+    and an extended one is moved to the end.
+    """
+
     prefetch: int
-    unsettled: int = 0
+    lease_ttl: float
+    leases: dict[str, tuple[Message, float]] = field(default_factory=dict)
+
+    @property
+    def unsettled(self) -> int:
+        return len(self.leases)
 
     @property
     def credit(self) -> int:
-        return self.prefetch - self.unsettled
+        return self.prefetch - len(self.leases)
 
 
 @dataclass(slots=True)
@@ -81,10 +96,12 @@ class QueueLedger:
 
     Args:
         name: queue name.
-        lease_ttl: seconds a delivery may stay unsettled before it is redelivered.
+        lease_ttl: default seconds a delivery may stay unsettled before it is
+            redelivered (a consumer may bring its own).
         max_attempts: deliveries after which a message is dead-lettered
             (None: no limit from the host; workers still apply their policy).
-        dedupe_size: how many recently seen ids are remembered to drop resends.
+        dedupe_size: how many ids of forgotten (acked) messages are remembered
+            to drop resends; ids still held are always recognised.
     """
 
     name: str
@@ -94,8 +111,8 @@ class QueueLedger:
     stats: QueueStats = field(default_factory=QueueStats)
     _ready: deque[Message] = field(default_factory=deque)
     _delayed: list[tuple[float, int, Message]] = field(default_factory=list)
-    _leases: dict[str, Lease] = field(default_factory=dict)
     _consumers: dict[Hashable, _Consumer] = field(default_factory=dict)
+    _held: set[str] = field(default_factory=set)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -111,14 +128,20 @@ class QueueLedger:
         return True
 
     def remember(self, message_id: str) -> bool:
-        """Record an id as seen; False when it already was (a resend)."""
-        seen = self._seen
-        if message_id in seen:
+        """Record an id as held; False when it is held or was seen lately."""
+        if message_id in self._held or message_id in self._seen:
             return False
+        self._held.add(message_id)
+        return True
+
+    def _forget(self, message_id: str) -> None:
+        # Gone from the queue: keep the id in the bounded window of recent
+        # ids, so a late resend of it is still recognised.
+        self._held.discard(message_id)
+        seen = self._seen
         seen[message_id] = None
         if len(seen) > self.dedupe_size:
             seen.popitem(last=False)
-        return True
 
     def restore(self, message: Message, ready_at: float = 0.0) -> None:
         """Reload a message from the store after a restart.
@@ -126,7 +149,7 @@ class QueueLedger:
         It may have been delivered before the crash, so it is marked
         redelivered (Rule 2 must hold across restarts).
         """
-        self.remember(message.id)
+        self._held.add(message.id)
         message.redelivered = True
         if ready_at > 0.0:
             heapq.heappush(self._delayed, (ready_at, next(self._seq), message))
@@ -135,28 +158,33 @@ class QueueLedger:
 
     # -- consumers -------------------------------------------------------
 
-    def add_consumer(self, consumer: Hashable, prefetch: int) -> None:
+    def add_consumer(
+        self, consumer: Hashable, prefetch: int, *, lease_ttl: float | None = None
+    ) -> None:
         if prefetch < 1:
             raise LocalProtocolError(f"prefetch must be >= 1, not {prefetch}")
+        ttl = self.lease_ttl if lease_ttl is None else lease_ttl
+        if not ttl > 0:
+            raise LocalProtocolError(f"lease_ttl must be > 0 seconds, not {ttl}")
         existing = self._consumers.get(consumer)
         if existing is not None:
             existing.prefetch = prefetch
+            existing.lease_ttl = ttl
         else:
-            self._consumers[consumer] = _Consumer(prefetch)
+            self._consumers[consumer] = _Consumer(prefetch, ttl)
 
     def remove_consumer(self, consumer: Hashable, *, lost: bool = False) -> int:
         """Drop a consumer; its unsettled deliveries go back to the front.
 
         Returns how many deliveries were returned.
         """
-        if self._consumers.pop(consumer, None) is None:
+        gone = self._consumers.pop(consumer, None)
+        if gone is None:
             return 0
         if lost:
             self.stats.consumers_lost += 1
-        returned = [mid for mid, lease in self._leases.items() if lease.consumer == consumer]
-        for mid in reversed(returned):
-            self._ready.appendleft(self._leases.pop(mid).message)
-        return len(returned)
+        self._ready.extendleft(message for message, _ in reversed(gone.leases.values()))
+        return len(gone.leases)
 
     @property
     def consumer_count(self) -> int:
@@ -169,47 +197,50 @@ class QueueLedger:
     ]:
         """Hand ready messages to consumers with credit.
 
-        Consumers are served round-robin, up to ``chunk`` messages each per
-        round, so each gets a fair share and a batch per frame.
+        Consumers are served in rounds, each taking at most ``chunk`` and an
+        even share of what is ready, so shares differ by at most one and each
+        consumer gets a batch per frame.
 
         Returns:
             ``(batches, dead)``: per consumer the messages it now holds a lease
             on, and messages dead-lettered under Rule 5.
         """
         self._promote_due(now)
-        batches: dict[Hashable, list[Message]] = {}
         dead: list[Message] = []
         ready = self._ready
         if not ready:
             return [], dead
-        expires_at = now + self.lease_ttl
+        batches: dict[Hashable, list[Message]] = {}
+        limit = self.max_attempts
+        stats = self.stats
         while ready:
             hungry = [(cid, c) for cid, c in self._consumers.items() if c.credit > 0]
             if not hungry:
                 break
-            share = max(1, min(chunk, -(-len(ready) // len(hungry))))
-            for cid, consumer in hungry:
-                take = min(share, consumer.credit, len(ready))
-                if take == 0:
+            for index, (cid, consumer) in enumerate(hungry):
+                if not ready:
                     break
+                even_share = -(-len(ready) // (len(hungry) - index))
+                take = min(chunk, consumer.credit, even_share)
                 out = batches.setdefault(cid, [])
+                leases = consumer.leases
+                expires_at = now + consumer.lease_ttl
                 for _ in range(take):
                     message = ready.popleft()
-                    if self.max_attempts is not None and message.attempt >= self.max_attempts:
+                    if limit is not None and message.attempt >= limit:
                         dead.append(self._mark_dead(message, self._limit_reason(message)))
                         continue
                     message.attempt += 1
                     if message.attempt > 1:
                         message.redelivered = True
                     if message.redelivered:
-                        self.stats.redelivered += 1
-                    self._leases[message.id] = Lease(message, cid, expires_at)
-                    consumer.unsettled += 1
+                        stats.redelivered += 1
+                    leases[message.id] = (message, expires_at)
                     out.append(message)
                 # Rotate: the consumer just served goes to the back of the
                 # line, so the next message starts with someone else.
                 self._consumers[cid] = self._consumers.pop(cid)
-        self.stats.delivered += sum(len(b) for b in batches.values())
+        stats.delivered += sum(len(b) for b in batches.values())
         return [(cid, msgs) for cid, msgs in batches.items() if msgs], dead
 
     def _limit_reason(self, message: Message) -> str:
@@ -222,34 +253,50 @@ class QueueLedger:
 
     # -- settling --------------------------------------------------------
 
-    def _release(self, message_id: str, consumer: Hashable) -> Lease | None:
-        lease = self._leases.get(message_id)
-        if lease is None or lease.consumer != consumer:
+    def _release(self, message_id: str, consumer: Hashable) -> Message | None:
+        owner = self._consumers.get(consumer)
+        lease = owner.leases.pop(message_id, None) if owner is not None else None
+        if lease is None:
             self.stats.stale_settles += 1
             return None
-        del self._leases[message_id]
-        owner = self._consumers.get(consumer)
-        if owner is not None:
-            owner.unsettled -= 1
-        return lease
+        return lease[0]
 
     def ack(self, message_id: str, consumer: Hashable) -> bool:
         """Settle a delivery as done; the message is forgotten (Rule 3)."""
         if self._release(message_id, consumer) is None:
             return False
+        self._forget(message_id)
         self.stats.acked += 1
         return True
+
+    def ack_many(self, message_ids: list[str], consumer: Hashable) -> int:
+        """Ack a batch of deliveries of one consumer; returns how many counted."""
+        owner = self._consumers.get(consumer)
+        if owner is None:
+            self.stats.stale_settles += len(message_ids)
+            return 0
+        leases = owner.leases
+        acked = 0
+        for message_id in message_ids:
+            if leases.pop(message_id, None) is None:
+                self.stats.stale_settles += 1
+            else:
+                self._forget(message_id)
+                acked += 1
+        self.stats.acked += acked
+        return acked
 
     def nack(
         self, message_id: str, consumer: Hashable, now: float, *, delay: float = 0.0,
         reason: str | None = None,
     ) -> Message | None:
         """Settle a delivery as not done: ready again now, or after ``delay``."""
-        lease = self._release(message_id, consumer)
-        if lease is None:
+        message = self._release(message_id, consumer)
+        if message is None:
             return None
+        # Delays come from peers: NaN and negatives mean now, huge ones a day.
+        delay = min(delay, MAX_DELAY) if delay > 0 else 0.0
         self.stats.nacked += 1
-        message = lease.message
         message.redelivered = True
         if reason:
             message.headers = {**message.headers, "x-pigeon-last-error": reason}
@@ -261,12 +308,13 @@ class QueueLedger:
 
     def reject(self, message_id: str, consumer: Hashable, reason: str) -> Message | None:
         """Settle a delivery as failed for good: returns the dead letter."""
-        lease = self._release(message_id, consumer)
-        if lease is None:
+        message = self._release(message_id, consumer)
+        if message is None:
             return None
-        return self._mark_dead(lease.message, reason)
+        return self._mark_dead(message, reason)
 
     def _mark_dead(self, message: Message, reason: str) -> Message:
+        self._forget(message.id)
         self.stats.dead_lettered += 1
         message.headers = {
             **message.headers,
@@ -277,43 +325,55 @@ class QueueLedger:
         return message
 
     def extend(self, message_id: str, consumer: Hashable, now: float) -> bool:
-        """Renew a lease for another ``lease_ttl``."""
-        lease = self._leases.get(message_id)
-        if lease is None or lease.consumer != consumer:
+        """Renew a lease for another lease ttl of its consumer."""
+        owner = self._consumers.get(consumer)
+        lease = owner.leases.pop(message_id, None) if owner is not None else None
+        if owner is None or lease is None:
             self.stats.stale_settles += 1
             return False
-        # Leases share one ttl, so keeping the dict in expiry order (re-insert
-        # at the end) lets expire() and next_wakeup() look only at the front.
-        del self._leases[message_id]
-        lease.expires_at = now + self.lease_ttl
-        self._leases[message_id] = lease
+        # Re-inserted at the end, so the consumer's leases stay in expiry order.
+        owner.leases[message_id] = (lease[0], now + owner.lease_ttl)
         return True
 
     def expire(self, now: float) -> int:
         """Return expired leases to the front of the queue; returns how many."""
-        leases = self._leases
-        expired: list[Lease] = []
-        for mid in leases:
-            if leases[mid].expires_at > now:
-                break
-            expired.append(leases[mid])
-        for lease in reversed(expired):
-            del leases[lease.message.id]
-            owner = self._consumers.get(lease.consumer)
-            if owner is not None:
-                owner.unsettled -= 1
-            self._ready.appendleft(lease.message)
-        self.stats.expired += len(expired)
-        return len(expired)
+        returned: list[Message] = []
+        for owner in self._consumers.values():
+            leases = owner.leases
+            expired = []
+            for message_id, (message, expires_at) in leases.items():
+                if expires_at > now:
+                    break
+                expired.append(message_id)
+                returned.append(message)
+            for message_id in expired:
+                del leases[message_id]
+        self._ready.extendleft(reversed(returned))
+        self.stats.expired += len(returned)
+        return len(returned)
 
     # -- inspection ------------------------------------------------------
 
     def next_wakeup(self) -> float | None:
         """The earliest time a lease expires or a delayed message is due."""
-        times = [next(iter(self._leases.values())).expires_at] if self._leases else []
+        times = [
+            next(iter(owner.leases.values()))[1]
+            for owner in self._consumers.values() if owner.leases
+        ]
         if self._delayed:
             times.append(self._delayed[0][0])
         return min(times) if times else None
+
+    @property
+    def leases(self) -> dict[str, Lease]:
+        """Every delivery in flight, by message id (a fresh view)."""
+        return {
+            message_id: Lease(message, cid, expires_at)
+            for cid, owner in self._consumers.items()
+            for message_id, (message, expires_at) in owner.leases.items()
+        }
+
+    _leases = leases  # the name the model tests read
 
     @property
     def ready_count(self) -> int:
@@ -325,7 +385,7 @@ class QueueLedger:
 
     @property
     def in_flight_count(self) -> int:
-        return len(self._leases)
+        return sum(len(owner.leases) for owner in self._consumers.values())
 
     def has_work(self) -> bool:
         return bool(self._ready) or bool(self._delayed)
@@ -338,7 +398,7 @@ class QueueLedger:
         return {
             "ready": len(self._ready),
             "delayed": len(self._delayed),
-            "in_flight": len(self._leases),
+            "in_flight": self.in_flight_count,
             "consumers": len(self._consumers),
             **self.stats.as_dict(),
         }

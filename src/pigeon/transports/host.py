@@ -74,11 +74,9 @@ class QueueHost:
         lease_ttl: float | None = None, max_attempts: int = 0,
     ) -> None:
         ledger = self.ledger(queue)
-        if lease_ttl is not None:
-            ledger.lease_ttl = lease_ttl
         if max_attempts:
             ledger.max_attempts = max_attempts
-        ledger.add_consumer(consumer, prefetch)
+        ledger.add_consumer(consumer, prefetch, lease_ttl=lease_ttl)
         self._sinks[consumer] = sink
         self._subscriptions.setdefault(consumer, set()).add(queue)
         self._mark(queue)
@@ -109,8 +107,8 @@ class QueueHost:
         if ledger is None:
             return
         now = time.monotonic()
-        for mid in acks:
-            ledger.ack(mid, consumer)
+        if acks:
+            ledger.ack_many(acks, consumer)
         for mid, delay, reason in nacks:
             ledger.nack(mid, consumer, now, delay=delay, reason=reason or None)
         for mid, reason in rejects:

@@ -17,7 +17,7 @@ import zmq
 from ..._core import frames
 from ..._core.liveness import Liveness
 from ..._core.rpc import CacheState, ReplyCache
-from ...errors import NoResponders, Rejected, RemoteProtocolError, Timeout
+from ...errors import NoResponders, ProtocolError, Rejected, RemoteProtocolError, Timeout
 from ...message import Message
 from .pump import Pump
 
@@ -65,6 +65,13 @@ class RouterSide:
             # A peer we did not know (or had given up on) speaks first with
             # data: tell it who we are so it re-registers what it needs.
             self._send(identity, self.node.hello())
+        try:
+            self._dispatch(identity, frame)
+        except ProtocolError as exc:
+            # e.g. a Consume with a lease_ttl of NaN: the core refused it.
+            self._refuse_peer(identity, str(exc))
+
+    def _dispatch(self, identity: bytes, frame: frames.Frame) -> None:
         node = self.node
         host = node.host
         match frame:

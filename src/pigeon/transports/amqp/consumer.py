@@ -1,0 +1,272 @@
+"""Consuming a work queue: deliveries, settling, leases and attempt limits.
+
+Settling maps onto the broker like this:
+
+* ``ack`` → ``basic.ack``.
+* ``nack(0)`` → ``basic.reject(requeue=True)`` (reject rather than nack, so
+  RabbitMQ 4.3+ counts it as a failed delivery in ``x-delivery-count``).
+* ``nack(delay)`` → a copy, carrying the attempts so far and the last error,
+  goes to the queue's delay queue (confirmed); only then is the original acked.
+* ``reject(reason)`` → a copy with the dead-letter headers goes to
+  ``<queue>.dead`` (confirmed); then the original is acked.
+* ``extend`` → renews the client-side lease (see :class:`Subscription`).
+
+If the copy cannot be published the original is requeued instead: a
+message is never acked before its successor is safe on the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+
+from ..._core.ledger import dead_letter_queue
+from ...errors import PigeonError, TransportError
+from ...message import Message
+from ..base import ConsumeOptions, Delivery, DeliverySink
+from .envelope import from_amqp, to_amqp
+from .errors import map_exceptions
+from .publisher import Prepare
+from .topology import queue_arguments
+
+if TYPE_CHECKING:
+    from .transport import AmqpTransport
+
+LAST_ERROR = "x-pigeon-last-error"
+
+
+class _Lease:
+    """One delivery this consumer holds; ``done`` once settled or expired."""
+
+    __slots__ = ("incoming", "timer", "done")
+
+    def __init__(self, incoming: AbstractIncomingMessage) -> None:
+        self.incoming = incoming
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+
+class Subscription:
+    """A consumer of one queue on a channel of its own (its prefetch is the
+    worker's credit).
+
+    Leases are kept on the client: a delivery left unsettled for
+    ``lease_ttl`` (and not extended) is given back with
+    ``basic.reject(requeue=True)``, so the broker redelivers it, flagged; a
+    later settle of the old delivery is stale and changes nothing, as on the
+    other transports. A process that dies loses its channel, and the broker
+    requeues what it held.
+    """
+
+    def __init__(self, transport: AmqpTransport, queue: str, sink: DeliverySink,
+                 options: ConsumeOptions) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.sink = sink
+        self.options = options
+        self.channel: AbstractRobustChannel | None = None
+        self._amqp_queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._leases: set[_Lease] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cancelled = False
+        self.counts = transport.counts
+
+    async def start(self) -> None:
+        """Declare the queue and start consuming.
+
+        Raises:
+            ConfigurationError: the queue exists with other arguments.
+            TransportError: the broker cannot be reached.
+        """
+        transport = self.transport
+        await transport.topology.work_queue(self.queue)
+        with map_exceptions(f"consume {self.queue!r}", address=transport.address):
+            self.channel = await transport.connection.channel(  # type: ignore[assignment]
+                publisher_confirms=False
+            )
+            assert self.channel is not None
+            await self.channel.set_qos(prefetch_count=self.options.prefetch)
+            # Declared on this channel too, so the robust channel restores the
+            # queue and its consumer after a reconnect.
+            self._amqp_queue = await self.channel.declare_queue(
+                self.queue, durable=True,
+                arguments=queue_arguments(self.queue, transport.topology.queue_type),
+            )
+            self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+
+    # -- deliveries ------------------------------------------------------
+
+    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+        # aio-pika runs this as one task per delivery, in delivery order; it
+        # must not await before the sink call, or the order would be lost.
+        lease = _Lease(incoming)
+        if self._cancelled:
+            self._spawn(self._give_back(lease))
+            return
+        message = from_amqp(incoming)
+        counts = self.counts
+        counts["delivered"] += 1
+        if message.redelivered:
+            counts["redelivered"] += 1
+        limit = self.options.max_attempts
+        if limit and message.attempt > limit:
+            # Workers kept dying on it: dead-letter instead of delivering again.
+            message.attempt -= 1
+            reason = f"delivered {message.attempt} times, the limit for queue {self.queue!r}"
+            self._spawn(self._bury(lease, message, reason))
+            return
+        self._leases.add(lease)
+        self._arm(lease)
+        self.sink([Delivery(self.queue, message, self, tag=lease)])
+
+    def _arm(self, lease: _Lease) -> None:
+        if lease.timer is not None:
+            lease.timer.cancel()
+        lease.timer = asyncio.get_running_loop().call_later(
+            self.options.lease_ttl, self._expire, lease
+        )
+
+    def _expire(self, lease: _Lease) -> None:
+        if lease.done:
+            return
+        self.counts["lease_expired"] += 1
+        self._spawn(self._give_back(lease))
+
+    def _release(self, lease: _Lease) -> bool:
+        """Take the lease for settling; False (counted stale) if it is gone."""
+        if lease.done:
+            self.counts["stale_settles"] += 1
+            return False
+        lease.done = True
+        self._leases.discard(lease)
+        if lease.timer is not None:
+            lease.timer.cancel()
+        return True
+
+    def _spawn(self, coroutine: object) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _basic(self, lease: _Lease, requeue: bool) -> None:
+        """ack, or reject with requeue; a channel gone meanwhile makes it stale
+        (the broker has already requeued the delivery)."""
+        try:
+            with map_exceptions(f"settle a delivery of {self.queue!r}",
+                                address=self.transport.address):
+                if requeue:
+                    await lease.incoming.reject(requeue=True)
+                else:
+                    await lease.incoming.ack()
+        except TransportError:
+            self.counts["stale_settles"] += 1
+
+    async def _give_back(self, lease: _Lease) -> None:
+        lease.done = True
+        self._leases.discard(lease)
+        if lease.timer is not None:
+            lease.timer.cancel()
+        await self._basic(lease, requeue=True)
+
+    async def _republish(self, lease: _Lease, target: str, copy_of: Message,
+                         extra: dict[str, str], attempt: int, redelivered: bool,
+                         prepare: Prepare | None = None) -> bool:
+        """Publish a copy (confirmed), then ack the original; on failure
+        requeue the original instead. True when the copy was stored."""
+        transport = self.transport
+
+        def build(resend: bool) -> aio_pika.Message:
+            return to_amqp(copy_of, attempt=attempt, redelivered=redelivered or resend,
+                           extra=extra)
+
+        try:
+            await transport.publisher.publish(target, build, prepare)
+        except PigeonError:
+            self.counts["settle_errors"] += 1
+            await self._basic(lease, requeue=True)
+            return False
+        await self._basic(lease, requeue=False)
+        return True
+
+    async def _bury(self, lease: _Lease, message: Message, reason: str) -> None:
+        lease.done = True
+        extra = {
+            "x-pigeon-dead-reason": reason,
+            "x-pigeon-dead-queue": self.queue,
+            "x-pigeon-attempts": str(message.attempt),
+        }
+        # A dead letter starts a new life in its queue: fresh attempts, but
+        # flagged, since it was seen.
+        dead = dead_letter_queue(self.queue)
+        topology = self.transport.topology
+        if await self._republish(lease, dead, message, extra, 0, True,
+                                 lambda: topology.work_queue(dead)):
+            self.counts["dead_lettered"] += 1
+
+    # -- Settler ---------------------------------------------------------
+
+    async def ack(self, delivery: Delivery) -> None:
+        lease: _Lease = delivery.tag
+        if self._release(lease):
+            self.counts["acked"] += 1
+            await self._basic(lease, requeue=False)
+
+    async def nack(self, delivery: Delivery, delay: float, reason: str) -> None:
+        lease: _Lease = delivery.tag
+        if not self._release(lease):
+            return
+        self.counts["nacked"] += 1
+        if delay <= 0:
+            await self._basic(lease, requeue=True)
+            return
+        topology = self.transport.topology
+        try:
+            target = await topology.delay_queue(self.queue, delay)
+        except PigeonError:
+            self.counts["settle_errors"] += 1
+            await self._basic(lease, requeue=True)
+            return
+        message = delivery.message
+        extra = {LAST_ERROR: reason} if reason else {}
+        if await self._republish(lease, target, message, extra, message.attempt, True):
+            self.counts["delayed"] += 1
+
+    async def reject(self, delivery: Delivery, reason: str) -> None:
+        lease: _Lease = delivery.tag
+        if self._release(lease):
+            await self._bury(lease, delivery.message, reason)
+
+    def extend(self, delivery: Delivery) -> None:
+        lease: _Lease = delivery.tag
+        if lease.done:
+            self.counts["stale_settles"] += 1
+            return
+        self._arm(lease)
+
+    # -- Subscription ----------------------------------------------------
+
+    async def cancel(self) -> None:
+        """Stop consuming; what this consumer still holds goes back to the queue."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        for lease in self._leases:
+            if lease.timer is not None:
+                lease.timer.cancel()
+        self._leases.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        channel, self.channel = self.channel, None
+        if channel is None or channel.is_closed:
+            return
+        # Closing the channel cancels its consumer and makes the broker
+        # requeue every delivery still unacked on it.
+        with contextlib.suppress(PigeonError):
+            with map_exceptions(f"stop consuming {self.queue!r}", address=self.transport.address):
+                await channel.close()
+

@@ -1,0 +1,171 @@
+"""Queue names and declarations on the broker.
+
+For a work queue ``Q`` pigeon declares:
+
+* ``Q``: durable, quorum by default; the broker dead-letters into ``Q.dead``
+  what it drops itself (RabbitMQ 4.x's default delivery limit of 20).
+* ``Q.dead``: durable, same type, where rejected messages go.
+* ``Q.delay.<ms>``: made on first use by ``nack(delay)``; every message in it
+  has the same TTL (so none waits behind a longer one), then the broker
+  dead-letters it back into ``Q``. Delays are rounded *up* to one of four
+  steps per doubling, so there are few such queues; each deletes itself
+  (``x-expires``) once unused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+
+from ..._core.ledger import DEAD_SUFFIX, dead_letter_queue
+from .errors import map_exceptions
+
+SERVICE_PREFIX = "pigeon.svc."
+DELAY_INFIX = ".delay."
+# A delay queue outlives its last declaration by this much, so every message
+# published into it (right after a declaration) expires before the queue does.
+EXPIRES_MARGIN_MS = 60_000
+REDECLARE_EVERY = EXPIRES_MARGIN_MS / 1000 / 2
+QUEUE_TYPES = ("quorum", "classic")
+
+
+def service_queue(service: str) -> str:
+    """The queue the servers of ``service`` consume."""
+    return SERVICE_PREFIX + service
+
+
+def delay_step_ms(delay: float) -> int:
+    """``delay`` seconds rounded up to a delay-queue step, in milliseconds.
+
+    Steps are ``ceil(2 ** (k / 4))`` ms: at most 19 % longer than asked,
+    about 90 steps from 1 ms to a day.
+    """
+    ms = max(1, math.ceil(delay * 1000))
+    k = math.ceil(4 * math.log2(ms) - 1e-9)
+    step = math.ceil(2 ** (k / 4))
+    return max(step, ms)
+
+
+def delay_queue(queue: str, delay: float) -> str:
+    return f"{queue}{DELAY_INFIX}{delay_step_ms(delay)}"
+
+
+def queue_arguments(name: str, queue_type: str) -> dict[str, Any]:
+    """The declaration arguments of a pigeon work or dead-letter queue."""
+    arguments: dict[str, Any] = {"x-queue-type": queue_type}
+    if not name.endswith(DEAD_SUFFIX):
+        arguments["x-dead-letter-exchange"] = ""
+        arguments["x-dead-letter-routing-key"] = dead_letter_queue(name)
+    return arguments
+
+
+def delay_arguments(queue: str, ms: int, queue_type: str) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "x-queue-type": queue_type,
+        "x-message-ttl": ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        "x-expires": ms + EXPIRES_MARGIN_MS,
+    }
+    if queue_type == "quorum":
+        # Move expired messages with confirms, not fire-and-forget (3.10+).
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+class Topology:
+    """Declares queues once per connection, on a channel of its own (a
+    refused declaration closes its channel; it must not take publishes down).
+
+    Args:
+        connection: the robust connection.
+        queue_type: ``quorum`` or ``classic``.
+        address: the broker address, for error messages.
+    """
+
+    def __init__(self, connection: AbstractRobustConnection, queue_type: str, address: str) -> None:
+        self.connection = connection
+        self.queue_type = queue_type
+        self.address = address
+        self.declared: dict[str, asyncio.Future[None]] = {}
+        self._declared_at: dict[str, float] = {}
+        self._channel: AbstractRobustChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def _get_channel(self) -> AbstractRobustChannel:
+        async with self._lock:
+            if self._channel is None:
+                with map_exceptions("open a channel", address=self.address):
+                    self._channel = await self.connection.channel(publisher_confirms=False)  # type: ignore[assignment]
+            return self._channel  # type: ignore[return-value]
+
+    async def _declare(self, name: str, arguments: dict[str, Any]) -> None:
+        channel = await self._get_channel()
+        with map_exceptions(f"declare queue {name!r}", address=self.address):
+            # robust=False: durable queues survive a reconnect by themselves.
+            await channel.declare_queue(name, durable=True, arguments=arguments, robust=False)
+
+    async def _once(self, name: str, arguments: dict[str, Any]) -> None:
+        future = self.declared.get(name)
+        if future is None:
+            future = self.declared[name] = asyncio.get_running_loop().create_future()
+            try:
+                await self._declare(name, arguments)
+            except BaseException as exc:
+                del self.declared[name]  # let the next caller try again
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: the raise below reports it
+                else:
+                    future.cancel()
+                raise
+            future.set_result(None)
+            self._declared_at[name] = time.monotonic()
+            return
+        await future
+
+    def ready(self, queue: str) -> bool:
+        """True when ``queue`` and its dead-letter queue are declared."""
+        future = self.declared.get(queue)
+        # Failed declarations are removed at once, so a done one succeeded.
+        return future is not None and future.done()
+
+    async def work_queue(self, queue: str) -> None:
+        """Declare ``queue`` and its dead-letter queue (once).
+
+        Raises:
+            ConfigurationError: the queue exists with other arguments.
+            TransportError: the broker cannot be reached.
+        """
+        if queue.endswith(DEAD_SUFFIX):
+            await self._once(queue, queue_arguments(queue, self.queue_type))
+            return
+        dead = dead_letter_queue(queue)
+        await self._once(dead, queue_arguments(dead, self.queue_type))
+        await self._once(queue, queue_arguments(queue, self.queue_type))
+
+    async def delay_queue(self, queue: str, delay: float) -> str:
+        """Declare (or re-declare, to keep it from expiring) the delay queue
+        for ``queue`` and ``delay``; return its name.
+
+        Raises:
+            ConfigurationError: the queue exists with other arguments.
+            TransportError: the broker cannot be reached.
+        """
+        ms = delay_step_ms(delay)
+        name = f"{queue}{DELAY_INFIX}{ms}"
+        at = self._declared_at.get(name)
+        if at is not None and time.monotonic() - at > REDECLARE_EVERY:
+            self.declared.pop(name, None)
+        await self._once(name, delay_arguments(queue, ms, self.queue_type))
+        return name
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            await channel.close()

@@ -1,0 +1,242 @@
+"""One worker's pull loop on a queue's durable JetStream consumer.
+
+Credit is kept here, not by the server: the loop asks for at most
+``prefetch - held - outstanding`` messages, with one pull request at a time,
+so a worker never holds more than ``prefetch`` unsettled deliveries. The
+durable consumer (and with it JetStream's redelivery bookkeeping) is shared
+by every worker of the queue, in every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from ...errors import PigeonError
+from ..base import ConsumeOptions, Delivery, DeliverySink
+from . import envelope
+from .errors import map_exceptions
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from .transport import NatsTransport
+
+log = logging.getLogger("pigeon.nats")
+
+# A pull request the server never answered (lost in a reconnect) is written
+# off this long after its expiry, so credit cannot leak.
+_GRACE = 1.0
+_RETRY_PAUSE = 0.5
+
+
+class PullConsumer:
+    """Fetches ``queue`` for one worker and settles its deliveries (a Settler)."""
+
+    def __init__(
+        self, transport: NatsTransport, queue: str, sink: DeliverySink, options: ConsumeOptions
+    ) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.subject = envelope.subject(transport.prefix, "q", queue)
+        self.durable = envelope.durable_name(queue)
+        self.sink = sink
+        self.options = options
+        self.held = 0  # deliveries handed to the sink and not settled yet
+        self.outstanding = 0  # messages asked for by the pull request in flight
+        self.backlog: deque[Delivery] = deque()  # arrived beyond credit (see _on_msg)
+        self.closed = False
+        self._request_deadline = 0.0
+        self._retry_at = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sub: Any = None
+        self._inbox = ""
+
+    async def start(self) -> None:
+        """Create or update the durable consumer and start pulling.
+
+        Raises:
+            TransportError: the consumer cannot be created.
+            ConfigurationError: JetStream refused its configuration.
+        """
+        await self.transport.ensure_consumer(self.queue, self.subject, self.options)
+        nc = self.transport.nc
+        self._inbox = nc.new_inbox()
+        with map_exceptions(f"consume {self.queue!r}"):
+            self._sub = await nc.subscribe(self._inbox, cb=self._on_msg)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- pulling ---------------------------------------------------------
+
+    def wake(self, *, reconnected: bool = False) -> None:
+        if reconnected:
+            self.outstanding = 0  # the server forgot our pull request with the old connection
+        self._wake.set()
+
+    async def _run(self) -> None:
+        nms = f"$JS.API.CONSUMER.MSG.NEXT.{self.transport.stream}.{self.durable}"
+        expires = self.transport.pull_expires
+        while not self.closed:
+            now = time.monotonic()
+            if self.outstanding and now > self._request_deadline:
+                self.outstanding = 0
+            credit = self.options.prefetch - self.held - len(self.backlog) - self.outstanding
+            nc = self.transport.nc
+            if credit > 0 and not self.outstanding and now >= self._retry_at and nc.is_connected:
+                request = {"batch": credit, "expires": int(expires * 1e9)}
+                try:
+                    with map_exceptions(f"pull {self.queue!r}"):
+                        await nc.publish(nms, json.dumps(request).encode(), reply=self._inbox)
+                except PigeonError as exc:
+                    log.debug("pull request for %r failed: %s", self.queue, exc)
+                    self._retry_at = now + _RETRY_PAUSE
+                else:
+                    self.outstanding = credit
+                    self._request_deadline = now + expires + _GRACE
+            self._wake.clear()
+            wait = None
+            if self.outstanding:
+                wait = self._request_deadline - now
+            elif credit > 0:  # disconnected or pausing after an error: look again soon
+                wait = max(0.05, self._retry_at - now) if now < self._retry_at else 0.1
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if not msg.reply:  # a status for our pull request, not a message
+            status = (msg.headers or {}).get("Status", "")
+            if status == "100":  # idle heartbeat / flow control
+                return
+            self.outstanding = 0  # 404/408: the request is over; 409: refused
+            if status == "409":
+                self.transport.counts["pull_refusals"] += 1
+                log.warning("pull for %r refused: %s", self.queue, (msg.headers or {}))
+                self._retry_at = time.monotonic() + _RETRY_PAUSE
+                if "Deleted" in str((msg.headers or {}).get("Description", "")):
+                    await self._recreate()
+            self._wake.set()
+            return
+        if self.outstanding:
+            self.outstanding -= 1
+        if self.closed:
+            # Pulled while we were leaving: hand it back at once rather than
+            # letting it wait out its ack wait.
+            await self._quietly(msg.nak(), "nak")
+            return
+        try:
+            meta = msg.metadata
+        except Exception:  # not a JetStream message: nothing to settle
+            self.transport.counts["malformed"] += 1
+            return
+        attempt = meta.num_delivered
+        message = envelope.from_headers(
+            msg.data, msg.headers, fallback_id=f"{meta.stream}-{meta.sequence.stream}",
+            attempt=attempt, redelivered=attempt > 1,
+        )
+        self.transport.counts["delivered"] += 1
+        if attempt > 1:
+            self.transport.counts["redelivered"] += 1
+        delivery = Delivery(self.queue, message, self, tag=msg)
+        limit = self.options.max_attempts
+        if limit and attempt > limit:
+            # Workers kept dying on it without settling: dead-letter it like
+            # the other transports' hosts do, without running it again.
+            await self._bury(delivery, f"delivered {attempt - 1} times, the limit for "
+                             f"queue {self.queue!r}", attempts=attempt - 1)
+            return
+        if self.held < self.options.prefetch:
+            self.held += 1
+            self.sink([delivery])
+        else:  # a late answer to a pull request we had written off
+            self.backlog.append(delivery)
+
+    async def _recreate(self) -> None:
+        try:
+            await self.transport.ensure_consumer(self.queue, self.subject, self.options)
+        except PigeonError as exc:
+            log.warning("cannot recreate the consumer of %r: %s", self.queue, exc)
+
+    # -- settling (the Settler protocol) ---------------------------------
+
+    def _release(self) -> None:
+        self.held -= 1
+        if self.backlog and not self.closed:
+            self.held += 1
+            self.sink([self.backlog.popleft()])
+        self._wake.set()
+
+    async def _quietly(self, call: Awaitable[None], what: str) -> None:
+        # A settle that cannot reach the server is not the handler's failure:
+        # JetStream redelivers the message when its ack wait runs out.
+        try:
+            with map_exceptions(f"{what} on {self.queue!r}"):
+                await call
+        except PigeonError as exc:
+            self.transport.counts["settle_failures"] += 1
+            log.warning("%s", exc)
+
+    def ack(self, delivery: Delivery) -> Awaitable[None]:
+        self._release()
+        self.transport.counts["acked"] += 1
+        return self._quietly(delivery.tag.ack(), "ack")
+
+    def nack(self, delivery: Delivery, delay: float, reason: str) -> Awaitable[None]:
+        # nak keeps the stored message as it is; the reason is only counted.
+        self._release()
+        self.transport.counts["nacked"] += 1
+        return self._quietly(delivery.tag.nak(delay=delay or None), "nak")
+
+    def reject(self, delivery: Delivery, reason: str) -> Awaitable[None]:
+        self._release()
+        return self._bury(delivery, reason, attempts=delivery.message.attempt)
+
+    def extend(self, delivery: Delivery) -> Awaitable[None]:
+        return self._quietly(delivery.tag.in_progress(), "extend")
+
+    async def _bury(self, delivery: Delivery, reason: str, *, attempts: int) -> None:
+        """Publish the dead letter, then terminate the original.
+
+        If the dead letter is not confirmed the original is nak'd instead,
+        so the message is never dropped.
+        """
+        msg = delivery.tag
+        try:
+            await self.transport.publish_dead_letter(self.queue, delivery.message, reason, attempts)
+        except PigeonError as exc:
+            self.transport.counts["dead_letter_failures"] += 1
+            log.warning("dead-lettering a message of %r failed, it comes back: %s", self.queue, exc)
+            await self._quietly(msg.nak(delay=_RETRY_PAUSE), "nak")
+            return
+        self.transport.counts["dead_lettered"] += 1
+        await self._quietly(msg.term(), "term")
+
+    # -- stopping --------------------------------------------------------
+
+    async def cancel(self) -> None:
+        """Stop pulling; deliveries that never reached the worker go back at once."""
+        if self.closed:
+            return
+        self.closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        backlog, self.backlog = list(self.backlog), deque()
+        for delivery in backlog:
+            await self._quietly(delivery.tag.nak(), "nak")
+        if self._sub is not None:
+            try:
+                with map_exceptions(f"stop consuming {self.queue!r}"):
+                    await self._sub.unsubscribe()
+            except PigeonError:
+                pass  # the connection is gone, and the subscription with it
+        self.transport.forget(self)
