@@ -1,0 +1,222 @@
+"""The store interface: the operations a queue host writes, and what it reads back.
+
+A store keeps every message a queue host has accepted until it is acked, plus
+its dead letters. The host batches operations and hands them to
+:meth:`Store.apply`, which applies the whole batch in one transaction with one
+commit: when ``apply`` returns, the batch is durable (as durable as the
+store's mode promises) and the host may confirm it.
+
+Rules every store follows:
+
+1. Only :class:`Ack` deletes a message. Leases are not stored; a message that
+   was handed out but not acked is still live in the store.
+2. A message is keyed by ``(queue, id)``. A :class:`Put` of a key that is live,
+   dead, or acked less than ``dedupe_window`` seconds ago is a duplicate: it
+   changes nothing and returns False. Acked keys are remembered as tombstones
+   so a producer resending after a restart does not bring them back.
+3. ``load`` returns live messages in insertion order. A :class:`Requeue` keeps
+   a message's place; :class:`Dead` and :class:`Replay` move it to the end of
+   the dead letters or the live messages.
+4. Ops in one batch apply in order, so a batch may put and ack the same id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Protocol, TypeAlias
+
+import msgspec
+
+from ..errors import ClosedError
+from ..message import Message
+
+__all__ = [
+    "Ack",
+    "Dead",
+    "DeadLetter",
+    "Op",
+    "Put",
+    "Replay",
+    "Requeue",
+    "Store",
+    "StoredMessage",
+    "check_ops",
+]
+
+
+class Put(msgspec.Struct, frozen=True):
+    """Store a new message in ``queue``, ready at once."""
+
+    queue: str
+    message: Message
+
+
+class Ack(msgspec.Struct, frozen=True):
+    """Delete a live message for good and remember its id for the dedupe window."""
+
+    queue: str
+    id: str
+
+
+class Requeue(msgspec.Struct, frozen=True):
+    """A nack: store the message's new attempt/headers and when it is ready again."""
+
+    queue: str
+    message: Message
+    ready_at: float
+
+
+class Dead(msgspec.Struct, frozen=True):
+    """Move a live message to the dead letters, keeping its headers and ``reason``."""
+
+    queue: str
+    message: Message
+    reason: str
+
+
+class Replay(msgspec.Struct, frozen=True):
+    """Move a dead letter back to the live messages, ready at once, attempt 0."""
+
+    queue: str
+    id: str
+
+
+Op: TypeAlias = Put | Ack | Requeue | Dead | Replay
+_OP_TYPES = (Put, Ack, Requeue, Dead, Replay)
+
+
+class StoredMessage(msgspec.Struct, frozen=True):
+    """A live message as :meth:`Store.load` returns it.
+
+    Attributes:
+        queue: the queue it belongs to.
+        message: the message as last written (by Put or Requeue).
+        ready_at: wall-clock seconds when it may be delivered; 0.0 means now.
+    """
+
+    queue: str
+    message: Message
+    ready_at: float
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A dead letter as :meth:`Store.dead_letters` returns it.
+
+    Attributes:
+        queue: the queue it died in.
+        message: the message as it was when it died (headers included).
+        reason: why it died.
+        died_at: wall-clock seconds when it died.
+    """
+
+    queue: str
+    message: Message
+    reason: str
+    died_at: float
+
+
+def check_ops(ops: Sequence[Op]) -> None:
+    """Check that every item is an op, before anything is applied.
+
+    Raises:
+        TypeError: an item is not one of Put, Ack, Requeue, Dead, Replay.
+    """
+    for op in ops:
+        if not isinstance(op, _OP_TYPES):
+            raise TypeError(
+                f"store ops must be Put, Ack, Requeue, Dead or Replay, not {type(op).__name__}"
+            )
+
+
+def closed_error(what: str) -> ClosedError:
+    """Return the error for using a store after it was closed."""
+    return ClosedError(f"{what} is closed")
+
+
+# Stores keep messages as msgpack bytes: SQLite needs bytes anyway, and the
+# memory store copies through the same codec so a caller mutating a message
+# (its headers dict) after ``apply`` cannot change what the store holds.
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode_message(message: Message) -> bytes:
+    """Return the stored form of ``message``."""
+    return _encoder.encode(message)
+
+
+def decode_message(data: bytes) -> Message:
+    """Return the message stored as ``data``.
+
+    Raises:
+        msgspec.DecodeError: ``data`` is not a stored message.
+    """
+    return _decoder.decode(data)
+
+
+class Store(Protocol):
+    """A durable (or, for tests, in-memory) store of queued messages."""
+
+    def apply(self, ops: Sequence[Op]) -> list[bool]:
+        """Apply ``ops`` in order, in one transaction with one commit.
+
+        Args:
+            ops: the batch; may be empty.
+
+        Returns:
+            One bool per op. For Put: True if the key was new, False if it is
+            a duplicate. For the others: True if the key existed in the state
+            the op needs (live for Ack/Requeue/Dead, dead for Replay).
+
+        Raises:
+            TypeError: an item is not an op; nothing was applied.
+            StoreError: the batch could not be committed; nothing of it was
+                applied and the store refuses further writes until reopened.
+            ClosedError: the store was closed.
+        """
+        ...
+
+    def load(self) -> list[StoredMessage]:
+        """Return every live (not dead) message, in insertion order.
+
+        Raises:
+            StoreError: the store could not be read.
+            ClosedError: the store was closed.
+        """
+        ...
+
+    def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        """Return the dead letters, of one queue or all, in the order they died.
+
+        Raises:
+            StoreError: the store could not be read.
+            ClosedError: the store was closed.
+        """
+        ...
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Return ``{queue: {"ready": n, "dead": m}}`` for every non-empty queue.
+
+        Raises:
+            StoreError: the store could not be read.
+            ClosedError: the store was closed.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close the store; closing twice is allowed.
+
+        Raises:
+            StoreError: the store could not be closed cleanly.
+        """
+        ...
+
+    def __enter__(self) -> Store: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

@@ -1,0 +1,195 @@
+"""A store that keeps everything in memory: same rules as SQLite, nothing on disk.
+
+For tests and for hosts that choose not to be durable: everything is lost
+when the process ends. It follows every rule in :mod:`pigeon.store.base`, so
+a test written against it holds for :class:`~pigeon.store.sqlite.SqliteStore`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from ..errors import ConfigurationError
+from .base import (
+    Ack,
+    Dead,
+    DeadLetter,
+    Op,
+    Put,
+    Requeue,
+    StoredMessage,
+    check_ops,
+    closed_error,
+    decode_message,
+    encode_message,
+)
+
+__all__ = ["MemoryStore"]
+
+Key = tuple[str, str]
+
+
+class MemoryStore:
+    """An in-memory :class:`~pigeon.store.base.Store`; thread-safe, not durable.
+
+    Args:
+        dedupe_window: seconds an acked id is still refused as a duplicate.
+        clock: wall-clock source, replaceable in tests.
+
+    Raises:
+        ConfigurationError: ``dedupe_window`` is negative.
+    """
+
+    def __init__(
+        self, *, dedupe_window: float = 120.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        if dedupe_window < 0:
+            raise ConfigurationError(f"dedupe_window must be >= 0, not {dedupe_window}")
+        self._window = dedupe_window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = False
+        # dicts keep insertion order: updating a value keeps its place (Requeue),
+        # deleting and re-adding moves it to the end (Dead, Replay).
+        self._live: dict[Key, tuple[bytes, float]] = {}
+        self._dead: dict[Key, tuple[bytes, str, float]] = {}
+        self._tombstones: dict[Key, float] = {}
+        self._last_prune = clock()
+
+    def apply(self, ops: Sequence[Op]) -> list[bool]:
+        """Apply ``ops`` in order, all or nothing.
+
+        Returns:
+            One bool per op, as :meth:`pigeon.store.base.Store.apply` says.
+
+        Raises:
+            TypeError: an item is not an op; nothing was applied.
+            ClosedError: the store was closed.
+        """
+        check_ops(ops)
+        with self._lock:
+            if self._closed:
+                raise closed_error("memory store")
+            now = self._clock()
+            self._prune(now)
+            return [self._apply_one(op, now) for op in ops]
+
+    def _apply_one(self, op: Op, now: float) -> bool:
+        # Nothing below can fail once check_ops passed, so a batch is all or nothing.
+        if isinstance(op, Put):
+            key = (op.queue, op.message.id)
+            if key in self._live or key in self._dead:
+                return False
+            acked_at = self._tombstones.get(key)
+            if acked_at is not None and now - acked_at <= self._window:
+                return False
+            self._tombstones.pop(key, None)
+            self._live[key] = (encode_message(op.message), 0.0)
+            return True
+        if isinstance(op, Ack):
+            key = (op.queue, op.id)
+            if self._live.pop(key, None) is None:
+                return False
+            if self._window > 0:
+                self._tombstones[key] = now
+            return True
+        if isinstance(op, Requeue):
+            key = (op.queue, op.message.id)
+            if key not in self._live:
+                return False
+            self._live[key] = (encode_message(op.message), op.ready_at)
+            return True
+        if isinstance(op, Dead):
+            key = (op.queue, op.message.id)
+            if self._live.pop(key, None) is None:
+                return False
+            self._dead[key] = (encode_message(op.message), op.reason, now)
+            return True
+        key = (op.queue, op.id)
+        dead = self._dead.pop(key, None)
+        if dead is None:
+            return False
+        message = decode_message(dead[0])
+        message.attempt = 0
+        self._live[key] = (encode_message(message), 0.0)
+        return True
+
+    def _prune(self, now: float) -> None:
+        # Lazy: a scan at most every half window keeps the cost per apply flat.
+        if now - self._last_prune < self._window / 2:
+            return
+        self._last_prune = now
+        cutoff = now - self._window
+        self._tombstones = {k: t for k, t in self._tombstones.items() if t >= cutoff}
+
+    def load(self) -> list[StoredMessage]:
+        """Return every live message in insertion order.
+
+        Raises:
+            ClosedError: the store was closed.
+        """
+        with self._lock:
+            self._check_open()
+            return [
+                StoredMessage(queue, decode_message(data), ready_at)
+                for (queue, _), (data, ready_at) in self._live.items()
+            ]
+
+    def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        """Return the dead letters, of one queue or all, in the order they died.
+
+        Raises:
+            ClosedError: the store was closed.
+        """
+        with self._lock:
+            self._check_open()
+            return [
+                DeadLetter(q, decode_message(data), reason, died_at)
+                for (q, _), (data, reason, died_at) in self._dead.items()
+                if queue is None or q == queue
+            ]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Return ``{queue: {"ready": n, "dead": m}}`` for every non-empty queue.
+
+        Raises:
+            ClosedError: the store was closed.
+        """
+        with self._lock:
+            self._check_open()
+            counts: dict[str, dict[str, int]] = {}
+            for kind, table in (("ready", self._live), ("dead", self._dead)):
+                for queue, _ in table:
+                    entry = counts.setdefault(queue, {"ready": 0, "dead": 0})
+                    entry[kind] += 1
+            return counts
+
+    def close(self) -> None:
+        """Close the store and drop its contents; closing twice is allowed.
+
+        Raises:
+            Nothing; the signature matches the other stores.
+        """
+        with self._lock:
+            self._closed = True
+            self._live.clear()
+            self._dead.clear()
+            self._tombstones.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise closed_error("memory store")
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
