@@ -7,7 +7,6 @@ exception kept as ``__cause__``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,11 +29,6 @@ LOST = (
     ConnectionError,
     OSError,
 )
-
-
-def is_connection_loss(exc: BaseException) -> bool:
-    """True when ``exc`` (a pigeon error) means the link to the broker broke."""
-    return isinstance(exc, TransportError)
 
 
 @contextmanager
