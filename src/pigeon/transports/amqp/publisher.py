@@ -91,6 +91,11 @@ class Publisher:
                 try:
                     if prepare is not None:
                         await prepare()
+                    channel = self.channel
+                    if channel is not None and channel.is_closed:
+                        # Nothing written yet: wait for the reconnect; not a resend.
+                        await self._wait_ready()
+                        continue
                     tried = True
                     await self._publish_once(routing_key, build(resend))
                     break
