@@ -26,11 +26,18 @@ def _as_list(value: str | list[str] | tuple[str, ...] | None, what: str) -> list
     raise TypeError(f"{what} must be a URL string or a list of them, not {value!r}")
 
 
+_good_names: set[str] = set()  # names already checked: the hot path skips the scan
+
+
 def _check_name(name: object, what: str) -> str:
+    if name in _good_names:
+        return name  # type: ignore[return-value]
     if not isinstance(name, str):
         raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
     if not name or len(name) > 255 or any(c.isspace() for c in name):
         raise ValueError(f"{what} name must be 1-255 characters without spaces, not {name!r}")
+    if len(_good_names) < 10_000:
+        _good_names.add(name)
     return name
 
 
@@ -90,11 +97,13 @@ class Connection:
             Backpressure: the outbox or queue is full.
             TypeError: the payload or headers cannot be encoded.
         """
-        self._check_open()
+        if self._closed or not self._started:
+            self._check_open()
+        queue = _check_name(queue, "queue")
         message = make_message(
             payload, content_type=content_type, headers=headers, message_id=message_id
         )
-        return self.transport.send_nowait(_check_name(queue, "queue"), message)
+        return self.transport.send_nowait(queue, message)
 
     async def send(
         self, queue: str, payload: Any, *, headers: dict[str, str] | None = None,

@@ -41,24 +41,39 @@ _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 
 # Ids sort by creation time: 12 hex digits of milliseconds, then a random
-# per-process prefix and a counter, so two processes never collide and one
-# process never repeats itself without a syscall per id.
+# per-process tag and a counter, so two processes never collide and one
+# process never repeats itself without a syscall per id. The time prefix is
+# formatted once per millisecond, not once per id.
 _process_tag = os.urandom(5).hex()
 _counter = itertools.count()
+_prefix_ms = -1
+_prefix = ""
 
 
 def _reseed_after_fork() -> None:
-    global _process_tag, _counter
+    global _process_tag, _counter, _prefix_ms
     _process_tag = os.urandom(5).hex()
     _counter = itertools.count()
+    _prefix_ms = -1
 
 
 os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
+def _stamp() -> tuple[str, float]:
+    """A new id and the wall-clock time it was made."""
+    global _prefix_ms, _prefix
+    ns = time.time_ns()
+    ms = ns // 1_000_000
+    if ms != _prefix_ms:
+        _prefix_ms = ms
+        _prefix = "%012x%s" % (ms, _process_tag)
+    return _prefix + format(next(_counter), "08x"), ns / 1e9
+
+
 def new_id() -> str:
     """Return a new unique message id that sorts by creation time."""
-    return "%012x%s%08x" % (time.time_ns() // 1_000_000, _process_tag, next(_counter))
+    return _stamp()[0]
 
 
 class Message(msgspec.Struct, array_like=True, gc=False):
@@ -120,15 +135,15 @@ def make_message(
     """Build a new message from a Python value (see :func:`encode_body`)."""
     if headers is not None:
         _check_headers(headers)
-    body, ctype = encode_body(payload, content_type)
-    return Message(
-        id=message_id or new_id(),
-        body=body,
-        content_type=ctype,
-        headers=dict(headers) if headers else {},
-        created_at=time.time(),
-        deadline=deadline,
-    )
+        headers = dict(headers)
+    else:
+        headers = {}
+    if content_type is None and type(payload) is bytes:
+        body, ctype = payload, BYTES  # the hot path: no codec
+    else:
+        body, ctype = encode_body(payload, content_type)
+    stamp_id, now = _stamp()
+    return Message(message_id or stamp_id, body, ctype, headers, 0, False, now, deadline)
 
 
 def _check_headers(headers: dict[str, str]) -> None:

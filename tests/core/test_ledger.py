@@ -293,15 +293,16 @@ def test_put_does_not_change_a_known_message() -> None:
 
 
 def test_dedupe_window_forgets_the_oldest_acked_ids() -> None:
+    # The window keeps the last dedupe_size..2*dedupe_size forgotten ids.
     led = QueueLedger("q", dedupe_size=2)
     led.add_consumer("A", 5)
-    for mid in "abc":
+    for mid in "abcd":
         led.put(msg(mid))
     led.dispatch(0.0)
-    for mid in "abc":
+    for mid in "abcd":
         led.ack(mid, "A")
-    assert not led.put(msg("c")) and not led.put(msg("b"))
-    assert led.put(msg("a"))  # outside the window: accepted as new
+    assert not led.put(msg("d")) and not led.put(msg("c"))
+    assert led.put(msg("a")) and led.put(msg("b"))  # outside the window: accepted as new
     assert led.remember("x") and not led.remember("x")
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -100,8 +100,9 @@ class QueueLedger:
             redelivered (a consumer may bring its own).
         max_attempts: deliveries after which a message is dead-lettered
             (None: no limit from the host; workers still apply their policy).
-        dedupe_size: how many ids of forgotten (acked) messages are remembered
-            to drop resends; ids still held are always recognised.
+        dedupe_size: how many ids of forgotten (acked) messages are at least
+            remembered to drop resends (at most twice as many are); ids still
+            held are always recognised.
     """
 
     name: str
@@ -113,7 +114,7 @@ class QueueLedger:
     _delayed: list[tuple[float, int, Message]] = field(default_factory=list)
     _consumers: dict[Hashable, _Consumer] = field(default_factory=dict)
     _held: set[str] = field(default_factory=set)
-    _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _seen: dict[str, None] = field(default_factory=dict)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
 
     # -- producers -------------------------------------------------------
@@ -135,13 +136,14 @@ class QueueLedger:
         return True
 
     def _forget(self, message_id: str) -> None:
-        # Gone from the queue: keep the id in the bounded window of recent
-        # ids, so a late resend of it is still recognised.
+        # Gone from the queue: keep the id in the window of recent ids, so a
+        # late resend of it is still recognised. The window keeps at least
+        # dedupe_size ids; it is trimmed by halves, which costs less per id.
         self._held.discard(message_id)
         seen = self._seen
         seen[message_id] = None
-        if len(seen) > self.dedupe_size:
-            seen.popitem(last=False)
+        if len(seen) >= 2 * self.dedupe_size:
+            self._seen = dict(itertools.islice(seen.items(), len(seen) - self.dedupe_size, None))
 
     def restore(self, message: Message, ready_at: float = 0.0) -> None:
         """Reload a message from the store after a restart.

@@ -58,13 +58,15 @@ class QueueHost:
 
     def put(self, queue: str, message: Message) -> bool | None:
         """Enqueue; True if new, False if a known id (a resend), None if refused."""
-        ledger = self.ledger(queue)
+        ledger = self.queues.get(queue) or self.ledger(queue)
         if self.max_length is not None and ledger.ready_count >= self.max_length:
             self.refused += 1
             return None
         added = ledger.put(message)
-        if added:
+        if added and not self._scheduled:
             self._mark(queue)
+        elif added:
+            self._dirty.add(queue)
         return added
 
     # -- consumers -------------------------------------------------------

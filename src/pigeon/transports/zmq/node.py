@@ -101,6 +101,7 @@ class ZmqTransport:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
         self._started = False
+        self._done_future: asyncio.Future[None] | None = None
         self.sent = 0
 
     # -- lifecycle -------------------------------------------------------
@@ -171,19 +172,29 @@ class ZmqTransport:
         return None
 
     def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
-        self._check_open()
+        if self._closed or not self._started:
+            self._check_open()
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         link = None if self.bind_addresses else self._hosting_link()
         if link is None:
             if self.host.put(queue, message) is None:
                 raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
-            future.set_result(None)
-        else:
-            link.enqueue(queue, message, future)
+            self.sent += 1
+            return self._stored()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        link.enqueue(queue, message, future)
         self.sent += 1
         return future
+
+    def _stored(self) -> asyncio.Future[None]:
+        # Stored here and now: every such send shares one resolved future
+        # (its result is None, so sharing it is safe) instead of making one each.
+        done = self._done_future
+        if done is None:
+            done = self._done_future = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+        return done
 
     def refusal(self, queue: str, reason: str) -> DeliveryError:
         if "full" in reason:
