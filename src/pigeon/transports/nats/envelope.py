@@ -61,7 +61,9 @@ def to_headers(message: Message, *, check: bool = True) -> dict[str, str]:
                     f"without ':' and must not start with 'Pigeon-' or 'Nats-'"
                 )
             if "\r" in value or "\n" in value:
-                raise ConfigurationError(f"header {name!r} holds a line break; NATS cannot carry it")
+                raise ConfigurationError(
+                    f"header {name!r} holds a line break; NATS cannot carry it"
+                )
         elif not _HEADER_NAME.match(name) or _reserved(name):
             continue
         headers[name] = single_line(value)

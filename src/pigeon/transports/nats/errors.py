@@ -7,7 +7,6 @@ original nats-py error kept as ``__cause__``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,7 +57,7 @@ def map_exceptions(
             f"{what}: nothing answered on JetStream's subjects (is JetStream enabled and "
             f"the stream there?)"
         ) from exc
-    except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+    except TimeoutError as exc:  # nats-py's TimeoutError is one too
         within = f" within {timeout:.3f} s" if timeout is not None else ""
         if service is not None:
             raise Timeout(f"service {service!r} did not answer{within}") from exc

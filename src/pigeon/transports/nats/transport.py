@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import parse_qsl
 
 import msgspec
 import nats
+import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 from ...errors import (
+    Backpressure,
     ClosedError,
     ConfigurationError,
     MessageTooLarge,
@@ -34,12 +34,10 @@ from ...message import Message
 from ..base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
 from . import envelope, service
 from .errors import map_exceptions
+from .options import parse as parse_options
 from .pull import PullConsumer
 
 log = logging.getLogger("pigeon.nats")
-
-_STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
 class NatsTransport:
@@ -48,65 +46,20 @@ class NatsTransport:
     Args:
         url: ``nats://HOST:PORT`` (several servers separated by commas), with
             options in the query string if wanted.
-        stream: the JetStream stream holding pigeon's queues.
-        prefix: first subject token(s): queues are ``<prefix>.q.<queue>``,
-            services ``<prefix>.svc.<service>``.
-        max_message_size: largest body sent, in bytes; not above the server's
-            ``max_payload``.
-        send_timeout: seconds a send keeps being retried (same message id, so
-            JetStream drops duplicates) before its future fails.
-        ack_timeout: seconds one publish waits for JetStream's pub ack.
-        pull_expires: seconds a worker's pull request waits on an empty queue.
-        max_ack_pending: JetStream's limit on unacked messages of one queue,
-            over all its workers (raised to ``prefetch`` when lower).
-        duplicate_window: seconds JetStream remembers ids to drop resends.
-        connect_timeout: seconds to reach a server at start.
-        reconnect_wait: seconds between reconnect attempts (forever).
-        name: the connection's name, shown in the server's monitoring.
+        options: see :class:`~pigeon.transports.nats.options.NatsOptions`.
 
     Raises:
-        ConfigurationError: nats-py is not installed, or an option is unknown
-            or invalid.
+        ConfigurationError: an option is unknown or cannot work (nats-py
+            missing is reported by the package's stand-in).
     """
 
-    def __init__(
-        self, url: str, *, stream: str = "PIGEON_Q", prefix: str = "pigeon",
-        max_message_size: int | None = None, send_timeout: float = 30.0,
-        ack_timeout: float = 5.0, pull_expires: float = 5.0, max_ack_pending: int = 10_000,
-        duplicate_window: float = 120.0, connect_timeout: float = 2.0,
-        reconnect_wait: float = 0.25, name: str | None = None,
-    ) -> None:
-        servers, _, query = url.partition("?")
+    def __init__(self, url: str, **options: Any) -> None:
         self.url = url
-        self.servers = [s.strip() for s in servers.split(",") if s.strip()]
-        options = dict(
-            stream=stream, prefix=prefix, max_message_size=max_message_size,
-            send_timeout=send_timeout, ack_timeout=ack_timeout, pull_expires=pull_expires,
-            max_ack_pending=max_ack_pending, duplicate_window=duplicate_window,
-            connect_timeout=connect_timeout, reconnect_wait=reconnect_wait, name=name,
-        )
-        options.update(_query_options(query, options))
-        self.stream: str = options["stream"]
-        self.prefix: str = options["prefix"]
-        if not _STREAM_NAME.match(self.stream):
-            raise ConfigurationError(f"stream name {self.stream!r}: use letters, digits, '-', '_'")
-        if not _PREFIX.match(self.prefix):
-            raise ConfigurationError(f"subject prefix {self.prefix!r} is not literal subject tokens")
-        self._explicit_size = options["max_message_size"] is not None
-        self.max_message_size: int = options["max_message_size"] or (1 << 20)
-        self.send_timeout = float(options["send_timeout"])
-        self.ack_timeout = float(options["ack_timeout"])
-        self.pull_expires = float(options["pull_expires"])
-        self.max_ack_pending = int(options["max_ack_pending"])
-        self.duplicate_window = float(options["duplicate_window"])
-        self.connect_timeout = float(options["connect_timeout"])
-        self.reconnect_wait = float(options["reconnect_wait"])
-        self.name = options["name"]
-        for what in ("send_timeout", "ack_timeout", "pull_expires", "connect_timeout"):
-            if getattr(self, what) <= 0:
-                raise ConfigurationError(f"{what} must be > 0 seconds, not {getattr(self, what)}")
-        if self.max_message_size <= 0:
-            raise ConfigurationError(f"max_message_size must be > 0, not {self.max_message_size}")
+        self.servers, self.options = parse_options(url, options)
+        self.stream = self.options.stream
+        self.prefix = self.options.prefix
+        self.max_message_size = self.options.max_message_size or (1 << 20)
+        self.pull_expires = self.options.pull_expires
         self.nc: Any = None
         self.js: Any = None
         self.counts: Counter[str] = Counter()
@@ -125,16 +78,21 @@ class NatsTransport:
             ConfigurationError: ``max_message_size`` is above the server's
                 ``max_payload``, or the stream exists but does not fit.
         """
-        with map_exceptions(f"connect to {self.url}", timeout=self.connect_timeout):
+        with map_exceptions(f"connect to {self.url}", timeout=self.options.connect_timeout):
             self.nc = await nats.connect(
-                self.servers, name=self.name, connect_timeout=self.connect_timeout,
-                reconnect_time_wait=self.reconnect_wait, max_reconnect_attempts=-1,
+                self.servers, name=self.options.name,
+                connect_timeout=self.options.connect_timeout,
+                reconnect_time_wait=self.options.reconnect_wait, max_reconnect_attempts=1,
                 allow_reconnect=True, error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
             )
+        # Give up at start when no server answers (nats-py would retry the
+        # first connect forever with -1), but once connected never stop
+        # reconnecting: nats-py reads this option on every reconnect.
+        self.nc.options["max_reconnect_attempts"] = -1
         try:
             self._check_payload_limit()
-            self.js = self.nc.jetstream(timeout=self.ack_timeout)
+            self.js = self.nc.jetstream(timeout=self.options.ack_timeout)
             await self._ensure_stream()
         except BaseException:
             await self.nc.close()
@@ -143,7 +101,7 @@ class NatsTransport:
     def _check_payload_limit(self) -> None:
         limit = self.nc.max_payload
         if self.max_message_size > limit:
-            if self._explicit_size:
+            if self.options.max_message_size is not None:
                 raise ConfigurationError(
                     f"max_message_size {self.max_message_size} is above the server's "
                     f"max_payload of {limit} bytes"
@@ -158,10 +116,11 @@ class NatsTransport:
             except nats.js.errors.NotFoundError:
                 info = await self.js.add_stream(StreamConfig(
                     name=self.stream, subjects=subjects, retention=RetentionPolicy.WORK_QUEUE,
-                    storage=StorageType.FILE, duplicate_window=self.duplicate_window,
+                    storage=StorageType.FILE, duplicate_window=self.options.duplicate_window,
                 ))
         config = info.config
-        if config.retention != RetentionPolicy.WORK_QUEUE or subjects[0] not in (config.subjects or []):
+        wrong = config.retention != RetentionPolicy.WORK_QUEUE
+        if wrong or subjects[0] not in (config.subjects or []):
             raise ConfigurationError(
                 f"stream {self.stream} exists but is not a work-queue stream on {subjects[0]}"
             )
@@ -179,7 +138,7 @@ class NatsTransport:
         config = ConsumerConfig(
             durable_name=envelope.durable_name(queue), filter_subject=subject,
             ack_policy=AckPolicy.EXPLICIT, ack_wait=options.lease_ttl,
-            max_ack_pending=max(self.max_ack_pending, options.prefetch), max_deliver=-1,
+            max_ack_pending=max(self.options.max_ack_pending, options.prefetch), max_deliver=-1,
         )
         with map_exceptions(f"create the consumer of {queue!r}"):
             await self.js.add_consumer(self.stream, config)
@@ -220,10 +179,13 @@ class NatsTransport:
         Raises:
             ClosedError: the transport is closed.
             MessageTooLarge: the body is over ``max_message_size``.
+            Backpressure: ``outbox_limit`` sends are awaiting their pub ack.
             ConfigurationError: the queue name or a header cannot travel over NATS.
         """
         self._live()
         self._check_size(message)
+        if len(self._sends) >= self.options.outbox_limit:
+            raise Backpressure("the NATS outbox", self.options.outbox_limit)
         subject = envelope.subject(self.prefix, "q", queue)
         headers = envelope.to_headers(message)
         headers[envelope.MSG_ID] = message.id
@@ -239,21 +201,24 @@ class NatsTransport:
         self, queue: str, subject: str, body: bytes, headers: dict[str, str],
         future: asyncio.Future[None],
     ) -> None:
-        deadline = time.monotonic() + self.send_timeout
+        deadline = time.monotonic() + self.options.send_timeout
         pause = 0.05
+        # max_payload counts the headers too, so a body just under the limit
+        # can still be too large on the wire.
+        wire = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 16
         while not future.done():
             try:
-                with map_exceptions(f"send to {queue!r}", timeout=self.ack_timeout,
-                                    size=len(body), limit=self.nc.max_payload):
+                with map_exceptions(f"send to {queue!r}", timeout=self.options.ack_timeout,
+                                    size=wire, limit=self.nc.max_payload):
                     await self.js.publish(subject, body, headers=dict(headers),
-                                          stream=self.stream, timeout=self.ack_timeout)
+                                          stream=self.stream, timeout=self.options.ack_timeout)
             except (Timeout, TransportError) as exc:
                 # Not confirmed (lost in a reconnect, JetStream not ready):
                 # publish again; the same Nats-Msg-Id makes that safe.
                 if time.monotonic() + pause >= deadline or self._closed:
                     self.counts["send_failures"] += 1
-                    _fail(future, TransportError(
-                        f"send to {queue!r} not confirmed within {self.send_timeout} s: {exc}"))
+                    _fail(future, TransportError(f"send to {queue!r} not confirmed within "
+                                                 f"{self.options.send_timeout} s: {exc}"))
                     return
                 self.counts["send_retries"] += 1
                 await asyncio.sleep(pause)
@@ -287,10 +252,10 @@ class NatsTransport:
         # Its own id for de-duplication: the original's id is still in the window.
         headers[envelope.MSG_ID] = f"{message.id}.dead"
         subject = envelope.subject(self.prefix, "q", queue + ".dead")
-        with map_exceptions(f"dead-letter to {queue!r}", timeout=self.ack_timeout):
+        with map_exceptions(f"dead-letter to {queue!r}", timeout=self.options.ack_timeout):
             await self.js.publish(subject, message.body, headers=headers, stream=self.stream)
 
-    async def flush(self, timeout: float) -> None:
+    async def flush(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait until every send so far has its pub ack (or has failed).
 
         Raises:
@@ -299,7 +264,7 @@ class NatsTransport:
         self._live()
         await self._wait_sends(timeout)
 
-    async def _wait_sends(self, timeout: float) -> None:
+    async def _wait_sends(self, timeout: float) -> None:  # noqa: ASYNC109
         futures = list(self._sends.values())
         if not futures:
             return
@@ -307,7 +272,9 @@ class NatsTransport:
         if pending:
             raise Timeout(f"{len(pending)} sends still unconfirmed after {timeout} s")
 
-    async def consume(self, queue: str, sink: DeliverySink, options: ConsumeOptions) -> Subscription:
+    async def consume(
+        self, queue: str, sink: DeliverySink, options: ConsumeOptions
+    ) -> Subscription:
         """Start a pull loop for one worker on the queue's shared consumer.
 
         Raises:
@@ -330,7 +297,9 @@ class NatsTransport:
 
     # -- request-reply ---------------------------------------------------
 
-    async def request(self, service_name: str, message: Message, *, timeout: float) -> Message:
+    async def request(
+        self, service_name: str, message: Message, *, timeout: float  # noqa: ASYNC109
+    ) -> Message:
         """Call a service over core NATS; the deadline travels with the call.
 
         Raises:
@@ -369,7 +338,7 @@ class NatsTransport:
 
     # -- closing ---------------------------------------------------------
 
-    async def close(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait up to ``timeout`` for pub acks, then stop everything.
 
         Sends still unconfirmed then fail with TransportError (counted in
@@ -421,30 +390,3 @@ def _fail(future: asyncio.Future[None], exc: BaseException) -> bool:
     # counted in stats() rather than logged at garbage collection.
     future.exception()
     return True
-
-
-def _query_options(query: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Options from a URL query string, typed like their defaults.
-
-    Raises:
-        ConfigurationError: an unknown option or a value of the wrong type.
-    """
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in defaults:
-            raise ConfigurationError(
-                f"unknown nats:// option {key!r}; known: {', '.join(sorted(defaults))}"
-            )
-        default = defaults[key]
-        try:
-            if isinstance(default, bool):
-                options[key] = value.lower() in ("1", "true", "yes")
-            elif isinstance(default, int) or key == "max_message_size":
-                options[key] = int(value)
-            elif isinstance(default, float):
-                options[key] = float(value)
-            else:
-                options[key] = value
-        except ValueError as exc:
-            raise ConfigurationError(f"nats:// option {key}={value!r} is not a number") from exc
-    return options
