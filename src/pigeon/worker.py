@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._core.backoff import DeadLetter, RetryPolicy, on_failure
+from .errors import PigeonError
 from .message import Message, make_message
 from .transports import ConsumeOptions, Delivery, Subscription, Transport
 
@@ -48,7 +49,7 @@ class Worker:
         self._async_handler = inspect.iscoroutinefunction(handler)
         self.counts = {
             "received": 0, "redelivered": 0, "acked": 0, "retried": 0, "dead_lettered": 0,
-            "handler_errors": 0,
+            "handler_errors": 0, "unreturned_at_close": 0,
         }
 
     async def start(self, transport: Transport, options: ConsumeOptions) -> None:
@@ -124,16 +125,21 @@ class Worker:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
-        # Handlers cut short and deliveries never started go back to the
-        # queue now, rather than when their leases run out.
+        # Stop the subscription first, so nothing given back below comes
+        # straight back here. Then hand back handlers cut short and
+        # deliveries never started, rather than wait for their leases; a
+        # transport that already took them back on cancel ignores these.
+        if self._subscription is not None:
+            await self._subscription.cancel()
         unfinished = [*self._in_progress, *self._pending]
         self._in_progress.clear()
         self._pending.clear()
         for delivery in unfinished:
             if not delivery.settled:
-                await delivery.nack(0.0, "worker closed")
-        if self._subscription is not None:
-            await self._subscription.cancel()
+                try:
+                    await delivery.nack(0.0, "worker closed")
+                except PigeonError:
+                    self.counts["unreturned_at_close"] += 1
 
     def stats(self) -> dict[str, Any]:
         return {"queue": self.queue, **self.counts, "waiting": len(self._pending)}
