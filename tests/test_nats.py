@@ -130,7 +130,7 @@ def test_pigeon_sends_plain_client_consumes(isolated: Isolated) -> None:
         assert msg.data == b'{"to":"x"}'
         headers = msg.headers or {}
         assert headers["Pigeon-Content-Type"] == "application/json"
-        assert headers["Pigeon-Id"] == headers["Nats-Msg-Id"] == "mail-1"
+        assert headers["Pigeon-Id"] == "mail-1" and headers["Nats-Msg-Id"] == "mail:mail-1"
         assert headers["trace"] == "t-2" and float(headers["Pigeon-Created-At"]) > 0
 
     asyncio.run(main())
@@ -190,6 +190,25 @@ def test_workers_that_keep_dying_get_dead_lettered(isolated: Isolated) -> None:
         assert letter.headers["x-pigeon-attempts"] == "2"
         assert letter.headers["x-pigeon-dead-queue"] == "stuck"
         assert "delivered 2 times" in letter.headers["x-pigeon-dead-reason"]
+
+    asyncio.run(main())
+
+
+def test_resends_are_dropped_per_queue(isolated: Isolated) -> None:
+    """A resend with the same id is stored once; the same id on another queue is its own."""
+    import pigeon
+
+    async def main() -> None:
+        got: list[tuple[str, str]] = []
+        async with pigeon.connect(isolated.url) as conn:
+            for queue in ("billing", "shipping", "billing"):
+                await conn.send(queue, "order", message_id="order-7")
+            for queue in ("billing", "shipping"):
+                await conn.consume(queue, lambda d, q=queue: got.append((q, d.message.id)))
+            await conformance.wait_until(lambda: len(got) == 2, what="one per queue")
+            await asyncio.sleep(0.2)
+            assert sorted(got) == [("billing", "order-7"), ("shipping", "order-7")]
+            assert conn.stats()["confirmed"] == 3  # the duplicate is acknowledged, not stored
 
     asyncio.run(main())
 
@@ -380,5 +399,25 @@ def test_server_killed_and_restarted_loses_no_confirmed_message(own_server: OwnS
                                          f"all {len(expected)} confirmed messages")
             assert consumer.stats()["reconnects"] >= 1
             assert producer.stats()["reconnects"] >= 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_sends_while_the_server_stays_down_fail_clearly(own_server: OwnServer) -> None:
+    import pigeon
+
+    async def main() -> None:
+        conn = await pigeon.connect(own_server.url + "?send_timeout=1&ack_timeout=0.3")
+        try:
+            await conn.send("jobs", "stored")
+            own_server.kill()
+            future = conn.send_nowait("jobs", "never confirmed")
+            with pytest.raises(pigeon.TransportError, match="not confirmed within 1.0 s") as info:
+                await asyncio.wait_for(future, 5)
+            assert info.value.__cause__ is not None
+            assert conn.stats()["send_failures"] == 1
+        finally:
+            await conn.close(timeout=0.5)
 
     asyncio.run(main())

@@ -22,6 +22,15 @@ REDELIVERED = "Pigeon-Redelivered"
 ERROR = "Pigeon-Error"
 MSG_ID = "Nats-Msg-Id"  # JetStream's de-duplication key
 
+
+def dedupe_id(queue: str, message_id: str) -> str:
+    """The ``Nats-Msg-Id`` of a message sent to ``queue``.
+
+    JetStream's duplicate window spans the whole stream, but pigeon drops
+    resends per queue: the same id sent to two queues is two messages.
+    """
+    return f"{queue}:{message_id}"
+
 # Header names a user may not set: pigeon's own, NATS's own, and the names
 # nats-py reads a status line into (a user "Status" would look like one).
 _RESERVED_PREFIXES = ("pigeon-", "nats-")

@@ -21,6 +21,7 @@ import nats
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
+from ..._core.ledger import dead_letter_queue
 from ...errors import (
     Backpressure,
     ClosedError,
@@ -188,7 +189,7 @@ class NatsTransport:
             raise Backpressure("the NATS outbox", self.options.outbox_limit)
         subject = envelope.subject(self.prefix, "q", queue)
         headers = envelope.to_headers(message)
-        headers[envelope.MSG_ID] = message.id
+        headers[envelope.MSG_ID] = envelope.dedupe_id(queue, message.id)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         task = loop.create_task(self._publish(queue, subject, message.body, headers, future))
@@ -217,8 +218,10 @@ class NatsTransport:
                 # publish again; the same Nats-Msg-Id makes that safe.
                 if time.monotonic() + pause >= deadline or self._closed:
                     self.counts["send_failures"] += 1
-                    _fail(future, TransportError(f"send to {queue!r} not confirmed within "
-                                                 f"{self.options.send_timeout} s: {exc}"))
+                    error = TransportError(f"send to {queue!r} not confirmed within "
+                                           f"{self.options.send_timeout} s: {exc}")
+                    error.__cause__ = exc
+                    _fail(future, error)
                     return
                 self.counts["send_retries"] += 1
                 await asyncio.sleep(pause)
@@ -249,9 +252,9 @@ class NatsTransport:
         })
         headers = envelope.to_headers(dead, check=False)
         headers[envelope.REDELIVERED] = "1"  # it was seen, as on the other transports
-        # Its own id for de-duplication: the original's id is still in the window.
-        headers[envelope.MSG_ID] = f"{message.id}.dead"
-        subject = envelope.subject(self.prefix, "q", queue + ".dead")
+        dead_queue = dead_letter_queue(queue)
+        headers[envelope.MSG_ID] = envelope.dedupe_id(dead_queue, message.id)
+        subject = envelope.subject(self.prefix, "q", dead_queue)
         with map_exceptions(f"dead-letter to {queue!r}", timeout=self.options.ack_timeout):
             await self.js.publish(subject, message.body, headers=headers, stream=self.stream)
 
@@ -367,7 +370,17 @@ class NatsTransport:
                     await nc.flush(timeout=max(0.1, min(timeout, 1.0)))  # settles still buffered
         except PigeonError:
             pass  # nothing more can be done for them: JetStream redelivers
-        await nc.close()
+        if not nc.is_connected and getattr(nc, "_pending_data_size", 0):
+            # nats-py's close() writes what it buffered during an outage to
+            # the lost socket and raises before releasing its subscriptions
+            # and socket; those commands cannot reach a server anyway.
+            nc._pending = []
+            nc._pending_data_size = 0
+        try:
+            with map_exceptions("close"):
+                await nc.close()
+        except PigeonError as exc:
+            log.debug("closing the NATS connection: %s", exc)
 
     def stats(self) -> dict[str, Any]:
         """Counters: sent, confirmed, send_retries, send_failures, delivered,
