@@ -14,7 +14,17 @@ SETUPS = {
 }
 
 
+@pytest.fixture
+def setups(tmp_path):
+    def make(transport: str) -> conformance.TransportSetup:
+        if transport == "tcp-durable":
+            return conformance.ZmqSetup("tcp", str(tmp_path), durable=True)
+        return SETUPS[transport]()
+
+    return make
+
+
 @pytest.mark.parametrize("scenario", conformance.SCENARIOS, ids=lambda s: s.__name__)
-@pytest.mark.parametrize("transport", list(SETUPS))
-def test_conformance(transport: str, scenario) -> None:
-    conformance.run(scenario, SETUPS[transport]())
+@pytest.mark.parametrize("transport", [*SETUPS, "tcp-durable"])
+def test_conformance(transport: str, scenario, setups) -> None:
+    conformance.run(scenario, setups(transport))

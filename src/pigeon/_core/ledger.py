@@ -271,21 +271,22 @@ class QueueLedger:
         self.stats.acked += 1
         return True
 
-    def ack_many(self, message_ids: list[str], consumer: Hashable) -> int:
-        """Ack a batch of deliveries of one consumer; returns how many counted."""
+    def ack_many(self, message_ids: list[str], consumer: Hashable) -> list[Message]:
+        """Ack a batch of deliveries of one consumer; returns the acked messages."""
         owner = self._consumers.get(consumer)
         if owner is None:
             self.stats.stale_settles += len(message_ids)
-            return 0
+            return []
         leases = owner.leases
-        acked = 0
+        acked: list[Message] = []
         for message_id in message_ids:
-            if leases.pop(message_id, None) is None:
+            lease = leases.pop(message_id, None)
+            if lease is None:
                 self.stats.stale_settles += 1
             else:
                 self._forget(message_id)
-                acked += 1
-        self.stats.acked += acked
+                acked.append(lease[0])
+        self.stats.acked += len(acked)
         return acked
 
     def nack(
@@ -318,10 +319,12 @@ class QueueLedger:
     def _mark_dead(self, message: Message, reason: str) -> Message:
         self._forget(message.id)
         self.stats.dead_lettered += 1
+        # The dead-queue header names the first queue it died in, even when a
+        # dead letter dies again: that is where a store keeps its row.
         message.headers = {
+            "x-pigeon-dead-queue": self.name,
             **message.headers,
             "x-pigeon-dead-reason": reason,
-            "x-pigeon-dead-queue": self.name,
             "x-pigeon-attempts": str(message.attempt),
         }
         return message

@@ -56,10 +56,11 @@ class MemorySetup(TransportSetup):
 class ZmqSetup(TransportSetup):
     """Nodes bind ``scheme`` addresses; clients connect to them."""
 
-    def __init__(self, scheme: str = "tcp", base_dir: str = "/tmp") -> None:
-        self.name = f"zmq-{scheme}"
+    def __init__(self, scheme: str = "tcp", base_dir: str = "/tmp", *, durable: bool = False) -> None:
+        self.name = f"zmq-{scheme}" + ("-durable" if durable else "")
         self.scheme = scheme
         self.base_dir = base_dir
+        self.durable = durable
         self._addresses: dict[int, str] = {}
 
     def address(self, index: int) -> str:
@@ -80,6 +81,8 @@ class ZmqSetup(TransportSetup):
 
     def node(self, index: int = 0, **options: Any) -> pigeon.Connection:
         options.setdefault("heartbeat", 0.2)
+        if self.durable:
+            options.setdefault("store", os.path.join(self.base_dir, f"pigeon-{new_id()}.db"))
         return pigeon.connect(bind=self.address(index), **options)
 
     def client(self, nodes: int = 1, **options: Any) -> pigeon.Connection:

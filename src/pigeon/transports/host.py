@@ -14,8 +14,11 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from .._core import persistence
 from .._core.ledger import QueueLedger, dead_letter_queue
+from ..errors import StoreError
 from ..message import Message
+from ..store import GroupCommitter, Store
 
 # A sink takes (queue, messages leased to that consumer).
 BatchSink = Callable[[str, list[Message]], None]
@@ -28,11 +31,20 @@ class QueueHost:
         lease_ttl: default seconds a delivery stays leased.
         max_length: ready messages a queue may hold; a put beyond it is
             refused (``put`` returns None for it) instead of growing forever.
+        store: where messages are kept until acked; with one, a put is
+            confirmed only once it is committed (see ``put_many``).
     """
 
-    def __init__(self, *, lease_ttl: float = 30.0, max_length: int | None = None) -> None:
+    def __init__(
+        self, *, lease_ttl: float = 30.0, max_length: int | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.lease_ttl = lease_ttl
         self.max_length = max_length
+        self.store = store
+        self.committer = GroupCommitter(store) if store is not None else None
+        self.store_errors = 0
+        self._writes: set[asyncio.Future[list[bool]]] = set()
         self.queues: dict[str, QueueLedger] = {}
         self._sinks: dict[Hashable, BatchSink] = {}
         self._subscriptions: dict[Hashable, set[str]] = {}
@@ -68,6 +80,76 @@ class QueueHost:
         elif added:
             self._dirty.add(queue)
         return added
+
+    async def put_many(self, queue: str, messages: list[Message]) -> list[bool | None]:
+        """Store (when durable) and enqueue; per message as ``put`` answers.
+
+        The messages are committed in one group commit before any is enqueued,
+        so a True means "on disk" as well as "queued".
+
+        Raises:
+            StoreError: the store failed; nothing of this batch is confirmed.
+        """
+        ledger = self.queues.get(queue) or self.ledger(queue)
+        room = len(messages)
+        if self.max_length is not None:
+            room = max(0, min(room, self.max_length - ledger.ready_count))
+            self.refused += len(messages) - room
+        accepted = messages[:room]
+        if self.committer is not None and accepted:
+            stored = await self.committer.submit_many(
+                [persistence.put_op(queue, m) for m in accepted]
+            )
+        else:
+            stored = [True] * len(accepted)
+        results: list[bool | None] = []
+        for message, new in zip(accepted, stored, strict=True):
+            # A duplicate of a stored id is confirmed again, not enqueued again.
+            results.append(ledger.put(message) if new else False)
+        self._mark(queue)
+        return results + [None] * (len(messages) - room)
+
+    def restore(self) -> int:
+        """Reload every stored message after a (re)start; returns how many.
+
+        All come back marked redelivered (they may have been seen); dead
+        letters come back in their ``.dead`` queues.
+        """
+        if self.store is None:
+            return 0
+        wall, mono = time.time(), time.monotonic()
+        count = 0
+        for stored in self.store.load():
+            ready_at = mono + (stored.ready_at - wall) if stored.ready_at > wall else 0.0
+            self.ledger(stored.queue).restore(stored.message, ready_at)
+            self._dirty.add(stored.queue)
+            count += 1
+        for letter in self.store.dead_letters():
+            name = dead_letter_queue(letter.queue)
+            self.ledger(name).restore(letter.message)
+            self._dirty.add(name)
+            count += 1
+        return count
+
+    def _write(self, ops: list[persistence.Op | None]) -> None:
+        """Commit ops in the background; a failure is counted, never silent.
+
+        Losing such a write cannot lose a message: an ack or requeue that did
+        not reach the disk only means the message comes back after a restart.
+        """
+        if self.committer is None:
+            return
+        real = [op for op in ops if op is not None]
+        if not real:
+            return
+        future = asyncio.ensure_future(self.committer.submit_many(real))
+        self._writes.add(future)
+        future.add_done_callback(self._write_done)
+
+    def _write_done(self, future: asyncio.Future[list[bool]]) -> None:
+        self._writes.discard(future)
+        if not future.cancelled() and isinstance(future.exception(), StoreError):
+            self.store_errors += 1
 
     # -- consumers -------------------------------------------------------
 
@@ -109,19 +191,31 @@ class QueueHost:
         if ledger is None:
             return
         now = time.monotonic()
+        durable = self.committer is not None
+        ops: list[persistence.Op | None] = []
         if acks:
-            ledger.ack_many(acks, consumer)
+            acked = ledger.ack_many(acks, consumer)
+            if durable:
+                ops += persistence.ack_ops(queue, acked)
         for mid, delay, reason in nacks:
-            ledger.nack(mid, consumer, now, delay=delay, reason=reason or None)
+            message = ledger.nack(mid, consumer, now, delay=delay, reason=reason or None)
+            if durable and message is not None and delay > 0:
+                ops.append(persistence.requeue_op(queue, message, time.time() + delay))
         for mid, reason in rejects:
             dead = ledger.reject(mid, consumer, reason)
             if dead is not None:
                 self._bury(queue, [dead])
         for mid in extends:
             ledger.extend(mid, consumer, now)
+        self._write(ops)
         self._mark(queue)
 
     def _bury(self, queue: str, dead: list[Message]) -> None:
+        if self.committer is not None:
+            self._write([
+                persistence.dead_op(queue, m, m.headers.get("x-pigeon-dead-reason", ""))
+                for m in dead
+            ])
         target = self.ledger(dead_letter_queue(queue))
         for message in dead:
             # A dead letter starts a new life in its own queue: fresh attempts,
@@ -180,6 +274,16 @@ class QueueHost:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Stop timers; commit pending writes and close the store."""
+        self.close()
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=timeout)
+        if self.committer is not None:
+            await asyncio.to_thread(self.committer.close, timeout=timeout)
+        if self.store is not None:
+            self.store.close()
 
     def stats(self) -> dict[str, Any]:
         return {name: ledger.snapshot() for name, ledger in self.queues.items()}

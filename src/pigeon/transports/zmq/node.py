@@ -22,9 +22,11 @@ from ...errors import (
     Backpressure,
     ClosedError,
     DeliveryError,
+    ConfigurationError,
     MessageTooLarge,
     NoResponders,
     Rejected,
+    StoreError,
     Timeout,
     TransportError,
 )
@@ -71,14 +73,27 @@ class ZmqTransport:
             raises :class:`~pigeon.errors.Backpressure`.
         connect_grace: how long a request waits for a new link's handshake
             before deciding that nobody offers the service.
+        store: path of a SQLite file: the queues this node hosts become
+            durable (a send is confirmed once it is on disk; messages survive
+            a crash and come back marked redelivered). Needs ``bind``.
+        synchronous: ``"full"`` (default: every confirm is fsynced) or
+            ``"normal"`` (survives a process crash, may lose the last
+            confirms on power loss).
     """
 
     def __init__(
         self, connect: list[str], bind: list[str], *, heartbeat: float = 1.0,
         heartbeat_misses: int = 3, max_message_size: int = 4 << 20,
         outbox_limit: int = 100_000, connect_grace: float = 0.5, lease_ttl: float = 30.0,
-        max_length: int | None = None,
+        max_length: int | None = None, store: str | os.PathLike[str] | None = None,
+        synchronous: str = "full",
     ) -> None:
+        if store is not None and not bind:
+            raise ConfigurationError(
+                "store= makes the queues a node hosts durable; give it bind= addresses too"
+            )
+        if synchronous not in ("full", "normal"):
+            raise ConfigurationError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
         self.url = " ".join([*connect, *(f"bind:{b}" for b in bind)])
         self.connect_addresses = list(connect)
         self.bind_addresses = list(bind)
@@ -89,7 +104,11 @@ class ZmqTransport:
         self.connect_grace = connect_grace
         self.node_id = f"{os.getpid()}-{new_id()}"
         self.session = new_id()
+        self.store_path = os.fspath(store) if store is not None else None
+        self.synchronous = synchronous
         self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length)
+        self._local_batches: dict[str, list[Message]] = {}
+        self._local_batch_future: asyncio.Future[None] | None = None
         self.services = LocalServices()
         self.correlator = Correlator()
         self.links: list[Link] = []
@@ -102,6 +121,8 @@ class ZmqTransport:
         self._closed = False
         self._started = False
         self._done_future: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
+        self.restored = 0
         self.sent = 0
 
     # -- lifecycle -------------------------------------------------------
@@ -117,6 +138,16 @@ class ZmqTransport:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
 
     async def start(self) -> None:
+        if self.store_path is not None:
+            from ...store import SqliteStore
+
+            store = await asyncio.to_thread(
+                SqliteStore, self.store_path, synchronous=self.synchronous
+            )
+            self.host = QueueHost(
+                lease_ttl=self.host.lease_ttl, max_length=self.host.max_length, store=store
+            )
+            self.restored = await asyncio.to_thread(self.host.restore)
         context = shared_context()
         if self.bind_addresses:
             self.router = RouterSide(self, context)
@@ -177,6 +208,9 @@ class ZmqTransport:
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
         link = None if self.bind_addresses else self._hosting_link()
+        if link is None and self.host.committer is not None:
+            self.sent += 1
+            return self._store_locally(queue, message)
         if link is None:
             if self.host.put(queue, message) is None:
                 raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
@@ -186,6 +220,38 @@ class ZmqTransport:
         link.enqueue(queue, message, future)
         self.sent += 1
         return future
+
+    def _store_locally(self, queue: str, message: Message) -> asyncio.Future[None]:
+        # Sends made in one loop iteration share one group commit and one
+        # future, resolved when that commit is on disk.
+        if self._local_batch_future is None:
+            loop = asyncio.get_running_loop()
+            self._local_batch_future = loop.create_future()
+            loop.call_soon(self._commit_local_batch)
+        self._local_batches.setdefault(queue, []).append(message)
+        return self._local_batch_future
+
+    def _commit_local_batch(self) -> None:
+        batches, self._local_batches = self._local_batches, {}
+        future, self._local_batch_future = self._local_batch_future, None
+        assert future is not None
+
+        async def commit() -> None:
+            try:
+                for queue, messages in batches.items():
+                    results = await self.host.put_many(queue, messages)
+                    if None in results:
+                        raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
+            except (StoreError, Backpressure) as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            if not future.done():
+                future.set_result(None)
+
+        task = asyncio.ensure_future(commit())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _stored(self) -> asyncio.Future[None]:
         # Stored here and now: every such send shares one resolved future
@@ -364,7 +430,9 @@ class ZmqTransport:
             link.close()
         if self.router is not None:
             self.router.close()
-        self.host.close()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+        await self.host.aclose(timeout)
 
     def stats(self) -> dict[str, Any]:
         router = self.router
@@ -383,6 +451,9 @@ class ZmqTransport:
             "reply_cache_hits": router.replies.hits if router else 0,
             "links": {link.address: {"up": link.up} for link in self.links},
             "bound": list(self.bound),
+            "durable": self.store_path is not None,
+            "restored": self.restored,
+            "store_errors": self.host.store_errors,
             "queues": self.host.stats(),
         }
 

@@ -17,7 +17,14 @@ import zmq
 from ..._core import frames
 from ..._core.liveness import Liveness
 from ..._core.rpc import CacheState, ReplyCache
-from ...errors import NoResponders, ProtocolError, Rejected, RemoteProtocolError, Timeout
+from ...errors import (
+    NoResponders,
+    ProtocolError,
+    Rejected,
+    RemoteProtocolError,
+    StoreError,
+    Timeout,
+)
 from ...message import Message
 from .pump import Pump
 
@@ -40,6 +47,7 @@ class RouterSide:
         self.replies = ReplyCache()
         self._running: dict[str, list[bytes]] = {}
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
+        self._background: set[asyncio.Future[None]] = set()
         self.protocol_errors = 0
         self.peers_lost = 0
         self.pump: Pump | None = None
@@ -101,13 +109,41 @@ class RouterSide:
         self._send(identity, frames.Error(reason))
 
     def _on_send(self, identity: bytes, queue: str, messages: list[Message]) -> None:
-        confirmed: list[str] = []
-        refused: list[tuple[str, str]] = []
         limit = self.node.max_message_size
-        for message in messages:
-            if len(message.body) > limit:
-                refused.append((message.id, f"too large: {len(message.body)} > {limit} bytes"))
-            elif self.node.host.put(queue, message) is None:
+        refused = [
+            (m.id, f"too large: {len(m.body)} > {limit} bytes") for m in messages
+            if len(m.body) > limit
+        ]
+        if refused:
+            messages = [m for m in messages if len(m.body) <= limit]
+        host = self.node.host
+        if host.committer is None:
+            self._answer_send(identity, queue, messages, [host.put(queue, m) for m in messages],
+                              refused)
+            return
+        # Durable: confirm only after the group commit is on disk.
+        task = asyncio.ensure_future(self._store_then_answer(identity, queue, messages, refused))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _store_then_answer(
+        self, identity: bytes, queue: str, messages: list[Message], refused: list[tuple[str, str]]
+    ) -> None:
+        try:
+            results = await self.node.host.put_many(queue, messages)
+        except StoreError as exc:
+            results = [None] * len(messages)
+            refused = refused + [(m.id, f"store failed: {exc}") for m in messages]
+            messages = []
+        self._answer_send(identity, queue, messages, results, refused)
+
+    def _answer_send(
+        self, identity: bytes, queue: str, messages: list[Message],
+        results: list[bool | None], refused: list[tuple[str, str]],
+    ) -> None:
+        confirmed = []
+        for message, result in zip(messages, results, strict=True):
+            if result is None:
                 refused.append((message.id, f"queue {queue!r} is full"))
             else:
                 confirmed.append(message.id)
