@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import PigeonError
-from . import demo
+from . import demo, node
 
 
 def _bench(argv: list[str]) -> int:
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pigeon", description="Message queues for Python.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(subparsers)
+    node.add_parsers(subparsers)
     subparsers.add_parser("bench", help="benchmark pigeon beside pyzmq, NATS and RabbitMQ")
     args = parser.parse_args(argv)
     try:

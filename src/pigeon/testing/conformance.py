@@ -355,9 +355,11 @@ async def load_balanced_servers(setup: TransportSetup) -> None:
         await a.serve("who", serve_as("a"))
         await b.serve("who", serve_as("b"))
         await asyncio.sleep(0.3)
-        replies = [(await client.request("who", "?", timeout=5.0)).text for _ in range(20)]
+        # Some transports pick a server at random: 40 calls make an unlucky
+        # split below 8 vanishingly rare (p < 1e-4) for a fair balancer.
+        replies = [(await client.request("who", "?", timeout=5.0)).text for _ in range(40)]
         assert set(replies) == {"a", "b"}, replies
-        assert min(counts.values()) >= 5, counts
+        assert min(counts.values()) >= 8, counts
 
 
 async def no_responders_at_once(setup: TransportSetup) -> None:

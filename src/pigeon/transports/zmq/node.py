@@ -30,13 +30,14 @@ from ...errors import (
     Timeout,
     TransportError,
 )
-from ...message import Message, new_id
+from ...message import Message, make_message, new_id
 from ..base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, Subscription
 from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
 from .link import Link
 from .router import RouterSide
 
+INFO_SERVICE = "pigeon.info"  # every serving node answers it with its stats
 _RETRY = object()  # resolves an attempt's future when the call must move on
 _LOCAL = "local"  # the candidate name of this node's own services
 
@@ -158,6 +159,7 @@ class ZmqTransport:
                     self.router.close()
                     raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
             self.router.start()
+            self.services.add(INFO_SERVICE, self._info)
         for address in self.connect_addresses:
             try:
                 link = Link(self, address, context)
@@ -179,6 +181,9 @@ class ZmqTransport:
                     link.mark_down("heartbeats missed")
             if self.router is not None:
                 self.router.reap(now)
+
+    async def _info(self, message: Message) -> Message:
+        return make_message(self.stats())
 
     def hello(self) -> Hello:
         return Hello(
