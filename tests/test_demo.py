@@ -67,3 +67,13 @@ def test_demo_refuses_bad_options() -> None:
         done = subprocess.run([*PIGEON, "demo", *args], capture_output=True, text=True, timeout=20)
         assert done.returncode != 0
         assert "pigeon demo:" in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_demo_durable_chaos_kills_the_queue_host_too() -> None:
+    code, out, summary = run_demo(
+        "--durable", "--processes", "--chaos", "--seconds", "10", "--rate", "50", timeout=80
+    )
+    assert code == 0, out
+    assert_everyone_worked(summary)
+    assert [k["role"] for k in summary["kills"]] == ["processor-2", "responder-lower", "fountain"]

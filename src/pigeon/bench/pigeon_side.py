@@ -62,7 +62,7 @@ def _durable_kwargs(tmpdir: str) -> dict[str, Any]:
     except ImportError:
         pass
     if "store" in params:
-        return {"store": f"sqlite:///{os.path.join(tmpdir, 'bench.db')}"}
+        return {"store": os.path.join(tmpdir, "bench.db")}
     if "durable" in params:
         return {"durable": True}
     raise Skip("pigeon durable queue: pigeon.connect has no store/durable option yet")

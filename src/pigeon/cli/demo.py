@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections import Counter
 from typing import Any
 
@@ -112,6 +113,8 @@ def _plan(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
         plan[f"responder-{case}"] = ("responder", {"case": case, **where})
     for n in range(1, PROCESSORS + 1):
         plan[f"processor-{n}"] = ("processor", {"number": n, **processor_where})
+    if args.durable:
+        fountain_where["store"] = os.path.join(args.store_dir, "words.db")
     plan["fountain"] = ("fountain", {"rate": args.rate, "seconds": args.seconds, **fountain_where})
     return plan
 
@@ -139,6 +142,7 @@ class _Child:
         self.name, self.role, self.kwargs, self.tally = name, role, kwargs, tally
         self.proc: asyncio.subprocess.Process | None = None
         self.reader: asyncio.Task[None] | None = None
+        self.chaos_kill = False
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -176,18 +180,29 @@ class _Child:
             await self.reader
 
 
-async def _chaos(children: dict[str, _Child], tally: Tally, seconds: float) -> None:
-    # Kill a quarter of the way in, restart a second later, then the next.
-    for name in ("processor-2", "responder-lower"):
-        await asyncio.sleep(seconds * 0.25)
+async def _chaos(
+    children: dict[str, _Child], tally: Tally, args: argparse.Namespace, started: float
+) -> None:
+    """Kill -9 and restart, in turn, a processor, a responder and (with
+    --durable) the fountain that hosts the queue."""
+    seconds = args.seconds or 20.0
+    victims = ["processor-2", "responder-lower"] + (["fountain"] if args.durable else [])
+    loop = asyncio.get_running_loop()
+    for name in victims:
+        await asyncio.sleep(seconds / (len(victims) + 1) - 1.0)
         child = children[name]
+        child.chaos_kill = True
         pid = child.kill()
         tally.kills.append({"role": name, "pid": pid})
         tally.note(f"chaos: kill -9 {name} (pid {pid})")
         await asyncio.sleep(1.0)
         assert child.proc is not None
         await child.proc.wait()
+        if name == "fountain" and args.seconds is not None:
+            # The new fountain produces only for what is left of the run.
+            child.kwargs["seconds"] = max(0.1, args.seconds - (loop.time() - started))
         await child.start()
+        child.chaos_kill = False
         assert child.proc is not None
         tally.note(f"chaos: restarted {name} (pid {child.proc.pid})")
 
@@ -196,23 +211,32 @@ async def _run_processes(args: argparse.Namespace, tally: Tally, interrupted: as
     children = {
         name: _Child(name, role, kwargs, tally) for name, (role, kwargs) in _plan(args).items()
     }
+    started = asyncio.get_running_loop().time()
     for child in children.values():
         await child.start()
     fountain = children["fountain"]
+
     async def forward_interrupt() -> None:
         await interrupted.wait()
         if fountain.proc is not None and fountain.proc.returncode is None:
             fountain.proc.send_signal(signal.SIGUSR1)  # stop producing; keep hosting
 
     async def watch_fountain() -> None:
-        assert fountain.proc is not None
-        code = await fountain.proc.wait()
-        tally.note(f"fountain exited unexpectedly (exit code {code})")
-        tally.abort.set()
+        while True:
+            proc = fountain.proc
+            assert proc is not None
+            code = await proc.wait()
+            if fountain.chaos_kill:
+                while fountain.proc is proc:  # chaos restarts it
+                    await asyncio.sleep(0.05)
+                continue
+            tally.note(f"fountain exited unexpectedly (exit code {code})")
+            tally.abort.set()
+            return
 
     helpers = [asyncio.create_task(forward_interrupt()), asyncio.create_task(watch_fountain())]
     if args.chaos:
-        helpers.append(asyncio.create_task(_chaos(children, tally, args.seconds or 20.0)))
+        helpers.append(asyncio.create_task(_chaos(children, tally, args, started)))
     await tally.drain(args.drain_timeout)
     for helper in helpers:
         helper.cancel()
@@ -230,6 +254,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--chaos", action="store_true",
                         help="kill -9 a processor and a responder while running (implies --processes)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the summary")
+    parser.add_argument("--durable", action="store_true",
+                        help="keep the word queue in a SQLite store (with --chaos the fountain, "
+                             "which hosts it, is killed -9 and restarted too)")
     parser.add_argument("--url", default=None,
                         help="run on a broker (nats://… or amqp://…) instead of brokerless")
     parser.add_argument("--drain-timeout", type=float, default=60.0,
@@ -252,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
                 f"pigeon demo: --url takes {', '.join(s + '://' for s in allowed)} "
                 f"(brokerless is the default and needs no URL), not {args.url!r}"
             )
+    if args.durable and args.url:
+        raise SystemExit("pigeon demo: --durable is for the brokerless queue; a broker keeps its own")
     tally = Tally(quiet=False)
 
     async def main() -> None:
@@ -267,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
         runner = _run_processes if args.processes else _run_in_process
         await runner(args, tally, interrupted)
 
-    asyncio.run(main())
+    with tempfile.TemporaryDirectory(prefix="pigeon-demo-") as store_dir:
+        args.store_dir = store_dir
+        asyncio.run(main())
     summary = tally.summary()
     print(
         f"produced {summary['produced']}, processed {summary['processed']}, "

@@ -44,6 +44,8 @@ async def fountain(
     halt = halt or asyncio.Event()
     options: dict[str, Any] = {"store": store} if store else {}
     async with _connect(url, bind, **options) as conn:
+        if store:
+            emit({"ev": "restored", "count": conn.stats()["restored"]})
         emit({"ev": "ready", "role": "fountain"})
         interval = 1.0 / rate
         started = time.monotonic()
