@@ -267,7 +267,7 @@ class SqliteStore:
             try:
                 with _translate(self.path, "write"):
                     self._conn.execute("BEGIN IMMEDIATE")
-                    results = [self._apply_one(op, now) for op in ops]
+                    results = self._apply_all(ops, now)
                     self._prune(now)
                     self._conn.execute("COMMIT")
                 committed = True
@@ -284,6 +284,55 @@ class SqliteStore:
             # The error being raised matters more than a failed rollback.
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
+
+    def _apply_all(self, ops: Sequence[Op], now: float) -> list[bool]:
+        """Apply ops in order; runs of Puts or Acks go in one executemany.
+
+        A run is tried whole inside a savepoint; if any row of it was not the
+        plain case (a duplicate put, a stale ack), the savepoint is rolled back
+        and that run is applied op by op, which answers per op.
+        """
+        results: list[bool] = []
+        start = 0
+        while start < len(ops):
+            kind = type(ops[start])
+            end = start + 1
+            while end < len(ops) and type(ops[end]) is kind:
+                end += 1
+            run = ops[start:end]
+            if kind in (Put, Ack) and len(run) > 1 and self._apply_run(kind, run, now):
+                results += [True] * len(run)
+            else:
+                results += [self._apply_one(op, now) for op in run]
+            start = end
+        return results
+
+    def _apply_run(self, kind: type, run: Sequence[Op], now: float) -> bool:
+        conn = self._conn
+        conn.execute("SAVEPOINT run")
+        before = conn.total_changes
+        if kind is Put:
+            conn.executemany(
+                "INSERT OR IGNORE INTO messages (queue, id, state, message) VALUES (?, ?, 0, ?)",
+                [(op.queue, op.message.id, encode_message(op.message)) for op in run],  # type: ignore[union-attr]
+            )
+        elif self._window > 0:
+            conn.executemany(
+                "UPDATE messages SET state = 2, message = x'', ready_at = 0, at = ?"
+                " WHERE queue = ? AND id = ? AND state = 0",
+                [(now, op.queue, op.id) for op in run],  # type: ignore[union-attr]
+            )
+        else:
+            conn.executemany(
+                "DELETE FROM messages WHERE queue = ? AND id = ? AND state = 0",
+                [(op.queue, op.id) for op in run],  # type: ignore[union-attr]
+            )
+        if conn.total_changes - before == len(run):
+            conn.execute("RELEASE run")
+            return True
+        conn.execute("ROLLBACK TO run")
+        conn.execute("RELEASE run")
+        return False
 
     def _apply_one(self, op: Op, now: float) -> bool:
         run = self._conn.execute
