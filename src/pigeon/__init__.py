@@ -7,6 +7,7 @@ default, the same API on NATS and RabbitMQ.
 
 from ._core.backoff import RetryPolicy
 from ._core.ledger import dead_letter_queue
+from .app import App
 from .connection import Connection, connect
 from .errors import (
     Backpressure,
@@ -32,10 +33,8 @@ from .worker import Server, Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "App",
     "BYTES",
-    "JSON",
-    "MSGPACK",
-    "TEXT",
     "Backpressure",
     "ClosedError",
     "ConfigurationError",
@@ -43,7 +42,9 @@ __all__ = [
     "DecodeError",
     "Delivery",
     "DeliveryError",
+    "JSON",
     "LocalProtocolError",
+    "MSGPACK",
     "Message",
     "MessageTooLarge",
     "NoResponders",
@@ -54,6 +55,7 @@ __all__ = [
     "RetryPolicy",
     "Server",
     "StoreError",
+    "TEXT",
     "Timeout",
     "TransportError",
     "Worker",

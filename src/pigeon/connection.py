@@ -8,7 +8,7 @@ from collections.abc import Generator
 from typing import Any
 
 from ._core.backoff import RetryPolicy
-from .errors import ClosedError, ConfigurationError, Timeout
+from .errors import Backpressure, ClosedError, ConfigurationError, Timeout
 from .message import Message, make_message
 from .transports import ConsumeOptions, Transport, open_transport
 from .worker import Handler, Server, ServiceFunction, Worker
@@ -111,16 +111,32 @@ class Connection:
     ) -> None:
         """Send ``payload`` to ``queue`` and wait until the host stored it.
 
+        When the outbox or the queue is full, ``send`` waits for room (where
+        ``send_nowait`` raises :class:`~pigeon.errors.Backpressure`), within
+        the same ``timeout``.
+
         Raises:
-            Timeout: no confirmation within ``timeout`` (the message may still
-                arrive: it stays in the outbox and is resent with its id).
-            (and everything :meth:`send_nowait` raises)
+            Timeout: no room, or no confirmation, within ``timeout`` (a message
+                that got into the outbox may still arrive: it is resent with
+                its id until the connection closes).
+            (and everything :meth:`send_nowait` raises but ``Backpressure``)
         """
-        future = self.send_nowait(
-            queue, payload, headers=headers, content_type=content_type, message_id=message_id
-        )
+        timeout = _positive(timeout, "timeout")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                future = self.send_nowait(
+                    queue, payload, headers=headers, content_type=content_type,
+                    message_id=message_id,
+                )
+                break
+            except Backpressure as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise Timeout(f"no room to send to {queue!r} within {timeout} s") from exc
+                await asyncio.sleep(0.01)
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
-            await asyncio.wait_for(asyncio.shield(future), _positive(timeout, "timeout"))
+            await asyncio.wait_for(asyncio.shield(future), remaining)
         except TimeoutError as exc:
             raise Timeout(f"send to {queue!r} not confirmed within {timeout} s") from exc
 

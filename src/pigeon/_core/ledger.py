@@ -357,6 +357,22 @@ class QueueLedger:
         self.stats.expired += len(returned)
         return len(returned)
 
+    def take_ready(self, limit: int | None = None) -> list[Message]:
+        """Remove up to ``limit`` ready messages (oldest first) and forget them.
+
+        For moving messages elsewhere (replaying dead letters); messages in
+        flight or delayed stay.
+        """
+        count = len(self._ready) if limit is None else min(limit, len(self._ready))
+        taken = [self._ready.popleft() for _ in range(count)]
+        for message in taken:
+            self._held.discard(message.id)
+        return taken
+
+    def peek_ready(self, limit: int) -> list[Message]:
+        """The oldest ``limit`` ready messages, left in place."""
+        return list(itertools.islice(self._ready, limit))
+
     # -- inspection ------------------------------------------------------
 
     def next_wakeup(self) -> float | None:

@@ -53,3 +53,8 @@ def dead_op(queue: str, message: Message, reason: str) -> Op | None:
     if dead_origin(queue, message) is not None:
         return None  # a dead letter of a dead letter: its row is dead already
     return Dead(queue, message, reason)
+
+
+def replay_op(queue: str, message: Message) -> Op:
+    """A dead letter of ``queue`` moved back into it."""
+    return Replay(queue, message.id)

@@ -10,7 +10,7 @@ import signal
 from typing import Any
 
 import pigeon
-from pigeon.transports.zmq.node import INFO_SERVICE
+from pigeon.transports.zmq.admin import DEAD_SERVICE, INFO_SERVICE, REPLAY_SERVICE
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -30,6 +30,21 @@ def add_parsers(subparsers: Any) -> None:
     queues.add_argument("--json", action="store_true", help="print the raw JSON")
     queues.add_argument("--timeout", type=float, default=3.0)
     queues.set_defaults(func=run_queues)
+
+    dead = subparsers.add_parser("dead", help="list a queue's dead letters on a node")
+    dead.add_argument("url")
+    dead.add_argument("queue")
+    dead.add_argument("--limit", type=int, default=20)
+    dead.add_argument("--json", action="store_true", help="print the raw JSON")
+    dead.add_argument("--timeout", type=float, default=3.0)
+    dead.set_defaults(func=run_dead)
+
+    replay = subparsers.add_parser("replay", help="move a queue's dead letters back into it")
+    replay.add_argument("url")
+    replay.add_argument("queue")
+    replay.add_argument("--limit", type=int, default=None)
+    replay.add_argument("--timeout", type=float, default=3.0)
+    replay.set_defaults(func=run_replay)
 
 
 def run_node(args: argparse.Namespace) -> int:
@@ -56,14 +71,16 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_queues(args: argparse.Namespace) -> int:
-    async def main() -> dict[str, Any]:
-        async with pigeon.connect(args.url) as conn:
-            reply = await conn.request(INFO_SERVICE, b"", timeout=args.timeout)
-            info: dict[str, Any] = reply.decode()
-            return info
+def _ask(url: str, service: str, payload: Any, timeout: float) -> Any:
+    async def main() -> Any:
+        async with pigeon.connect(url) as conn:
+            return (await conn.request(service, payload, timeout=timeout)).decode()
 
-    info = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def run_queues(args: argparse.Namespace) -> int:
+    info: dict[str, Any] = _ask(args.url, INFO_SERVICE, b"", args.timeout)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -72,4 +89,24 @@ def run_queues(args: argparse.Namespace) -> int:
     print(f"{'queue':<24}" + "".join(f"{c:>14}" for c in columns))
     for name, queue in sorted(info.get("queues", {}).items()):
         print(f"{name:<24}" + "".join(f"{queue.get(c, 0):>14}" for c in columns))
+    return 0
+
+
+def run_dead(args: argparse.Namespace) -> int:
+    letters = _ask(args.url, DEAD_SERVICE, {"queue": args.queue, "limit": args.limit},
+                   args.timeout)
+    if args.json:
+        print(json.dumps(letters))
+        return 0
+    for letter in letters:
+        print(f"{letter['id']}  attempts={letter['attempts']}  {letter['reason']}")
+        print(f"    {letter['body']!r}")
+    print(f"{len(letters)} dead letter(s) shown for {args.queue!r}")
+    return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    answer = _ask(args.url, REPLAY_SERVICE, {"queue": args.queue, "limit": args.limit},
+                  args.timeout)
+    print(f"replayed {answer['replayed']} dead letter(s) into {args.queue!r}")
     return 0

@@ -224,6 +224,24 @@ class QueueHost:
             target.put(message)
         self._mark(target.name)
 
+    def replay_dead(self, queue: str, limit: int | None = None) -> int:
+        """Move dead letters of ``queue`` back into it: ready at once, attempt
+        0, dead-letter headers removed. Returns how many moved."""
+        dead = self.queues.get(dead_letter_queue(queue))
+        if dead is None:
+            return 0
+        messages = dead.take_ready(limit)
+        target = self.ledger(queue)
+        for message in messages:
+            message.headers = {
+                k: v for k, v in message.headers.items() if not k.startswith("x-pigeon-dead-")
+            }
+            message.attempt = 0
+            target.restore(message)  # seen before, so it stays marked redelivered
+        self._write([persistence.replay_op(queue, m) for m in messages])
+        self._mark(queue)
+        return len(messages)
+
     # -- scheduling ------------------------------------------------------
 
     def _mark(self, queue: str) -> None:

@@ -30,14 +30,14 @@ from ...errors import (
     Timeout,
     TransportError,
 )
-from ...message import Message, make_message, new_id
+from ...message import Message, new_id
 from ..base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, Subscription
 from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
+from . import admin
 from .link import Link
 from .router import RouterSide
 
-INFO_SERVICE = "pigeon.info"  # every serving node answers it with its stats
 _RETRY = object()  # resolves an attempt's future when the call must move on
 _LOCAL = "local"  # the candidate name of this node's own services
 
@@ -159,7 +159,7 @@ class ZmqTransport:
                     self.router.close()
                     raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
             self.router.start()
-            self.services.add(INFO_SERVICE, self._info)
+            admin.register(self)
         for address in self.connect_addresses:
             try:
                 link = Link(self, address, context)
@@ -181,9 +181,6 @@ class ZmqTransport:
                     link.mark_down("heartbeats missed")
             if self.router is not None:
                 self.router.reap(now)
-
-    async def _info(self, message: Message) -> Message:
-        return make_message(self.stats())
 
     def hello(self) -> Hello:
         return Hello(
@@ -307,8 +304,11 @@ class ZmqTransport:
     async def serve(self, service: str, handler: ServiceHandler) -> Subscription:
         self._check_open()
         registration = self.services.add(service, handler)
-        for link in self.links:  # advertise at once rather than at the next beat
+        # Advertise at once rather than at the next heartbeat.
+        for link in self.links:
             link.send_hello()
+        if self.router is not None:
+            self.router.announce()
         return registration
 
     async def request(self, service: str, message: Message, *, timeout: float) -> Message:

@@ -203,6 +203,12 @@ class RouterSide:
         if self.pump is not None and not self.pump.send(frames.encode(frame), identity):
             self.peer_lost(identity)
 
+    def announce(self) -> None:
+        """Tell every live peer what this node offers now (a new service)."""
+        hello = self.node.hello()
+        for identity in self.liveness.peers():
+            self._send(identity, hello)  # type: ignore[arg-type]
+
     def reap(self, now: float) -> None:
         for identity in self.liveness.reap(now):
             self.peer_lost(identity)  # type: ignore[arg-type]

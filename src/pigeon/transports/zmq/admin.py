@@ -1,0 +1,62 @@
+"""Services every serving node answers, for the ``pigeon`` command:
+``pigeon.info`` (stats), ``pigeon.dead`` (list dead letters) and
+``pigeon.replay`` (move dead letters back to their queue)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..._core.ledger import dead_letter_queue
+from ...errors import DecodeError
+from ...message import Message, make_message
+
+if TYPE_CHECKING:
+    from .node import ZmqTransport
+
+INFO_SERVICE = "pigeon.info"
+DEAD_SERVICE = "pigeon.dead"
+REPLAY_SERVICE = "pigeon.replay"
+
+
+class _QueueRequest(msgspec.Struct):
+    queue: str
+    limit: int | None = None
+
+
+def _queue_request(message: Message) -> _QueueRequest:
+    try:
+        return message.decode(_QueueRequest)  # type: ignore[no-any-return]
+    except DecodeError as exc:
+        raise ValueError(f"expected {{'queue': str, 'limit': int | null}}: {exc}") from exc
+
+
+def register(node: ZmqTransport) -> None:
+    """Serve the admin services on ``node``."""
+
+    async def info(message: Message) -> Message:
+        return make_message(node.stats())
+
+    async def dead(message: Message) -> Message:
+        request = _queue_request(message)
+        ledger = node.host.queues.get(dead_letter_queue(request.queue))
+        letters: list[dict[str, Any]] = []
+        if ledger is not None:
+            for letter in ledger.peek_ready(request.limit or 100):
+                letters.append({
+                    "id": letter.id,
+                    "reason": letter.headers.get("x-pigeon-dead-reason", ""),
+                    "attempts": letter.headers.get("x-pigeon-attempts", ""),
+                    "content_type": letter.content_type,
+                    "body": letter.body[:200].decode("utf-8", "replace"),
+                })
+        return make_message(letters)
+
+    async def replay(message: Message) -> Message:
+        request = _queue_request(message)
+        return make_message({"replayed": node.host.replay_dead(request.queue, request.limit)})
+
+    node.services.add(INFO_SERVICE, info)
+    node.services.add(DEAD_SERVICE, dead)
+    node.services.add(REPLAY_SERVICE, replay)

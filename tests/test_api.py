@@ -1,0 +1,200 @@
+"""The public API: exports, the error tree, URL choice, the sync twin, App."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import threading
+
+import pytest
+
+import pigeon
+import pigeon.sync
+from pigeon.testing.conformance import wait_until
+
+
+def test_all_is_complete_and_sorted() -> None:
+    public = {
+        name for name, value in vars(pigeon).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert public - {"annotations"} <= set(pigeon.__all__)
+    assert pigeon.__all__ == sorted(pigeon.__all__)
+    for name in pigeon.__all__:
+        assert hasattr(pigeon, name)
+
+
+def test_every_error_is_a_pigeon_error_with_a_docstring() -> None:
+    for name in pigeon.__all__:
+        value = getattr(pigeon, name)
+        if isinstance(value, type) and issubclass(value, Exception):
+            assert issubclass(value, pigeon.PigeonError)
+            assert value.__doc__
+    assert issubclass(pigeon.ConfigurationError, ValueError)
+    assert issubclass(pigeon.Timeout, TimeoutError)
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "redis://127.0.0.1", "nonsense"])
+def test_unknown_scheme_names_the_known_ones(url: str) -> None:
+    with pytest.raises(pigeon.ConfigurationError) as info:
+        pigeon.connect(url)
+    for scheme in ("memory", "tcp", "nats", "amqp"):
+        assert scheme in str(info.value)
+
+
+def test_bad_combinations_are_refused() -> None:
+    with pytest.raises(pigeon.ConfigurationError):
+        pigeon.connect()
+    with pytest.raises(pigeon.ConfigurationError):
+        pigeon.connect("memory://x", bind="tcp://127.0.0.1:0")
+    with pytest.raises(pigeon.ConfigurationError):
+        pigeon.connect(["tcp://127.0.0.1:1", "nats://127.0.0.1:4222"])
+    with pytest.raises(pigeon.ConfigurationError):
+        pigeon.connect("tcp://127.0.0.1:1", store="/tmp/x.db")  # a store needs bind=
+    with pytest.raises(pigeon.ConfigurationError):
+        pigeon.connect("memory://x", store="/tmp/x.db")  # memory cannot be durable
+    with pytest.raises(TypeError):
+        pigeon.connect(42)  # type: ignore[arg-type]
+
+
+def test_use_before_start_and_after_close_raise_closed_error() -> None:
+    async def scenario() -> None:
+        conn = pigeon.connect("memory://closed")
+        with pytest.raises(pigeon.ClosedError):
+            conn.send_nowait("q", "x")
+        await conn.start()
+        await conn.close()
+        with pytest.raises(pigeon.ClosedError):
+            await conn.send("q", "x")
+
+    asyncio.run(scenario())
+
+
+def _public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(cls).items()
+        if callable(member) and not name.startswith("_") and name != "start"
+    }
+
+
+@pytest.mark.parametrize(
+    ("async_cls", "sync_cls"),
+    [(pigeon.Connection, pigeon.sync.Connection), (pigeon.Worker, pigeon.sync.Worker),
+     (pigeon.Server, pigeon.sync.Server)],
+)
+def test_every_async_method_has_a_sync_twin_with_the_same_signature(async_cls, sync_cls) -> None:
+    wanted = {n: s for n, s in _public_methods(async_cls).items()
+              if inspect.iscoroutinefunction(getattr(async_cls, n)) or n in ("send_nowait", "stats")}
+    twins = _public_methods(sync_cls)
+    for name, signature in wanted.items():
+        assert name in twins, f"pigeon.sync.{sync_cls.__name__} lacks {name}"
+        assert list(twins[name].parameters) == list(signature.parameters), name
+        for param in signature.parameters.values():
+            assert twins[name].parameters[param.name].default == param.default, (name, param.name)
+
+
+def test_sync_twin_runs_the_key_scenarios_from_many_threads() -> None:
+    with pigeon.sync.connect(bind="tcp://127.0.0.1:0") as host:
+        url = host.stats()["bound"][0]
+        with pigeon.sync.connect(url) as client:
+            got: list[str] = []
+            lock = threading.Lock()
+
+            def handle(delivery: pigeon.sync.Delivery) -> None:
+                if delivery.message.text == "manual":
+                    delivery.reject("by hand")
+                    return
+                with lock:
+                    got.append(delivery.message.text)
+
+            worker = client.consume("jobs", handle, prefetch=4)
+            host.serve("upper", lambda m: m.text.upper())
+
+            def produce(n: int) -> None:
+                for i in range(20):
+                    host.send("jobs", f"{n}-{i}")
+
+            threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            host.send("jobs", "manual")
+            assert client.request("upper", "abc", timeout=5).text == "ABC"
+            future = host.send_nowait("jobs", "last")
+            future.result(5)
+            host.flush()
+            deadline = 50
+            while len(got) < 81 and deadline:
+                threading.Event().wait(0.1)
+                deadline -= 1
+            assert sorted(got) == sorted([f"{n}-{i}" for n in range(4) for i in range(20)] + ["last"])
+            assert worker.stats()["acked"] == 81
+            with pytest.raises(pigeon.NoResponders):
+                client.request("nobody", "x", timeout=5)
+
+
+@dataclasses.dataclass
+class Order:
+    sku: str
+    quantity: int
+
+
+def test_app_injects_what_the_handler_asks_for() -> None:
+    app = pigeon.App("memory://app-test")
+    seen: dict[str, object] = {}
+
+    @app.worker("typed")
+    async def typed(order: Order) -> None:
+        seen["typed"] = order
+
+    @app.worker("raw")
+    def raw(message: pigeon.Message) -> None:  # sync: runs in a thread
+        seen["raw"] = message.body
+
+    @app.worker("manual")
+    async def manual(delivery: pigeon.Delivery) -> None:
+        seen["manual"] = delivery.message.attempt
+        await delivery.ack()
+
+    @app.worker("plain")
+    async def plain(body) -> None:  # noqa: ANN001 - unannotated: decoded by content type
+        seen["plain"] = body
+
+    @app.service("double")
+    def double(n: int) -> int:
+        return n * 2
+
+    async def scenario() -> None:
+        conn = await app.start()
+        try:
+            await conn.send("typed", Order("a-1", 2))
+            await conn.send("raw", b"\x00\x01")
+            await conn.send("manual", "x")
+            await conn.send("plain", {"k": [1, 2]})
+            reply = await conn.request("double", 21)
+            assert reply.decode() == 42
+            await wait_until(lambda: len(seen) == 4, 5, "all four handlers")
+        finally:
+            await app.stop()
+
+    asyncio.run(scenario())
+    assert seen == {"typed": Order("a-1", 2), "raw": b"\x00\x01", "manual": 1,
+                    "plain": {"k": [1, 2]}}
+
+
+def test_send_waits_for_room_where_send_nowait_raises() -> None:
+    async def scenario() -> None:
+        # A producer whose host is not there yet: the outbox fills up.
+        async with pigeon.connect("tcp://127.0.0.1:9", outbox_limit=3) as producer:
+            for i in range(3):
+                producer.send_nowait("q", str(i))
+            with pytest.raises(pigeon.Backpressure) as info:
+                producer.send_nowait("q", "over")
+            assert info.value.limit == 3
+            with pytest.raises(pigeon.Timeout):
+                await producer.send("q", "blocked", timeout=0.3)
+
+    asyncio.run(scenario())
