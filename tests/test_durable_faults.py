@@ -279,6 +279,9 @@ def assert_no_loss(result: CheckResult, faults: Faults) -> None:
     assert not result.unmarked_duplicates, f"duplicates not marked redelivered:\n{detail}"
     assert not result.unexpected, detail
     assert not result.corrupt, detail
+    assert not result.order_inversions, f"per-producer order broken:\n{detail}"
+    assert not result.redelivered_after_ack, detail
+    assert result.valid, detail
     # Surviving producers waited for every confirm: only a killed producer's
     # window may be left unconfirmed, and nothing was refused.
     assert result.counts["failed"] == 0, detail
@@ -318,11 +321,6 @@ def test_host_workers_and_producer_killed(cluster: Cluster, seed: int) -> None:
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a send lost with a killed host is resent after newer sends that waited "
-    "in the socket, so the restarted host stores them out of order",
-)
 def test_order_kept_when_a_lost_send_is_resent_after_host_restart(cluster: Cluster) -> None:
     """Per-producer order, which the history checker holds as an invariant,
     across a host restart: "1" reaches a host that dies before reading it, "2"

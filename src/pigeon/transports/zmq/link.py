@@ -84,6 +84,10 @@ class Link:
         self._loop = asyncio.get_running_loop()
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, node.node_id.encode())
+        # Frames go only to a live connection. Otherwise libzmq would keep
+        # frames written while the peer was away and send them, on the next
+        # connection, ahead of older ones we resend: order would break.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         node.tune(sock)
         sock.connect(address)
         self.pump = Pump(sock, self._on_frame, router=False)
@@ -179,8 +183,11 @@ class Link:
         self._flush_scheduled = False
         sends, self._sends = self._sends, {}
         settles, self._settles = self._settles, {}
-        for queue, messages in sends.items():
-            self._send_batches(queue, messages)
+        if self.up:
+            # While down, new sends wait in the outbox; heard() resends the
+            # whole outbox in the order it was filled.
+            for queue, messages in sends.items():
+                self._send_batches(queue, messages)
         for settle in settles.values():
             self.send_frame(settle)
 
