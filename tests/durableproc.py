@@ -98,15 +98,21 @@ async def worker(args: argparse.Namespace) -> None:
     async def handle(delivery: pigeon.Delivery) -> None:
         message = delivery.message
         history.deliver(
-            QUEUE, message.id, redelivered=message.redelivered, attempt=message.attempt,
-            body=message.body, consumer=args.name,
+            QUEUE,
+            message.id,
+            redelivered=message.redelivered,
+            attempt=message.attempt,
+            body=message.body,
+            consumer=args.name,
         )
         # A little work per message, so a kill finds several leased here.
         await asyncio.sleep(args.work)
 
     async with pigeon.connect(args.url, heartbeat=HEARTBEAT) as conn:
         await conn.consume(
-            QUEUE, handle, prefetch=args.prefetch,
+            QUEUE,
+            handle,
+            prefetch=args.prefetch,
             retry=pigeon.RetryPolicy(max_attempts=MAX_ATTEMPTS),
         )
         say("ready")

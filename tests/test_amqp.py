@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import brokers
 import pytest
 
 import pigeon
@@ -26,21 +27,9 @@ URL = os.environ.get("PIGEON_AMQP_URL", f"amqp://guest:guest@{HOST}:{PORT}/")
 pytestmark = pytest.mark.broker
 
 
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection((HOST, PORT), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module", autouse=True)
 def broker() -> None:
-    if not _broker_up():
-        reason = f"no RabbitMQ at {HOST}:{PORT}"
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set: the broker must be there)")
-        pytest.skip(reason)
+    brokers.require(URL)
 
 
 async def _delete_queues(names: set[str]) -> None:
@@ -103,10 +92,16 @@ class ClassicSetup(TrackingSetup):
         return super().client(nodes, queue_type="classic", **options)
 
 
-@pytest.mark.parametrize("scenario", [
-    conformance.send_consume_ack, conformance.retry_then_succeed,
-    conformance.dead_letter_after_max_attempts, conformance.redelivery_after_consumer_leaves,
-], ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        conformance.send_consume_ack,
+        conformance.retry_then_succeed,
+        conformance.dead_letter_after_max_attempts,
+        conformance.redelivery_after_consumer_leaves,
+    ],
+    ids=lambda s: s.__name__,
+)
 def test_classic_queues(scenario, cleanup: set[str]) -> None:
     setup = ClassicSetup(URL)
     try:
@@ -187,8 +182,10 @@ def test_reconnect_through_cut_connection(cleanup: set[str]) -> None:
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
         got: list[pigeon.Message] = []
         try:
-            async with pigeon.connect(url, reconnect_interval=0.2) as producer, \
-                    pigeon.connect(url, reconnect_interval=0.2) as consumer:
+            async with (
+                pigeon.connect(url, reconnect_interval=0.2) as producer,
+                pigeon.connect(url, reconnect_interval=0.2) as consumer,
+            ):
                 await consumer.consume(queue, lambda d: got.append(d.message), prefetch=16)
                 await consumer.serve("outage-echo", lambda m: m.text)
                 futures = []
@@ -203,8 +200,10 @@ def test_reconnect_through_cut_connection(cleanup: set[str]) -> None:
                 errors = [f.exception() for f in futures if f.exception() is not None]
                 assert errors == []
                 await conformance.wait_until(
-                    lambda: {m.text for m in got} >= {str(i) for i in range(total)}, 15.0,
-                    "every confirmed message delivered")
+                    lambda: {m.text for m in got} >= {str(i) for i in range(total)},
+                    15.0,
+                    "every confirmed message delivered",
+                )
                 # Each message was delivered unflagged at most once.
                 unflagged = [m.text for m in got if not m.redelivered]
                 assert len(unflagged) == len(set(unflagged))
@@ -271,8 +270,11 @@ def test_plain_client_publishes_pigeon_consumes(cleanup: set[str]) -> None:
                 channel = await plain.channel()
                 await channel.default_exchange.publish(
                     aio_pika.Message(
-                        b'{"n": 1}', content_type=pigeon.JSON, message_id="plain-1",
-                        headers={"trace": "t-1", "count": 3}, timestamp=1_700_000_000,
+                        b'{"n": 1}',
+                        content_type=pigeon.JSON,
+                        message_id="plain-1",
+                        headers={"trace": "t-1", "count": 3},
+                        timestamp=1_700_000_000,
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     ),
                     routing_key=queue,
@@ -299,10 +301,15 @@ def test_pigeon_publishes_plain_client_consumes(cleanup: set[str]) -> None:
         async with plain:
             channel = await plain.channel()
             # The documented declaration arguments of a pigeon work queue.
-            amqp_queue = await channel.declare_queue(queue, durable=True, arguments={
-                "x-queue-type": "quorum", "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue + ".dead",
-            })
+            amqp_queue = await channel.declare_queue(
+                queue,
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue + ".dead",
+                },
+            )
             incoming = await amqp_queue.get(timeout=5.0)
             await incoming.ack()
         assert incoming.message_id == "pigeon-1"
@@ -332,8 +339,12 @@ def test_plain_client_calls_pigeon_server() -> None:
                 reply_queue = await channel.declare_queue("amq.rabbitmq.reply-to", passive=True)
                 await reply_queue.consume(replies.put, no_ack=True)
                 await channel.default_exchange.publish(
-                    aio_pika.Message(b"abc", content_type=pigeon.TEXT, correlation_id="c-1",
-                                     reply_to="amq.rabbitmq.reply-to"),
+                    aio_pika.Message(
+                        b"abc",
+                        content_type=pigeon.TEXT,
+                        correlation_id="c-1",
+                        reply_to="amq.rabbitmq.reply-to",
+                    ),
                     routing_key="pigeon.svc." + service,
                 )
                 reply = await asyncio.wait_for(replies.get(), 5.0)
@@ -371,8 +382,9 @@ def test_host_side_attempt_limit(cleanup: set[str]) -> None:
                 await dying.close(timeout=0.05)
             dead: list[pigeon.Message] = []
             survivor = await producer.consume(queue, lambda d: None, retry=policy)
-            await producer.consume(pigeon.dead_letter_queue(queue),
-                                   lambda d: dead.append(d.message))
+            await producer.consume(
+                pigeon.dead_letter_queue(queue), lambda d: dead.append(d.message)
+            )
             await conformance.wait_until(lambda: len(dead) == 1, what="the dead letter")
             assert dead[0].headers["x-pigeon-attempts"] == "2"
             assert "delivered 2 times" in dead[0].headers["x-pigeon-dead-reason"]
@@ -383,8 +395,12 @@ def test_host_side_attempt_limit(cleanup: set[str]) -> None:
 
 
 def test_options_it_cannot_honour() -> None:
-    for options in ({"max_length": 10}, {"bogus": 1}, {"queue_type": "stream"},
-                    {"max_message_size": 0}):
+    for options in (
+        {"max_length": 10},
+        {"bogus": 1},
+        {"queue_type": "stream"},
+        {"max_message_size": 0},
+    ):
         with pytest.raises(ConfigurationError):
             pigeon.connect(URL, **options)
 

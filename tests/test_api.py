@@ -16,7 +16,8 @@ from pigeon.testing.conformance import wait_until
 
 def test_all_is_complete_and_sorted() -> None:
     public = {
-        name for name, value in vars(pigeon).items()
+        name
+        for name, value in vars(pigeon).items()
         if not name.startswith("_") and not inspect.ismodule(value)
     }
     assert public - {"annotations"} <= set(pigeon.__all__)
@@ -81,12 +82,18 @@ def _public_methods(cls: type) -> dict[str, inspect.Signature]:
 
 @pytest.mark.parametrize(
     ("async_cls", "sync_cls"),
-    [(pigeon.Connection, pigeon.sync.Connection), (pigeon.Worker, pigeon.sync.Worker),
-     (pigeon.Server, pigeon.sync.Server)],
+    [
+        (pigeon.Connection, pigeon.sync.Connection),
+        (pigeon.Worker, pigeon.sync.Worker),
+        (pigeon.Server, pigeon.sync.Server),
+    ],
 )
 def test_every_async_method_has_a_sync_twin_with_the_same_signature(async_cls, sync_cls) -> None:
-    wanted = {n: s for n, s in _public_methods(async_cls).items()
-              if inspect.iscoroutinefunction(getattr(async_cls, n)) or n in ("send_nowait", "stats")}
+    wanted = {
+        n: s
+        for n, s in _public_methods(async_cls).items()
+        if inspect.iscoroutinefunction(getattr(async_cls, n)) or n in ("send_nowait", "stats")
+    }
     twins = _public_methods(sync_cls)
     for name, signature in wanted.items():
         assert name in twins, f"pigeon.sync.{sync_cls.__name__} lacks {name}"
@@ -130,7 +137,9 @@ def test_sync_twin_runs_the_key_scenarios_from_many_threads() -> None:
             while len(got) < 81 and deadline:
                 threading.Event().wait(0.1)
                 deadline -= 1
-            assert sorted(got) == sorted([f"{n}-{i}" for n in range(4) for i in range(20)] + ["last"])
+            assert sorted(got) == sorted(
+                [f"{n}-{i}" for n in range(4) for i in range(20)] + ["last"]
+            )
             assert worker.stats()["acked"] == 81
             with pytest.raises(pigeon.NoResponders):
                 client.request("nobody", "x", timeout=5)
@@ -181,8 +190,12 @@ def test_app_injects_what_the_handler_asks_for() -> None:
             await app.stop()
 
     asyncio.run(scenario())
-    assert seen == {"typed": Order("a-1", 2), "raw": b"\x00\x01", "manual": 1,
-                    "plain": {"k": [1, 2]}}
+    assert seen == {
+        "typed": Order("a-1", 2),
+        "raw": b"\x00\x01",
+        "manual": 1,
+        "plain": {"k": [1, 2]},
+    }
 
 
 def test_send_waits_for_room_where_send_nowait_raises() -> None:

@@ -27,7 +27,8 @@ class Node:
     def __init__(self, url: str, store: str) -> None:
         self.proc = subprocess.Popen(
             [*PIGEON, "node", "--bind", url, "--store", store, "--heartbeat", "0.2"],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         self.banner = self.proc.stdout.readline()

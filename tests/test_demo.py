@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import brokers
 import pytest
 
 PIGEON = [sys.executable, "-m", "pigeon.cli.main"]
@@ -77,3 +78,10 @@ def test_demo_durable_chaos_kills_the_queue_host_too() -> None:
     assert code == 0, out
     assert_everyone_worked(summary)
     assert [k["role"] for k in summary["kills"]] == ["processor-2", "responder-lower", "fountain"]
+
+
+@pytest.mark.parametrize("url", [brokers.NATS_URL, brokers.AMQP_URL], ids=["nats", "amqp"])
+def test_demo_on_a_broker(url: str) -> None:
+    code, out, summary = run_demo("--seconds", "3", "--rate", "50", "--url", brokers.require(url))
+    assert code == 0, out
+    assert_everyone_worked(summary)

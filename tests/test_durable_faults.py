@@ -136,10 +136,21 @@ class Cluster:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             self.host_starts += 1
-            host = self._spawn(f"host-{self.host_starts}", [
-                sys.executable, "-m", "pigeon.cli.main", "node", "--bind", self.url,
-                "--store", str(self.store), "--heartbeat", "0.2",
-            ])
+            host = self._spawn(
+                f"host-{self.host_starts}",
+                [
+                    sys.executable,
+                    "-m",
+                    "pigeon.cli.main",
+                    "node",
+                    "--bind",
+                    self.url,
+                    "--store",
+                    str(self.store),
+                    "--heartbeat",
+                    "0.2",
+                ],
+            )
             try:
                 host.wait_said("pigeon node: serving")
             except AssertionError:
@@ -165,15 +176,21 @@ class Cluster:
 
     def _role(self, role: str, *options: str) -> Proc:
         name = self._name(role)
-        return self._spawn(name, [
-            sys.executable, DURABLEPROC, role, self.url,
-            str(self.histories / f"{name}.jsonl"), name, *options,
-        ])
+        return self._spawn(
+            name,
+            [
+                sys.executable,
+                DURABLEPROC,
+                role,
+                self.url,
+                str(self.histories / f"{name}.jsonl"),
+                name,
+                *options,
+            ],
+        )
 
     def start_producer(self, count: int) -> Proc:
-        proc = self._role(
-            "producer", f"--count={count}", f"--rate={RATE}", f"--window={WINDOW}"
-        )
+        proc = self._role("producer", f"--count={count}", f"--rate={RATE}", f"--window={WINDOW}")
         self.producers.append(proc)
         return proc
 

@@ -35,9 +35,7 @@ class Child:
     """A child process whose JSON-line events are read in a thread-free way."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, FAULTPROC, *args], stdout=subprocess.PIPE
-        )
+        self.proc = subprocess.Popen([sys.executable, FAULTPROC, *args], stdout=subprocess.PIPE)
         os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
         self.events: list[dict] = []
         self._buffer = ""
@@ -118,7 +116,9 @@ def test_server_killed_mid_request_call_succeeds_elsewhere(children) -> None:
         await wait_until(lambda: hanging.has("ready"), 10, "the first server")
         async with pigeon.connect([hanging_url, healthy_url], heartbeat=0.2) as client:
             call = asyncio.ensure_future(client.request("svc", "ping", timeout=10.0))
-            await wait_until(lambda: hanging.has("execute"), 5, "the call to reach the first server")
+            await wait_until(
+                lambda: hanging.has("execute"), 5, "the call to reach the first server"
+            )
             healthy = children("server", healthy_url, "healthy", "echo")
             await wait_until(lambda: healthy.has("ready"), 10, "the second server")
             await asyncio.sleep(0.5)  # let the client hear the second server

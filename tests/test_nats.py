@@ -5,35 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from urllib.parse import urlsplit
 
+import brokers
 import pytest
 
 from pigeon.message import new_id
 from pigeon.testing import conformance
 
-NATS_URL = os.environ.get("PIGEON_NATS_URL", "nats://127.0.0.1:4222")
+NATS_URL = brokers.NATS_URL
 
 pytestmark = pytest.mark.broker
 
 
-def _reachable(url: str) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), 0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server_url() -> str:
-    if not _reachable(NATS_URL):
-        reason = f"no NATS server at {NATS_URL}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return NATS_URL
+    return brokers.require(NATS_URL)
 
 
 async def _delete_stream(url: str, stream: str) -> None:
@@ -91,10 +77,15 @@ def test_plain_client_publishes_pigeon_consumes(isolated: Isolated) -> None:
             nc = await _plain(isolated.server)
             try:
                 js = nc.jetstream()
-                await js.publish(f"{isolated.prefix}.q.orders", b'{"sku": "a-1"}', headers={
-                    "Pigeon-Content-Type": "application/json", "trace": "t-1",
-                    "Nats-Msg-Id": "order-1",
-                })
+                await js.publish(
+                    f"{isolated.prefix}.q.orders",
+                    b'{"sku": "a-1"}',
+                    headers={
+                        "Pigeon-Content-Type": "application/json",
+                        "trace": "t-1",
+                        "Nats-Msg-Id": "order-1",
+                    },
+                )
                 await js.publish(f"{isolated.prefix}.q.orders", b"raw")  # no headers at all
             finally:
                 await nc.close()
@@ -120,8 +111,9 @@ def test_pigeon_sends_plain_client_consumes(isolated: Isolated) -> None:
         try:
             js = nc.jetstream()
             # The same durable name pigeon's workers of "mail" would share.
-            sub = await js.pull_subscribe(f"{isolated.prefix}.q.mail", "q_mail",
-                                          stream=isolated.stream)
+            sub = await js.pull_subscribe(
+                f"{isolated.prefix}.q.mail", "q_mail", stream=isolated.stream
+            )
             (msg,) = await sub.fetch(1, timeout=5)
             await msg.ack()
             await sub.unsubscribe()
@@ -142,6 +134,7 @@ def test_request_reply_with_plain_clients(isolated: Isolated) -> None:
     async def main() -> None:
         nc = await _plain(isolated.server)
         try:
+
             async def plain_server(msg) -> None:
                 await msg.respond(msg.data.upper())
 
@@ -151,8 +144,12 @@ def test_request_reply_with_plain_clients(isolated: Isolated) -> None:
                 reply = await conn.request("plain", b"hi", timeout=5)
                 assert reply.body == b"HI"
                 await conn.serve("upper", lambda m: m.text.upper())
-                answer = await nc.request(f"{isolated.prefix}.svc.upper", b"abc", timeout=5,
-                                          headers={"Pigeon-Content-Type": pigeon.TEXT})
+                answer = await nc.request(
+                    f"{isolated.prefix}.svc.upper",
+                    b"abc",
+                    timeout=5,
+                    headers={"Pigeon-Content-Type": pigeon.TEXT},
+                )
                 assert answer.data == b"ABC" and "Pigeon-Error" not in (answer.headers or {})
         finally:
             await nc.close()
@@ -178,8 +175,9 @@ def test_workers_that_keep_dying_get_dead_lettered(isolated: Isolated) -> None:
 
         policy = pigeon.RetryPolicy(max_attempts=2)
         async with pigeon.connect(isolated.url) as conn:
-            await conn.consume("stuck", hangs, prefetch=4, concurrency=4, lease_ttl=0.3,
-                               retry=policy)
+            await conn.consume(
+                "stuck", hangs, prefetch=4, concurrency=4, lease_ttl=0.3, retry=policy
+            )
             await conn.consume("stuck.dead", lambda d: dead.append(d.message))
             await conn.send("stuck", "poison")
             await conformance.wait_until(lambda: len(dead) == 1, 10, "the dead letter")
@@ -236,8 +234,12 @@ def test_options_and_names_that_cannot_work(isolated: Isolated) -> None:
             for bad in ("a.*", "a.>", "a..b", ".a"):
                 with pytest.raises(pigeon.ConfigurationError, match="subject"):
                     conn.send_nowait(bad, "x")
-            for headers in ({"Nats-Msg-Id": "x"}, {"pigeon-id": "x"}, {"a:b": "x"},
-                            {"ok": "two\nlines"}):
+            for headers in (
+                {"Nats-Msg-Id": "x"},
+                {"pigeon-id": "x"},
+                {"a:b": "x"},
+                {"ok": "two\nlines"},
+            ):
                 with pytest.raises(pigeon.ConfigurationError, match="header"):
                     conn.send_nowait("q", "x", headers=headers)
             # Names with dots and odd characters get subjects and durables of their own.
@@ -296,10 +298,16 @@ def test_every_nats_error_maps_to_a_pigeon_error() -> None:
         (nats.js.errors.NoStreamResponseError(), {}, pigeon.TransportError),
         (nats.errors.TimeoutError(), {"service": "s", "timeout": 1.0}, pigeon.Timeout),
         (nats.errors.MaxPayloadError(), {"size": 5, "limit": 4}, pigeon.MessageTooLarge),
-        (nats.js.errors.BadRequestError(code=400, description="bad"), {},
-         pigeon.ConfigurationError),
-        (nats.js.errors.ServiceUnavailableError(code=503, description="x"), {},
-         pigeon.TransportError),
+        (
+            nats.js.errors.BadRequestError(code=400, description="bad"),
+            {},
+            pigeon.ConfigurationError,
+        ),
+        (
+            nats.js.errors.ServiceUnavailableError(code=503, description="x"),
+            {},
+            pigeon.TransportError,
+        ),
         (nats.errors.ConnectionClosedError(), {}, pigeon.TransportError),
         (nats.errors.OutboundBufferLimitError(), {}, pigeon.TransportError),
         (ConnectionResetError(), {}, pigeon.TransportError),
@@ -338,10 +346,11 @@ class OwnServer:
 
         self.process = subprocess.Popen(
             [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not _reachable(self.url):
+        while not brokers.reachable(self.url):
             if time.monotonic() > deadline or self.process.poll() is not None:
                 self.stop()
                 pytest.fail("our own nats-server did not start")
@@ -393,10 +402,14 @@ def test_server_killed_and_restarted_loses_no_confirmed_message(own_server: OwnS
             for i in range(50):
                 producer.send_nowait("jobs", f"after {i}")
             await producer.flush(10)
-            expected = {f"{when} {i}" for when, n in (("before", 200), ("during", 50),
-                                                      ("after", 50)) for i in range(n)}
-            await conformance.wait_until(lambda: expected <= got, 15,
-                                         f"all {len(expected)} confirmed messages")
+            expected = {
+                f"{when} {i}"
+                for when, n in (("before", 200), ("during", 50), ("after", 50))
+                for i in range(n)
+            }
+            await conformance.wait_until(
+                lambda: expected <= got, 15, f"all {len(expected)} confirmed messages"
+            )
             assert consumer.stats()["reconnects"] >= 1
             assert producer.stats()["reconnects"] >= 1
 

@@ -62,6 +62,7 @@ def adapt_handler(fn: Callable[..., Any], *, gets_delivery: bool) -> Callable[[A
         return message.decode(None if wanted in (None, Any) else wanted)
 
     if inspect.iscoroutinefunction(fn):
+
         async def call_async(arg: Any) -> Any:
             return await fn(convert(arg))
 
@@ -87,7 +88,10 @@ class App:
     """A set of workers and services on one connection (see module docstring)."""
 
     def __init__(
-        self, url: str | list[str] | None = None, *, bind: str | list[str] | None = None,
+        self,
+        url: str | list[str] | None = None,
+        *,
+        bind: str | list[str] | None = None,
         **options: Any,
     ) -> None:
         self._connect_args = (url, bind, options)
@@ -96,14 +100,21 @@ class App:
         self.connection: Connection | None = None
 
     def worker(
-        self, queue: str, *, prefetch: int = 64, concurrency: int = 1,
-        retry: RetryPolicy | None = None, lease_ttl: float = 30.0,
+        self,
+        queue: str,
+        *,
+        prefetch: int = 64,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as a worker of ``queue``."""
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             handler = adapt_handler(fn, gets_delivery=True)
-            self._workers.append(_WorkerSpec(queue, handler, prefetch, concurrency, retry, lease_ttl))
+            self._workers.append(
+                _WorkerSpec(queue, handler, prefetch, concurrency, retry, lease_ttl)
+            )
             return fn
 
         return register
@@ -126,8 +137,12 @@ class App:
             await conn.serve(name, handler)
         for spec in self._workers:
             await conn.consume(
-                spec.queue, spec.handler, prefetch=spec.prefetch, concurrency=spec.concurrency,
-                retry=spec.retry, lease_ttl=spec.lease_ttl,
+                spec.queue,
+                spec.handler,
+                prefetch=spec.prefetch,
+                concurrency=spec.concurrency,
+                retry=spec.retry,
+                lease_ttl=spec.lease_ttl,
             )
         return conn
 

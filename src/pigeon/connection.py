@@ -85,8 +85,13 @@ class Connection:
     # -- work queues -----------------------------------------------------
 
     def send_nowait(
-        self, queue: str, payload: Any, *, headers: dict[str, str] | None = None,
-        content_type: str | None = None, message_id: str | None = None,
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+        message_id: str | None = None,
     ) -> asyncio.Future[None]:
         """Queue ``payload`` for ``queue`` without waiting; the returned future
         resolves when the host has stored it (see :meth:`flush`).
@@ -106,8 +111,14 @@ class Connection:
         return self.transport.send_nowait(queue, message)
 
     async def send(
-        self, queue: str, payload: Any, *, headers: dict[str, str] | None = None,
-        content_type: str | None = None, message_id: str | None = None, timeout: float = 30.0,
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+        message_id: str | None = None,
+        timeout: float = 30.0,
     ) -> None:
         """Send ``payload`` to ``queue`` and wait until the host stored it.
 
@@ -126,7 +137,10 @@ class Connection:
         while True:
             try:
                 future = self.send_nowait(
-                    queue, payload, headers=headers, content_type=content_type,
+                    queue,
+                    payload,
+                    headers=headers,
+                    content_type=content_type,
                     message_id=message_id,
                 )
                 break
@@ -150,8 +164,14 @@ class Connection:
         await self.transport.flush(_positive(timeout, "timeout"))
 
     async def consume(
-        self, queue: str, handler: Handler, *, prefetch: int = 64, concurrency: int = 1,
-        retry: RetryPolicy | None = None, lease_ttl: float = 30.0,
+        self,
+        queue: str,
+        handler: Handler,
+        *,
+        prefetch: int = 64,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
     ) -> Worker:
         """Run ``handler(delivery)`` for every message of ``queue``.
 
@@ -182,8 +202,13 @@ class Connection:
     # -- request-reply ---------------------------------------------------
 
     async def request(
-        self, service: str, payload: Any, *, timeout: float = 10.0,
-        headers: dict[str, str] | None = None, content_type: str | None = None,
+        self,
+        service: str,
+        payload: Any,
+        *,
+        timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
     ) -> Message:
         """Call ``service`` and return the reply message.
 
@@ -195,7 +220,9 @@ class Connection:
         self._check_open()
         timeout = _positive(timeout, "timeout")
         message = make_message(payload, content_type=content_type, headers=headers)
-        return await self.transport.request(_check_name(service, "service"), message, timeout=timeout)
+        return await self.transport.request(
+            _check_name(service, "service"), message, timeout=timeout
+        )
 
     async def serve(self, service: str, handler: ServiceFunction) -> Server:
         """Answer requests for ``service`` with ``handler(message) -> reply``."""

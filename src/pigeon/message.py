@@ -67,7 +67,7 @@ def _stamp() -> tuple[str, float]:
     ms = ns // 1_000_000
     if ms != _prefix_ms:
         _prefix_ms = ms
-        _prefix = "%012x%s" % (ms, _process_tag)
+        _prefix = f"{ms:012x}{_process_tag}"
     return _prefix + format(next(_counter), "08x"), ns / 1e9
 
 
@@ -198,9 +198,7 @@ def encode_body(payload: Any, content_type: str | None = None) -> tuple[bytes, s
     try:
         return encoder.encode(_to_builtins(payload)), content_type
     except (TypeError, msgspec.EncodeError) as exc:
-        raise TypeError(
-            f"cannot encode {type(payload).__name__} as {content_type}: {exc}"
-        ) from exc
+        raise TypeError(f"cannot encode {type(payload).__name__} as {content_type}: {exc}") from exc
 
 
 def decode_body(body: bytes, content_type: str, type: Any = None) -> Any:

@@ -155,8 +155,13 @@ class Connection:
         self.close()
 
     def send_nowait(
-        self, queue: str, payload: Any, *, headers: dict[str, str] | None = None,
-        content_type: str | None = None, message_id: str | None = None,
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+        message_id: str | None = None,
     ) -> concurrent.futures.Future[None]:
         async def queue_it() -> asyncio.Future[None]:
             return self._conn.send_nowait(
@@ -178,20 +183,38 @@ class Connection:
         return outer
 
     def send(
-        self, queue: str, payload: Any, *, headers: dict[str, str] | None = None,
-        content_type: str | None = None, message_id: str | None = None, timeout: float = 30.0,
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+        message_id: str | None = None,
+        timeout: float = 30.0,
     ) -> None:
-        _runner.run(self._conn.send(
-            queue, payload, headers=headers, content_type=content_type, message_id=message_id,
-            timeout=timeout,
-        ))
+        _runner.run(
+            self._conn.send(
+                queue,
+                payload,
+                headers=headers,
+                content_type=content_type,
+                message_id=message_id,
+                timeout=timeout,
+            )
+        )
 
     def flush(self, timeout: float = 30.0) -> None:
         _runner.run(self._conn.flush(timeout))
 
     def consume(
-        self, queue: str, handler: Callable[[Delivery], Any], *, prefetch: int = 64,
-        concurrency: int = 1, retry: RetryPolicy | None = None, lease_ttl: float = 30.0,
+        self,
+        queue: str,
+        handler: Callable[[Delivery], Any],
+        *,
+        prefetch: int = 64,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
     ) -> Worker:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
@@ -199,19 +222,32 @@ class Connection:
         def run_in_thread(delivery: _transports.Delivery) -> Any:
             return handler(Delivery(delivery))
 
-        worker = _runner.run(self._conn.consume(
-            queue, run_in_thread, prefetch=prefetch, concurrency=concurrency, retry=retry,
-            lease_ttl=lease_ttl,
-        ))
+        worker = _runner.run(
+            self._conn.consume(
+                queue,
+                run_in_thread,
+                prefetch=prefetch,
+                concurrency=concurrency,
+                retry=retry,
+                lease_ttl=lease_ttl,
+            )
+        )
         return Worker(worker)
 
     def request(
-        self, service: str, payload: Any, *, timeout: float = 10.0,
-        headers: dict[str, str] | None = None, content_type: str | None = None,
+        self,
+        service: str,
+        payload: Any,
+        *,
+        timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
     ) -> Message:
-        return _runner.run(self._conn.request(
-            service, payload, timeout=timeout, headers=headers, content_type=content_type
-        ))
+        return _runner.run(
+            self._conn.request(
+                service, payload, timeout=timeout, headers=headers, content_type=content_type
+            )
+        )
 
     def serve(self, service: str, handler: Callable[[Message], Any]) -> Server:
         return Server(_runner.run(self._conn.serve(service, handler)))

@@ -48,8 +48,13 @@ class Worker:
         self._closing = False
         self._async_handler = inspect.iscoroutinefunction(handler)
         self.counts = {
-            "received": 0, "redelivered": 0, "acked": 0, "retried": 0, "dead_lettered": 0,
-            "handler_errors": 0, "unreturned_at_close": 0,
+            "received": 0,
+            "redelivered": 0,
+            "acked": 0,
+            "retried": 0,
+            "dead_lettered": 0,
+            "handler_errors": 0,
+            "unreturned_at_close": 0,
         }
 
     async def start(self, transport: Transport, options: ConsumeOptions) -> None:

@@ -61,7 +61,7 @@ def test_verdict_turns_to_dead_letter_at_max_attempts(max_attempts: int) -> None
     p = RetryPolicy(max_attempts=max_attempts, base_delay=1.0, jitter=0.0)
     verdicts = [on_failure(p, a, "KeyError: 'x'", 0.0) for a in range(1, max_attempts + 2)]
     assert all(isinstance(v, Retry) for v in verdicts[: max_attempts - 1])
-    for v in verdicts[max_attempts - 1:]:
+    for v in verdicts[max_attempts - 1 :]:
         assert isinstance(v, DeadLetter)
     last = verdicts[max_attempts - 1]
     assert isinstance(last, DeadLetter)

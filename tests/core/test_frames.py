@@ -182,11 +182,15 @@ def test_random_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(list(SAMPLES.values())), st.data())
-def test_mutated_frames_decode_or_raise_protocol_error(frame: frames.Frame,
-                                                       data: st.DataObject) -> None:
+def test_mutated_frames_decode_or_raise_protocol_error(
+    frame: frames.Frame, data: st.DataObject
+) -> None:
     raw = bytearray(encode(frame))
-    edits = data.draw(st.lists(st.tuples(st.integers(1, len(raw) - 1), st.integers(0, 255)),
-                               min_size=1, max_size=4))
+    edits = data.draw(
+        st.lists(
+            st.tuples(st.integers(1, len(raw) - 1), st.integers(0, 255)), min_size=1, max_size=4
+        )
+    )
     for pos, byte in edits:
         raw[pos] = byte
     result = _decode_or_refuse(bytes(raw))

@@ -40,6 +40,7 @@ def stat_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 # -- the transition table ------------------------------------------------------
 
+
 def start(state: str) -> QueueLedger:
     """A ledger with consumers A and B (prefetch 2) and message m in ``state``."""
     led = QueueLedger("q", lease_ttl=TTL)
@@ -75,77 +76,176 @@ class Row:
 def _is_dead(reason: str) -> Callable[[Any], bool]:
     def check(m: Any) -> bool:
         return (
-            isinstance(m, Message) and m.id == "m"
+            isinstance(m, Message)
+            and m.id == "m"
             and m.headers["x-pigeon-dead-reason"] == reason
             and m.headers["x-pigeon-dead-queue"] == "q"
             and m.headers["x-pigeon-attempts"] == "1"
         )
+
     return check
 
 
 TABLE = {
-    "put new": Row("empty", lambda led: led.put(msg("m")), lambda r: r is True,
-                   (1, 0, 0), {"received": 1}),
-    "put duplicate of ready": Row("ready", lambda led: led.put(msg("m")), lambda r: r is False,
-                                  (1, 0, 0), {"duplicates": 1}),
-    "put duplicate of in-flight": Row("in_flight", lambda led: led.put(msg("m")),
-                                      lambda r: r is False, (0, 0, 1), {"duplicates": 1}),
-    "put duplicate of acked": Row("acked", lambda led: led.put(msg("m")), lambda r: r is False,
-                                  (0, 0, 0), {"duplicates": 1}),
-    "put duplicate of delayed": Row("delayed", lambda led: led.put(msg("m")),
-                                    lambda r: r is False, (0, 1, 0), {"duplicates": 1}),
-    "dispatch ready": Row("ready", lambda led: delivered(led.dispatch(0.0)[0]),
-                          lambda r: r == {"A": ["m"]}, (0, 0, 1), {"delivered": 1}),
-    "dispatch with nothing ready": Row("in_flight", lambda led: led.dispatch(1.0),
-                                       lambda r: r == ([], []), (0, 0, 1)),
-    "ack": Row("in_flight", lambda led: led.ack("m", "A"), lambda r: r is True,
-               (0, 0, 0), {"acked": 1}),
-    "nack now": Row("in_flight", lambda led: led.nack("m", "A", 1.0),
-                    lambda r: r.id == "m" and r.redelivered, (1, 0, 0), {"nacked": 1}),
-    "nack with delay": Row("in_flight", lambda led: led.nack("m", "A", 1.0, delay=3.0),
-                           lambda r: r.id == "m" and r.redelivered, (0, 1, 0), {"nacked": 1}),
+    "put new": Row(
+        "empty", lambda led: led.put(msg("m")), lambda r: r is True, (1, 0, 0), {"received": 1}
+    ),
+    "put duplicate of ready": Row(
+        "ready", lambda led: led.put(msg("m")), lambda r: r is False, (1, 0, 0), {"duplicates": 1}
+    ),
+    "put duplicate of in-flight": Row(
+        "in_flight",
+        lambda led: led.put(msg("m")),
+        lambda r: r is False,
+        (0, 0, 1),
+        {"duplicates": 1},
+    ),
+    "put duplicate of acked": Row(
+        "acked", lambda led: led.put(msg("m")), lambda r: r is False, (0, 0, 0), {"duplicates": 1}
+    ),
+    "put duplicate of delayed": Row(
+        "delayed", lambda led: led.put(msg("m")), lambda r: r is False, (0, 1, 0), {"duplicates": 1}
+    ),
+    "dispatch ready": Row(
+        "ready",
+        lambda led: delivered(led.dispatch(0.0)[0]),
+        lambda r: r == {"A": ["m"]},
+        (0, 0, 1),
+        {"delivered": 1},
+    ),
+    "dispatch with nothing ready": Row(
+        "in_flight", lambda led: led.dispatch(1.0), lambda r: r == ([], []), (0, 0, 1)
+    ),
+    "ack": Row(
+        "in_flight", lambda led: led.ack("m", "A"), lambda r: r is True, (0, 0, 0), {"acked": 1}
+    ),
+    "nack now": Row(
+        "in_flight",
+        lambda led: led.nack("m", "A", 1.0),
+        lambda r: r.id == "m" and r.redelivered,
+        (1, 0, 0),
+        {"nacked": 1},
+    ),
+    "nack with delay": Row(
+        "in_flight",
+        lambda led: led.nack("m", "A", 1.0, delay=3.0),
+        lambda r: r.id == "m" and r.redelivered,
+        (0, 1, 0),
+        {"nacked": 1},
+    ),
     "nack with reason": Row(
-        "in_flight", lambda led: led.nack("m", "A", 1.0, reason="boom"),
-        lambda r: r.headers == {"x-pigeon-last-error": "boom"}, (1, 0, 0), {"nacked": 1}),
-    "reject": Row("in_flight", lambda led: led.reject("m", "A", "bad input"), _is_dead("bad input"),
-                  (0, 0, 0), {"dead_lettered": 1}),
-    "extend": Row("in_flight", lambda led: (led.extend("m", "A", 4.0), led.next_wakeup()),
-                  lambda r: r == (True, 4.0 + TTL), (0, 0, 1)),
-    "expire due lease": Row("in_flight", lambda led: led.expire(TTL), lambda r: r == 1,
-                            (1, 0, 0), {"expired": 1}),
-    "expire before due": Row("in_flight", lambda led: led.expire(TTL - 0.001), lambda r: r == 0,
-                             (0, 0, 1)),
-    "remove holder, lost": Row("in_flight", lambda led: led.remove_consumer("A", lost=True),
-                               lambda r: r == 1, (1, 0, 0), {"consumers_lost": 1, "consumers": -1}),
-    "remove holder, cancelled": Row("in_flight", lambda led: led.remove_consumer("A"),
-                                    lambda r: r == 1, (1, 0, 0), {"consumers": -1}),
-    "remove other consumer": Row("in_flight", lambda led: led.remove_consumer("B", lost=True),
-                                 lambda r: r == 0, (0, 0, 1),
-                                 {"consumers_lost": 1, "consumers": -1}),
-    "remove unknown consumer": Row("in_flight", lambda led: led.remove_consumer("Z", lost=True),
-                                   lambda r: r == 0, (0, 0, 1)),
-    "delayed not yet due": Row("delayed", lambda led: led.dispatch(5.999),
-                               lambda r: r == ([], []), (0, 1, 0)),
-    "delayed due": Row("delayed", lambda led: delivered(led.dispatch(6.0)[0]),
-                       lambda r: list(r.values()) == [["m"]], (0, 0, 1),
-                       {"delivered": 1, "redelivered": 1}),
+        "in_flight",
+        lambda led: led.nack("m", "A", 1.0, reason="boom"),
+        lambda r: r.headers == {"x-pigeon-last-error": "boom"},
+        (1, 0, 0),
+        {"nacked": 1},
+    ),
+    "reject": Row(
+        "in_flight",
+        lambda led: led.reject("m", "A", "bad input"),
+        _is_dead("bad input"),
+        (0, 0, 0),
+        {"dead_lettered": 1},
+    ),
+    "extend": Row(
+        "in_flight",
+        lambda led: (led.extend("m", "A", 4.0), led.next_wakeup()),
+        lambda r: r == (True, 4.0 + TTL),
+        (0, 0, 1),
+    ),
+    "expire due lease": Row(
+        "in_flight", lambda led: led.expire(TTL), lambda r: r == 1, (1, 0, 0), {"expired": 1}
+    ),
+    "expire before due": Row(
+        "in_flight", lambda led: led.expire(TTL - 0.001), lambda r: r == 0, (0, 0, 1)
+    ),
+    "remove holder, lost": Row(
+        "in_flight",
+        lambda led: led.remove_consumer("A", lost=True),
+        lambda r: r == 1,
+        (1, 0, 0),
+        {"consumers_lost": 1, "consumers": -1},
+    ),
+    "remove holder, cancelled": Row(
+        "in_flight",
+        lambda led: led.remove_consumer("A"),
+        lambda r: r == 1,
+        (1, 0, 0),
+        {"consumers": -1},
+    ),
+    "remove other consumer": Row(
+        "in_flight",
+        lambda led: led.remove_consumer("B", lost=True),
+        lambda r: r == 0,
+        (0, 0, 1),
+        {"consumers_lost": 1, "consumers": -1},
+    ),
+    "remove unknown consumer": Row(
+        "in_flight", lambda led: led.remove_consumer("Z", lost=True), lambda r: r == 0, (0, 0, 1)
+    ),
+    "delayed not yet due": Row(
+        "delayed", lambda led: led.dispatch(5.999), lambda r: r == ([], []), (0, 1, 0)
+    ),
+    "delayed due": Row(
+        "delayed",
+        lambda led: delivered(led.dispatch(6.0)[0]),
+        lambda r: list(r.values()) == [["m"]],
+        (0, 0, 1),
+        {"delivered": 1, "redelivered": 1},
+    ),
     "restore now": Row("empty", lambda led: led.restore(msg("m")), lambda r: r is None, (1, 0, 0)),
-    "restore later": Row("empty", lambda led: led.restore(msg("m"), ready_at=7.0),
-                         lambda r: r is None, (0, 1, 0)),
-    "ack after ack": Row("acked", lambda led: led.ack("m", "A"), lambda r: r is False,
-                         (0, 0, 0), {"stale_settles": 1}),
-    "ack by wrong consumer": Row("in_flight", lambda led: led.ack("m", "B"), lambda r: r is False,
-                                (0, 0, 1), {"stale_settles": 1}),
-    "nack by wrong consumer": Row("in_flight", lambda led: led.nack("m", "B", 1.0),
-                                  lambda r: r is None, (0, 0, 1), {"stale_settles": 1}),
-    "reject by wrong consumer": Row("in_flight", lambda led: led.reject("m", "B", "x"),
-                                    lambda r: r is None, (0, 0, 1), {"stale_settles": 1}),
-    "extend by wrong consumer": Row("in_flight", lambda led: led.extend("m", "B", 1.0),
-                                    lambda r: r is False, (0, 0, 1), {"stale_settles": 1}),
-    "ack of a delayed message": Row("delayed", lambda led: led.ack("m", "A"), lambda r: r is False,
-                                    (0, 1, 0), {"stale_settles": 1}),
-    "ack of an unknown id": Row("empty", lambda led: led.ack("nope", "A"), lambda r: r is False,
-                                (0, 0, 0), {"stale_settles": 1}),
+    "restore later": Row(
+        "empty", lambda led: led.restore(msg("m"), ready_at=7.0), lambda r: r is None, (0, 1, 0)
+    ),
+    "ack after ack": Row(
+        "acked",
+        lambda led: led.ack("m", "A"),
+        lambda r: r is False,
+        (0, 0, 0),
+        {"stale_settles": 1},
+    ),
+    "ack by wrong consumer": Row(
+        "in_flight",
+        lambda led: led.ack("m", "B"),
+        lambda r: r is False,
+        (0, 0, 1),
+        {"stale_settles": 1},
+    ),
+    "nack by wrong consumer": Row(
+        "in_flight",
+        lambda led: led.nack("m", "B", 1.0),
+        lambda r: r is None,
+        (0, 0, 1),
+        {"stale_settles": 1},
+    ),
+    "reject by wrong consumer": Row(
+        "in_flight",
+        lambda led: led.reject("m", "B", "x"),
+        lambda r: r is None,
+        (0, 0, 1),
+        {"stale_settles": 1},
+    ),
+    "extend by wrong consumer": Row(
+        "in_flight",
+        lambda led: led.extend("m", "B", 1.0),
+        lambda r: r is False,
+        (0, 0, 1),
+        {"stale_settles": 1},
+    ),
+    "ack of a delayed message": Row(
+        "delayed",
+        lambda led: led.ack("m", "A"),
+        lambda r: r is False,
+        (0, 1, 0),
+        {"stale_settles": 1},
+    ),
+    "ack of an unknown id": Row(
+        "empty",
+        lambda led: led.ack("nope", "A"),
+        lambda r: r is False,
+        (0, 0, 0),
+        {"stale_settles": 1},
+    ),
 }
 
 
@@ -336,6 +436,7 @@ def test_resend_of_an_in_flight_message_outside_the_window_is_never_delivered_tw
 
 # -- credit (Rule 1) ----------------------------------------------------------
 
+
 def test_nothing_is_dispatched_without_consumers() -> None:
     led = QueueLedger("q")
     led.put(msg("a"))
@@ -444,7 +545,7 @@ def test_round_robin_across_dispatches() -> None:
     receivers = []
     for i in range(4):
         led.put(msg(f"m{i}"))
-        (cid, _), = led.dispatch(float(i))[0]
+        ((cid, _),) = led.dispatch(float(i))[0]
         receivers.append(cid)
     assert receivers.count("A") == receivers.count("B") == 2, receivers
 
@@ -490,6 +591,7 @@ def test_dispatch_respects_credit_and_is_work_conserving(
 
 # -- redelivered flag and attempts (Rule 2) --------------------------------------
 
+
 def _redeliver_by(how: str, led: QueueLedger, now: float) -> None:
     if how == "nack":
         led.nack("a", "A", now)
@@ -517,7 +619,7 @@ def test_every_later_delivery_is_flagged_and_counts_an_attempt(how: str) -> None
     for _ in range(4):
         batches, dead = led.dispatch(now)
         assert dead == []
-        (cid, (m,)), = batches
+        ((cid, (m,)),) = batches
         seen.append((m.attempt, m.redelivered))
         _redeliver_by(how, led, now)
         now += 2 * TTL
@@ -537,13 +639,14 @@ def test_unflagged_first_deliveries_of_fresh_messages() -> None:
 
 # -- max_attempts (Rule 5) and dead letters -------------------------------------
 
+
 def test_max_attempts_dead_letters_instead_of_delivering_again() -> None:
     led = QueueLedger("jobs", lease_ttl=TTL, max_attempts=2)
     led.add_consumer("A", 1)
     led.put(msg("a", headers={"k": "v"}))
     led.put(msg("b"))
     for attempt in (1, 2):
-        (_, (m,)), = led.dispatch(0.0)[0]
+        ((_, (m,)),) = led.dispatch(0.0)[0]
         assert (m.id, m.attempt) == ("a", attempt)
         led.nack("a", "A", 0.0)
     batches, dead = led.dispatch(0.0)
@@ -582,7 +685,7 @@ def test_without_max_attempts_there_is_no_limit() -> None:
     led.add_consumer("A", 1)
     led.put(msg("a"))
     for attempt in range(1, 51):
-        (_, (m,)), = led.dispatch(0.0)[0]
+        ((_, (m,)),) = led.dispatch(0.0)[0]
         assert m.attempt == attempt
         led.nack("a", "A", 0.0)
     assert led.stats.dead_lettered == 0
@@ -607,6 +710,7 @@ def test_reject_dead_letters_at_once_and_frees_credit() -> None:
 
 
 # -- stale settles (Rule 4) ------------------------------------------------------
+
 
 @pytest.mark.parametrize("settle", ["ack", "nack", "reject", "extend"])
 def test_settle_after_expiry_is_stale_and_changes_nothing(settle: str) -> None:
@@ -660,11 +764,12 @@ def test_settle_after_the_consumer_left_is_stale() -> None:
     led.add_consumer("A", 1)  # same identity comes back
     assert not led.ack("a", "A")
     assert led.stats.stale_settles == 1
-    (_, (m,)), = led.dispatch(0.0)[0]
+    ((_, (m,)),) = led.dispatch(0.0)[0]
     assert m.id == "a" and m.redelivered and m.attempt == 2
 
 
 # -- next_wakeup and expiry --------------------------------------------------------
+
 
 def test_next_wakeup_none_when_idle() -> None:
     led = QueueLedger("q")
@@ -710,8 +815,9 @@ def test_next_wakeup_is_the_earlier_of_lease_and_delay() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["put", "extend", "tick"]), st.integers(0, 6)),
-                max_size=40))
+@given(
+    st.lists(st.tuples(st.sampled_from(["put", "extend", "tick"]), st.integers(0, 6)), max_size=40)
+)
 def test_next_wakeup_is_the_earliest_lease_expiry(ops: list[tuple[str, int]]) -> None:
     led = QueueLedger("q", lease_ttl=3.0)
     led.add_consumer("A", 10)
@@ -766,9 +872,21 @@ def test_snapshot_reports_depths_and_counters() -> None:
     led.dispatch(0.0)
     snap = led.snapshot()
     assert snap == {
-        "ready": 1, "delayed": 0, "in_flight": 1, "consumers": 1,
-        "received": 2, "duplicates": 1, "delivered": 1, "redelivered": 0, "acked": 0,
-        "nacked": 0, "dead_lettered": 0, "expired": 0, "consumers_lost": 0, "stale_settles": 0,
+        "ready": 1,
+        "delayed": 0,
+        "in_flight": 1,
+        "consumers": 1,
+        "received": 2,
+        "duplicates": 1,
+        "delivered": 1,
+        "redelivered": 0,
+        "acked": 0,
+        "nacked": 0,
+        "dead_lettered": 0,
+        "expired": 0,
+        "consumers_lost": 0,
+        "stale_settles": 0,
     }
-    assert led.stats.as_dict() == {k: v for k, v in snap.items()
-                                   if k not in ("ready", "delayed", "in_flight", "consumers")}
+    assert led.stats.as_dict() == {
+        k: v for k, v in snap.items() if k not in ("ready", "delayed", "in_flight", "consumers")
+    }

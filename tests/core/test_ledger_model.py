@@ -229,8 +229,15 @@ class LedgerMachine(RuleBasedStateMachine):
         places = ready + delayed + in_flight
         assert len(places) == len(set(places)), "a message is in two places"
         for mid, s in self.state.items():
-            where = ("ready" if mid in ready else "delayed" if mid in delayed
-                     else "in_flight" if mid in in_flight else None)
+            where = (
+                "ready"
+                if mid in ready
+                else "delayed"
+                if mid in delayed
+                else "in_flight"
+                if mid in in_flight
+                else None
+            )
             if s in ("acked", "dead"):
                 assert where is None, (mid, s, where)
             elif s == "delayed":
@@ -239,7 +246,10 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert where == s, (mid, s, where)
         assert set(places) <= set(self.state)
         assert (led.ready_count, led.delayed_count, led.in_flight_count) == (
-            len(ready), len(delayed), len(in_flight))
+            len(ready),
+            len(delayed),
+            len(in_flight),
+        )
 
     @invariant()
     def leases_match_the_model(self) -> None:
@@ -258,8 +268,11 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def attempts_never_decrease(self) -> None:
         led = self.ledger
-        live = [*led._ready, *(e[2] for e in led._delayed),
-                *(lease.message for lease in led._leases.values())]
+        live = [
+            *led._ready,
+            *(e[2] for e in led._delayed),
+            *(lease.message for lease in led._leases.values()),
+        ]
         for m in live:
             assert m.attempt == self.attempts[m.id] == self.deliveries[m.id]
 
@@ -268,7 +281,8 @@ class LedgerMachine(RuleBasedStateMachine):
         stats = self.ledger.stats.as_dict()
         assert stats == {k: self.stats[k] for k in stats}, (stats, dict(self.stats))
         assert stats["delivered"] - stats["redelivered"] == sum(
-            1 for n in self.deliveries.values() if n > 0)
+            1 for n in self.deliveries.values() if n > 0
+        )
 
     @invariant()
     def next_wakeup_is_the_earliest_timer(self) -> None:
@@ -277,7 +291,5 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.next_wakeup() == (min(times) if times else None)
 
 
-LedgerMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
-)
+LedgerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestLedgerModel = LedgerMachine.TestCase

@@ -52,11 +52,14 @@ def test_reap_reports_each_dead_peer_exactly_once() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 3, allow_nan=False)),
-                max_size=30),
-       st.floats(0.1, 2, allow_nan=False), st.integers(1, 4))
-def test_reap_agrees_with_is_alive(events: list[tuple[str, float]], interval: float,
-                                   misses: int) -> None:
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 3, allow_nan=False)), max_size=30),
+    st.floats(0.1, 2, allow_nan=False),
+    st.integers(1, 4),
+)
+def test_reap_agrees_with_is_alive(
+    events: list[tuple[str, float]], interval: float, misses: int
+) -> None:
     live = Liveness(interval=interval, misses=misses)
     now = 0.0
     reported: set[str] = set()  # reported dead and not heard from since

@@ -40,6 +40,7 @@ class Order:
 
 # -- encode_body -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("payload", "content_type", "body", "ctype"),
     [
@@ -91,6 +92,7 @@ def test_unknown_content_type_is_a_configuration_error() -> None:
 
 # -- round trips -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("payload", "content_type", "as_type", "expected"),
     [
@@ -112,8 +114,9 @@ def test_unknown_content_type_is_a_configuration_error() -> None:
     ],
     ids=repr,
 )
-def test_make_message_then_decode(payload: object, content_type: str | None,
-                                  as_type: object, expected: object) -> None:
+def test_make_message_then_decode(
+    payload: object, content_type: str | None, as_type: object, expected: object
+) -> None:
     m = make_message(payload, content_type=content_type)
     value = m.decode(as_type) if as_type is not None else m.decode()
     assert value == expected
@@ -121,10 +124,14 @@ def test_make_message_then_decode(payload: object, content_type: str | None,
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                 max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=15,
 )
 
@@ -147,6 +154,7 @@ def test_bytes_and_text_round_trip(raw: bytes, text: str) -> None:
 
 # -- decode errors ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("body", "content_type", "as_type"),
     [
@@ -166,8 +174,9 @@ def test_bytes_and_text_round_trip(raw: bytes, text: str) -> None:
     ],
     ids=repr,
 )
-def test_decode_error_on_garbage_or_wrong_type(body: bytes, content_type: str,
-                                               as_type: object) -> None:
+def test_decode_error_on_garbage_or_wrong_type(
+    body: bytes, content_type: str, as_type: object
+) -> None:
     m = Message(id="m", body=body, content_type=content_type)
     with pytest.raises(DecodeError):
         m.decode(as_type)
@@ -187,6 +196,7 @@ def test_unknown_content_type_decodes_as_bytes() -> None:
 
 
 # -- make_message and headers ------------------------------------------------------
+
 
 def test_make_message_fills_the_envelope() -> None:
     headers = {"trace": "t-1"}
@@ -252,8 +262,11 @@ def test_new_id_sorts_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(message_module, "time", FakeTime)
     a, b, c = new_id(), new_id(), new_id()
-    assert [int(i[:12], 16) for i in (a, b, c)] == [5_000_000_000_000, 3_000_000_000_000,
-                                                   9_000_000_000_000]
+    assert [int(i[:12], 16) for i in (a, b, c)] == [
+        5_000_000_000_000,
+        3_000_000_000_000,
+        9_000_000_000_000,
+    ]
     assert sorted([a, b, c]) == [b, a, c]
 
 

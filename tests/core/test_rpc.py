@@ -12,18 +12,28 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from pigeon._core.rpc import CacheState, Correlator, ReplyCache
 
 
-def started(corr: Correlator, rid: str, now: float = 0.0, timeout: float = 10.0,
-            attempt_timeout: float = 3.0):
+def started(
+    corr: Correlator,
+    rid: str,
+    now: float = 0.0,
+    timeout: float = 10.0,
+    attempt_timeout: float = 3.0,
+):
     return corr.start(rid, "svc", now, timeout=timeout, attempt_timeout=attempt_timeout)
 
 
 # -- choose (Rule 1) -----------------------------------------------------------
 
+
 def test_start_records_a_pending_call() -> None:
     corr = Correlator()
     call = started(corr, "r1", now=5.0, timeout=10.0, attempt_timeout=2.0)
     assert (call.request_id, call.service, call.deadline, call.attempt_timeout) == (
-        "r1", "svc", 15.0, 2.0)
+        "r1",
+        "svc",
+        15.0,
+        2.0,
+    )
     assert call.server is None and call.tried == []
     assert len(corr) == 1
     assert corr.next_wakeup() == 15.0
@@ -95,6 +105,7 @@ def test_reassigning_moves_the_load() -> None:
 
 
 # -- finish, due, server_lost (Rules 2 and 3) ----------------------------------------
+
 
 def test_finish_returns_the_call_and_frees_its_server() -> None:
     corr = Correlator()
@@ -225,12 +236,14 @@ class CorrelatorMachine(RuleBasedStateMachine):
             assert self.corr.load(server) == counts[server]
 
 
-CorrelatorMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30,
-                                               deadline=None)
+CorrelatorMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=30, deadline=None
+)
 TestCorrelatorModel = CorrelatorMachine.TestCase
 
 
 # -- ReplyCache (Rule 4) ------------------------------------------------------------
+
 
 def test_cache_new_running_done() -> None:
     cache = ReplyCache(ttl=60.0)

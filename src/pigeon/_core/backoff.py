@@ -72,5 +72,7 @@ def retry_delay(policy: RetryPolicy, attempt: int, rand: float) -> float:
 def on_failure(policy: RetryPolicy, attempt: int, error: str, rand: float) -> Retry | DeadLetter:
     """Decide what happens to a message whose handler failed on ``attempt``."""
     if attempt >= policy.max_attempts:
-        return DeadLetter(f"failed {attempt} of {policy.max_attempts} attempts; last error: {error}")
+        return DeadLetter(
+            f"failed {attempt} of {policy.max_attempts} attempts; last error: {error}"
+        )
     return Retry(retry_delay(policy, attempt, rand))

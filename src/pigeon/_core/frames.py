@@ -106,7 +106,9 @@ class Error(msgspec.Struct, array_like=True, tag=11, gc=False):
     reason: str
 
 
-Frame = Hello | Send | Confirm | Refuse | Consume | Cancel | Deliver | Settle | Request | Reply | Error
+Frame = (
+    Hello | Send | Confirm | Refuse | Consume | Cancel | Deliver | Settle | Request | Reply | Error
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
@@ -126,7 +128,9 @@ def decode(data: bytes | memoryview) -> Frame:
     if not data:
         raise RemoteProtocolError("empty frame")
     if data[0] != VERSION:
-        raise RemoteProtocolError(f"unknown protocol version {data[0]} (this node speaks {VERSION})")
+        raise RemoteProtocolError(
+            f"unknown protocol version {data[0]} (this node speaks {VERSION})"
+        )
     try:
         return _decoder.decode(memoryview(data)[1:])
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:

@@ -194,9 +194,9 @@ class QueueLedger:
 
     # -- dispatch --------------------------------------------------------
 
-    def dispatch(self, now: float, *, chunk: int = 256) -> tuple[
-        list[tuple[Hashable, list[Message]]], list[Message]
-    ]:
+    def dispatch(
+        self, now: float, *, chunk: int = 256
+    ) -> tuple[list[tuple[Hashable, list[Message]]], list[Message]]:
         """Hand ready messages to consumers with credit.
 
         Consumers are served in rounds, each taking at most ``chunk`` and an
@@ -290,7 +290,12 @@ class QueueLedger:
         return acked
 
     def nack(
-        self, message_id: str, consumer: Hashable, now: float, *, delay: float = 0.0,
+        self,
+        message_id: str,
+        consumer: Hashable,
+        now: float,
+        *,
+        delay: float = 0.0,
         reason: str | None = None,
     ) -> Message | None:
         """Settle a delivery as not done: ready again now, or after ``delay``."""
@@ -379,7 +384,8 @@ class QueueLedger:
         """The earliest time a lease expires or a delayed message is due."""
         times = [
             next(iter(owner.leases.values()))[1]
-            for owner in self._consumers.values() if owner.leases
+            for owner in self._consumers.values()
+            if owner.leases
         ]
         if self._delayed:
             times.append(self._delayed[0][0])

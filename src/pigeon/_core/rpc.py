@@ -51,7 +51,9 @@ class Correlator:
         self._calls[request_id] = call
         return call
 
-    def choose(self, call: PendingCall, candidates: Iterable[Hashable], now: float) -> Hashable | None:
+    def choose(
+        self, call: PendingCall, candidates: Iterable[Hashable], now: float
+    ) -> Hashable | None:
         """Pick the server for the call's next attempt (Rule 1), or None.
 
         Ties rotate: each choice starts looking one candidate further on, so
@@ -62,9 +64,7 @@ class Correlator:
             return None
         start = next(self._rotation) % len(servers)
         ordered = servers[start:] + servers[:start]
-        chosen = min(
-            ordered, key=lambda s: (s in call.tried, self._outstanding.get(s, 0))
-        )
+        chosen = min(ordered, key=lambda s: (s in call.tried, self._outstanding.get(s, 0)))
         self._assign(call, chosen, now)
         return chosen
 

@@ -119,7 +119,9 @@ def _plan(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
     return plan
 
 
-async def _run_in_process(args: argparse.Namespace, tally: Tally, interrupted: asyncio.Event) -> None:
+async def _run_in_process(
+    args: argparse.Namespace, tally: Tally, interrupted: asyncio.Event
+) -> None:
     stop = asyncio.Event()
     tasks = []
     for name, (role, kwargs) in _plan(args).items():
@@ -146,7 +148,11 @@ class _Child:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pigeon.cli.demo_roles", self.role, json.dumps(self.kwargs),
+            sys.executable,
+            "-m",
+            "pigeon.cli.demo_roles",
+            self.role,
+            json.dumps(self.kwargs),
             stdout=asyncio.subprocess.PIPE,
         )
         self.reader = asyncio.create_task(self._read(self.proc))
@@ -207,7 +213,9 @@ async def _chaos(
         tally.note(f"chaos: restarted {name} (pid {child.proc.pid})")
 
 
-async def _run_processes(args: argparse.Namespace, tally: Tally, interrupted: asyncio.Event) -> None:
+async def _run_processes(
+    args: argparse.Namespace, tally: Tally, interrupted: asyncio.Event
+) -> None:
     children = {
         name: _Child(name, role, kwargs, tally) for name, (role, kwargs) in _plan(args).items()
     }
@@ -227,7 +235,7 @@ async def _run_processes(args: argparse.Namespace, tally: Tally, interrupted: as
             assert proc is not None
             code = await proc.wait()
             if fountain.chaos_kill:
-                while fountain.proc is proc:  # chaos restarts it
+                while fountain.proc is proc:  # noqa: ASYNC110 - chaos restarts it in a second
                     await asyncio.sleep(0.05)
                 continue
             tally.note(f"fountain exited unexpectedly (exit code {code})")
@@ -246,21 +254,39 @@ async def _run_processes(args: argparse.Namespace, tally: Tally, interrupted: as
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("demo", help="run the fountain/processors/responders demo")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="produce for N seconds, then drain and stop (default: until Ctrl-C)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="produce for N seconds, then drain and stop (default: until Ctrl-C)",
+    )
     parser.add_argument("--rate", type=float, default=2.5, help="words per second (default 2.5)")
-    parser.add_argument("--processes", action="store_true",
-                        help="run each service in its own OS process over tcp loopback")
-    parser.add_argument("--chaos", action="store_true",
-                        help="kill -9 a processor and a responder while running (implies --processes)")
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="run each service in its own OS process over tcp loopback",
+    )
+    parser.add_argument(
+        "--chaos",
+        action="store_true",
+        help="kill -9 a processor and a responder while running (implies --processes)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the summary")
-    parser.add_argument("--durable", action="store_true",
-                        help="keep the word queue in a SQLite store (with --chaos the fountain, "
-                             "which hosts it, is killed -9 and restarted too)")
-    parser.add_argument("--url", default=None,
-                        help="run on a broker (nats://… or amqp://…) instead of brokerless")
-    parser.add_argument("--drain-timeout", type=float, default=60.0,
-                        help="seconds to wait for in-flight words after producing (default 60)")
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="keep the word queue in a SQLite store (with --chaos the fountain, "
+        "which hosts it, is killed -9 and restarted too)",
+    )
+    parser.add_argument(
+        "--url", default=None, help="run on a broker (nats://… or amqp://…) instead of brokerless"
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for in-flight words after producing (default 60)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -273,14 +299,18 @@ def run(args: argparse.Namespace) -> int:
         args.processes = True
     if args.url is not None:
         scheme = args.url.partition("://")[0]
-        allowed = ("nats", "amqp", "amqps") if args.processes else ("nats", "amqp", "amqps", "memory")
+        allowed = (
+            ("nats", "amqp", "amqps") if args.processes else ("nats", "amqp", "amqps", "memory")
+        )
         if scheme not in allowed:
             raise SystemExit(
                 f"pigeon demo: --url takes {', '.join(s + '://' for s in allowed)} "
                 f"(brokerless is the default and needs no URL), not {args.url!r}"
             )
     if args.durable and args.url:
-        raise SystemExit("pigeon demo: --durable is for the brokerless queue; a broker keeps its own")
+        raise SystemExit(
+            "pigeon demo: --durable is for the brokerless queue; a broker keeps its own"
+        )
     tally = Tally(quiet=False)
 
     async def main() -> None:

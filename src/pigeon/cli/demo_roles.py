@@ -35,8 +35,14 @@ def _connect(url: str | None, bind: str | None = None, **options: Any) -> pigeon
 
 
 async def fountain(
-    emit: Emit, stop: asyncio.Event, *, rate: float, seconds: float | None,
-    bind: str | None = None, url: str | None = None, halt: asyncio.Event | None = None,
+    emit: Emit,
+    stop: asyncio.Event,
+    *,
+    rate: float,
+    seconds: float | None,
+    bind: str | None = None,
+    url: str | None = None,
+    halt: asyncio.Event | None = None,
     store: str | None = None,
 ) -> None:
     """Send random words at ``rate`` per second until ``seconds`` pass or
@@ -70,8 +76,13 @@ async def fountain(
 
 
 async def processor(
-    emit: Emit, stop: asyncio.Event, *, number: int, fountain_url: str | None = None,
-    responder_urls: list[str] | None = None, url: str | None = None,
+    emit: Emit,
+    stop: asyncio.Event,
+    *,
+    number: int,
+    fountain_url: str | None = None,
+    responder_urls: list[str] | None = None,
+    url: str | None = None,
 ) -> None:
     """Take each word from the queue, get it processed by ``case``, print it."""
     async with pigeon.connect(url or [fountain_url or "", *(responder_urls or [])]) as conn:
@@ -79,11 +90,16 @@ async def processor(
         async def process(delivery: pigeon.Delivery) -> None:
             word = delivery.message.text
             reply = (await conn.request("case", word, timeout=10.0)).decode()
-            emit({
-                "ev": "processed", "processor": number, "id": delivery.message.id,
-                "word": reply["word"], "responder": reply["by"],
-                "redelivered": delivery.message.redelivered,
-            })
+            emit(
+                {
+                    "ev": "processed",
+                    "processor": number,
+                    "id": delivery.message.id,
+                    "word": reply["word"],
+                    "responder": reply["by"],
+                    "redelivered": delivery.message.redelivered,
+                }
+            )
 
         await conn.consume(
             "words", process, prefetch=2, retry=pigeon.RetryPolicy(max_attempts=50, max_delay=1.0)

@@ -15,13 +15,23 @@ from pigeon.transports.zmq.admin import DEAD_SERVICE, INFO_SERVICE, REPLAY_SERVI
 
 def add_parsers(subparsers: Any) -> None:
     node = subparsers.add_parser("node", help="run a node that hosts queues for other processes")
-    node.add_argument("--bind", action="append", required=True, metavar="URL",
-                      help="address to serve on, e.g. tcp://127.0.0.1:5555 (repeatable)")
-    node.add_argument("--store", metavar="PATH",
-                      help="SQLite file that makes the hosted queues durable")
-    node.add_argument("--synchronous", choices=("full", "normal"), default="full",
-                      help="full: every confirm is fsynced (default); normal: faster, "
-                           "may lose the last confirms on power loss")
+    node.add_argument(
+        "--bind",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="address to serve on, e.g. tcp://127.0.0.1:5555 (repeatable)",
+    )
+    node.add_argument(
+        "--store", metavar="PATH", help="SQLite file that makes the hosted queues durable"
+    )
+    node.add_argument(
+        "--synchronous",
+        choices=("full", "normal"),
+        default="full",
+        help="full: every confirm is fsynced (default); normal: faster, "
+        "may lose the last confirms on power loss",
+    )
     node.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     node.set_defaults(func=run_node)
 
@@ -60,8 +70,11 @@ def run_node(args: argparse.Namespace) -> int:
         async with pigeon.connect(bind=args.bind, **options) as node:
             stats = node.stats()
             where = ", ".join(stats["bound"])
-            kept = f"durable in {args.store} ({stats['restored']} messages restored)" \
-                if args.store else "in memory"
+            kept = (
+                f"durable in {args.store} ({stats['restored']} messages restored)"
+                if args.store
+                else "in memory"
+            )
             print(f"pigeon node: serving {where}; queues {kept}", flush=True)
             await stop.wait()
             print("pigeon node: stopping (committing what is pending)", flush=True)
@@ -73,7 +86,9 @@ def run_node(args: argparse.Namespace) -> int:
 
 def _ask(url: str, service: str, payload: Any, timeout: float) -> Any:
     async def main() -> Any:
-        async with pigeon.connect(url) as conn:
+        # The node is expected to be there: wait for its handshake as long
+        # as the whole timeout, not just the default grace.
+        async with pigeon.connect(url, connect_grace=timeout) as conn:
             return (await conn.request(service, payload, timeout=timeout)).decode()
 
     return asyncio.run(main())
@@ -84,8 +99,16 @@ def run_queues(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    columns = ("ready", "delayed", "in_flight", "consumers", "received", "acked",
-               "redelivered", "dead_lettered")
+    columns = (
+        "ready",
+        "delayed",
+        "in_flight",
+        "consumers",
+        "received",
+        "acked",
+        "redelivered",
+        "dead_lettered",
+    )
     print(f"{'queue':<24}" + "".join(f"{c:>14}" for c in columns))
     for name, queue in sorted(info.get("queues", {}).items()):
         print(f"{name:<24}" + "".join(f"{queue.get(c, 0):>14}" for c in columns))
@@ -93,8 +116,7 @@ def run_queues(args: argparse.Namespace) -> int:
 
 
 def run_dead(args: argparse.Namespace) -> int:
-    letters = _ask(args.url, DEAD_SERVICE, {"queue": args.queue, "limit": args.limit},
-                   args.timeout)
+    letters = _ask(args.url, DEAD_SERVICE, {"queue": args.queue, "limit": args.limit}, args.timeout)
     if args.json:
         print(json.dumps(letters))
         return 0
@@ -106,7 +128,8 @@ def run_dead(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    answer = _ask(args.url, REPLAY_SERVICE, {"queue": args.queue, "limit": args.limit},
-                  args.timeout)
+    answer = _ask(
+        args.url, REPLAY_SERVICE, {"queue": args.queue, "limit": args.limit}, args.timeout
+    )
     print(f"replayed {answer['replayed']} dead letter(s) into {args.queue!r}")
     return 0

@@ -56,7 +56,9 @@ class MemorySetup(TransportSetup):
 class ZmqSetup(TransportSetup):
     """Nodes bind ``scheme`` addresses; clients connect to them."""
 
-    def __init__(self, scheme: str = "tcp", base_dir: str = "/tmp", *, durable: bool = False) -> None:
+    def __init__(
+        self, scheme: str = "tcp", base_dir: str = "/tmp", *, durable: bool = False
+    ) -> None:
         self.name = f"zmq-{scheme}" + ("-durable" if durable else "")
         self.scheme = scheme
         self.base_dir = base_dir
@@ -106,8 +108,11 @@ class BrokerSetup(TransportSetup):
         return pigeon.connect(self.url, **options)
 
 
-def run(scenario: Callable[[TransportSetup], Awaitable[None]], setup: TransportSetup,
-        timeout: float = 30.0) -> None:
+def run(
+    scenario: Callable[[TransportSetup], Awaitable[None]],
+    setup: TransportSetup,
+    timeout: float = 30.0,
+) -> None:
     """Run one scenario on a fresh event loop, failing on a hang."""
 
     async def bounded() -> None:

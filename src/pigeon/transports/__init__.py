@@ -18,8 +18,10 @@ def _scheme(url: str) -> str:
         raise TypeError(f"a URL must be a str, not {type(url).__name__}")
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigurationError(f"{url!r} is not a URL; expected SCHEME://ADDRESS with SCHEME one of "
-                                 f"{', '.join(SCHEMES)}")
+        raise ConfigurationError(
+            f"{url!r} is not a URL; expected SCHEME://ADDRESS with SCHEME one of "
+            f"{', '.join(SCHEMES)}"
+        )
     if scheme not in SCHEMES:
         raise ConfigurationError(
             f"unknown URL scheme {scheme!r} in {url!r}; pigeon knows {', '.join(SCHEMES)}"

@@ -36,7 +36,10 @@ class QueueHost:
     """
 
     def __init__(
-        self, *, lease_ttl: float = 30.0, max_length: int | None = None,
+        self,
+        *,
+        lease_ttl: float = 30.0,
+        max_length: int | None = None,
         store: Store | None = None,
     ) -> None:
         self.lease_ttl = lease_ttl
@@ -154,8 +157,14 @@ class QueueHost:
     # -- consumers -------------------------------------------------------
 
     def subscribe(
-        self, queue: str, consumer: Hashable, sink: BatchSink, *, prefetch: int,
-        lease_ttl: float | None = None, max_attempts: int = 0,
+        self,
+        queue: str,
+        consumer: Hashable,
+        sink: BatchSink,
+        *,
+        prefetch: int,
+        lease_ttl: float | None = None,
+        max_attempts: int = 0,
     ) -> None:
         ledger = self.ledger(queue)
         if max_attempts:
@@ -182,7 +191,11 @@ class QueueHost:
             self.unsubscribe(queue, consumer, lost=True)
 
     def settle(
-        self, queue: str, consumer: Hashable, *, acks: list[str] = (),  # type: ignore[assignment]
+        self,
+        queue: str,
+        consumer: Hashable,
+        *,
+        acks: list[str] = (),  # type: ignore[assignment]
         nacks: list[tuple[str, float, str]] = (),  # type: ignore[assignment]
         rejects: list[tuple[str, str]] = (),  # type: ignore[assignment]
         extends: list[str] = (),  # type: ignore[assignment]
@@ -212,10 +225,12 @@ class QueueHost:
 
     def _bury(self, queue: str, dead: list[Message]) -> None:
         if self.committer is not None:
-            self._write([
-                persistence.dead_op(queue, m, m.headers.get("x-pigeon-dead-reason", ""))
-                for m in dead
-            ])
+            self._write(
+                [
+                    persistence.dead_op(queue, m, m.headers.get("x-pigeon-dead-reason", ""))
+                    for m in dead
+                ]
+            )
         target = self.ledger(dead_letter_queue(queue))
         for message in dead:
             # A dead letter starts a new life in its own queue: fresh attempts,

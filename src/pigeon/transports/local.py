@@ -27,7 +27,9 @@ class HostSettler:
         self.host.settle(delivery.queue, self.consumer, acks=[delivery.message.id])
 
     def nack(self, delivery: Delivery, delay: float, reason: str) -> None:
-        self.host.settle(delivery.queue, self.consumer, nacks=[(delivery.message.id, delay, reason)])
+        self.host.settle(
+            delivery.queue, self.consumer, nacks=[(delivery.message.id, delay, reason)]
+        )
 
     def reject(self, delivery: Delivery, reason: str) -> None:
         self.host.settle(delivery.queue, self.consumer, rejects=[(delivery.message.id, reason)])
@@ -49,7 +51,11 @@ class LocalSubscription:
             sink([Delivery(queue, m, settler) for m in messages])
 
         host.subscribe(
-            queue, self, deliver, prefetch=options.prefetch, lease_ttl=options.lease_ttl,
+            queue,
+            self,
+            deliver,
+            prefetch=options.prefetch,
+            lease_ttl=options.lease_ttl,
             max_attempts=options.max_attempts,
         )
 

@@ -66,7 +66,9 @@ class MemoryTransport:
         """Sends are stored as they are made; nothing to wait for."""
         self._live_hub()
 
-    async def consume(self, queue: str, sink: DeliverySink, options: ConsumeOptions) -> Subscription:
+    async def consume(
+        self, queue: str, sink: DeliverySink, options: ConsumeOptions
+    ) -> Subscription:
         sub = LocalSubscription(self._live_hub().host, queue, sink, options)
         self._subscriptions.append(sub)
         return sub

@@ -62,8 +62,9 @@ class Subscription:
     requeues what it held.
     """
 
-    def __init__(self, transport: AmqpTransport, queue: str, sink: DeliverySink,
-                 options: ConsumeOptions) -> None:
+    def __init__(
+        self, transport: AmqpTransport, queue: str, sink: DeliverySink, options: ConsumeOptions
+    ) -> None:
         self.transport = transport
         self.queue = queue
         self.sink = sink
@@ -94,7 +95,8 @@ class Subscription:
             # Declared on this channel too, so the robust channel restores the
             # queue and its consumer after a reconnect.
             self._amqp_queue = await self.channel.declare_queue(
-                self.queue, durable=True,
+                self.queue,
+                durable=True,
                 arguments=queue_arguments(self.queue, transport.topology.queue_type),
             )
             self._consumer_tag = await self._amqp_queue.consume(self._on_message)
@@ -157,8 +159,9 @@ class Subscription:
         """ack, or reject with requeue; a channel gone meanwhile makes it stale
         (the broker has already requeued the delivery)."""
         try:
-            with map_exceptions(f"settle a delivery of {self.queue!r}",
-                                address=self.transport.address):
+            with map_exceptions(
+                f"settle a delivery of {self.queue!r}", address=self.transport.address
+            ):
                 if requeue:
                     await lease.incoming.reject(requeue=True)
                 else:
@@ -173,16 +176,22 @@ class Subscription:
             lease.timer.cancel()
         await self._basic(lease, requeue=True)
 
-    async def _republish(self, lease: _Lease, target: str, copy_of: Message,
-                         extra: dict[str, str], attempt: int, redelivered: bool,
-                         prepare: Prepare | None = None) -> bool:
+    async def _republish(
+        self,
+        lease: _Lease,
+        target: str,
+        copy_of: Message,
+        extra: dict[str, str],
+        attempt: int,
+        redelivered: bool,
+        prepare: Prepare | None = None,
+    ) -> bool:
         """Publish a copy (confirmed), then ack the original; on failure
         requeue the original instead. True when the copy was stored."""
         transport = self.transport
 
         def build(resend: bool) -> aio_pika.Message:
-            return to_amqp(copy_of, attempt=attempt, redelivered=redelivered or resend,
-                           extra=extra)
+            return to_amqp(copy_of, attempt=attempt, redelivered=redelivered or resend, extra=extra)
 
         try:
             await transport.publisher.publish(target, build, prepare)
@@ -204,8 +213,9 @@ class Subscription:
         # flagged, since it was seen.
         dead = dead_letter_queue(self.queue)
         topology = self.transport.topology
-        if await self._republish(lease, dead, message, extra, 0, True,
-                                 lambda: topology.work_queue(dead)):
+        if await self._republish(
+            lease, dead, message, extra, 0, True, lambda: topology.work_queue(dead)
+        ):
             self.counts["dead_lettered"] += 1
 
     # -- Settler ---------------------------------------------------------
@@ -269,4 +279,3 @@ class Subscription:
         with contextlib.suppress(PigeonError):
             with map_exceptions(f"stop consuming {self.queue!r}", address=self.transport.address):
                 await channel.close()
-

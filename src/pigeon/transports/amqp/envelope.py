@@ -33,13 +33,23 @@ ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
 ENVELOPE_HEADERS = frozenset({ATTEMPT, REDELIVERED, CREATED_AT, DEADLINE, ERROR})
 
 # Bookkeeping the broker adds; it is not the sender's metadata.
-_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count",
-                   "x-acquired-count")
+_BROKER_HEADERS = (
+    "x-death",
+    "x-first-death-",
+    "x-last-death-",
+    "x-delivery-count",
+    "x-acquired-count",
+)
 
 
 def to_amqp(
-    message: Message, *, persistent: bool = True, attempt: int = 0, redelivered: bool = False,
-    extra: dict[str, str] | None = None, **properties: Any,
+    message: Message,
+    *,
+    persistent: bool = True,
+    attempt: int = 0,
+    redelivered: bool = False,
+    extra: dict[str, str] | None = None,
+    **properties: Any,
 ) -> aio_pika.Message:
     """Build the AMQP message that carries ``message``.
 
@@ -68,8 +78,9 @@ def to_amqp(
         content_type=message.content_type,
         message_id=message.id,
         timestamp=int(message.created_at) if message.created_at else None,
-        delivery_mode=(aio_pika.DeliveryMode.PERSISTENT if persistent
-                       else aio_pika.DeliveryMode.NOT_PERSISTENT),
+        delivery_mode=(
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        ),
         **properties,
     )
 
@@ -105,8 +116,9 @@ def broker_count(headers: dict[str, Any], redelivered: bool) -> int:
     ``x-delivery-count``, so the larger wins. A classic queue only says
     ``redelivered``: at least one earlier delivery.
     """
-    count = max(int(_number(headers.get("x-delivery-count"))),
-                int(_number(headers.get("x-acquired-count"))))
+    count = max(
+        int(_number(headers.get("x-delivery-count"))), int(_number(headers.get("x-acquired-count")))
+    )
     if count == 0 and redelivered:
         return 1
     return count

@@ -38,7 +38,10 @@ class Publisher:
     """
 
     def __init__(
-        self, connection: AbstractRobustConnection, address: str, outbox_limit: int,
+        self,
+        connection: AbstractRobustConnection,
+        address: str,
+        outbox_limit: int,
         retry_pause: float,
     ) -> None:
         self.connection = connection
@@ -48,8 +51,13 @@ class Publisher:
         self.channel: AbstractRobustChannel | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.counts = {"published": 0, "confirmed": 0, "resent": 0, "failed": 0,
-                       "unconfirmed_at_close": 0}
+        self.counts = {
+            "published": 0,
+            "confirmed": 0,
+            "resent": 0,
+            "failed": 0,
+            "unconfirmed_at_close": 0,
+        }
 
     async def open(self) -> None:
         """Open the confirming channel.
@@ -66,8 +74,9 @@ class Publisher:
     def unconfirmed(self) -> int:
         return len(self._tasks)
 
-    def publish(self, routing_key: str, build: Builder, prepare: Prepare | None = None
-                ) -> asyncio.Future[None]:
+    def publish(
+        self, routing_key: str, build: Builder, prepare: Prepare | None = None
+    ) -> asyncio.Future[None]:
         """Start publishing; the future resolves on the broker's confirm.
 
         Raises:
@@ -83,8 +92,13 @@ class Publisher:
         self.counts["published"] += 1
         return future
 
-    async def _run(self, routing_key: str, build: Builder, prepare: Prepare | None,
-                   future: asyncio.Future[None]) -> None:
+    async def _run(
+        self,
+        routing_key: str,
+        build: Builder,
+        prepare: Prepare | None,
+        future: asyncio.Future[None],
+    ) -> None:
         resend = tried = False
         try:
             while True:
@@ -107,9 +121,13 @@ class Publisher:
                     self.counts["resent"] += tried
                     await self._wait_ready()
         except asyncio.CancelledError:
-            _fail(future, TransportError(
-                f"closed before the broker confirmed a publish to {routing_key!r}",
-                address=self.address))
+            _fail(
+                future,
+                TransportError(
+                    f"closed before the broker confirmed a publish to {routing_key!r}",
+                    address=self.address,
+                ),
+            )
             raise
         except PigeonError as exc:
             self.counts["failed"] += 1
@@ -131,8 +149,9 @@ class Publisher:
             if task is not None and task.cancelling():
                 raise
             # aiormq cancels pending confirms when the connection drops.
-            raise TransportError(f"the connection broke while publishing to {routing_key!r}",
-                                 address=self.address) from None
+            raise TransportError(
+                f"the connection broke while publishing to {routing_key!r}", address=self.address
+            ) from None
 
     async def _wait_ready(self) -> None:
         await asyncio.sleep(self.retry_pause)

@@ -55,8 +55,9 @@ class Requester:
             if self._channel is None:
                 connection = self.transport.connection
                 with map_exceptions("open the reply channel", address=self.transport.address):
-                    channel = await connection.channel(publisher_confirms=True,
-                                                       on_return_raises=True)
+                    channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
                     queue = await channel.declare_queue(REPLY_TO, passive=True)
                     await queue.consume(self._on_reply, no_ack=True)
                 self._channel = channel  # type: ignore[assignment]
@@ -86,10 +87,16 @@ class Requester:
         try:
             async with asyncio.timeout(timeout):
                 channel = await self._ready()
-                outgoing = to_amqp(request, persistent=False, reply_to=REPLY_TO,
-                                   correlation_id=call_id, expiration=timeout)
-                with map_exceptions(f"request {service!r}", address=self.transport.address,
-                                    service=service):
+                outgoing = to_amqp(
+                    request,
+                    persistent=False,
+                    reply_to=REPLY_TO,
+                    correlation_id=call_id,
+                    expiration=timeout,
+                )
+                with map_exceptions(
+                    f"request {service!r}", address=self.transport.address, service=service
+                ):
                     await channel.default_exchange.publish(
                         outgoing, service_queue(service), mandatory=True
                     )
@@ -144,7 +151,9 @@ class ServiceRegistration:
             assert self.channel is not None
             await self.channel.set_qos(prefetch_count=transport.service_prefetch)
             queue = await self.channel.declare_queue(
-                service_queue(self.service), durable=True, auto_delete=True,
+                service_queue(self.service),
+                durable=True,
+                auto_delete=True,
                 arguments=service_arguments(),
             )
             await queue.consume(self._on_request)
@@ -182,7 +191,9 @@ class ServiceRegistration:
             if reply is None:
                 reply = Message(id=new_id(), body=b"", content_type=BYTES, created_at=time.time())
             outgoing = to_amqp(
-                reply, persistent=False, correlation_id=incoming.correlation_id,
+                reply,
+                persistent=False,
+                correlation_id=incoming.correlation_id,
                 extra={ERROR: error} if error is not None else None,
             )
             channel = self.channel
@@ -199,8 +210,9 @@ class ServiceRegistration:
 
     async def _settle(self, incoming: AbstractIncomingMessage) -> None:
         with contextlib.suppress(PigeonError):
-            with map_exceptions(f"ack a request for {self.service!r}",
-                                address=self.transport.address):
+            with map_exceptions(
+                f"ack a request for {self.service!r}", address=self.transport.address
+            ):
                 await incoming.ack()
 
     async def cancel(self) -> None:
@@ -216,6 +228,7 @@ class ServiceRegistration:
         channel, self.channel = self.channel, None
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(PigeonError):
-                with map_exceptions(f"stop serving {self.service!r}",
-                                    address=self.transport.address):
+                with map_exceptions(
+                    f"stop serving {self.service!r}", address=self.transport.address
+                ):
                     await channel.close()

@@ -54,26 +54,41 @@ class AmqpTransport:
     """
 
     def __init__(
-        self, url: str, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        queue_type: str = "quorum", reconnect_interval: float = 1.0,
-        heartbeat: float | None = None, connect_timeout: float = 5.0,
-        outbox_limit: int = 100_000, service_prefetch: int = 64, **unknown: Any,
+        self,
+        url: str,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        queue_type: str = "quorum",
+        reconnect_interval: float = 1.0,
+        heartbeat: float | None = None,
+        connect_timeout: float = 5.0,
+        outbox_limit: int = 100_000,
+        service_prefetch: int = 64,
+        **unknown: Any,
     ) -> None:
         for name in unknown:
-            why = _NOT_HONOURED.get(name, "it is not an option of this transport; known: "
-                                    "max_message_size, queue_type, reconnect_interval, "
-                                    "heartbeat, connect_timeout, outbox_limit, service_prefetch")
+            why = _NOT_HONOURED.get(
+                name,
+                "it is not an option of this transport; known: "
+                "max_message_size, queue_type, reconnect_interval, "
+                "heartbeat, connect_timeout, outbox_limit, service_prefetch",
+            )
             raise ConfigurationError(f"amqp transport cannot honour {name}=: {why}")
         if queue_type not in QUEUE_TYPES:
             raise ConfigurationError(f"queue_type must be one of {QUEUE_TYPES}, not {queue_type!r}")
-        for name, value in (("max_message_size", max_message_size),
-                            ("outbox_limit", outbox_limit), ("service_prefetch", service_prefetch)):
+        for name, value in (
+            ("max_message_size", max_message_size),
+            ("outbox_limit", outbox_limit),
+            ("service_prefetch", service_prefetch),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
         if service_prefetch > MAX_PREFETCH:
             raise ConfigurationError(f"service_prefetch must be <= {MAX_PREFETCH}")
-        for name, number in (("reconnect_interval", reconnect_interval),
-                             ("connect_timeout", connect_timeout)):
+        for name, number in (
+            ("reconnect_interval", reconnect_interval),
+            ("connect_timeout", connect_timeout),
+        ):
             if not isinstance(number, (int, float)) or number <= 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
         try:
@@ -116,13 +131,19 @@ class AmqpTransport:
             options["heartbeat"] = self.heartbeat
         with map_exceptions(f"connect to {self.address}", address=self.address):
             self._connection = await aio_pika.connect_robust(
-                self.url, timeout=self.connect_timeout,
-                client_properties={"connection_name": "pigeon"}, **options,
+                self.url,
+                timeout=self.connect_timeout,
+                client_properties={"connection_name": "pigeon"},
+                **options,
             )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._topology = Topology(self._connection, self.queue_type, self.address)
-        self._publisher = Publisher(self._connection, self.address, self.outbox_limit,
-                                    retry_pause=min(0.2, self.reconnect_interval))
+        self._publisher = Publisher(
+            self._connection,
+            self.address,
+            self.outbox_limit,
+            retry_pause=min(0.2, self.reconnect_interval),
+        )
         try:
             await self._publisher.open()
         except BaseException:
@@ -185,8 +206,9 @@ class AmqpTransport:
         self._check_open()
         await self.publisher.flush(timeout)
 
-    async def consume(self, queue: str, sink: DeliverySink, options: ConsumeOptions
-                      ) -> SubscriptionProtocol:
+    async def consume(
+        self, queue: str, sink: DeliverySink, options: ConsumeOptions
+    ) -> SubscriptionProtocol:
         """Consume ``queue`` with ``options.prefetch`` as the channel's prefetch.
 
         Raises:
@@ -196,8 +218,9 @@ class AmqpTransport:
         """
         self._check_open()
         if options.prefetch > MAX_PREFETCH:
-            raise ConfigurationError(f"prefetch must be <= {MAX_PREFETCH} on AMQP, "
-                                     f"not {options.prefetch}")
+            raise ConfigurationError(
+                f"prefetch must be <= {MAX_PREFETCH} on AMQP, not {options.prefetch}"
+            )
         subscription = Subscription(self, queue, sink, options)
         self._subscriptions.append(subscription)
         try:
@@ -281,7 +304,10 @@ class AmqpTransport:
             **self.counts,
             **(publisher.counts if publisher else {}),
             "unconfirmed": publisher.unconfirmed if publisher else 0,
-            "connected": bool(self._connection and not self._connection.is_closed
-                              and self._connection.connected.is_set()),
+            "connected": bool(
+                self._connection
+                and not self._connection.is_closed
+                and self._connection.connected.is_set()
+            ),
             "declared": sorted(self._topology.declared) if self._topology else [],
         }

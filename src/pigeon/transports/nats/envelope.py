@@ -31,6 +31,7 @@ def dedupe_id(queue: str, message_id: str) -> str:
     """
     return f"{queue}:{message_id}"
 
+
 # Header names a user may not set: pigeon's own, NATS's own, and the names
 # nats-py reads a status line into (a user "Status" would look like one).
 _RESERVED_PREFIXES = ("pigeon-", "nats-")
@@ -93,7 +94,11 @@ def _float(value: str | None) -> float | None:
 
 
 def from_headers(
-    body: bytes, headers: Mapping[str, str] | None, *, fallback_id: str, attempt: int = 0,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    *,
+    fallback_id: str,
+    attempt: int = 0,
     redelivered: bool = False,
 ) -> Message:
     """Rebuild the envelope of a received NATS message.

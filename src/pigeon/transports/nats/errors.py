@@ -25,8 +25,12 @@ from ...errors import (
 
 @contextmanager
 def map_exceptions(
-    what: str, *, service: str | None = None, timeout: float | None = None,
-    size: int = 0, limit: int = 0,
+    what: str,
+    *,
+    service: str | None = None,
+    timeout: float | None = None,
+    size: int = 0,
+    limit: int = 0,
 ) -> Iterator[None]:
     """Translate nats-py errors raised inside the block.
 

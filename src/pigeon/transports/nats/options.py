@@ -54,7 +54,7 @@ class NatsOptions:
 
     def check(self) -> None:
         """Raises:
-            ConfigurationError: a value that cannot work.
+        ConfigurationError: a value that cannot work.
         """
         if not isinstance(self.stream, str) or not _STREAM_NAME.match(self.stream):
             raise ConfigurationError(f"stream name {self.stream!r}: use letters, digits, '-', '_'")

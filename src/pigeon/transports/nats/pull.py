@@ -139,8 +139,11 @@ class PullConsumer:
             return
         attempt = meta.num_delivered
         message = envelope.from_headers(
-            msg.data, msg.headers, fallback_id=f"{meta.stream}-{meta.sequence.stream}",
-            attempt=attempt, redelivered=attempt > 1,
+            msg.data,
+            msg.headers,
+            fallback_id=f"{meta.stream}-{meta.sequence.stream}",
+            attempt=attempt,
+            redelivered=attempt > 1,
         )
         self.transport.counts["delivered"] += 1
         if attempt > 1:
@@ -150,8 +153,11 @@ class PullConsumer:
         if limit and attempt > limit:
             # Workers kept dying on it without settling: dead-letter it like
             # the other transports' hosts do, without running it again.
-            await self._bury(delivery, f"delivered {attempt - 1} times, the limit for "
-                             f"queue {self.queue!r}", attempts=attempt - 1)
+            await self._bury(
+                delivery,
+                f"delivered {attempt - 1} times, the limit for queue {self.queue!r}",
+                attempts=attempt - 1,
+            )
             return
         if self.held < self.options.prefetch:
             self.held += 1

@@ -110,8 +110,11 @@ class ServiceRegistration:
         counts = self.transport.counts
         try:
             try:
-                with map_exceptions(f"reply for {self.service!r}", size=len(body),
-                                    limit=self.transport.nc.max_payload):
+                with map_exceptions(
+                    f"reply for {self.service!r}",
+                    size=len(body),
+                    limit=self.transport.nc.max_payload,
+                ):
                     await self.transport.nc.publish(inbox, body, headers=headers)
             except MessageTooLarge as exc:
                 error = {envelope.ERROR: f"the reply is too large: {exc}"}

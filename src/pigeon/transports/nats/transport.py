@@ -81,11 +81,15 @@ class NatsTransport:
         """
         with map_exceptions(f"connect to {self.url}", timeout=self.options.connect_timeout):
             self.nc = await nats.connect(
-                self.servers, name=self.options.name,
+                self.servers,
+                name=self.options.name,
                 connect_timeout=self.options.connect_timeout,
-                reconnect_time_wait=self.options.reconnect_wait, max_reconnect_attempts=1,
-                allow_reconnect=True, error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+                reconnect_time_wait=self.options.reconnect_wait,
+                max_reconnect_attempts=1,
+                allow_reconnect=True,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
             )
         # Give up at start when no server answers (nats-py would retry the
         # first connect forever with -1), but once connected never stop
@@ -115,10 +119,15 @@ class NatsTransport:
             try:
                 info = await self.js.stream_info(self.stream)
             except nats.js.errors.NotFoundError:
-                info = await self.js.add_stream(StreamConfig(
-                    name=self.stream, subjects=subjects, retention=RetentionPolicy.WORK_QUEUE,
-                    storage=StorageType.FILE, duplicate_window=self.options.duplicate_window,
-                ))
+                info = await self.js.add_stream(
+                    StreamConfig(
+                        name=self.stream,
+                        subjects=subjects,
+                        retention=RetentionPolicy.WORK_QUEUE,
+                        storage=StorageType.FILE,
+                        duplicate_window=self.options.duplicate_window,
+                    )
+                )
         config = info.config
         wrong = config.retention != RetentionPolicy.WORK_QUEUE
         if wrong or subjects[0] not in (config.subjects or []):
@@ -137,9 +146,12 @@ class NatsTransport:
             ConfigurationError: JetStream refused the configuration.
         """
         config = ConsumerConfig(
-            durable_name=envelope.durable_name(queue), filter_subject=subject,
-            ack_policy=AckPolicy.EXPLICIT, ack_wait=options.lease_ttl,
-            max_ack_pending=max(self.options.max_ack_pending, options.prefetch), max_deliver=-1,
+            durable_name=envelope.durable_name(queue),
+            filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=options.lease_ttl,
+            max_ack_pending=max(self.options.max_ack_pending, options.prefetch),
+            max_deliver=-1,
         )
         with map_exceptions(f"create the consumer of {queue!r}"):
             await self.js.add_consumer(self.stream, config)
@@ -199,7 +211,11 @@ class NatsTransport:
         return future
 
     async def _publish(
-        self, queue: str, subject: str, body: bytes, headers: dict[str, str],
+        self,
+        queue: str,
+        subject: str,
+        body: bytes,
+        headers: dict[str, str],
         future: asyncio.Future[None],
     ) -> None:
         deadline = time.monotonic() + self.options.send_timeout
@@ -209,17 +225,28 @@ class NatsTransport:
         wire = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 16
         while not future.done():
             try:
-                with map_exceptions(f"send to {queue!r}", timeout=self.options.ack_timeout,
-                                    size=wire, limit=self.nc.max_payload):
-                    await self.js.publish(subject, body, headers=dict(headers),
-                                          stream=self.stream, timeout=self.options.ack_timeout)
+                with map_exceptions(
+                    f"send to {queue!r}",
+                    timeout=self.options.ack_timeout,
+                    size=wire,
+                    limit=self.nc.max_payload,
+                ):
+                    await self.js.publish(
+                        subject,
+                        body,
+                        headers=dict(headers),
+                        stream=self.stream,
+                        timeout=self.options.ack_timeout,
+                    )
             except (Timeout, TransportError) as exc:
                 # Not confirmed (lost in a reconnect, JetStream not ready):
                 # publish again; the same Nats-Msg-Id makes that safe.
                 if time.monotonic() + pause >= deadline or self._closed:
                     self.counts["send_failures"] += 1
-                    error = TransportError(f"send to {queue!r} not confirmed within "
-                                           f"{self.options.send_timeout} s: {exc}")
+                    error = TransportError(
+                        f"send to {queue!r} not confirmed within "
+                        f"{self.options.send_timeout} s: {exc}"
+                    )
                     error.__cause__ = exc
                     _fail(future, error)
                     return
@@ -244,12 +271,15 @@ class NatsTransport:
             TransportError: JetStream did not confirm it.
             Timeout: no pub ack in time.
         """
-        dead = msgspec.structs.replace(message, headers={
-            **message.headers,
-            "x-pigeon-dead-reason": envelope.single_line(reason),
-            "x-pigeon-dead-queue": queue,
-            "x-pigeon-attempts": str(attempts),
-        })
+        dead = msgspec.structs.replace(
+            message,
+            headers={
+                **message.headers,
+                "x-pigeon-dead-reason": envelope.single_line(reason),
+                "x-pigeon-dead-queue": queue,
+                "x-pigeon-attempts": str(attempts),
+            },
+        )
         headers = envelope.to_headers(dead, check=False)
         headers[envelope.REDELIVERED] = "1"  # it was seen, as on the other transports
         dead_queue = dead_letter_queue(queue)
@@ -301,7 +331,11 @@ class NatsTransport:
     # -- request-reply ---------------------------------------------------
 
     async def request(
-        self, service_name: str, message: Message, *, timeout: float  # noqa: ASYNC109
+        self,
+        service_name: str,
+        message: Message,
+        *,
+        timeout: float,  # noqa: ASYNC109
     ) -> Message:
         """Call a service over core NATS; the deadline travels with the call.
 
@@ -320,8 +354,13 @@ class NatsTransport:
             deadline = min(deadline, message.deadline)
         headers = envelope.to_headers(msgspec.structs.replace(message, deadline=deadline))
         self.counts["requests"] += 1
-        with map_exceptions(f"request {service_name!r}", service=service_name, timeout=timeout,
-                            size=len(message.body), limit=nc.max_payload):
+        with map_exceptions(
+            f"request {service_name!r}",
+            service=service_name,
+            timeout=timeout,
+            size=len(message.body),
+            limit=nc.max_payload,
+        ):
             reply = await nc.request(subject, message.body, timeout=timeout, headers=headers)
         return service.decode_reply(service_name, reply)
 

@@ -44,13 +44,15 @@ def register(node: ZmqTransport) -> None:
         letters: list[dict[str, Any]] = []
         if ledger is not None:
             for letter in ledger.peek_ready(request.limit or 100):
-                letters.append({
-                    "id": letter.id,
-                    "reason": letter.headers.get("x-pigeon-dead-reason", ""),
-                    "attempts": letter.headers.get("x-pigeon-attempts", ""),
-                    "content_type": letter.content_type,
-                    "body": letter.body[:200].decode("utf-8", "replace"),
-                })
+                letters.append(
+                    {
+                        "id": letter.id,
+                        "reason": letter.headers.get("x-pigeon-dead-reason", ""),
+                        "attempts": letter.headers.get("x-pigeon-attempts", ""),
+                        "content_type": letter.content_type,
+                        "body": letter.body[:200].decode("utf-8", "replace"),
+                    }
+                )
         return make_message(letters)
 
     async def replay(message: Message) -> Message:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ..._core import frames
 from ..._core.frames import Consume, Hello, Send, Settle
@@ -91,10 +91,17 @@ class Link:
         node.tune(sock)
         sock.connect(address)
         self.pump = Pump(sock, self._on_frame, router=False)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
         self._monitor_fd = self._monitor.getsockopt(zmq.FD)
         self._loop.add_reader(self._monitor_fd, self._on_monitor)
+        # The monitor's FD is edge-triggered like any zmq FD: an event that
+        # came before add_reader would not wake us, so look once now.
+        self._loop.call_soon(self._on_monitor)
         self.settler = _LinkSettler(self, "")
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._say_hello_until_heard(0.01)
 
     # -- state -----------------------------------------------------------
 
@@ -112,21 +119,38 @@ class Link:
 
     def _on_monitor(self) -> None:
         # Monitor events tell at once that the TCP connection dropped, far
-        # sooner than missed heartbeats would.
+        # sooner than missed heartbeats would, and when a new one is ready to
+        # carry frames (after the ZMTP handshake; IMMEDIATE drops them before).
+        if self._monitor.closed:
+            return
         try:
             while True:
-                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
                 if event["event"] == zmq.EVENT_DISCONNECTED:
                     self.mark_down("connection lost")
-                elif event["event"] == zmq.EVENT_CONNECTED:
+                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.send_hello()
         except zmq.Again:
             pass
+
+    def _say_hello_until_heard(self, delay: float) -> None:
+        # With IMMEDIATE a Hello is dropped until the connection's pipe is
+        # attached, which can lag the handshake event; so while the link is
+        # not up, say Hello again soon, backing off to the heartbeat interval.
+        self._hello_timer = None
+        if self.up or self.pump.closed:
+            return
+        self.send_hello()
+        self._hello_timer = self._loop.call_later(
+            delay, self._say_hello_until_heard, min(delay * 2, self.node.heartbeat)
+        )
 
     def mark_down(self, why: str) -> None:
         if self.up:
             self.up = False
             self.node.link_down(self, why)
+            if self._hello_timer is None:
+                self._say_hello_until_heard(0.01)
 
     def heard(self, hello: Hello) -> None:
         self.last_heard = time.monotonic()
@@ -238,6 +262,8 @@ class Link:
                 self.protocol_errors += 1
 
     def close(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         self._loop.remove_reader(self._monitor_fd)
         self.pump.sock.disable_monitor()
         self._monitor.close(linger=0)

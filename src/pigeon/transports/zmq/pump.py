@@ -95,6 +95,10 @@ class Pump:
             self._schedule_drain()
         return True
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return

@@ -87,7 +87,11 @@ class RouterSide:
                 self._on_send(identity, queue, messages)
             case frames.Settle(queue, acks, nacks, rejects, extends):
                 host.settle(
-                    queue, (identity, queue), acks=acks, nacks=nacks, rejects=rejects,
+                    queue,
+                    (identity, queue),
+                    acks=acks,
+                    nacks=nacks,
+                    rejects=rejects,
                     extends=extends,
                 )
             case frames.Hello():
@@ -111,15 +115,17 @@ class RouterSide:
     def _on_send(self, identity: bytes, queue: str, messages: list[Message]) -> None:
         limit = self.node.max_message_size
         refused = [
-            (m.id, f"too large: {len(m.body)} > {limit} bytes") for m in messages
+            (m.id, f"too large: {len(m.body)} > {limit} bytes")
+            for m in messages
             if len(m.body) > limit
         ]
         if refused:
             messages = [m for m in messages if len(m.body) <= limit]
         host = self.node.host
         if host.committer is None:
-            self._answer_send(identity, queue, messages, [host.put(queue, m) for m in messages],
-                              refused)
+            self._answer_send(
+                identity, queue, messages, [host.put(queue, m) for m in messages], refused
+            )
             return
         # Durable: confirm only after the group commit is on disk.
         task = asyncio.ensure_future(self._store_then_answer(identity, queue, messages, refused))
@@ -138,8 +144,12 @@ class RouterSide:
         self._answer_send(identity, queue, messages, results, refused)
 
     def _answer_send(
-        self, identity: bytes, queue: str, messages: list[Message],
-        results: list[bool | None], refused: list[tuple[str, str]],
+        self,
+        identity: bytes,
+        queue: str,
+        messages: list[Message],
+        results: list[bool | None],
+        refused: list[tuple[str, str]],
     ) -> None:
         confirmed = []
         for message, result in zip(messages, results, strict=True):
@@ -164,7 +174,11 @@ class RouterSide:
             self._send(identity, frames.Deliver(queue, messages))
 
         self.node.host.subscribe(
-            queue, consumer, deliver, prefetch=prefetch, lease_ttl=lease_ttl,
+            queue,
+            consumer,
+            deliver,
+            prefetch=prefetch,
+            lease_ttl=lease_ttl,
             max_attempts=max_attempts,
         )
         self._consumers.setdefault(identity, set()).add(consumer)
