@@ -1,4 +1,4 @@
-"""Every Python example in the README runs."""
+"""Every Python example in the README, docs/durability.md and docs/transports.md runs."""
 
 from __future__ import annotations
 
@@ -19,3 +19,18 @@ def test_readme_python_examples_run() -> None:
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip(), "the example should print something"
+
+
+DOCS = [README.parent / "docs" / "durability.md", README.parent / "docs" / "transports.md"]
+
+
+def test_docs_python_examples_run() -> None:
+    for doc in DOCS:
+        blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+        assert blocks, f"{doc.name} should show Python code"
+        for code in blocks:
+            done = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+            )
+            assert done.returncode == 0, f"{doc.name}: {done.stderr}"
+            assert done.stdout.strip(), f"{doc.name}: the example should print something"
