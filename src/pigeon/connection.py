@@ -4,12 +4,12 @@ the same on every transport: ``send``, ``consume``, ``request``, ``serve``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from ._core.backoff import RetryPolicy
 from .errors import Backpressure, ClosedError, ConfigurationError, Timeout
-from .message import Message, make_message
+from .message import Message, make_message, make_messages
 from .transports import ConsumeOptions, Transport, open_transport
 from .worker import Handler, Server, ServiceFunction, Worker
 
@@ -108,7 +108,32 @@ class Connection:
         message = make_message(
             payload, content_type=content_type, headers=headers, message_id=message_id
         )
-        return self.transport.send_nowait(queue, message)
+        return self.transport.send_nowait(queue, message, fresh=message_id is None)
+
+    def send_many(
+        self,
+        queue: str,
+        payloads: Iterable[Any],
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue many payloads for ``queue`` at once; the returned future
+        resolves when the host has stored all of them. Cheaper per message
+        than ``send_nowait`` (one clock read, one check, one hand-over).
+
+        Raises:
+            the same as :meth:`send_nowait`, before any message is queued.
+        """
+        if self._closed or not self._started:
+            self._check_open()
+        queue = _check_name(queue, "queue")
+        messages = make_messages(payloads, content_type=content_type, headers=headers)
+        send_many = getattr(self.transport, "send_many", None)
+        if send_many is not None:
+            return send_many(queue, messages)  # type: ignore[no-any-return]
+        futures = [self.transport.send_nowait(queue, m, fresh=True) for m in messages]
+        return asyncio.ensure_future(_all_stored(futures))
 
     async def send(
         self,
@@ -256,6 +281,10 @@ class Connection:
         for server in self._servers:
             await server.close()
         await self.transport.close(timeout)
+
+
+async def _all_stored(futures: list[asyncio.Future[None]]) -> None:
+    await asyncio.gather(*futures)
 
 
 def connect(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import msgspec
@@ -60,6 +61,10 @@ def _reseed_after_fork() -> None:
 os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
+# The counter's 32 bits as two table lookups: faster than formatting them.
+_HEX4 = [f"{i:04x}" for i in range(1 << 16)]
+
+
 def _stamp() -> tuple[str, float]:
     """A new id and the wall-clock time it was made."""
     global _prefix_ms, _prefix
@@ -68,7 +73,8 @@ def _stamp() -> tuple[str, float]:
     if ms != _prefix_ms:
         _prefix_ms = ms
         _prefix = f"{ms:012x}{_process_tag}"
-    return _prefix + format(next(_counter), "08x"), ns / 1e9
+    n = next(_counter)
+    return _prefix + _HEX4[(n >> 16) & 0xFFFF] + _HEX4[n & 0xFFFF], ns * 1e-9
 
 
 def new_id() -> str:
@@ -144,6 +150,31 @@ def make_message(
         body, ctype = encode_body(payload, content_type)
     stamp_id, now = _stamp()
     return Message(message_id or stamp_id, body, ctype, headers, 0, False, now, deadline)
+
+
+def make_messages(
+    payloads: Iterable[Any],
+    *,
+    content_type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> list[Message]:
+    """Build many messages at once: one clock read for the whole batch."""
+    if headers is not None:
+        _check_headers(headers)
+    _, now = _stamp()  # one clock read: refreshes the id prefix for this millisecond
+    prefix, counter, hex4 = _prefix, _counter, _HEX4
+    messages = []
+    for payload in payloads:
+        if content_type is None and type(payload) is bytes:
+            body, ctype = payload, BYTES
+        else:
+            body, ctype = encode_body(payload, content_type)
+        n = next(counter)
+        message_id = prefix + hex4[(n >> 16) & 0xFFFF] + hex4[n & 0xFFFF]
+        messages.append(
+            Message(message_id, body, ctype, dict(headers) if headers else {}, 0, False, now)
+        )
+    return messages
 
 
 def _check_headers(headers: dict[str, str]) -> None:

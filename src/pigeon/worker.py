@@ -73,6 +73,8 @@ class Worker:
 
     async def _run(self) -> None:
         pending = self._pending
+        in_progress = self._in_progress
+        handle = self._handle
         while not self._closing:
             if not pending:
                 self._wake.clear()
@@ -80,13 +82,13 @@ class Worker:
                 continue
             delivery = pending.popleft()
             self._busy += 1
-            self._in_progress.add(delivery)
+            in_progress.add(delivery)
             try:
-                await self._handle(delivery)
+                await handle(delivery)
             finally:
                 self._busy -= 1
                 if delivery.settled:  # a cancelled one stays, for close() to nack
-                    self._in_progress.discard(delivery)
+                    in_progress.discard(delivery)
 
     async def _handle(self, delivery: Delivery) -> None:
         counts = self.counts
@@ -101,21 +103,29 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a handler failure is data for the retry policy
-            counts["handler_errors"] += 1
-            if delivery.settled:
-                return
-            error = f"{type(exc).__name__}: {exc}"
-            verdict = on_failure(self.policy, delivery.message.attempt, error, random.random())
-            if isinstance(verdict, DeadLetter):
-                counts["dead_lettered"] += 1
-                await delivery.reject(verdict.reason)
-            else:
-                counts["retried"] += 1
-                await delivery.nack(verdict.delay, error)
+            await self._failed(delivery, exc)
             return
         if not delivery.settled:
             counts["acked"] += 1
-            await delivery.ack()
+            # The plain ack, without the coroutine Delivery.ack() would add.
+            delivery.settled = True
+            pending = delivery._settler.ack(delivery)
+            if pending is not None:
+                await pending
+
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        counts = self.counts
+        counts["handler_errors"] += 1
+        if delivery.settled:
+            return
+        error = f"{type(exc).__name__}: {exc}"
+        verdict = on_failure(self.policy, delivery.message.attempt, error, random.random())
+        if isinstance(verdict, DeadLetter):
+            counts["dead_lettered"] += 1
+            await delivery.reject(verdict.reason)
+        else:
+            counts["retried"] += 1
+            await delivery.nack(verdict.delay, error)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop taking deliveries, let running handlers finish (up to

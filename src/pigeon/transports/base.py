@@ -126,9 +126,12 @@ class Transport(Protocol):
             TransportError: the address cannot be used or reached.
         """
 
-    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+    def send_nowait(
+        self, queue: str, message: Message, *, fresh: bool = False
+    ) -> asyncio.Future[None]:
         """Queue a message for ``queue``; the future resolves once the host
-        confirms it is stored.
+        confirms it is stored. ``fresh`` says the id was minted just now, so
+        it cannot be a resend (a host may skip de-duplicating it).
 
         Raises:
             ClosedError: the transport is closed.

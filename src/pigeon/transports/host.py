@@ -71,18 +71,35 @@ class QueueHost:
 
     # -- producers -------------------------------------------------------
 
-    def put(self, queue: str, message: Message) -> bool | None:
-        """Enqueue; True if new, False if a known id (a resend), None if refused."""
+    def put(self, queue: str, message: Message, *, fresh: bool = False) -> bool | None:
+        """Enqueue; True if new, False if a known id (a resend), None if refused.
+
+        ``fresh``: the id was minted in this process just now, so it cannot be
+        a resend and is not tracked for de-duplication.
+        """
         ledger = self.queues.get(queue) or self.ledger(queue)
         if self.max_length is not None and ledger.ready_count >= self.max_length:
             self.refused += 1
             return None
-        added = ledger.put(message)
+        added = ledger.put(message, fresh=fresh)
         if added and not self._scheduled:
             self._mark(queue)
         elif added:
             self._dirty.add(queue)
         return added
+
+    def put_fresh(self, queue: str, messages: list[Message]) -> int:
+        """Enqueue fresh messages (ids just minted here) of a non-durable
+        queue, as many as ``max_length`` allows; returns how many."""
+        ledger = self.queues.get(queue) or self.ledger(queue)
+        if self.max_length is not None:
+            room = max(0, self.max_length - ledger.ready_count)
+            self.refused += max(0, len(messages) - room)
+            messages = messages[:room]
+        ledger.put_fresh(messages)
+        if messages:
+            self._mark(queue)
+        return len(messages)
 
     async def put_many(self, queue: str, messages: list[Message]) -> list[bool | None]:
         """Store (when durable) and enqueue; per message as ``put`` answers.

@@ -50,12 +50,14 @@ class MemoryTransport:
             raise ClosedError(f"transport {self.url} is closed")
         return self._hub
 
-    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+    def send_nowait(
+        self, queue: str, message: Message, *, fresh: bool = False
+    ) -> asyncio.Future[None]:
         hub = self._live_hub()
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if hub.host.put(queue, message) is None:
+        if hub.host.put(queue, message, fresh=fresh) is None:
             future.set_exception(Backpressure(f"queue {queue!r}", hub.host.max_length or 0))
         else:
             self.sent += 1

@@ -178,7 +178,9 @@ class AmqpTransport:
 
     # -- work queues -----------------------------------------------------
 
-    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+    def send_nowait(
+        self, queue: str, message: Message, *, fresh: bool = False
+    ) -> asyncio.Future[None]:
         """Publish persistently to ``queue``; the future resolves on the confirm.
 
         Raises:

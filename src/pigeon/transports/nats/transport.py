@@ -181,7 +181,9 @@ class NatsTransport:
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
 
-    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+    def send_nowait(
+        self, queue: str, message: Message, *, fresh: bool = False
+    ) -> asyncio.Future[None]:
         """Publish to JetStream; the future resolves on the pub ack.
 
         Sends run concurrently (pipelined). One that is not acknowledged (a

@@ -216,7 +216,9 @@ class ZmqTransport:
             return link
         return None
 
-    def send_nowait(self, queue: str, message: Message) -> asyncio.Future[None]:
+    def send_nowait(
+        self, queue: str, message: Message, *, fresh: bool = False
+    ) -> asyncio.Future[None]:
         if self._closed or not self._started:
             self._check_open()
         if len(message.body) > self.max_message_size:
@@ -226,7 +228,7 @@ class ZmqTransport:
             self.sent += 1
             return self._store_locally(queue, message)
         if link is None:
-            if self.host.put(queue, message) is None:
+            if self.host.put(queue, message, fresh=fresh) is None:
                 raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
             self.sent += 1
             return self._stored()
@@ -234,6 +236,31 @@ class ZmqTransport:
         link.enqueue(queue, message, future)
         self.sent += 1
         return future
+
+    def send_many(self, queue: str, messages: list[Message]) -> asyncio.Future[None]:
+        """Like ``send_nowait`` for many fresh messages; one future for all."""
+        if self._closed or not self._started:
+            self._check_open()
+        limit = self.max_message_size
+        for message in messages:
+            if len(message.body) > limit:
+                raise MessageTooLarge(len(message.body), limit)
+        link = None if self.bind_addresses else self._hosting_link()
+        self.sent += len(messages)
+        if link is not None:
+            futures = []
+            for message in messages:
+                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                link.enqueue(queue, message, future)
+                futures.append(future)
+            return asyncio.ensure_future(_gather(futures))
+        if self.host.committer is not None:
+            for message in messages:
+                stored = self._store_locally(queue, message)
+            return stored if messages else self._stored()
+        if self.host.put_fresh(queue, messages) < len(messages):
+            raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
+        return self._stored()
 
     def _store_locally(self, queue: str, message: Message) -> asyncio.Future[None]:
         # Sends made in one loop iteration share one group commit and one
@@ -268,13 +295,21 @@ class ZmqTransport:
         task.add_done_callback(self._background.discard)
 
     def _stored(self) -> asyncio.Future[None]:
-        # Stored here and now: every such send shares one resolved future
-        # (its result is None, so sharing it is safe) instead of making one each.
-        done = self._done_future
-        if done is None:
-            done = self._done_future = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-        return done
+        # Stored here and now. All such sends of one loop iteration share one
+        # future (its result is None, so sharing is safe), resolved on the
+        # next iteration: awaiting a confirm then yields to the loop, so a
+        # producer that paces itself on confirms lets dispatch run.
+        future = self._done_future
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._done_future = loop.create_future()
+            loop.call_soon(self._resolve_stored)
+        return future
+
+    def _resolve_stored(self) -> None:
+        future, self._done_future = self._done_future, None
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def refusal(self, queue: str, reason: str) -> DeliveryError:
         if "full" in reason:
@@ -477,6 +512,10 @@ class ZmqTransport:
             "store_errors": self.host.store_errors,
             "queues": self.host.stats(),
         }
+
+
+async def _gather(futures: list[asyncio.Future[None]]) -> None:
+    await asyncio.gather(*futures)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
