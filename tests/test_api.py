@@ -211,3 +211,33 @@ def test_send_waits_for_room_where_send_nowait_raises() -> None:
                 await producer.send("q", "blocked", timeout=0.3)
 
     asyncio.run(scenario())
+
+
+def test_refusals_map_to_the_right_errors() -> None:
+    from pigeon.transports.zmq.node import ZmqTransport
+
+    node = ZmqTransport(["tcp://127.0.0.1:9"], [])
+    assert isinstance(node.refusal("q", "full: queue 'q'"), pigeon.Backpressure)
+    assert isinstance(node.refusal("q", "store failed: disk is full"), pigeon.StoreError)
+    too_large = node.refusal("q", "too large: 9 > 1 bytes")
+    assert type(too_large) is pigeon.DeliveryError
+
+
+def test_send_waits_for_room_at_a_full_host() -> None:
+    async def scenario() -> None:
+        async with (
+            pigeon.connect(bind="tcp://127.0.0.1:0", max_length=1) as host,
+            pigeon.connect(host.stats()["bound"][0]) as producer,
+        ):
+            await producer.send("q", "first")
+            with pytest.raises(pigeon.Backpressure):
+                await producer.send_nowait("q", "refused at the host")
+            sending = asyncio.ensure_future(producer.send("q", "second", timeout=5))
+            await asyncio.sleep(0.2)
+            assert not sending.done()  # waiting for room, not failed
+            got: list[str] = []
+            await producer.consume("q", lambda d: got.append(d.message.text))
+            await sending
+            await wait_until(lambda: got == ["first", "second"], 5, "both messages")
+
+    asyncio.run(scenario())

@@ -158,7 +158,8 @@ class Connection:
             (and everything :meth:`send_nowait` raises but ``Backpressure``)
         """
         timeout = _positive(timeout, "timeout")
-        deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             try:
                 future = self.send_nowait(
@@ -168,16 +169,15 @@ class Connection:
                     content_type=content_type,
                     message_id=message_id,
                 )
-                break
+                await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - loop.time()))
+                return
             except Backpressure as exc:
-                if asyncio.get_running_loop().time() >= deadline:
+                # Full here (outbox) or at the host (queue): wait for room.
+                if loop.time() >= deadline:
                     raise Timeout(f"no room to send to {queue!r} within {timeout} s") from exc
                 await asyncio.sleep(0.01)
-        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        try:
-            await asyncio.wait_for(asyncio.shield(future), remaining)
-        except TimeoutError as exc:
-            raise Timeout(f"send to {queue!r} not confirmed within {timeout} s") from exc
+            except TimeoutError as exc:
+                raise Timeout(f"send to {queue!r} not confirmed within {timeout} s") from exc
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait until every send so far is confirmed.

@@ -136,6 +136,22 @@ class QueueLedger:
         self._ready.append(message)
         return True
 
+    def admit(self, message: Message) -> bool:
+        """Enqueue a message a durable store has just stored as new.
+
+        The store is the authority on what is new: an id still in the recent
+        window (its tombstone expired in the store) is taken again rather
+        than left stored but never queued. False only if the id is held.
+        """
+        if message.id in self._held:
+            self.stats.duplicates += 1
+            return False
+        self._seen.pop(message.id, None)
+        self._held.add(message.id)
+        self.stats.received += 1
+        self._ready.append(message)
+        return True
+
     def put_fresh(self, messages: list[Message]) -> None:
         """Enqueue messages whose ids were minted just now (see ``put``)."""
         self.stats.received += len(messages)

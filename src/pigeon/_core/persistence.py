@@ -55,6 +55,7 @@ def dead_op(queue: str, message: Message, reason: str) -> Op | None:
     return Dead(queue, message, reason)
 
 
-def replay_op(queue: str, message: Message) -> Op:
-    """A dead letter of ``queue`` moved back into it."""
-    return Replay(queue, message.id)
+def replay_ops(queue: str, message: Message) -> list[Op]:
+    """A dead letter of ``queue`` moved back into it, its stored copy
+    rewritten too (so a restart does not bring back the dead headers)."""
+    return [Replay(queue, message.id), Requeue(queue, message, 0.0)]

@@ -299,9 +299,7 @@ def run(args: argparse.Namespace) -> int:
         args.processes = True
     if args.url is not None:
         scheme = args.url.partition("://")[0]
-        allowed = (
-            ("nats", "amqp", "amqps") if args.processes else ("nats", "amqp", "amqps", "memory")
-        )
+        allowed = ("nats", "amqp") if args.processes else ("nats", "amqp", "memory")
         if scheme not in allowed:
             raise SystemExit(
                 f"pigeon demo: --url takes {', '.join(s + '://' for s in allowed)} "

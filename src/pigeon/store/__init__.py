@@ -1,6 +1,6 @@
 """Where queue hosts keep messages until they are acked: SQLite on disk, or memory.
 
-See ``docs/durability-store.md`` for what each mode guarantees and can lose.
+See ``docs/durability.md`` for what each mode guarantees and can lose.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ class QueueHost:
         results: list[bool | None] = []
         for message, new in zip(accepted, stored, strict=True):
             # A duplicate of a stored id is confirmed again, not enqueued again.
-            results.append(ledger.put(message) if new else False)
+            results.append(ledger.admit(message) if new else False)
         self._mark(queue)
         return results + [None] * (len(messages) - room)
 
@@ -266,11 +266,13 @@ class QueueHost:
         target = self.ledger(queue)
         for message in messages:
             message.headers = {
-                k: v for k, v in message.headers.items() if not k.startswith("x-pigeon-dead-")
+                k: v
+                for k, v in message.headers.items()
+                if not k.startswith("x-pigeon-dead-") and k != "x-pigeon-attempts"
             }
             message.attempt = 0
             target.restore(message)  # seen before, so it stays marked redelivered
-        self._write([persistence.replay_op(queue, m) for m in messages])
+        self._write([op for m in messages for op in persistence.replay_ops(queue, m)])
         self._mark(queue)
         return len(messages)
 

@@ -25,6 +25,7 @@ from ...errors import (
     DeliveryError,
     MessageTooLarge,
     NoResponders,
+    PigeonError,
     Rejected,
     StoreError,
     Timeout,
@@ -36,7 +37,7 @@ from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
 from . import admin
 from .link import Link
-from .router import RouterSide
+from .router import REFUSED_FULL, REFUSED_STORE, RouterSide
 
 _RETRY = object()  # resolves an attempt's future when the call must move on
 _LOCAL = "local"  # the candidate name of this node's own services
@@ -311,9 +312,12 @@ class ZmqTransport:
         if future is not None and not future.done():
             future.set_result(None)
 
-    def refusal(self, queue: str, reason: str) -> DeliveryError:
-        if "full" in reason:
-            return Backpressure(f"queue {queue!r}", 0)
+    def refusal(self, queue: str, reason: str) -> PigeonError:
+        """The error a producer gets for a host's Refuse reason."""
+        if reason.startswith(REFUSED_FULL):
+            return Backpressure(f"queue {queue!r} on its host", 0)
+        if reason.startswith(REFUSED_STORE):
+            return StoreError(f"the host could not store a message for {queue!r}: {reason}")
         return DeliveryError(f"host refused a message for queue {queue!r}: {reason}")
 
     async def consume(

@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from .node import ZmqTransport
 
 
+# Refuse reasons start with one of these words, so the producer can tell
+# "try again later" (full) from "will never fit" and "the host's disk failed".
+REFUSED_FULL = "full"
+REFUSED_TOO_LARGE = "too large"
+REFUSED_STORE = "store failed"
+
+
 class RouterSide:
     """Answers peers on the bind addresses of ``node``."""
 
@@ -115,7 +122,7 @@ class RouterSide:
     def _on_send(self, identity: bytes, queue: str, messages: list[Message]) -> None:
         limit = self.node.max_message_size
         refused = [
-            (m.id, f"too large: {len(m.body)} > {limit} bytes")
+            (m.id, f"{REFUSED_TOO_LARGE}: {len(m.body)} > {limit} bytes")
             for m in messages
             if len(m.body) > limit
         ]
@@ -139,7 +146,7 @@ class RouterSide:
             results = await self.node.host.put_many(queue, messages)
         except StoreError as exc:
             results = [None] * len(messages)
-            refused = refused + [(m.id, f"store failed: {exc}") for m in messages]
+            refused = refused + [(m.id, f"{REFUSED_STORE}: {exc}") for m in messages]
             messages = []
         self._answer_send(identity, queue, messages, results, refused)
 
@@ -154,7 +161,7 @@ class RouterSide:
         confirmed = []
         for message, result in zip(messages, results, strict=True):
             if result is None:
-                refused.append((message.id, f"queue {queue!r} is full"))
+                refused.append((message.id, f"{REFUSED_FULL}: queue {queue!r}"))
             else:
                 confirmed.append(message.id)
         if confirmed:
