@@ -155,6 +155,16 @@ def _raw_dealer(url: str) -> zmq.Socket:
     return sock
 
 
+async def _receive_frames(sock: zmq.Socket, count: int, kind: type | None = None) -> list:
+    """Frames from a raw socket (unpacking Batches) until ``count`` of ``kind``."""
+    loop = asyncio.get_running_loop()
+    got: list = []
+    while len(got) < count:
+        data = await loop.run_in_executor(None, sock.recv)
+        got += [f for f in frames.decode_all(data) if kind is None or isinstance(f, kind)]
+    return got
+
+
 def test_malformed_input_is_counted_and_the_node_keeps_serving() -> None:
     url = free_tcp()
 
@@ -174,9 +184,7 @@ def test_malformed_input_is_counted_and_the_node_keeps_serving() -> None:
             for data in bad_frames:
                 raw.send(data)
             raw.send_multipart([b"two", b"parts"])
-            loop = asyncio.get_running_loop()
-            replies = [await loop.run_in_executor(None, raw.recv) for _ in range(len(bad_frames))]
-            decoded = [frames.decode(r) for r in replies]
+            decoded = await _receive_frames(raw, len(bad_frames))
             assert all(isinstance(f, (frames.Error, frames.Hello)) for f in decoded)
             assert sum(isinstance(f, frames.Error) for f in decoded) >= len(bad_frames) - 1
             # Raw bytes straight into the TCP port, not even ZMTP.
@@ -221,17 +229,9 @@ def test_a_retried_request_id_runs_the_handler_once() -> None:
             raw.send(frames.encode(request))
             await asyncio.sleep(0.05)
             raw.send(frames.encode(request))  # while running
-            loop = asyncio.get_running_loop()
-            answers = []
-            while len(answers) < 2:
-                frame = frames.decode(await loop.run_in_executor(None, raw.recv))
-                if isinstance(frame, frames.Reply):
-                    answers.append(frame)
+            answers = [f for f in await _receive_frames(raw, 2, frames.Reply)]
             raw.send(frames.encode(request))  # after it finished: from the cache
-            while len(answers) < 3:
-                frame = frames.decode(await loop.run_in_executor(None, raw.recv))
-                if isinstance(frame, frames.Reply):
-                    answers.append(frame)
+            answers += await _receive_frames(raw, 1, frames.Reply)
             assert runs == ["rid-1"]
             assert [a.message.text for a in answers] == ["done"] * 3
             raw.close()
@@ -247,8 +247,7 @@ def test_nonsense_values_in_valid_frames_are_refused() -> None:
             raw = _raw_dealer(url)
             raw.send(frames.encode(frames.Consume("q", 1, float("nan"), 0)))
             raw.send(frames.encode(frames.Consume("q", 0, 1.0, 0)))
-            loop = asyncio.get_running_loop()
-            replies = [frames.decode(await loop.run_in_executor(None, raw.recv)) for _ in range(3)]
+            replies = await _receive_frames(raw, 3)
             assert sum(isinstance(r, frames.Error) for r in replies) == 2
             async with pigeon.connect(url) as client:
                 got: list[str] = []

@@ -106,8 +106,29 @@ class Error(msgspec.Struct, array_like=True, tag=11, gc=False):
     reason: str
 
 
+class Batch(msgspec.Struct, array_like=True, tag=12, gc=False):
+    """Several encoded frames for one peer, sent as one ZeroMQ message.
+
+    Each item is a whole frame (version byte included); a Batch never holds
+    another Batch.
+    """
+
+    frames: list[bytes]
+
+
 Frame = (
-    Hello | Send | Confirm | Refuse | Consume | Cancel | Deliver | Settle | Request | Reply | Error
+    Hello
+    | Send
+    | Confirm
+    | Refuse
+    | Consume
+    | Cancel
+    | Deliver
+    | Settle
+    | Request
+    | Reply
+    | Error
+    | Batch
 )
 
 _encoder = msgspec.msgpack.Encoder()
@@ -117,6 +138,26 @@ _decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
 def encode(frame: Frame) -> bytes:
     """Encode one frame, version byte first."""
     return _VERSION_BYTE + _encoder.encode(frame)
+
+
+def encode_batch(encoded: list[bytes]) -> bytes:
+    """Wrap already-encoded frames into one Batch frame."""
+    return _VERSION_BYTE + _encoder.encode(Batch(encoded))
+
+
+def decode_all(data: bytes | memoryview) -> list[Frame]:
+    """Decode one ZeroMQ message: a frame, or the frames of a Batch.
+
+    Raises:
+        RemoteProtocolError: as :func:`decode`, or a Batch inside a Batch.
+    """
+    frame = decode(data)
+    if not isinstance(frame, Batch):
+        return [frame]
+    inner = [decode(item) for item in frame.frames]
+    if any(isinstance(f, Batch) for f in inner):
+        raise RemoteProtocolError("a Batch frame may not hold another Batch")
+    return inner
 
 
 def decode(data: bytes | memoryview) -> Frame:

@@ -90,7 +90,7 @@ class Link:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         node.tune(sock)
         sock.connect(address)
-        self.pump = Pump(sock, self._on_frame, router=False)
+        self.pump = Pump(sock, self._on_frame, router=False, max_batch_bytes=node.max_message_size)
         self._monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
@@ -232,11 +232,15 @@ class Link:
 
     def _on_frame(self, _identity: bytes | None, data: bytes) -> None:
         try:
-            frame = frames.decode(data)
+            received = frames.decode_all(data)
         except RemoteProtocolError:
             self.protocol_errors += 1
             return
         self.last_heard = time.monotonic()
+        for frame in received:
+            self._on_one(frame)
+
+    def _on_one(self, frame: frames.Frame) -> None:
         match frame:
             case frames.Deliver(queue, messages):
                 self.node.deliver(self, queue, messages)

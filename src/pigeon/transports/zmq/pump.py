@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import zmq
 
+from ..._core.frames import encode_batch
+
 _NOBLOCK = zmq.NOBLOCK
 _SNDMORE = zmq.SNDMORE
 # Frames handled per wake-up before yielding to the rest of the loop.
@@ -30,8 +32,24 @@ class Pump:
     dropped here; their content is the caller's business.
     """
 
-    def __init__(self, sock: zmq.Socket[bytes], on_frame: FrameHandler, *, router: bool) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        on_frame: FrameHandler,
+        *,
+        router: bool,
+        max_batch_bytes: int = 1 << 20,
+        on_unroutable: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.sock = sock
+        self.max_batch_bytes = max_batch_bytes
+        self.on_unroutable = on_unroutable
+        # Frames for a peer that already got one this loop iteration wait
+        # here and leave together, as one Batch, at the end of the iteration.
+        self._burst: dict[bytes | None, list[bytes]] = {}
+        self._burst_bytes: dict[bytes | None, int] = {}
+        self._burst_scheduled = False
+        self.batches_sent = 0
         self.on_frame = on_frame
         self.router = router
         self.malformed = 0
@@ -82,7 +100,47 @@ class Pump:
             self.sock.recv(_NOBLOCK)
 
     def send(self, data: bytes, identity: bytes | None = None) -> bool:
-        """Send one frame without blocking; False if it could not be queued."""
+        """Send one frame without blocking; False if it could not be queued.
+
+        The first frame for a peer in a loop iteration leaves at once (a lone
+        message is never held back); more frames for that peer in the same
+        iteration are batched and leave together when the iteration ends.
+        A batched frame that cannot be sent is reported to ``on_unroutable``.
+        """
+        burst = self._burst
+        pending = burst.get(identity)
+        if pending is None:
+            burst[identity] = []
+            if not self._burst_scheduled:
+                self._burst_scheduled = True
+                self._loop.call_soon(self._flush_bursts)
+            return self._send_now(data, identity)
+        pending.append(data)
+        size = self._burst_bytes.get(identity, 0) + len(data)
+        self._burst_bytes[identity] = size
+        if size >= self.max_batch_bytes:
+            self._flush_one(identity, pending)
+            burst[identity] = []
+            self._burst_bytes[identity] = 0
+        return True
+
+    def _flush_bursts(self) -> None:
+        self._burst_scheduled = False
+        burst, self._burst = self._burst, {}
+        self._burst_bytes = {}
+        for identity, pending in burst.items():
+            if pending:
+                self._flush_one(identity, pending)
+
+    def _flush_one(self, identity: bytes | None, pending: list[bytes]) -> None:
+        if self._closed:
+            return
+        data = pending[0] if len(pending) == 1 else encode_batch(pending)
+        self.batches_sent += len(pending) > 1
+        if not self._send_now(data, identity) and identity is not None and self.on_unroutable:
+            self.on_unroutable(identity)
+
+    def _send_now(self, data: bytes, identity: bytes | None) -> bool:
         try:
             if identity is not None:
                 self.sock.send(identity, _SNDMORE | _NOBLOCK)
@@ -95,6 +153,11 @@ class Pump:
             self._schedule_drain()
         return True
 
+    def flush(self) -> None:
+        """Send every batched frame now (before closing)."""
+        if self._burst:
+            self._flush_bursts()
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -102,6 +165,7 @@ class Pump:
     def close(self) -> None:
         if self._closed:
             return
+        self.flush()
         self._closed = True
         self._loop.remove_reader(self._fd)
         self.sock.close(linger=0)

@@ -65,26 +65,35 @@ class RouterSide:
         return str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def start(self) -> None:
-        self.pump = Pump(self.sock, self._on_frame, router=True)
+        self.pump = Pump(
+            self.sock,
+            self._on_frame,
+            router=True,
+            max_batch_bytes=self.node.max_message_size,
+            on_unroutable=self.peer_lost,
+        )
 
     # -- incoming --------------------------------------------------------
 
     def _on_frame(self, identity: bytes | None, data: bytes) -> None:
         assert identity is not None
         try:
-            frame = frames.decode(data)
+            received = frames.decode_all(data)
         except RemoteProtocolError as exc:
             self._refuse_peer(identity, str(exc))
             return
-        if self.liveness.heard(identity, time.monotonic()) and not isinstance(frame, frames.Hello):
+        if self.liveness.heard(identity, time.monotonic()) and not isinstance(
+            received[0], frames.Hello
+        ):
             # A peer we did not know (or had given up on) speaks first with
             # data: tell it who we are so it re-registers what it needs.
             self._send(identity, self.node.hello())
-        try:
-            self._dispatch(identity, frame)
-        except ProtocolError as exc:
-            # e.g. a Consume with a lease_ttl of NaN: the core refused it.
-            self._refuse_peer(identity, str(exc))
+        for frame in received:
+            try:
+                self._dispatch(identity, frame)
+            except ProtocolError as exc:
+                # e.g. a Consume with a lease_ttl of NaN: the core refused it.
+                self._refuse_peer(identity, str(exc))
 
     def _dispatch(self, identity: bytes, frame: frames.Frame) -> None:
         node = self.node
@@ -177,8 +186,18 @@ class RouterSide:
             return
         consumer = (identity, queue)
 
+        limit = self.node.max_message_size
+
         def deliver(queue: str, messages: list[Message]) -> None:
-            self._send(identity, frames.Deliver(queue, messages))
+            # One frame per ~max_message_size of bodies, so no frame is over
+            # what the worker's socket accepts.
+            start, size = 0, 0
+            for index, message in enumerate(messages):
+                size += len(message.body) + 64
+                if size > limit and index > start:
+                    self._send(identity, frames.Deliver(queue, messages[start:index]))
+                    start, size = index, len(message.body) + 64
+            self._send(identity, frames.Deliver(queue, messages[start:]))
 
         self.node.host.subscribe(
             queue,
