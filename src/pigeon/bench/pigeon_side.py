@@ -184,6 +184,53 @@ async def _rpc_client(ctl: Ctl) -> None:
     ctl.results.put(result)
 
 
+def rpc_sync_client(ctl: Ctl) -> None:
+    """Client process on the blocking API: ``window`` threads calling."""
+    with reporting(ctl):
+        ctl.results.put(_rpc_sync_client(ctl))
+
+
+def _rpc_sync_client(ctl: Ctl) -> dict:
+    import threading
+
+    import pigeon.sync
+
+    body = b"x" * 16
+    with pigeon.sync.connect(f"{LOCAL}:{ctl.port.value}") as client:
+        for _ in range(200):  # warm up
+            client.request(SERVICE, body, timeout=5.0)
+        window, lat, lock = ctl.cfg["window"], [], threading.Lock()
+        end = time.perf_counter() + ctl.cfg["seconds"]
+
+        def caller() -> None:
+            mine = []
+            while time.perf_counter() < end:
+                t = time.perf_counter_ns()
+                client.request(SERVICE, body, timeout=5.0)
+                mine.append(time.perf_counter_ns() - t)
+            with lock:
+                lat.extend(mine)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=caller) for _ in range(window)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - t0
+    return {"n": len(lat), "elapsed": elapsed, "lat_ns": lat if window == 1 else None}
+
+
+def rpc_sync_latency(opts: Any) -> dict:
+    """pigeon.sync request/serve, one request in flight."""
+    return run_rpc(rpc_server, rpc_sync_client, {"window": 1}, opts.seconds)
+
+
+def rpc_sync_throughput(opts: Any) -> dict:
+    """pigeon.sync request/serve, 100 threads each with one request in flight."""
+    return run_rpc(rpc_server, rpc_sync_client, {"window": 100}, opts.seconds)
+
+
 def rpc_latency(opts: Any) -> dict:
     """pigeon request/serve, one request in flight."""
     return run_rpc(rpc_server, rpc_client, {"window": 1}, opts.seconds)

@@ -66,6 +66,8 @@ REGISTRY: dict[str, list[Entry]] = {
     "rpc": [
         Entry("pigeon", "1 in flight", f"{_P}:rpc_latency"),
         Entry("pigeon", "100 in flight", f"{_P}:rpc_throughput"),
+        Entry("pigeon", "sync, 1 in flight", f"{_P}:rpc_sync_latency"),
+        Entry("pigeon", "sync, 100 threads", f"{_P}:rpc_sync_throughput"),
         Entry("pyzmq", "1 in flight", f"{_Z}:rpc_latency"),
         Entry("pyzmq", "100 in flight", f"{_Z}:rpc_throughput"),
         Entry("nats", "1 in flight", f"{_N}:rpc_latency"),
