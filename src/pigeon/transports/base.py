@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import LocalProtocolError
+from ..errors import LocalProtocolError, Rejected
 from ..message import Message
 
 
@@ -106,6 +106,46 @@ class Delivery:
 
 DeliverySink = Callable[[list[Delivery]], None]
 ServiceHandler = Callable[[Message], Awaitable[Message]]
+
+
+@dataclass(slots=True)
+class HandlerOutcome:
+    """How one run of a service handler ended (see ``run_service_handler``).
+
+    Attributes:
+        reply: the handler's reply, when it returned one.
+        error: why it failed, for the caller's ``Rejected`` ("" if it did not).
+        expired: the request's deadline passed first: the caller has given
+            up, so nothing is sent back.
+    """
+
+    reply: Message | None = None
+    error: str = ""
+    expired: bool = False
+
+
+async def run_service_handler(
+    handler: ServiceHandler, message: Message, remaining: float | None
+) -> HandlerOutcome:
+    """Run ``handler`` on a request with ``remaining`` seconds until its
+    deadline (None: no deadline), cancelling it when the deadline passes.
+
+    Every transport answers requests through this one function, so a
+    handler's failure, timeout and expiry mean the same everywhere.
+    """
+    if remaining is not None and remaining <= 0:
+        return HandlerOutcome(expired=True)
+    try:
+        async with asyncio.timeout(remaining) as scope:
+            return HandlerOutcome(reply=await handler(message))
+    except TimeoutError:
+        if scope.expired():
+            return HandlerOutcome(expired=True)
+        return HandlerOutcome(error="TimeoutError: the handler timed out")
+    except Rejected as exc:
+        return HandlerOutcome(error=exc.reason)
+    except Exception as exc:  # the handler's failure becomes the caller's Rejected
+        return HandlerOutcome(error=f"{type(exc).__name__}: {exc}")
 
 
 class Subscription(Protocol):

@@ -3,14 +3,13 @@ consumers of a :class:`QueueHost`, and a table of local services."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ..errors import NoResponders, Rejected, Timeout
 from ..message import Message
-from .base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler
+from .base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, run_service_handler
 from .host import QueueHost
 
 
@@ -113,16 +112,14 @@ class LocalServices:
         server = min(servers[start:] + servers[:start], key=lambda s: s.outstanding)
         server.outstanding += 1
         try:
-            async with asyncio.timeout(timeout):
-                return await server.handler(message)
-        except TimeoutError as exc:
-            raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s") from exc
-        except Rejected:
-            raise
-        except Exception as exc:  # the handler's failure becomes the caller's Rejected
-            raise Rejected(service, f"{type(exc).__name__}: {exc}") from exc
+            outcome = await run_service_handler(server.handler, message, timeout)
         finally:
             server.outstanding -= 1
+        if outcome.expired:
+            raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+        if outcome.error or outcome.reply is None:
+            raise Rejected(service, outcome.error or "the handler gave no reply")
+        return outcome.reply
 
 
 class _ServiceRegistration:

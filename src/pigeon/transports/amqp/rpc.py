@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 
 from ...errors import PigeonError, Rejected, Timeout, TransportError
 from ...message import BYTES, Message, new_id
-from ..base import ServiceHandler
+from ..base import ServiceHandler, run_service_handler
 from .envelope import ERROR, error_of, from_amqp, remaining, to_amqp
 from .errors import map_exceptions
 from .topology import service_queue
@@ -167,25 +167,12 @@ class ServiceRegistration:
         counts = self.transport.counts
         message = from_amqp(incoming)
         left = remaining(message)
-        error: str | None = None
-        reply: Message | None = None
-        if left is not None and left <= 0:
+        outcome = await run_service_handler(self.handler, message, left)
+        if outcome.expired:
             counts["requests_expired"] += 1
-            await self._settle(incoming)
+            await self._settle(incoming)  # the caller has given up: no reply
             return
-        try:
-            async with asyncio.timeout(left) as deadline:
-                reply = await self.handler(message)
-        except TimeoutError:
-            if deadline.expired():
-                counts["requests_expired"] += 1
-                await self._settle(incoming)  # the caller has given up: no reply
-                return
-            error = "TimeoutError: the handler timed out"
-        except Rejected as exc:
-            error = exc.reason
-        except Exception as exc:  # the handler's failure becomes the caller's Rejected
-            error = f"{type(exc).__name__}: {exc}"
+        error, reply = outcome.error or None, outcome.reply
         counts["requests_handled"] += 1
         if incoming.reply_to:
             if reply is None:

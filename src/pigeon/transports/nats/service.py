@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import MessageTooLarge, PigeonError, Rejected
 from ...message import Message, new_id
-from ..base import ServiceHandler
+from ..base import ServiceHandler, run_service_handler
 from . import envelope
 from .errors import map_exceptions
 
@@ -84,22 +84,11 @@ class ServiceRegistration:
         counts = self.transport.counts
         request = decode_request(msg)
         remaining = None if request.deadline is None else request.deadline - time.time()
-        if remaining is not None and remaining <= 0:
-            counts["requests_expired"] += 1
+        outcome = await run_service_handler(self.handler, request, remaining)
+        if outcome.expired:
+            counts["requests_expired"] += 1  # the caller has given up: no answer
             return
-        error = ""
-        try:
-            async with asyncio.timeout(remaining) as scope:
-                reply = await self.handler(request)
-        except TimeoutError:
-            if scope.expired():
-                counts["requests_expired"] += 1  # the caller has given up: no answer
-                return
-            error = "TimeoutError: the handler timed out"
-        except Rejected as exc:
-            error = exc.reason
-        except Exception as exc:  # the handler's failure becomes the caller's Rejected
-            error = f"{type(exc).__name__}: {exc}"
+        error, reply = outcome.error, outcome.reply
         if error:
             body, headers = b"", {envelope.ERROR: envelope.single_line(error)[:_MAX_REASON]}
         else:
