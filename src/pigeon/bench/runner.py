@@ -199,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     doc = run(opts)
     print(report.table(doc))
     if opts.chart:
-        report.chart(doc, opts.chart)
+        try:
+            report.chart(doc, opts.chart)
+        except ImportError:
+            print(
+                "pigeon bench: --chart needs matplotlib: pip install 'pigeon-mq[bench]'",
+                file=sys.stderr,
+            )
+            return 2
         print(f"chart written to {opts.chart}", file=sys.stderr)
     if opts.json:
         print(report.to_json(doc))

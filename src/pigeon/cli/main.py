@@ -10,8 +10,14 @@ from . import demo, node
 
 
 def _bench(argv: list[str]) -> int:
-    from ..bench import main as bench_main
-
+    try:
+        from ..bench import main as bench_main
+    except ImportError as exc:
+        print(
+            f"pigeon bench needs its extras ({exc}): pip install 'pigeon-mq[bench]'",
+            file=sys.stderr,
+        )
+        return 2
     return bench_main(argv)
 
 
