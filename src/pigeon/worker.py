@@ -168,10 +168,14 @@ class Server:
         self.handler = handler
         self.counts = {"handled": 0, "failed": 0}
         self._registration: Subscription | None = None
+        self._async_handler = inspect.iscoroutinefunction(handler)
 
     async def _serve(self, message: Message) -> Message:
         try:
-            result = await call_handler(self.handler, message)
+            if self._async_handler:
+                result = await self.handler(message)
+            else:
+                result = await call_handler(self.handler, message)
         except Exception:
             self.counts["failed"] += 1
             raise

@@ -60,8 +60,11 @@ class Correlator:
         equally loaded servers take turns.
         """
         servers = list(candidates)
-        if not servers:
-            return None
+        if len(servers) <= 1:
+            if not servers:
+                return None
+            self._assign(call, servers[0], now)
+            return servers[0]
         start = next(self._rotation) % len(servers)
         ordered = servers[start:] + servers[:start]
         chosen = min(ordered, key=lambda s: (s in call.tried, self._outstanding.get(s, 0)))

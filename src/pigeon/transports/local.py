@@ -107,9 +107,11 @@ class LocalServices:
         servers = self._servers.get(service)
         if not servers:
             raise NoResponders(service)
-        # Least outstanding first; ties take turns.
-        start = next(self._rotation) % len(servers)
-        server = min(servers[start:] + servers[:start], key=lambda s: s.outstanding)
+        if len(servers) == 1:
+            server = servers[0]
+        else:  # least outstanding first; ties take turns
+            start = next(self._rotation) % len(servers)
+            server = min(servers[start:] + servers[:start], key=lambda s: s.outstanding)
         server.outstanding += 1
         try:
             outcome = await run_service_handler(server.handler, message, timeout)

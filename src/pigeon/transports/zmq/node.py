@@ -372,11 +372,11 @@ class ZmqTransport:
         rid = message.id
         call = self.correlator.start(rid, service, now, timeout=timeout, attempt_timeout=timeout)
         try:
-            await self._await_handshakes(service, deadline)
             while True:
-                candidates: list[Any] = [link for link in self.links if link.offers(service)]
-                if self.services.offers(service):
-                    candidates.append(_LOCAL)
+                candidates = self._candidates(service)
+                if not candidates and not call.tried:
+                    await self._await_handshakes(service, deadline)
+                    candidates = self._candidates(service)
                 server = self.correlator.choose(call, candidates, time.monotonic())
                 if server is None:
                     raise NoResponders(service)
@@ -401,6 +401,12 @@ class ZmqTransport:
             self._attempts.pop(rid, None)
             self.correlator.finish(rid)
         raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+
+    def _candidates(self, service: str) -> list[Any]:
+        candidates: list[Any] = [link for link in self.links if link.offers(service)]
+        if self.services.offers(service):
+            candidates.append(_LOCAL)
+        return candidates
 
     async def _await_handshakes(self, service: str, deadline: float) -> None:
         # Right after connecting we do not yet know who serves what; wait
