@@ -257,3 +257,40 @@ def test_nonsense_values_in_valid_frames_are_refused() -> None:
             raw.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_a_stuck_but_alive_server_is_retried_elsewhere_after_attempt_timeout() -> None:
+    stuck_url, healthy_url = free_tcp(), free_tcp()
+
+    async def scenario() -> None:
+        runs: list[str] = []
+
+        async def stuck(message: pigeon.Message) -> str:
+            runs.append("stuck")
+            await asyncio.sleep(30)
+            return "late"
+
+        async def healthy(message: pigeon.Message) -> str:
+            runs.append("healthy")
+            return "fine"
+
+        async with (
+            pigeon.connect(bind=stuck_url, heartbeat=0.2) as a,
+            pigeon.connect(bind=healthy_url, heartbeat=0.2) as b,
+        ):
+            await a.serve("svc", stuck)
+            await b.serve("svc", healthy)
+            # The stuck server keeps heartbeating, so only attempt_timeout
+            # moves a call on; every call must end at the healthy one.
+            async with pigeon.connect([stuck_url, healthy_url], attempt_timeout=0.3) as client:
+                started = time.monotonic()
+                replies = set()
+                for _ in range(4):
+                    replies.add((await client.request("svc", "y", timeout=5.0)).text)
+                assert replies == {"fine"}
+                assert time.monotonic() - started < 4 * 0.3 + 2.0
+                assert runs.count("healthy") == 4
+                assert "stuck" in runs  # it got calls, and they moved on
+                assert client.stats()["request_retries"] == runs.count("stuck")
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -78,6 +78,9 @@ class ZmqTransport:
         store: path of a SQLite file: the queues this node hosts become
             durable (a send is confirmed once it is on disk; messages survive
             a crash and come back marked redelivered). Needs ``bind``.
+        attempt_timeout: seconds after which a call whose server has not
+            answered is also sent to another server, with the same request id
+            (the first reply wins). None: only when the server is lost.
         synchronous: ``"full"`` (default: every confirm is fsynced) or
             ``"normal"`` (survives a process crash, may lose the last
             confirms on power loss).
@@ -97,6 +100,7 @@ class ZmqTransport:
         max_length: int | None = None,
         store: str | os.PathLike[str] | None = None,
         synchronous: str = "full",
+        attempt_timeout: float | None = None,
     ) -> None:
         if store is not None and not bind:
             raise ConfigurationError(
@@ -114,6 +118,11 @@ class ZmqTransport:
         self.connect_grace = connect_grace
         self.node_id = f"{os.getpid()}-{new_id()}"
         self.session = new_id()
+        if attempt_timeout is not None and not attempt_timeout > 0:
+            raise ConfigurationError(
+                f"attempt_timeout must be > 0 seconds, not {attempt_timeout!r}"
+            )
+        self.attempt_timeout = attempt_timeout
         self.store_path = os.fspath(store) if store is not None else None
         self.synchronous = synchronous
         self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length)
@@ -370,7 +379,9 @@ class ZmqTransport:
         now = time.monotonic()
         deadline = now + timeout
         rid = message.id
-        call = self.correlator.start(rid, service, now, timeout=timeout, attempt_timeout=timeout)
+        call = self.correlator.start(
+            rid, service, now, timeout=timeout, attempt_timeout=self.attempt_timeout or timeout
+        )
         try:
             while True:
                 candidates = self._candidates(service)
@@ -388,7 +399,10 @@ class ZmqTransport:
                 attempt: asyncio.Future[Any] = loop.create_future()
                 self._attempts[rid] = attempt
                 server.send_frame(Request(rid, service, message, remaining))
-                timer = loop.call_later(remaining, _resolve, attempt, _RETRY)
+                # The core set when this attempt gives up (its deadline, or
+                # sooner with attempt_timeout); then the call moves on.
+                wait = max(0.0, call.attempt_deadline - time.monotonic())
+                timer = loop.call_later(wait, _resolve, attempt, _RETRY)
                 try:
                     result = await attempt
                 finally:
