@@ -111,7 +111,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Compare pigeon with raw pyzmq, NATS and RabbitMQ on the same shapes of work.",
     )
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per variant")
+    p.add_argument(
+        "--seconds", type=float, default=3.0, help="measuring time per variant (default 3)"
+    )
     p.add_argument(
         "--peers",
         default=",".join(PEERS),
