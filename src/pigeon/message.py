@@ -77,6 +77,15 @@ def _stamp() -> tuple[str, float]:
     return _prefix + _HEX4[(n >> 16) & 0xFFFF] + _HEX4[n & 0xFFFF], ns * 1e-9
 
 
+def minted_here(message_id: str) -> bool:
+    """True if ``message_id`` was made by :func:`new_id` in this process.
+
+    Such an id cannot come back as another producer's resend, so a host
+    needs no tombstone for it once it is acked.
+    """
+    return message_id[12:22] == _process_tag
+
+
 def new_id() -> str:
     """Return a new unique message id that sorts by creation time."""
     return _stamp()[0]

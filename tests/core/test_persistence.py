@@ -9,10 +9,15 @@ from pigeon.store import Ack, Dead, Put, Replay, Requeue
 
 
 def test_plain_events_map_one_to_one() -> None:
-    m = make_message(b"x")
+    m = make_message(b"x", message_id="from-another-producer")
     assert persistence.put_op("q", m) == Put("q", m)
-    assert persistence.ack_ops("q", [m]) == [Ack("q", m.id)]
+    assert persistence.ack_ops("q", [m]) == [Ack("q", m.id)]  # tombstone kept
     assert persistence.requeue_op("q", m, 5.0) == Requeue("q", m, 5.0)
+
+
+def test_ids_minted_here_need_no_tombstone() -> None:
+    m = make_message(b"x")  # its id carries this process's tag
+    assert persistence.ack_ops("q", [m]) == [Ack("q", m.id, tombstone=False)]
 
 
 def test_a_dead_letter_lives_in_its_origin_row() -> None:
@@ -31,7 +36,7 @@ def test_a_dead_letter_lives_in_its_origin_row() -> None:
 
 
 def test_a_user_queue_named_like_a_dead_queue_is_a_plain_queue() -> None:
-    m = make_message(b"x")  # no dead-letter headers: sent there by a user
+    m = make_message(b"x", message_id="by-a-user")  # no dead-letter headers
     assert persistence.ack_ops("q.dead", [m]) == [Ack("q.dead", m.id)]
 
 

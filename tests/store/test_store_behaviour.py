@@ -197,3 +197,14 @@ def test_a_closed_store_raises_closed_error(opener: Opener):
         with pytest.raises(ClosedError):
             call()
     store.close()  # closing twice is fine
+
+
+def test_ack_without_tombstone_forgets_the_id(store) -> None:  # noqa: ANN001
+    from pigeon.message import make_message
+    from pigeon.store import Ack, Put
+
+    m = make_message(b"x", message_id="m1")
+    assert store.apply([Put("q", m)]) == [True]
+    assert store.apply([Ack("q", "m1", tombstone=False)]) == [True]
+    assert store.load() == []
+    assert store.apply([Put("q", m)]) == [True]  # no tombstone: stored again

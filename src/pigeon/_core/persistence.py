@@ -8,11 +8,12 @@ memory it is served from the queue ``<origin>.dead``. Acking it there deletes
 the dead row (replay to live, then ack, in one transaction).
 Rule 4: a nack without delay writes nothing: the message is still stored,
 and a restart brings it back anyway.
+Rule 5: see ``ack_ops``.
 """
 
 from __future__ import annotations
 
-from ..message import Message
+from ..message import Message, minted_here
 from ..store.base import Ack, Dead, Op, Put, Replay, Requeue
 
 DEAD_QUEUE_HEADER = "x-pigeon-dead-queue"
@@ -31,11 +32,13 @@ def put_op(queue: str, message: Message) -> Op:
 
 
 def ack_ops(queue: str, messages: list[Message]) -> list[Op]:
+    """Rule 5: an id minted by this process needs no tombstone (nobody else
+    can resend it); every other acked id keeps one for the dedupe window."""
     ops: list[Op] = []
     for message in messages:
         origin = dead_origin(queue, message)
         if origin is None:
-            ops.append(Ack(queue, message.id))
+            ops.append(Ack(queue, message.id, tombstone=not minted_here(message.id)))
         else:
             ops += (Replay(origin, message.id), Ack(origin, message.id))
     return ops

@@ -53,10 +53,15 @@ class Put(msgspec.Struct, frozen=True):
 
 
 class Ack(msgspec.Struct, frozen=True):
-    """Delete a live message for good and remember its id for the dedupe window."""
+    """Delete a live message for good and remember its id for the dedupe window.
+
+    ``tombstone=False`` skips remembering it: for an id no producer can
+    resend (minted by the host's own process), the tombstone is wasted work.
+    """
 
     queue: str
     id: str
+    tombstone: bool = True
 
 
 class Requeue(msgspec.Struct, frozen=True):

@@ -93,7 +93,7 @@ class MemoryStore:
             key = (op.queue, op.id)
             if self._live.pop(key, None) is None:
                 return False
-            if self._window > 0:
+            if self._window > 0 and op.tombstone:
                 self._tombstones[key] = now
             return True
         if isinstance(op, Requeue):

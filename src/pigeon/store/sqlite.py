@@ -183,6 +183,19 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
+_ROWS_PER_STATEMENT = 200  # 3 parameters a row stays far below SQLite's limit
+
+
+def _chunks(run: Sequence[Op], size: int) -> list[Sequence[Op]]:
+    return [run[i : i + size] for i in range(0, len(run), size)]
+
+
+def _run_kind(op: Op) -> tuple[type, bool]:
+    # Ops of one kind go in one executemany; acks with and without a
+    # tombstone are different statements.
+    return type(op), getattr(op, "tombstone", True)
+
+
 class SqliteStore:
     """A durable :class:`~pigeon.store.base.Store` in one SQLite file (WAL mode).
 
@@ -295,38 +308,47 @@ class SqliteStore:
         results: list[bool] = []
         start = 0
         while start < len(ops):
-            kind = type(ops[start])
+            kind = _run_kind(ops[start])
             end = start + 1
-            while end < len(ops) and type(ops[end]) is kind:
+            while end < len(ops) and _run_kind(ops[end]) == kind:
                 end += 1
             run = ops[start:end]
-            if kind in (Put, Ack) and len(run) > 1 and self._apply_run(kind, run, now):
+            if kind[0] in (Put, Ack) and len(run) > 1 and self._apply_run(kind, run, now):
                 results += [True] * len(run)
             else:
                 results += [self._apply_one(op, now) for op in run]
             start = end
         return results
 
-    def _apply_run(self, kind: type, run: Sequence[Op], now: float) -> bool:
+    def _apply_run(self, kind: tuple[type, bool], run: Sequence[Op], now: float) -> bool:
         conn = self._conn
         conn.execute("SAVEPOINT run")
         before = conn.total_changes
-        if kind is Put:
-            conn.executemany(
-                "INSERT OR IGNORE INTO messages (queue, id, state, message) VALUES (?, ?, 0, ?)",
-                [(op.queue, op.message.id, encode_message(op.message)) for op in run],  # type: ignore[union-attr]
-            )
-        elif self._window > 0:
-            conn.executemany(
-                "UPDATE messages SET state = 2, message = x'', ready_at = 0, at = ?"
-                " WHERE queue = ? AND id = ? AND state = 0",
-                [(now, op.queue, op.id) for op in run],  # type: ignore[union-attr]
-            )
-        else:
-            conn.executemany(
-                "DELETE FROM messages WHERE queue = ? AND id = ? AND state = 0",
-                [(op.queue, op.id) for op in run],  # type: ignore[union-attr]
-            )
+        # Many rows per statement: executemany would step (and hand the GIL
+        # back and forth) once per row, which a busy host thread makes slow.
+        for chunk in _chunks(run, _ROWS_PER_STATEMENT):
+            if kind[0] is Put:
+                rows = [
+                    value
+                    for op in chunk
+                    for value in (op.queue, op.message.id, encode_message(op.message))  # type: ignore[union-attr]
+                ]
+                values = ", ".join(["(?, ?, 0, ?)"] * len(chunk))
+                conn.execute(
+                    f"INSERT OR IGNORE INTO messages (queue, id, state, message) VALUES {values}",
+                    rows,
+                )
+                continue
+            keys = [value for op in chunk for value in (op.queue, op.id)]  # type: ignore[union-attr]
+            where = " OR ".join(["(queue = ? AND id = ?)"] * len(chunk))
+            if self._window > 0 and kind[1]:
+                conn.execute(
+                    "UPDATE messages SET state = 2, message = x'', ready_at = 0, at = ?"
+                    f" WHERE state = 0 AND ({where})",
+                    [now, *keys],
+                )
+            else:
+                conn.execute(f"DELETE FROM messages WHERE state = 0 AND ({where})", keys)
         if conn.total_changes - before == len(run):
             conn.execute("RELEASE run")
             return True
@@ -352,7 +374,7 @@ class SqliteStore:
             run(insert, (*key, encode_message(op.message)))
             return True
         if isinstance(op, Ack):
-            if self._window > 0:
+            if self._window > 0 and op.tombstone:
                 sql = (
                     "UPDATE messages SET state = 2, message = x'', ready_at = 0, at = ?"
                     " WHERE queue = ? AND id = ? AND state = 0"
