@@ -241,3 +241,19 @@ def test_send_waits_for_room_at_a_full_host() -> None:
             await wait_until(lambda: got == ["first", "second"], 5, "both messages")
 
     asyncio.run(scenario())
+
+
+def test_a_failed_bind_says_where_and_releases_the_store(tmp_path) -> None:
+    store = str(tmp_path / "q.db")
+
+    async def scenario() -> None:
+        async with pigeon.connect(bind="tcp://127.0.0.1:0") as first:
+            taken = first.stats()["bound"][0]
+            with pytest.raises(pigeon.TransportError) as info:
+                await pigeon.connect(bind=taken, store=store)
+            assert taken in str(info.value)
+        # The store was closed with the failed node: it opens again at once.
+        async with pigeon.connect(bind="tcp://127.0.0.1:0", store=store) as node:
+            assert node.stats()["durable"]
+
+    asyncio.run(scenario())

@@ -174,7 +174,7 @@ class ZmqTransport:
                 try:
                     self.bound.append(self.router.bind(address))
                 except zmq.ZMQError as exc:
-                    self.router.close()
+                    await self.close()  # releases the store (and its lock) too
                     raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
             self.router.start()
             admin.register(self)
