@@ -98,6 +98,12 @@ class Correlator:
         self._unassign(call)
         return call
 
+    def discard(self, request_id: str) -> None:
+        """The caller is done with a call (answered, failed or gave up)."""
+        call = self._calls.pop(request_id, None)
+        if call is not None:
+            self._unassign(call)
+
     def due(self, now: float) -> tuple[list[PendingCall], list[PendingCall]]:
         """Return ``(expired, to_retry)``: calls past their deadline, and calls
         whose attempt timed out and that should move to another server."""

@@ -136,10 +136,12 @@ async def run_service_handler(
     if remaining is not None and remaining <= 0:
         return HandlerOutcome(expired=True)
     try:
+        if remaining is None:  # the caller enforces the deadline itself
+            return HandlerOutcome(reply=await handler(message))
         async with asyncio.timeout(remaining) as scope:
             return HandlerOutcome(reply=await handler(message))
     except TimeoutError:
-        if scope.expired():
+        if remaining is not None and scope.expired():
             return HandlerOutcome(expired=True)
         return HandlerOutcome(error="TimeoutError: the handler timed out")
     except Rejected as exc:

@@ -96,8 +96,9 @@ class LocalServices:
     def load(self) -> int:
         return sum(s.outstanding for servers in self._servers.values() for s in servers)
 
-    async def call(self, service: str, message: Message, *, timeout: float) -> Message:
-        """Run a local server's handler on ``message``.
+    async def call(self, service: str, message: Message, *, timeout: float | None) -> Message:
+        """Run a local server's handler on ``message``; ``timeout`` None means
+        the caller enforces the deadline (by cancelling the call).
 
         Raises:
             NoResponders: nobody here serves ``service``.
@@ -118,7 +119,7 @@ class LocalServices:
         finally:
             server.outstanding -= 1
         if outcome.expired:
-            raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+            raise Timeout(f"service {service!r} did not answer within {timeout} s")
         if outcome.error or outcome.reply is None:
             raise Rejected(service, outcome.error or "the handler gave no reply")
         return outcome.reply

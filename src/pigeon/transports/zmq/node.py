@@ -40,6 +40,7 @@ from .link import Link
 from .router import REFUSED_FULL, REFUSED_STORE, RouterSide
 
 _RETRY = object()  # resolves an attempt's future when the call must move on
+_SWEEP = 0.01  # seconds between checks of pending calls' deadlines
 _LOCAL = "local"  # the candidate name of this node's own services
 
 _context: zmq.Context[zmq.Socket[bytes]] | None = None
@@ -136,6 +137,7 @@ class ZmqTransport:
         self._sinks: dict[str, DeliverySink] = {}
         self._local_subs: list[Subscription] = []
         self._attempts: dict[str, asyncio.Future[Any]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
         self._started = False
@@ -399,22 +401,32 @@ class ZmqTransport:
                 attempt: asyncio.Future[Any] = loop.create_future()
                 self._attempts[rid] = attempt
                 server.send_frame(Request(rid, service, message, remaining))
-                # The core set when this attempt gives up (its deadline, or
-                # sooner with attempt_timeout); then the call moves on.
-                wait = max(0.0, call.attempt_deadline - time.monotonic())
-                timer = loop.call_later(wait, _resolve, attempt, _RETRY)
-                try:
-                    result = await attempt
-                finally:
-                    timer.cancel()
+                self._arm_sweep()
+                result = await attempt
                 if result is not _RETRY:
                     return _reply_or_raise(service, result)
                 if time.monotonic() >= deadline:
                     break
         finally:
             self._attempts.pop(rid, None)
-            self.correlator.finish(rid)
+            self.correlator.discard(rid)
         raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+
+    def _arm_sweep(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        """Move on the calls whose attempt or deadline ran out, as the core
+        says (one timer for all calls, rather than one per call)."""
+        self._sweeper = None
+        expired, retry = self.correlator.due(time.monotonic())
+        for call in (*expired, *retry):
+            attempt = self._attempts.get(call.request_id)
+            if attempt is not None:
+                _resolve(attempt, _RETRY)
+        if self._attempts:
+            self._arm_sweep()
 
     def _candidates(self, service: str) -> list[Any]:
         candidates: list[Any] = [link for link in self.links if link.offers(service)]
@@ -504,6 +516,8 @@ class ZmqTransport:
         await asyncio.sleep(0)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for attempt in self._attempts.values():
             _resolve(attempt, _RETRY)
         for link in self.links:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 # Refuse reasons start with one of these words, so the producer can tell
 # "try again later" (full) from "will never fit" and "the host's disk failed".
 REFUSED_FULL = "full"
+_SWEEP = 0.01  # seconds between checks of running requests' deadlines
 REFUSED_TOO_LARGE = "too large"
 REFUSED_STORE = "store failed"
 
@@ -55,6 +56,8 @@ class RouterSide:
         self._running: dict[str, list[bytes]] = {}
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
         self._background: set[asyncio.Future[None]] = set()
+        self._deadlines: dict[asyncio.Task[None], float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.protocol_errors = 0
         self.peers_lost = 0
         self.pump: Pump | None = None
@@ -218,15 +221,32 @@ class RouterSide:
         waiting = self._running.setdefault(rid, [])
         waiting.append(identity)
         if state is CacheState.NEW:
-            asyncio.get_running_loop().create_task(self._run_request(request))
+            task = asyncio.get_running_loop().create_task(self._run_request(request))
+            # One sweep timer cuts handlers at their deadlines: cheaper than a
+            # timeout scope per request.
+            self._deadlines[task] = time.monotonic() + max(0.0, request.timeout)
+            task.add_done_callback(self._deadlines.pop)
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for task, deadline in list(self._deadlines.items()):
+            if now >= deadline:
+                task.cancel()
+        if self._deadlines:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
     async def _run_request(self, request: frames.Request) -> None:
         rid = request.request_id
         try:
-            reply = await self.node.services.call(
-                request.service, request.message, timeout=max(0.0, request.timeout)
-            )
+            reply = await self.node.services.call(request.service, request.message, timeout=None)
             answer = frames.Reply(rid, reply)
+        except asyncio.CancelledError:  # its deadline passed (see _sweep)
+            answer = frames.Reply(
+                rid, None, f"deadline of {request.timeout:.3f} s passed", "Timeout"
+            )
         except NoResponders as exc:
             answer = frames.Reply(rid, None, str(exc), "NoResponders")
         except Timeout as exc:
@@ -264,6 +284,9 @@ class RouterSide:
         self.liveness.forget(identity)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.pump is not None:
             self.pump.close()
         else:
