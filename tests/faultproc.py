@@ -45,7 +45,19 @@ async def server(url: str, name: str, mode: str) -> None:
         await asyncio.Event().wait()
 
 
+async def outbox_producer(url: str, outbox: str, count: str) -> None:
+    """Sends ``count`` messages through a durable outbox, reporting each one
+    once it is accepted (on disk here), then stays up to deliver them."""
+    async with pigeon.connect(url, outbox=outbox, heartbeat=0.2) as conn:
+        emit(ev="ready", restored=conn.stats()["outbox"]["restored"])
+        for i in range(int(count)):
+            await conn.send("jobs", f"m{i}", message_id=f"outbox-{i}")
+            emit(ev="accepted", id=f"outbox-{i}")
+        await asyncio.Event().wait()
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    coro = {"hanging_worker": hanging_worker, "server": server}[role](*args)
+    roles = {"hanging_worker": hanging_worker, "server": server, "outbox_producer": outbox_producer}
+    coro = roles[role](*args)
     asyncio.run(coro)

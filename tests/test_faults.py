@@ -294,3 +294,49 @@ def test_a_stuck_but_alive_server_is_retried_elsewhere_after_attempt_timeout() -
                 assert client.stats()["request_retries"] == runs.count("stuck")
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_durable_outbox_delivers_what_it_accepted_across_a_producer_crash(
+    children, tmp_path
+) -> None:
+    url, outbox = free_tcp(), str(tmp_path / "outbox.db")
+
+    async def scenario() -> None:
+        # No host yet: the producer accepts into its outbox on disk, then dies.
+        first = children("outbox_producer", url, outbox, "50")
+        await wait_until(
+            lambda: sum(e["ev"] == "accepted" for e in first.poll()) == 50, 15, "50 accepted"
+        )
+        first.kill()
+        got: list[str] = []
+        async with pigeon.connect(bind=url, heartbeat=0.2) as host:
+            await host.consume("jobs", lambda d: got.append(d.message.id))
+            # A new run of the producer finds them on disk and delivers them.
+            second = children("outbox_producer", url, outbox, "0")
+            await wait_until(lambda: second.has("ready"), 10, "the producer to restart")
+            assert next(e for e in second.events if e["ev"] == "ready")["restored"] == 50
+            await wait_until(lambda: len(set(got)) == 50, 10, "all 50 delivered")
+        assert sorted(set(got)) == sorted(f"outbox-{i}" for i in range(50))
+
+    asyncio.run(asyncio.wait_for(scenario(), 40))
+
+
+def test_a_durable_outbox_retries_a_full_host_instead_of_failing(tmp_path) -> None:
+    url = free_tcp()
+
+    async def scenario() -> None:
+        async with (
+            pigeon.connect(bind=url, max_length=2) as host,
+            pigeon.connect(url, outbox=str(tmp_path / "o.db"), heartbeat=0.2) as producer,
+        ):
+            for i in range(5):
+                await producer.send("q", str(i))  # accepted on disk at once
+            await asyncio.sleep(0.3)
+            assert host.stats()["queues"]["q"]["ready"] == 2  # the rest were refused
+            got: list[str] = []
+            await host.consume("q", lambda d: got.append(d.message.text))
+            await wait_until(lambda: sorted(got) == ["0", "1", "2", "3", "4"], 10, "all five")
+            assert producer.stats()["outbox"]["refused_retried"] >= 3
+            await producer.flush(5)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

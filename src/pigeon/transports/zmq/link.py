@@ -17,7 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..._core import frames
 from ..._core.frames import Consume, Hello, Send, Settle
-from ...errors import Backpressure, RemoteProtocolError
+from ...errors import Backpressure, RemoteProtocolError, StoreError
 from ...message import Message
 from ..base import Delivery
 from .pump import Pump
@@ -185,7 +185,8 @@ class Link:
         return self.pump.send(frames.encode(frame))
 
     def enqueue(self, queue: str, message: Message, future: asyncio.Future[None]) -> None:
-        if len(self.outbox) >= self.node.outbox_limit:
+        if len(self.outbox) >= self.node.outbox_limit and self.node.outbox is None:
+            # (A durable outbox checks its limit when it accepts a send.)
             raise Backpressure(f"outbox to {self.address}", self.node.outbox_limit)
         self.outbox[message.id] = (queue, message, future)
         self._sends.setdefault(queue, []).append(message)
@@ -245,16 +246,9 @@ class Link:
             case frames.Deliver(queue, messages):
                 self.node.deliver(self, queue, messages)
             case frames.Confirm(ids):
-                outbox = self.outbox
-                for mid in ids:
-                    entry = outbox.pop(mid, None)
-                    if entry is not None and not entry[2].done():
-                        entry[2].set_result(None)
+                self._confirmed(ids)
             case frames.Refuse(id_reasons):
-                for mid, reason in id_reasons:
-                    entry = self.outbox.pop(mid, None)
-                    if entry is not None and not entry[2].done():
-                        entry[2].set_exception(self.node.refusal(entry[0], reason))
+                self._refused(id_reasons)
             case frames.Reply():
                 self.node.on_reply(self, frame)
             case frames.Hello():
@@ -264,6 +258,36 @@ class Link:
                 self.node.on_remote_error(self, reason)
             case _:
                 self.protocol_errors += 1
+
+    def _confirmed(self, ids: list[str]) -> None:
+        outbox = self.outbox
+        by_queue: dict[str, list[str]] = {}
+        for mid in ids:
+            entry = outbox.pop(mid, None)
+            if entry is None:
+                continue
+            if not entry[2].done():
+                entry[2].set_result(None)
+            by_queue.setdefault(entry[0], []).append(mid)
+        durable = self.node.outbox
+        if durable is not None:
+            for queue, confirmed in by_queue.items():
+                durable.confirmed(queue, confirmed)
+
+    def _refused(self, id_reasons: list[tuple[str, str]]) -> None:
+        durable = self.node.outbox
+        for mid, reason in id_reasons:
+            entry = self.outbox.pop(mid, None)
+            if entry is None:
+                continue
+            queue, message, future = entry
+            error = self.node.refusal(queue, reason)
+            if durable is not None and isinstance(error, (Backpressure, StoreError)):
+                durable.refused(self, queue, message)  # kept, and tried again
+            elif durable is not None:
+                durable.dropped(queue, message, error)
+            elif not future.done():
+                future.set_exception(error)
 
     def close(self) -> None:
         if self._hello_timer is not None:

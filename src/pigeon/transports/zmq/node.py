@@ -37,6 +37,7 @@ from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
 from . import admin
 from .link import Link
+from .outbox import DurableOutbox
 from .router import REFUSED_FULL, REFUSED_STORE, RouterSide
 
 _RETRY = object()  # resolves an attempt's future when the call must move on
@@ -79,6 +80,10 @@ class ZmqTransport:
         store: path of a SQLite file: the queues this node hosts become
             durable (a send is confirmed once it is on disk; messages survive
             a crash and come back marked redelivered). Needs ``bind``.
+        outbox: path of a SQLite file that makes this producer's outbox
+            durable: a send is confirmed once it is on disk here, and is
+            delivered (resent after a restart of this process, retried while
+            the host is away or full) until the host has stored it.
         attempt_timeout: seconds after which a call whose server has not
             answered is also sent to another server, with the same request id
             (the first reply wins). None: only when the server is lost.
@@ -102,7 +107,13 @@ class ZmqTransport:
         store: str | os.PathLike[str] | None = None,
         synchronous: str = "full",
         attempt_timeout: float | None = None,
+        outbox: str | os.PathLike[str] | None = None,
     ) -> None:
+        if outbox is not None and bind:
+            raise ConfigurationError(
+                "outbox= is for a node that sends to others; a node with bind= stores "
+                "what it is sent with store="
+            )
         if store is not None and not bind:
             raise ConfigurationError(
                 "store= makes the queues a node hosts durable; give it bind= addresses too"
@@ -124,6 +135,8 @@ class ZmqTransport:
                 f"attempt_timeout must be > 0 seconds, not {attempt_timeout!r}"
             )
         self.attempt_timeout = attempt_timeout
+        self.outbox_path = os.fspath(outbox) if outbox is not None else None
+        self.outbox: DurableOutbox | None = None
         self.store_path = os.fspath(store) if store is not None else None
         self.synchronous = synchronous
         self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length)
@@ -189,6 +202,8 @@ class ZmqTransport:
                     f"cannot connect to {address}: {exc}", address=address
                 ) from exc
             self.links.append(link)
+        if self.outbox_path is not None:
+            self.outbox = await DurableOutbox.open(self, self.outbox_path, self.synchronous)
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._beat())
         self._started = True
 
@@ -220,7 +235,8 @@ class ZmqTransport:
 
     # -- queues ----------------------------------------------------------
 
-    def _hosting_link(self) -> Link | None:
+    def sending_link(self) -> Link | None:
+        """The link sends go to: the first that reaches a host, else the first."""
         for link in self.links:
             if link.hosts_queues:
                 return link
@@ -235,7 +251,7 @@ class ZmqTransport:
             self._check_open()
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
-        link = None if self.bind_addresses else self._hosting_link()
+        link = None if self.bind_addresses else self.sending_link()
         if link is None and self.host.committer is not None:
             self.sent += 1
             return self._store_locally(queue, message)
@@ -244,9 +260,11 @@ class ZmqTransport:
                 raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
             self.sent += 1
             return self._stored()
+        self.sent += 1
+        if self.outbox is not None:
+            return self.outbox.accept(queue, [message])
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         link.enqueue(queue, message, future)
-        self.sent += 1
         return future
 
     def send_many(self, queue: str, messages: list[Message]) -> asyncio.Future[None]:
@@ -257,8 +275,10 @@ class ZmqTransport:
         for message in messages:
             if len(message.body) > limit:
                 raise MessageTooLarge(len(message.body), limit)
-        link = None if self.bind_addresses else self._hosting_link()
+        link = None if self.bind_addresses else self.sending_link()
         self.sent += len(messages)
+        if link is not None and self.outbox is not None:
+            return self.outbox.accept(queue, messages)
         if link is not None:
             futures = []
             for message in messages:
@@ -471,7 +491,7 @@ class ZmqTransport:
             Timeout: sends are still unconfirmed after ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
-        while any(link.outbox for link in self.links):
+        while any(link.outbox for link in self.links) or (self.outbox and self.outbox.waiting):
             if time.monotonic() >= deadline:
                 unconfirmed = sum(len(link.outbox) for link in self.links)
                 raise Timeout(f"{unconfirmed} sends still unconfirmed after {timeout} s")
@@ -491,11 +511,18 @@ class ZmqTransport:
         try:
             await self.flush(timeout)
         except Timeout:
-            pass  # counted and failed below
+            pass  # counted and failed below (kept on disk with a durable outbox)
+        if self.outbox is not None:
+            await self.outbox.close(timeout)
         for link in self.links:
             link.flush()
         self.unconfirmed_at_close = 0
         for link in self.links:
+            if self.outbox is not None:
+                # Kept on disk: the next run of this producer resends them.
+                self.kept_in_outbox = len(link.outbox)
+                link.outbox.clear()
+                continue
             for queue, _message, future in link.outbox.values():
                 self.unconfirmed_at_close += 1
                 if not future.done():
@@ -548,6 +575,7 @@ class ZmqTransport:
             "durable": self.store_path is not None,
             "restored": self.restored,
             "store_errors": self.host.store_errors,
+            "outbox": self.outbox.stats() if self.outbox is not None else None,
             "queues": self.host.stats(),
         }
 
