@@ -283,6 +283,8 @@ def test_a_stuck_but_alive_server_is_retried_elsewhere_after_attempt_timeout() -
             # The stuck server keeps heartbeating, so only attempt_timeout
             # moves a call on; every call must end at the healthy one.
             async with pigeon.connect([stuck_url, healthy_url], attempt_timeout=0.3) as client:
+                links = lambda: client.stats()["links"].values()  # noqa: E731
+                await wait_until(lambda: all(link["up"] for link in links()), 5, "both links")
                 started = time.monotonic()
                 replies = set()
                 for _ in range(4):
