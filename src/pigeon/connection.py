@@ -31,7 +31,7 @@ _good_names: set[str] = set()  # names already checked: the hot path skips the s
 
 def _check_name(name: object, what: str) -> str:
     if name in _good_names:
-        return name  # type: ignore[return-value]
+        return name
     if not isinstance(name, str):
         raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
     if not name or len(name) > 255 or any(c.isspace() for c in name):

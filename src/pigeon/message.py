@@ -228,7 +228,11 @@ def encode_body(payload: Any, content_type: str | None = None) -> tuple[bytes, s
         if not isinstance(payload, str):
             raise TypeError(f"content type {TEXT!r} needs str, not {type(payload).__name__}")
         return payload.encode(), TEXT
-    encoder = {JSON: _json_encoder, MSGPACK: _msgpack_encoder}.get(content_type)
+    encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder | None = None
+    if content_type == JSON:
+        encoder = _json_encoder
+    elif content_type == MSGPACK:
+        encoder = _msgpack_encoder
     if encoder is None:
         from .errors import ConfigurationError
 

@@ -175,7 +175,7 @@ class Connection:
             if done.cancelled():
                 outer.cancel()
             elif done.exception() is not None:
-                outer.set_exception(done.exception())  # type: ignore[arg-type]
+                outer.set_exception(done.exception())
             else:
                 outer.set_result(None)
 

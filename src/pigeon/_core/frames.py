@@ -132,7 +132,7 @@ Frame = (
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
+_decoder = msgspec.msgpack.Decoder(Frame)
 
 
 def encode(frame: Frame) -> bytes:
@@ -173,6 +173,7 @@ def decode(data: bytes | memoryview) -> Frame:
             f"unknown protocol version {data[0]} (this node speaks {VERSION})"
         )
     try:
-        return _decoder.decode(memoryview(data)[1:])
+        frame: Frame = _decoder.decode(memoryview(data)[1:])
+        return frame
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"malformed frame: {exc}") from exc

@@ -58,6 +58,11 @@ class Tally:
         elif kind == "producing_done":
             self.producing_done.set()
 
+    def abort_if_failed(self, task: asyncio.Task[None]) -> None:
+        """A role that fails ends the demo instead of leaving it waiting."""
+        if not task.cancelled() and task.exception() is not None:
+            self.abort.set()
+
     def all_processed(self) -> bool:
         return self.producing_done.is_set() and self.produced.issubset(self.processed)
 
@@ -129,8 +134,7 @@ async def _run_in_process(
             kwargs["halt"] = interrupted
         coro = demo_roles.ROLES[role](tally.on_event, stop, **kwargs)
         task = asyncio.create_task(coro, name=name)
-        # A role that fails ends the demo instead of leaving it waiting.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() and tally.abort.set())
+        task.add_done_callback(tally.abort_if_failed)
         tasks.append(task)
     await tally.drain(args.drain_timeout)
     stop.set()

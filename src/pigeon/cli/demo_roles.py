@@ -17,7 +17,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pigeon
@@ -119,7 +119,11 @@ async def responder(
         await stop.wait()
 
 
-ROLES = {"fountain": fountain, "processor": processor, "responder": responder}
+ROLES: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
+    "fountain": fountain,
+    "processor": processor,
+    "responder": responder,
+}
 
 
 def main() -> None:

@@ -465,7 +465,8 @@ async def bad_arguments(setup: TransportSetup) -> None:
                 pass
             else:
                 raise AssertionError(f"expected {error.__name__}")
-        for bad in ({"prefetch": 0}, {"concurrency": -1}):
+        bad_options: list[dict[str, Any]] = [{"prefetch": 0}, {"concurrency": -1}]
+        for bad in bad_options:
             try:
                 await host.consume("q", lambda d: None, **bad)
             except ValueError:

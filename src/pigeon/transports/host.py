@@ -18,7 +18,7 @@ from .._core import persistence
 from .._core.ledger import QueueLedger, dead_letter_queue
 from ..errors import StoreError
 from ..message import Message
-from ..store import GroupCommitter, Store
+from ..store import GroupCommitter, Op, Store
 
 # A sink takes (queue, messages leased to that consumer).
 BatchSink = Callable[[str, list[Message]], None]
@@ -151,7 +151,7 @@ class QueueHost:
             count += 1
         return count
 
-    def _write(self, ops: list[persistence.Op | None]) -> None:
+    def _write(self, ops: list[Op | None]) -> None:
         """Commit ops in the background; a failure is counted, never silent.
 
         Losing such a write cannot lose a message: an ack or requeue that did
@@ -222,7 +222,7 @@ class QueueHost:
             return
         now = time.monotonic()
         durable = self.committer is not None
-        ops: list[persistence.Op | None] = []
+        ops: list[Op | None] = []
         if acks:
             acked = ledger.ack_many(acks, consumer)
             if durable:

@@ -94,7 +94,7 @@ class Link:
         self._monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
-        self._monitor_fd = self._monitor.getsockopt(zmq.FD)
+        self._monitor_fd = int(self._monitor.getsockopt(zmq.FD))
         self._loop.add_reader(self._monitor_fd, self._on_monitor)
         # The monitor's FD is edge-triggered like any zmq FD: an event that
         # came before add_reader would not wake us, so look once now.

@@ -420,6 +420,7 @@ class ZmqTransport:
                     return await self.services.call(service, message, timeout=remaining)
                 attempt: asyncio.Future[Any] = loop.create_future()
                 self._attempts[rid] = attempt
+                assert isinstance(server, Link)
                 server.send_frame(Request(rid, service, message, remaining))
                 self._arm_sweep()
                 result = await attempt

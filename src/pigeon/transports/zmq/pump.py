@@ -55,7 +55,7 @@ class Pump:
         self.malformed = 0
         self.send_failures = 0
         self._loop = asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = int(sock.getsockopt(zmq.FD))
         self._drain_scheduled = False
         self._closed = False
         self._loop.add_reader(self._fd, self._drain)
