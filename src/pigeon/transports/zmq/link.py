@@ -167,7 +167,6 @@ class Link:
             for consume in self.consumers.values():
                 self.pump.send(frames.encode(consume))
             self._resend_outbox()
-            self.node.link_up(self)
 
     def _resend_outbox(self) -> None:
         by_queue: dict[str, list[Message]] = {}

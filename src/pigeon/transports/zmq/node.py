@@ -16,17 +16,14 @@ from typing import Any
 import zmq
 
 from ..._core import frames
-from ..._core.frames import Consume, Hello, Reply, Request
-from ..._core.rpc import Correlator
+from ..._core.frames import Consume, Hello, Reply
 from ...errors import (
     Backpressure,
     ClosedError,
     ConfigurationError,
     DeliveryError,
     MessageTooLarge,
-    NoResponders,
     PigeonError,
-    Rejected,
     StoreError,
     Timeout,
     TransportError,
@@ -36,13 +33,10 @@ from ..base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, Subsc
 from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
 from . import admin
+from .caller import Caller
 from .link import Link
 from .outbox import DurableOutbox
 from .router import REFUSED_FULL, REFUSED_STORE, RouterSide
-
-_RETRY = object()  # resolves an attempt's future when the call must move on
-_SWEEP = 0.01  # seconds between checks of pending calls' deadlines
-_LOCAL = "local"  # the candidate name of this node's own services
 
 _context: zmq.Context[zmq.Socket[bytes]] | None = None
 
@@ -143,14 +137,13 @@ class ZmqTransport:
         self._local_batches: dict[str, list[Message]] = {}
         self._local_batch_future: asyncio.Future[None] | None = None
         self.services = LocalServices()
-        self.correlator = Correlator()
+        self.caller = Caller(self)
+        self.last_remote_error = ""
         self.links: list[Link] = []
         self.router: RouterSide | None = None
         self.bound: list[str] = []
         self._sinks: dict[str, DeliverySink] = {}
         self._local_subs: list[Subscription] = []
-        self._attempts: dict[str, asyncio.Future[Any]] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
         self._started = False
@@ -397,93 +390,16 @@ class ZmqTransport:
 
     async def request(self, service: str, message: Message, *, timeout: float) -> Message:
         self._check_open()
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        deadline = now + timeout
-        rid = message.id
-        call = self.correlator.start(
-            rid, service, now, timeout=timeout, attempt_timeout=self.attempt_timeout or timeout
-        )
-        try:
-            while True:
-                candidates = self._candidates(service)
-                if not candidates and not call.tried:
-                    await self._await_handshakes(service, deadline)
-                    candidates = self._candidates(service)
-                server = self.correlator.choose(call, candidates, time.monotonic())
-                if server is None:
-                    raise NoResponders(service)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                if server is _LOCAL:
-                    return await self.services.call(service, message, timeout=remaining)
-                attempt: asyncio.Future[Any] = loop.create_future()
-                self._attempts[rid] = attempt
-                assert isinstance(server, Link)
-                server.send_frame(Request(rid, service, message, remaining))
-                self._arm_sweep()
-                result = await attempt
-                if result is not _RETRY:
-                    return _reply_or_raise(service, result)
-                if time.monotonic() >= deadline:
-                    break
-        finally:
-            self._attempts.pop(rid, None)
-            self.correlator.discard(rid)
-        raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
-
-    def _arm_sweep(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
-
-    def _sweep(self) -> None:
-        """Move on the calls whose attempt or deadline ran out, as the core
-        says (one timer for all calls, rather than one per call)."""
-        self._sweeper = None
-        expired, retry = self.correlator.due(time.monotonic())
-        for call in (*expired, *retry):
-            attempt = self._attempts.get(call.request_id)
-            if attempt is not None:
-                _resolve(attempt, _RETRY)
-        if self._attempts:
-            self._arm_sweep()
-
-    def _candidates(self, service: str) -> list[Any]:
-        candidates: list[Any] = [link for link in self.links if link.offers(service)]
-        if self.services.offers(service):
-            candidates.append(_LOCAL)
-        return candidates
-
-    async def _await_handshakes(self, service: str, deadline: float) -> None:
-        # Right after connecting we do not yet know who serves what; wait
-        # (briefly, bounded by connect_grace) rather than claim NoResponders.
-        while (  # noqa: ASYNC110 - bounded by connect_grace
-            not any(link.offers(service) for link in self.links)
-            and not self.services.offers(service)
-            and any(link.pending_handshake for link in self.links)
-            and time.monotonic() < deadline
-        ):
-            await asyncio.sleep(0.005)
+        return await self.caller.request(service, message, timeout=timeout)
 
     def on_reply(self, link: Link, reply: Reply) -> None:
-        attempt = self._attempts.get(reply.request_id)
-        if attempt is None:
-            self.correlator.late_replies += 1
-            return
-        _resolve(attempt, reply)
+        self.caller.on_reply(reply)
 
     def on_remote_error(self, link: Link, reason: str) -> None:
-        self.last_remote_error = reason
+        self.last_remote_error = f"{link.address}: {reason}"
 
     def link_down(self, link: Link, why: str) -> None:
-        for call in self.correlator.server_lost(link):
-            attempt = self._attempts.get(call.request_id)
-            if attempt is not None:
-                _resolve(attempt, _RETRY)
-
-    def link_up(self, link: Link) -> None:
-        pass
+        self.caller.server_lost(link)
 
     async def flush(self, timeout: float) -> None:
         """Wait until every link's outbox is confirmed.
@@ -544,10 +460,7 @@ class ZmqTransport:
         await asyncio.sleep(0)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for attempt in self._attempts.values():
-            _resolve(attempt, _RETRY)
+        self.caller.close()
         for link in self.links:
             link.close()
         if self.router is not None:
@@ -562,8 +475,9 @@ class ZmqTransport:
             "sent": self.sent,
             "unconfirmed": sum(len(link.outbox) for link in self.links),
             "unconfirmed_at_close": getattr(self, "unconfirmed_at_close", 0),
-            "request_retries": self.correlator.retries,
-            "late_replies": self.correlator.late_replies,
+            "request_retries": self.caller.correlator.retries,
+            "late_replies": self.caller.correlator.late_replies,
+            "last_remote_error": self.last_remote_error,
             "stale_settles": sum(link.stale_settles for link in self.links),
             "protocol_errors": sum(link.protocol_errors for link in self.links)
             + (router.protocol_errors if router else 0),
@@ -583,18 +497,3 @@ class ZmqTransport:
 
 async def _gather(futures: list[asyncio.Future[None]]) -> None:
     await asyncio.gather(*futures)
-
-
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _reply_or_raise(service: str, reply: Reply) -> Message:
-    if reply.message is not None and not reply.error_kind:
-        return reply.message
-    if reply.error_kind == "NoResponders":
-        raise NoResponders(service)
-    if reply.error_kind == "Timeout":
-        raise Timeout(reply.error)
-    raise Rejected(service, reply.error)

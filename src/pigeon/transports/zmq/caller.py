@@ -1,0 +1,143 @@
+"""The client side of request-reply on a node: which server gets a call,
+and moving a call on when its server is lost or its attempt runs out.
+
+The decisions are the core's (:class:`pigeon._core.rpc.Correlator`); this
+adapter sends the frames, waits for replies, and runs one sweep timer for
+all pending calls instead of a timer per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..._core.frames import Reply, Request
+from ..._core.rpc import Correlator
+from ...errors import NoResponders, Rejected, Timeout
+from ...message import Message
+from .link import Link
+
+if TYPE_CHECKING:
+    from .node import ZmqTransport
+
+_RETRY = object()  # resolves an attempt's future when the call must move on
+_SWEEP = 0.01  # seconds between checks of pending calls' deadlines
+_LOCAL = "local"  # the candidate name of this node's own services
+
+
+class Caller:
+    """Makes the calls of one node (see the module docstring)."""
+
+    def __init__(self, node: ZmqTransport) -> None:
+        self.node = node
+        self.correlator = Correlator()
+        self._attempts: dict[str, asyncio.Future[Any]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def request(self, service: str, message: Message, *, timeout: float) -> Message:
+        """Call ``service``; see :meth:`pigeon.Connection.request`."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        deadline = now + timeout
+        rid = message.id
+        call = self.correlator.start(
+            rid, service, now, timeout=timeout, attempt_timeout=self.node.attempt_timeout or timeout
+        )
+        try:
+            while True:
+                candidates = self._candidates(service)
+                if not candidates and not call.tried:
+                    await self._await_handshakes(service, deadline)
+                    candidates = self._candidates(service)
+                server = self.correlator.choose(call, candidates, time.monotonic())
+                if server is None:
+                    raise NoResponders(service)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if server is _LOCAL:
+                    return await self.node.services.call(service, message, timeout=remaining)
+                attempt: asyncio.Future[Any] = loop.create_future()
+                self._attempts[rid] = attempt
+                assert isinstance(server, Link)
+                server.send_frame(Request(rid, service, message, remaining))
+                self._arm_sweep()
+                result = await attempt
+                if result is not _RETRY:
+                    return _reply_or_raise(service, result)
+                if time.monotonic() >= deadline:
+                    break
+        finally:
+            self._attempts.pop(rid, None)
+            self.correlator.discard(rid)
+        raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+
+    def _arm_sweep(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        """Move on the calls whose attempt or deadline ran out, as the core
+        says (one timer for all calls, rather than one per call)."""
+        self._sweeper = None
+        expired, retry = self.correlator.due(time.monotonic())
+        for call in (*expired, *retry):
+            attempt = self._attempts.get(call.request_id)
+            if attempt is not None:
+                _resolve(attempt, _RETRY)
+        if self._attempts:
+            self._arm_sweep()
+
+    def _candidates(self, service: str) -> list[Any]:
+        candidates: list[Any] = [link for link in self.node.links if link.offers(service)]
+        if self.node.services.offers(service):
+            candidates.append(_LOCAL)
+        return candidates
+
+    async def _await_handshakes(self, service: str, deadline: float) -> None:
+        # Right after connecting we do not yet know who serves what; wait
+        # (briefly, bounded by connect_grace) rather than claim NoResponders.
+        while (  # noqa: ASYNC110 - bounded by connect_grace
+            not any(link.offers(service) for link in self.node.links)
+            and not self.node.services.offers(service)
+            and any(link.pending_handshake for link in self.node.links)
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.005)
+
+    def on_reply(self, reply: Reply) -> None:
+        attempt = self._attempts.get(reply.request_id)
+        if attempt is None:
+            self.correlator.late_replies += 1
+            return
+        _resolve(attempt, reply)
+
+    def server_lost(self, link: Link) -> None:
+        """Calls on a lost server move on to another one (the core's Rule 2)."""
+        for call in self.correlator.server_lost(link):
+            attempt = self._attempts.get(call.request_id)
+            if attempt is not None:
+                _resolve(attempt, _RETRY)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for attempt in self._attempts.values():
+            _resolve(attempt, _RETRY)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reply_or_raise(service: str, reply: Reply) -> Message:
+    if reply.message is not None and not reply.error_kind:
+        return reply.message
+    if reply.error_kind == "NoResponders":
+        raise NoResponders(service)
+    if reply.error_kind == "Timeout":
+        raise Timeout(reply.error)
+    raise Rejected(service, reply.error)
