@@ -10,8 +10,10 @@ The parent deletes the queue afterwards even if a child died.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from pigeon.bench.harness import (
@@ -51,6 +53,16 @@ def _delete_queue(cfg: dict[str, Any]) -> None:
             await channel.queue_delete(cfg["queue"])
 
     asyncio.run(go())
+
+
+@contextlib.contextmanager
+def _own_queue(opts: Any, **kw: Any) -> Iterator[dict[str, Any]]:
+    """A config with its own queue name; the queue is deleted afterwards."""
+    cfg = _cfg(opts, **kw)
+    try:
+        yield cfg
+    finally:
+        _delete_queue(cfg)
 
 
 async def _publisher(conn: Any, cfg: dict[str, Any]) -> Any:
@@ -154,20 +166,14 @@ async def _queue_worker(ctl: Ctl, i: int) -> None:
 
 def queue(opts: Any, size: int) -> dict:
     """Transient queue, 3 consumers, acks."""
-    cfg = _cfg(opts, size=size)
-    try:
+    with _own_queue(opts, size=size) as cfg:
         return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
-    finally:
-        _delete_queue(cfg)
 
 
 def queue_durable(opts: Any, size: int) -> dict:
     """Durable queue, persistent messages, pipelined publisher confirms."""
-    cfg = _cfg(opts, size=size, durable=True)
-    try:
+    with _own_queue(opts, size=size, durable=True) as cfg:
         return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
-    finally:
-        _delete_queue(cfg)
 
 
 # ----------------------------------------------------------------------- rpc
@@ -234,20 +240,14 @@ async def _rpc_client(ctl: Ctl) -> None:
 
 def rpc_latency(opts: Any) -> dict:
     """aio-pika RPC, one in flight."""
-    cfg = _cfg(opts, window=1)
-    try:
+    with _own_queue(opts, window=1) as cfg:
         return run_rpc(rpc_server, rpc_client, cfg, opts.seconds)
-    finally:
-        _delete_queue(cfg)
 
 
 def rpc_throughput(opts: Any) -> dict:
     """aio-pika RPC, 100 concurrent."""
-    cfg = _cfg(opts, window=100)
-    try:
+    with _own_queue(opts, window=100) as cfg:
         return run_rpc(rpc_server, rpc_client, cfg, opts.seconds)
-    finally:
-        _delete_queue(cfg)
 
 
 # ------------------------------------------------------------------- backlog
@@ -314,8 +314,5 @@ def backlog(opts: Any) -> dict:
     if pid is None:
         raise Skip("RabbitMQ (beam.smp) process not visible here, so its RSS cannot be sampled")
     # Confirmed publishes, so "queued" really means the broker holds them all.
-    cfg = _cfg(opts, size=100, durable=False, confirm=True)
-    try:
+    with _own_queue(opts, size=100, durable=False, confirm=True) as cfg:
         return run_backlog(backlog_holder, backlog_worker, cfg, opts.count, rss_pid=pid)
-    finally:
-        _delete_queue(cfg)
