@@ -4,7 +4,8 @@ Every error pigeon raises on purpose derives from :class:`PigeonError`::
 
     PigeonError
      ├── ConfigurationError (ValueError)   bad URL, option or combination
-     ├── ClosedError                        you closed the object you used
+     ├── NotStartedError                    the object was used before it was started
+ ├── ClosedError                        you closed the object you used
      ├── TransportError                     connect failed / connection lost (retryable)
      ├── Timeout (TimeoutError)             a deadline passed
      ├── ProtocolError
@@ -28,6 +29,10 @@ class PigeonError(Exception):
 
 class ConfigurationError(PigeonError, ValueError):
     """Raised when a URL, option or combination of options is not valid."""
+
+
+class NotStartedError(PigeonError):
+    """Raised when an object is used before it was started (opened or connected)."""
 
 
 class ClosedError(PigeonError):

@@ -100,7 +100,7 @@ class Message(msgspec.Struct, array_like=True, gc=False):
         body: the payload bytes.
         content_type: how ``body`` is encoded (JSON, msgpack, text or bytes).
         headers: free-form ``str -> str`` metadata; keys starting with
-            ``x-pigeon-`` are pigeon's own.
+            pigeon's prefix (``pigeon._core.headers.PREFIX``) are its own.
         attempt: how many times this message has been delivered, counting
             this delivery (1 on the first delivery).
         redelivered: True when this message may have been seen before. When it

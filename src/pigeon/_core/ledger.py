@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 from ..errors import LocalProtocolError
 from ..message import Message
+from . import headers
+from .policy import attempt_limit_reason, dead_letter_headers, over_attempt_limit
 
 DEAD_SUFFIX = ".dead"
 MAX_DELAY = 86_400.0
@@ -245,7 +247,7 @@ class QueueLedger:
         if not ready:
             return [], dead
         batches: dict[Hashable, list[Message]] = {}
-        limit = self.max_attempts
+        limit = self.max_attempts or 0
         stats = self.stats
         while ready:
             hungry = [(cid, c) for cid, c in self._consumers.items() if c.credit > 0]
@@ -261,8 +263,9 @@ class QueueLedger:
                 expires_at = now + consumer.lease_ttl
                 for _ in range(take):
                     message = ready.popleft()
-                    if limit is not None and message.attempt >= limit:
-                        dead.append(self._mark_dead(message, self._limit_reason(message)))
+                    if over_attempt_limit(message.attempt + 1, limit):
+                        reason = attempt_limit_reason(self.name, message.attempt)
+                        dead.append(self._mark_dead(message, reason))
                         continue
                     message.attempt += 1
                     if message.attempt > 1:
@@ -276,9 +279,6 @@ class QueueLedger:
                 self._consumers[cid] = self._consumers.pop(cid)
         stats.delivered += sum(len(b) for b in batches.values())
         return [(cid, msgs) for cid, msgs in batches.items() if msgs], dead
-
-    def _limit_reason(self, message: Message) -> str:
-        return f"delivered {message.attempt} times, the limit for queue {self.name!r}"
 
     def _promote_due(self, now: float) -> None:
         delayed = self._delayed
@@ -339,7 +339,7 @@ class QueueLedger:
         self.stats.nacked += 1
         message.redelivered = True
         if reason:
-            message.headers = {**message.headers, "x-pigeon-last-error": reason}
+            message.headers = {**message.headers, headers.LAST_ERROR: reason}
         if delay > 0:
             heapq.heappush(self._delayed, (now + delay, next(self._seq), message))
         else:
@@ -358,12 +358,7 @@ class QueueLedger:
         self.stats.dead_lettered += 1
         # The dead-queue header names the first queue it died in, even when a
         # dead letter dies again: that is where a store keeps its row.
-        message.headers = {
-            "x-pigeon-dead-queue": self.name,
-            **message.headers,
-            "x-pigeon-dead-reason": reason,
-            "x-pigeon-attempts": str(message.attempt),
-        }
+        message.headers = dead_letter_headers(message.headers, self.name, reason, message.attempt)
         return message
 
     def extend(self, message_id: str, consumer: Hashable, now: float) -> bool:

@@ -14,14 +14,13 @@ Rule 5: see ``ack_ops``.
 from __future__ import annotations
 
 from ..message import Message, minted_here
-from ..store.base import Ack, Dead, Op, Put, Replay, Requeue
-
-DEAD_QUEUE_HEADER = "x-pigeon-dead-queue"
+from . import headers
+from .ops import Ack, Dead, Op, Put, Replay, Requeue
 
 
 def dead_origin(queue: str, message: Message) -> str | None:
     """The origin queue if ``message`` is a stored dead letter served from ``queue``."""
-    origin = message.headers.get(DEAD_QUEUE_HEADER)
+    origin = message.headers.get(headers.DEAD_QUEUE)
     if origin is not None and queue.startswith(origin + ".dead"):
         return origin
     return None

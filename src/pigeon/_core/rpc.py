@@ -3,7 +3,7 @@ elsewhere or fails, and the server's reply cache.
 
 Client rules:
 Rule 1: a call goes to the live server with the fewest calls outstanding;
-servers not yet tried for this call come first.
+servers not yet tried for this call come first (``policy.least_loaded``).
 Rule 2: a call is retried, with the same request id, on another server when
 its attempt times out or its server is lost; it fails with ``Timeout`` at its
 deadline, never later.
@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+
+from .policy import least_loaded
 
 
 @dataclass(slots=True)
@@ -60,15 +62,11 @@ class Correlator:
         equally loaded servers take turns.
         """
         servers = list(candidates)
-        if len(servers) <= 1:
-            if not servers:
-                return None
-            self._assign(call, servers[0], now)
-            return servers[0]
-        start = next(self._rotation) % len(servers)
-        ordered = servers[start:] + servers[:start]
-        chosen = min(ordered, key=lambda s: (s in call.tried, self._outstanding.get(s, 0)))
-        self._assign(call, chosen, now)
+        chosen = least_loaded(
+            servers, lambda s: self._outstanding.get(s, 0), next(self._rotation), call.tried
+        )
+        if chosen is not None:
+            self._assign(call, chosen, now)
         return chosen
 
     def _assign(self, call: PendingCall, server: Hashable, now: float) -> None:

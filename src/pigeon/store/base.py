@@ -29,6 +29,7 @@ from typing import Protocol, TypeAlias
 import msgspec
 
 from ..errors import ClosedError
+from .._core.ops import Ack, Dead, Op, Put, Replay, Requeue
 from ..message import Message
 
 __all__ = [
@@ -45,49 +46,6 @@ __all__ = [
 ]
 
 
-class Put(msgspec.Struct, frozen=True):
-    """Store a new message in ``queue``, ready at once."""
-
-    queue: str
-    message: Message
-
-
-class Ack(msgspec.Struct, frozen=True):
-    """Delete a live message for good and remember its id for the dedupe window.
-
-    ``tombstone=False`` skips remembering it: for an id no producer can
-    resend (minted by the host's own process), the tombstone is wasted work.
-    """
-
-    queue: str
-    id: str
-    tombstone: bool = True
-
-
-class Requeue(msgspec.Struct, frozen=True):
-    """A nack: store the message's new attempt/headers and when it is ready again."""
-
-    queue: str
-    message: Message
-    ready_at: float
-
-
-class Dead(msgspec.Struct, frozen=True):
-    """Move a live message to the dead letters, keeping its headers and ``reason``."""
-
-    queue: str
-    message: Message
-    reason: str
-
-
-class Replay(msgspec.Struct, frozen=True):
-    """Move a dead letter back to the live messages, ready at once, attempt 0."""
-
-    queue: str
-    id: str
-
-
-Op: TypeAlias = Put | Ack | Requeue | Dead | Replay
 _OP_TYPES = (Put, Ack, Requeue, Dead, Replay)
 
 

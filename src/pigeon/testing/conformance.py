@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 import pigeon
+from pigeon._core import headers
 from pigeon.message import new_id
 
 
@@ -201,8 +202,8 @@ async def dead_letter_after_max_attempts(setup: TransportSetup) -> None:
         await wait_until(lambda: len(dead) == 1, what="the dead letter")
         letter = dead[0]
         assert letter.text == "poison"
-        assert "bad payload" in letter.headers["x-pigeon-dead-reason"]
-        assert letter.headers["x-pigeon-attempts"] == "3"
+        assert "bad payload" in letter.headers[headers.DEAD_REASON]
+        assert letter.headers[headers.ATTEMPTS] == "3"
         assert worker.stats()["dead_lettered"] == 1
 
 
@@ -226,7 +227,7 @@ async def reject_and_nack_by_hand(setup: TransportSetup) -> None:
         await host.send(queue, "reject me")
         await host.send(queue, "later")
         await wait_until(lambda: len(dead) == 1 and len(times) == 2, what="reject and nack")
-        assert dead[0].headers["x-pigeon-dead-reason"] == "not wanted"
+        assert dead[0].headers[headers.DEAD_REASON] == "not wanted"
         assert times[1] - times[0] >= 0.25
 
 

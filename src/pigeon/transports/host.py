@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from .._core import persistence
+from .._core import persistence, policy
 from .._core.ledger import QueueLedger, dead_letter_queue
 from ..errors import StoreError
 from ..message import Message
@@ -244,7 +244,7 @@ class QueueHost:
         if self.committer is not None:
             self._write(
                 [
-                    persistence.dead_op(queue, m, m.headers.get("x-pigeon-dead-reason", ""))
+                    persistence.dead_op(queue, m, policy.dead_reason(m.headers))
                     for m in dead
                 ]
             )
@@ -265,11 +265,7 @@ class QueueHost:
         messages = dead.take_ready(limit)
         target = self.ledger(queue)
         for message in messages:
-            message.headers = {
-                k: v
-                for k, v in message.headers.items()
-                if not k.startswith("x-pigeon-dead-") and k != "x-pigeon-attempts"
-            }
+            message.headers = policy.without_dead_letter_headers(message.headers)
             message.attempt = 0
             target.restore(message)  # seen before, so it stays marked redelivered
         self._write([op for m in messages for op in persistence.replay_ops(queue, m)])

@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from .._core.policy import least_loaded
 from ..errors import NoResponders, Rejected, Timeout
 from ..message import Message
 from .base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, run_service_handler
@@ -68,6 +69,10 @@ class _LocalServer:
     outstanding: int = 0
 
 
+def _outstanding(server: _LocalServer) -> int:
+    return server.outstanding
+
+
 class LocalServices:
     """Services served in this process, least-outstanding first."""
 
@@ -108,11 +113,8 @@ class LocalServices:
         servers = self._servers.get(service)
         if not servers:
             raise NoResponders(service)
-        if len(servers) == 1:
-            server = servers[0]
-        else:  # least outstanding first; ties take turns
-            start = next(self._rotation) % len(servers)
-            server = min(servers[start:] + servers[:start], key=lambda s: s.outstanding)
+        server = least_loaded(servers, _outstanding, next(self._rotation))
+        assert server is not None  # servers is not empty
         server.outstanding += 1
         try:
             outcome = await run_service_handler(server.handler, message, timeout)

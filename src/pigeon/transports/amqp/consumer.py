@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
+from ..._core import headers, policy
 from ..._core.ledger import dead_letter_queue
 from ...errors import PigeonError, TransportError
 from ...message import Message
@@ -35,8 +36,6 @@ from .topology import queue_arguments
 
 if TYPE_CHECKING:
     from .transport import AmqpTransport
-
-LAST_ERROR = "x-pigeon-last-error"
 
 
 class _Lease:
@@ -115,11 +114,10 @@ class Subscription:
         counts["delivered"] += 1
         if message.redelivered:
             counts["redelivered"] += 1
-        limit = self.options.max_attempts
-        if limit and message.attempt > limit:
+        if policy.over_attempt_limit(message.attempt, self.options.max_attempts):
             # Workers kept dying on it: dead-letter instead of delivering again.
             message.attempt -= 1
-            reason = f"delivered {message.attempt} times, the limit for queue {self.queue!r}"
+            reason = policy.attempt_limit_reason(self.queue, message.attempt)
             self._spawn(self._bury(lease, message, reason))
             return
         self._leases.add(lease)
@@ -204,11 +202,7 @@ class Subscription:
 
     async def _bury(self, lease: _Lease, message: Message, reason: str) -> None:
         lease.done = True
-        extra = {
-            "x-pigeon-dead-reason": reason,
-            "x-pigeon-dead-queue": self.queue,
-            "x-pigeon-attempts": str(message.attempt),
-        }
+        extra = policy.dead_letter_headers(message.headers, self.queue, reason, message.attempt)
         # A dead letter starts a new life in its queue: fresh attempts, but
         # flagged, since it was seen.
         dead = dead_letter_queue(self.queue)
@@ -242,7 +236,7 @@ class Subscription:
             await self._basic(lease, requeue=True)
             return
         message = delivery.message
-        extra = {LAST_ERROR: reason} if reason else {}
+        extra = {headers.LAST_ERROR: reason} if reason else {}
         if await self._republish(lease, target, message, extra, message.attempt, True):
             self.counts["delayed"] += 1
 

@@ -5,9 +5,9 @@ is documented in docs/transports-amqp.md):
 
 * ``message_id`` ↔ ``Message.id``, ``content_type`` ↔ ``Message.content_type``,
   ``timestamp`` ↔ ``Message.created_at`` (whole seconds; the exact value
-  travels in ``x-pigeon-created-at``), ``delivery_mode`` 2 (persistent).
+  travels in ``headers.CREATED_AT``), ``delivery_mode`` 2 (persistent).
 * ``headers``: the message's own headers as strings, plus the envelope
-  fields pigeon keeps under the ``x-pigeon-`` prefix (``ENVELOPE_HEADERS``),
+  fields pigeon keeps under its own prefix (``ENVELOPE_HEADERS``),
   which are stripped again on the way in.
 """
 
@@ -22,14 +22,15 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from ..._core import headers
 from ...message import BYTES, Message, new_id
 
-PREFIX = "x-pigeon-"
-ATTEMPT = "x-pigeon-attempt"  # deliveries this message had before this copy was published
-REDELIVERED = "x-pigeon-redelivered"  # "1": this copy may have been seen before
-CREATED_AT = "x-pigeon-created-at"  # float seconds since the epoch
-DEADLINE = "x-pigeon-deadline"  # float seconds since the epoch
-ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
+PREFIX = headers.PREFIX
+ATTEMPT = headers.ATTEMPT
+REDELIVERED = headers.REDELIVERED
+CREATED_AT = headers.CREATED_AT
+DEADLINE = headers.DEADLINE
+ERROR = headers.ERROR
 ENVELOPE_HEADERS = frozenset({ATTEMPT, REDELIVERED, CREATED_AT, DEADLINE, ERROR})
 
 # Bookkeeping the broker adds; it is not the sender's metadata.

@@ -4,7 +4,7 @@ Every publish runs as its own task awaiting the broker's confirm, so many are
 in flight at once (tasks start in creation order, so one producer's messages
 keep their order). A publish that fails because the connection broke waits
 for the robust connection to come back and is published again, marked
-``x-pigeon-redelivered`` because the broker may have stored the first copy
+``headers.REDELIVERED`` because the broker may have stored the first copy
 before the link broke: nothing confirmed is lost, nothing unconfirmed is
 silently dropped, and duplicates are flagged.
 """

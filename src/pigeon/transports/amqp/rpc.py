@@ -125,7 +125,7 @@ class ServiceRegistration:
 
     Each request runs as a task, cut off at the request's deadline (then no
     reply is sent: the caller has given up). A handler failure is replied
-    with the error in ``x-pigeon-error``; the caller raises Rejected.
+    with the error in ``headers.ERROR``; the caller raises Rejected.
     """
 
     def __init__(self, transport: AmqpTransport, service: str, handler: ServiceHandler) -> None:

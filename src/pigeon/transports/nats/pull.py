@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from ..._core import policy
 from ...errors import PigeonError
 from ..base import ConsumeOptions, Delivery, DeliverySink
 from . import envelope
@@ -149,15 +150,11 @@ class PullConsumer:
         if attempt > 1:
             self.transport.counts["redelivered"] += 1
         delivery = Delivery(self.queue, message, self, tag=msg)
-        limit = self.options.max_attempts
-        if limit and attempt > limit:
+        if policy.over_attempt_limit(attempt, self.options.max_attempts):
             # Workers kept dying on it without settling: dead-letter it like
             # the other transports' hosts do, without running it again.
-            await self._bury(
-                delivery,
-                f"delivered {attempt - 1} times, the limit for queue {self.queue!r}",
-                attempts=attempt - 1,
-            )
+            reason = policy.attempt_limit_reason(self.queue, attempt - 1)
+            await self._bury(delivery, reason, attempts=attempt - 1)
             return
         if self.held < self.options.prefetch:
             self.held += 1

@@ -21,6 +21,7 @@ import nats
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
+from ..._core import policy
 from ..._core.ledger import dead_letter_queue
 from ...errors import (
     Backpressure,
@@ -275,12 +276,9 @@ class NatsTransport:
         """
         dead = msgspec.structs.replace(
             message,
-            headers={
-                **message.headers,
-                "x-pigeon-dead-reason": envelope.single_line(reason),
-                "x-pigeon-dead-queue": queue,
-                "x-pigeon-attempts": str(attempts),
-            },
+            headers=policy.dead_letter_headers(
+                message.headers, queue, envelope.single_line(reason), attempts
+            ),
         )
         headers = envelope.to_headers(dead, check=False)
         headers[envelope.REDELIVERED] = "1"  # it was seen, as on the other transports

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..._core import headers, policy
 from ..._core.ledger import dead_letter_queue
 from ...errors import DecodeError
 from ...message import Message, make_message
@@ -47,8 +48,8 @@ def register(node: ZmqTransport) -> None:
                 letters.append(
                     {
                         "id": letter.id,
-                        "reason": letter.headers.get("x-pigeon-dead-reason", ""),
-                        "attempts": letter.headers.get("x-pigeon-attempts", ""),
+                        "reason": policy.dead_reason(letter.headers),
+                        "attempts": letter.headers.get(headers.ATTEMPTS, ""),
                         "content_type": letter.content_type,
                         "body": letter.body[:200].decode("utf-8", "replace"),
                     }

@@ -1,0 +1,25 @@
+"""The names of pigeon's own message headers, in one place.
+
+Every header pigeon writes starts with ``x-pigeon-``; user headers must not.
+Adapters import these names; none spells one out.
+"""
+
+from __future__ import annotations
+
+PREFIX = "x-pigeon-"
+
+# Written by a queue host (or a broker adapter standing in for one).
+LAST_ERROR = "x-pigeon-last-error"  # the reason of the latest nack
+DEAD_QUEUE = "x-pigeon-dead-queue"  # the queue a dead letter first died in
+DEAD_REASON = "x-pigeon-dead-reason"  # why it was dead-lettered
+ATTEMPTS = "x-pigeon-attempts"  # deliveries it had when it died
+DEAD_PREFIX = "x-pigeon-dead-"
+
+# The envelope fields a broker cannot carry natively (AMQP headers).
+ATTEMPT = "x-pigeon-attempt"  # deliveries this message had before this copy
+REDELIVERED = "x-pigeon-redelivered"  # "1": this copy may have been seen before
+CREATED_AT = "x-pigeon-created-at"  # float seconds since the epoch
+DEADLINE = "x-pigeon-deadline"  # float seconds since the epoch
+ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
+
+DEAD_LETTER_HEADERS = frozenset({DEAD_QUEUE, DEAD_REASON, ATTEMPTS})

@@ -1,0 +1,96 @@
+"""Queue and request policy that every transport applies the same way.
+
+Rule 1 (attempt limit): a message whose delivery count would pass the
+queue's ``max_attempts`` is dead-lettered instead of delivered again; 0
+means no limit. The reason text is the same on every transport.
+Rule 2 (dead letters): a dead letter keeps its headers and gains
+``DEAD_QUEUE`` (where it first died, kept if it dies again), ``DEAD_REASON``
+and ``ATTEMPTS``.
+Rule 3 (server choice): a call goes to the server with the fewest calls
+outstanding, servers not yet tried first; ties take turns.
+Rule 4: a host's refusal and a server's failed reply say why with an enum
+member, never with text to be parsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import Enum
+from typing import TypeVar
+
+from . import headers
+
+S = TypeVar("S")
+
+
+def over_attempt_limit(attempt: int, max_attempts: int) -> bool:
+    """Rule 1: True if a delivery numbered ``attempt`` must not happen."""
+    return max_attempts > 0 and attempt > max_attempts
+
+
+def attempt_limit_reason(queue: str, delivered: int) -> str:
+    """Rule 1: the dead-letter reason for a message over its queue's limit."""
+    return f"delivered {delivered} times, the limit for queue {queue!r}"
+
+
+def dead_letter_headers(
+    message_headers: Mapping[str, str], queue: str, reason: str, attempts: int
+) -> dict[str, str]:
+    """Rule 2: the headers of a dead letter of ``queue``."""
+    return {
+        headers.DEAD_QUEUE: queue,
+        **message_headers,
+        headers.DEAD_REASON: reason,
+        headers.ATTEMPTS: str(attempts),
+    }
+
+
+def without_dead_letter_headers(message_headers: Mapping[str, str]) -> dict[str, str]:
+    """A replayed dead letter's headers: Rule 2's additions taken off again."""
+    return {
+        k: v
+        for k, v in message_headers.items()
+        if not k.startswith(headers.DEAD_PREFIX) and k != headers.ATTEMPTS
+    }
+
+
+def dead_reason(message_headers: Mapping[str, str]) -> str:
+    return message_headers.get(headers.DEAD_REASON, "")
+
+
+def least_loaded(
+    servers: Sequence[S],
+    load: Callable[[S], int],
+    turn: int,
+    tried: Iterable[S] = (),
+) -> S | None:
+    """Rule 3: the server for a call's next attempt, or None if there is none.
+
+    ``turn`` is a counter the caller advances per choice, so equally loaded
+    servers take turns.
+    """
+    if len(servers) <= 1:
+        return servers[0] if servers else None
+    start = turn % len(servers)
+    ordered = [*servers[start:], *servers[:start]]
+    seen = set(tried) if tried else None
+    if seen:
+        return min(ordered, key=lambda s: (s in seen, load(s)))
+    return min(ordered, key=load)
+
+
+class RefusalReason(str, Enum):
+    """Why a host refused a message it was sent (Rule 4)."""
+
+    FULL = "full"  # the queue is at its bound; retrying later may work
+    TOO_LARGE = "too large"  # over the host's message size limit
+    STORE_FAILED = "store failed"  # the durable store could not write it
+
+
+class ReplyErrorKind(str, Enum):
+    """Why a reply carries no answer (Rule 4); NONE on a good reply."""
+
+    NONE = ""
+    REJECTED = "Rejected"  # the handler raised or returned nothing
+    NO_RESPONDERS = "NoResponders"  # the server no longer offers the service
+    TIMEOUT = "Timeout"  # the handler ran past the request's deadline
