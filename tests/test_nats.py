@@ -269,6 +269,31 @@ def test_unreachable_server_is_a_transport_error() -> None:
     asyncio.run(main())
 
 
+def test_used_before_start_or_after_close(isolated: Isolated) -> None:
+    import pigeon
+    from pigeon.message import make_message
+    from pigeon.transports.nats import NatsTransport
+
+    transport = NatsTransport(isolated.url)
+    with pytest.raises(pigeon.NotStartedError, match=r"start\(\)"):
+        transport.send_nowait("q", make_message("x"))
+
+    async def echo(message: pigeon.Message) -> pigeon.Message:
+        return message
+
+    async def main() -> None:
+        with pytest.raises(pigeon.NotStartedError):
+            await transport.request("svc", make_message("x"), timeout=1.0)
+        await transport.start()
+        await transport.close()
+        with pytest.raises(pigeon.ClosedError, match="closed"):
+            transport.send_nowait("q", make_message("x"))
+        with pytest.raises(pigeon.ClosedError):
+            await transport.serve("svc", echo)
+
+    asyncio.run(main())
+
+
 def test_missing_nats_py_says_how_to_install() -> None:
     import subprocess
     import sys
@@ -283,7 +308,8 @@ def test_missing_nats_py_says_how_to_install() -> None:
         "    print(exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
-    assert "pip install 'pigeon-mq[nats]'" in out.stdout, out.stderr
+    assert "pip install 'pigeon-queues[nats]'" in out.stdout, out.stderr
+    assert "pip install -e '.[nats]'" in out.stdout, out.stderr
 
 
 def test_every_nats_error_maps_to_a_pigeon_error() -> None:

@@ -13,20 +13,20 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from ..._core import policy
 from ...errors import PigeonError
+from ...message import Message
 from ..base import ConsumeOptions, Delivery, DeliverySink
 from . import envelope
 from .errors import map_exceptions
-
-if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
-    from .transport import NatsTransport
 
 log = logging.getLogger("pigeon.nats")
 
@@ -36,18 +36,67 @@ _GRACE = 1.0
 _RETRY_PAUSE = 0.5
 
 
+class ConsumerSetup(Protocol):
+    """Where a pull consumer's durable consumer lives (see ``stream.Stream``)."""
+
+    @property
+    def name(self) -> str:
+        """The stream's name."""
+        ...
+
+    async def ensure_consumer(self, queue: str, subject: str, options: ConsumeOptions) -> None:
+        """Create or update the durable consumer of ``queue``."""
+        ...
+
+
+class DeadLetterSink(Protocol):
+    """Where dead letters go (see ``deadletter.DeadLetters``)."""
+
+    async def publish(self, queue: str, message: Message, reason: str, attempts: int) -> None:
+        """Store a dead letter of ``queue``; raises a PigeonError if not confirmed."""
+        ...
+
+
 class PullConsumer:
-    """Fetches ``queue`` for one worker and settles its deliveries (a Settler)."""
+    """Fetches ``queue`` for one worker and settles its deliveries (a Settler).
+
+    Args:
+        nc: the connection the pull requests and deliveries travel on.
+        stream: the stream and its durable consumers.
+        dead_letters: where rejected and over-limit messages go.
+        counts: the counters to add to (``delivered``, ``acked``...).
+        queue: the queue consumed, on ``subject``.
+        sink: where deliveries are handed to the worker.
+        options: the worker's prefetch, lease and attempt limit.
+        pull_expires: seconds a pull request waits on an empty queue.
+        on_cancel: told once the consumer has stopped.
+    """
 
     def __init__(
-        self, transport: NatsTransport, queue: str, sink: DeliverySink, options: ConsumeOptions
+        self,
+        nc: Client,
+        stream: ConsumerSetup,
+        dead_letters: DeadLetterSink,
+        counts: Counter[str],
+        *,
+        queue: str,
+        subject: str,
+        sink: DeliverySink,
+        options: ConsumeOptions,
+        pull_expires: float,
+        on_cancel: Callable[[PullConsumer], None],
     ) -> None:
-        self.transport = transport
+        self.nc = nc
+        self.stream = stream
+        self.dead_letters = dead_letters
+        self.counts = counts
         self.queue = queue
-        self.subject = envelope.subject(transport.prefix, "q", queue)
+        self.subject = subject
         self.durable = envelope.durable_name(queue)
         self.sink = sink
         self.options = options
+        self.pull_expires = pull_expires
+        self.on_cancel = on_cancel
         self.held = 0  # deliveries handed to the sink and not settled yet
         self.outstanding = 0  # messages asked for by the pull request in flight
         self.backlog: deque[Delivery] = deque()  # arrived beyond credit (see _on_msg)
@@ -56,7 +105,7 @@ class PullConsumer:
         self._retry_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._sub: Any = None
+        self._sub: Subscription | None = None
         self._inbox = ""
 
     async def start(self) -> None:
@@ -66,11 +115,10 @@ class PullConsumer:
             TransportError: the consumer cannot be created.
             ConfigurationError: JetStream refused its configuration.
         """
-        await self.transport.ensure_consumer(self.queue, self.subject, self.options)
-        nc = self.transport.nc
-        self._inbox = nc.new_inbox()
+        await self.stream.ensure_consumer(self.queue, self.subject, self.options)
+        self._inbox = self.nc.new_inbox()
         with map_exceptions(f"consume {self.queue!r}"):
-            self._sub = await nc.subscribe(self._inbox, cb=self._on_msg)
+            self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     # -- pulling ---------------------------------------------------------
@@ -81,14 +129,14 @@ class PullConsumer:
         self._wake.set()
 
     async def _run(self) -> None:
-        nms = f"$JS.API.CONSUMER.MSG.NEXT.{self.transport.stream}.{self.durable}"
-        expires = self.transport.pull_expires
+        nms = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream.name}.{self.durable}"
+        expires = self.pull_expires
+        nc = self.nc
         while not self.closed:
             now = time.monotonic()
             if self.outstanding and now > self._request_deadline:
                 self.outstanding = 0
             credit = self.options.prefetch - self.held - len(self.backlog) - self.outstanding
-            nc = self.transport.nc
             if credit > 0 and not self.outstanding and now >= self._retry_at and nc.is_connected:
                 request = {"batch": credit, "expires": int(expires * 1e9)}
                 try:
@@ -119,7 +167,7 @@ class PullConsumer:
                 return
             self.outstanding = 0  # 404/408: the request is over; 409: refused
             if status == "409":
-                self.transport.counts["pull_refusals"] += 1
+                self.counts["pull_refusals"] += 1
                 log.warning("pull for %r refused: %s", self.queue, (msg.headers or {}))
                 self._retry_at = time.monotonic() + _RETRY_PAUSE
                 if "Deleted" in str((msg.headers or {}).get("Description", "")):
@@ -136,7 +184,7 @@ class PullConsumer:
         try:
             meta = msg.metadata
         except Exception:  # not a JetStream message: nothing to settle
-            self.transport.counts["malformed"] += 1
+            self.counts["malformed"] += 1
             return
         attempt = meta.num_delivered
         message = envelope.from_headers(
@@ -146,9 +194,9 @@ class PullConsumer:
             attempt=attempt,
             redelivered=attempt > 1,
         )
-        self.transport.counts["delivered"] += 1
+        self.counts["delivered"] += 1
         if attempt > 1:
-            self.transport.counts["redelivered"] += 1
+            self.counts["redelivered"] += 1
         delivery = Delivery(self.queue, message, self, tag=msg)
         if policy.over_attempt_limit(attempt, self.options.max_attempts):
             # Workers kept dying on it without settling: dead-letter it like
@@ -164,7 +212,7 @@ class PullConsumer:
 
     async def _recreate(self) -> None:
         try:
-            await self.transport.ensure_consumer(self.queue, self.subject, self.options)
+            await self.stream.ensure_consumer(self.queue, self.subject, self.options)
         except PigeonError as exc:
             log.warning("cannot recreate the consumer of %r: %s", self.queue, exc)
 
@@ -184,18 +232,18 @@ class PullConsumer:
             with map_exceptions(f"{what} on {self.queue!r}"):
                 await call
         except PigeonError as exc:
-            self.transport.counts["settle_failures"] += 1
+            self.counts["settle_failures"] += 1
             log.warning("%s", exc)
 
     def ack(self, delivery: Delivery) -> Awaitable[None]:
         self._release()
-        self.transport.counts["acked"] += 1
+        self.counts["acked"] += 1
         return self._quietly(delivery.tag.ack(), "ack")
 
     def nack(self, delivery: Delivery, delay: float, reason: str) -> Awaitable[None]:
         # nak keeps the stored message as it is; the reason is only counted.
         self._release()
-        self.transport.counts["nacked"] += 1
+        self.counts["nacked"] += 1
         return self._quietly(delivery.tag.nak(delay=delay or None), "nak")
 
     def reject(self, delivery: Delivery, reason: str) -> Awaitable[None]:
@@ -213,13 +261,13 @@ class PullConsumer:
         """
         msg = delivery.tag
         try:
-            await self.transport.publish_dead_letter(self.queue, delivery.message, reason, attempts)
+            await self.dead_letters.publish(self.queue, delivery.message, reason, attempts)
         except PigeonError as exc:
-            self.transport.counts["dead_letter_failures"] += 1
+            self.counts["dead_letter_failures"] += 1
             log.warning("dead-lettering a message of %r failed, it comes back: %s", self.queue, exc)
             await self._quietly(msg.nak(delay=_RETRY_PAUSE), "nak")
             return
-        self.transport.counts["dead_lettered"] += 1
+        self.counts["dead_lettered"] += 1
         await self._quietly(msg.term(), "term")
 
     # -- stopping --------------------------------------------------------
@@ -242,4 +290,4 @@ class PullConsumer:
                     await self._sub.unsubscribe()
             except PigeonError:
                 pass  # the connection is gone, and the subscription with it
-        self.transport.forget(self)
+        self.on_cancel(self)

@@ -10,18 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from ...errors import MessageTooLarge, PigeonError, Rejected
 from ...message import Message, new_id
 from ..base import ServiceHandler, run_service_handler
 from . import envelope
 from .errors import map_exceptions
-
-if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
-    from .transport import NatsTransport
 
 log = logging.getLogger("pigeon.nats")
 
@@ -46,15 +47,66 @@ def decode_reply(service: str, msg: Msg) -> Message:
     return envelope.from_headers(msg.data, headers, fallback_id=new_id())
 
 
-class ServiceRegistration:
-    """A service served on this connection; ``cancel`` stops answering."""
+async def call(
+    nc: Client, counts: Counter[str], subject: str, service: str, message: Message, timeout: float
+) -> Message:
+    """Send a request to ``service`` on ``subject`` and wait for its reply.
 
-    def __init__(self, transport: NatsTransport, service: str, handler: ServiceHandler) -> None:
-        self.transport = transport
+    The request carries the earlier of its own deadline and ``timeout``
+    from now, so the server can give up when the caller does.
+
+    Raises:
+        ConfigurationError: a header cannot travel over NATS.
+        MessageTooLarge: the request is over the server's ``max_payload``.
+        NoResponders: nobody serves it (nats-py's no-responders status).
+        Timeout: no reply within ``timeout`` seconds.
+        Rejected: the server's handler failed.
+        TransportError: the connection is closed or lost.
+    """
+    deadline = time.time() + timeout
+    if message.deadline is not None:
+        deadline = min(deadline, message.deadline)
+    headers = envelope.to_headers(msgspec.structs.replace(message, deadline=deadline))
+    counts["requests"] += 1
+    with map_exceptions(
+        f"request {service!r}",
+        service=service,
+        timeout=timeout,
+        size=len(message.body),
+        limit=nc.max_payload,
+    ):
+        reply = await nc.request(subject, message.body, timeout=timeout, headers=headers)
+    return decode_reply(service, reply)
+
+
+class ServiceRegistration:
+    """A service served on this connection; ``cancel`` stops answering.
+
+    Args:
+        nc: the connection requests arrive and replies leave on.
+        counts: the counters to add to (``replies``, ``reply_failures``...).
+        service: the service's name, answered on ``subject``.
+        handler: what answers a request.
+        on_cancel: told once the registration has stopped.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        counts: Counter[str],
+        *,
+        service: str,
+        subject: str,
+        handler: ServiceHandler,
+        on_cancel: Callable[[ServiceRegistration], None],
+    ) -> None:
+        self.nc = nc
+        self.counts = counts
         self.service = service
-        self.subject = envelope.subject(transport.prefix, "svc", service)
+        self.subject = subject
         self.handler = handler
-        self._sub: Any = None
+        self.on_cancel = on_cancel
+        self._sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -64,12 +116,12 @@ class ServiceRegistration:
             TransportError: the subscription cannot be made.
         """
         with map_exceptions(f"serve {self.service!r}"):
-            self._sub = await self.transport.nc.subscribe(
+            self._sub = await self.nc.subscribe(
                 self.subject, queue=QUEUE_GROUP, cb=self._on_request
             )
             # A PING round trip: once serve() returns, the server knows the
             # subscription, so a request right after finds a responder.
-            await self.transport.nc.flush()
+            await self.nc.flush()
 
     async def _on_request(self, msg: Msg) -> None:
         # One task per request: nats-py runs a subscription's callbacks one
@@ -81,34 +133,35 @@ class ServiceRegistration:
     async def _answer(self, msg: Msg) -> None:
         if not msg.reply:
             return
-        counts = self.transport.counts
+        counts = self.counts
         request = decode_request(msg)
         remaining = None if request.deadline is None else request.deadline - time.time()
         outcome = await run_service_handler(self.handler, request, remaining)
         if outcome.expired:
             counts["requests_expired"] += 1  # the caller has given up: no answer
             return
-        error, reply = outcome.error, outcome.reply
-        if error:
+        reply = outcome.reply
+        if outcome.error or reply is None:
+            error = outcome.error or "the handler gave no reply"
             body, headers = b"", {envelope.ERROR: envelope.single_line(error)[:_MAX_REASON]}
         else:
             body, headers = reply.body, envelope.to_headers(reply, check=False)
         await self._send(msg.reply, body, headers)
 
     async def _send(self, inbox: str, body: bytes, headers: dict[str, str]) -> None:
-        counts = self.transport.counts
+        counts = self.counts
         try:
             try:
                 with map_exceptions(
                     f"reply for {self.service!r}",
                     size=len(body),
-                    limit=self.transport.nc.max_payload,
+                    limit=self.nc.max_payload,
                 ):
-                    await self.transport.nc.publish(inbox, body, headers=headers)
+                    await self.nc.publish(inbox, body, headers=headers)
             except MessageTooLarge as exc:
                 error = {envelope.ERROR: f"the reply is too large: {exc}"}
                 with map_exceptions(f"reply for {self.service!r}"):
-                    await self.transport.nc.publish(inbox, b"", headers=error)
+                    await self.nc.publish(inbox, b"", headers=error)
             counts["replies"] += 1
         except PigeonError as exc:  # the caller times out; nothing else to tell
             counts["reply_failures"] += 1
@@ -127,4 +180,4 @@ class ServiceRegistration:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.transport.forget(self)
+        self.on_cancel(self)
