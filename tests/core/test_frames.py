@@ -24,6 +24,7 @@ from pigeon._core.frames import (
     decode,
     encode,
 )
+from pigeon._core.policy import RefusalReason, ReplyErrorKind
 from pigeon.errors import RemoteProtocolError
 from pigeon.message import JSON, Message
 
@@ -45,7 +46,9 @@ SAMPLES = {
     "send": Send("jobs", [FULL, BARE]),
     "send empty": Send("jobs", []),
     "confirm": Confirm(["a", "b"]),
-    "refuse": Refuse([("a", "queue full"), ("b", "too large")]),
+    "refuse": Refuse(
+        [("a", RefusalReason.FULL, "queue 'q'"), ("b", RefusalReason.TOO_LARGE, "9 > 8 bytes")]
+    ),
     "consume": Consume("jobs", 16, 12.5, 4),
     "consume defaults": Consume("jobs", 1),
     "cancel": Cancel("jobs"),
@@ -54,7 +57,7 @@ SAMPLES = {
     "settle defaults": Settle("jobs"),
     "request": Request("req-1", "echo", FULL, 4.5),
     "reply": Reply("req-1", BARE),
-    "reply error": Reply("req-1", None, "ValueError: nope", "Rejected"),
+    "reply error": Reply("req-1", None, "ValueError: nope", ReplyErrorKind.REJECTED),
     "error": Error("unknown frame"),
 }
 
@@ -216,3 +219,25 @@ messages = st.builds(
 def test_generated_batches_round_trip(batch: list[Message], queue: str) -> None:
     for frame in (Send(queue, batch), Deliver(queue, batch)):
         assert decode(encode(frame)) == frame
+
+
+def test_an_unknown_refusal_reason_is_refused() -> None:
+    raw = msgspec.msgpack.encode([4, [["a", "maybe later", ""]]])
+    with pytest.raises(RemoteProtocolError):
+        decode(bytes([VERSION]) + raw)
+
+
+def test_reasons_travel_as_their_names() -> None:
+    data = encode(Refuse([("a", RefusalReason.STORE_FAILED, "disk full")]))
+    assert msgspec.msgpack.decode(data[1:]) == [4, [["a", "store failed", "disk full"]]]
+
+
+@given(st.lists(st.integers(0, 300), max_size=30), st.integers(1, 500))
+def test_chunks_keep_order_and_stay_under_the_limit(sizes: list[int], limit: int) -> None:
+    messages = [Message(id=str(i), body=b"x" * n) for i, n in enumerate(sizes)]
+    runs = frames.chunks_by_size(messages, limit)
+    assert [m for run in runs for m in run] == messages
+    assert all(run for run in runs)
+    for run in runs:
+        if len(run) > 1:
+            assert sum(len(m.body) + 64 for m in run) <= limit

@@ -16,9 +16,11 @@ import msgspec
 
 from ..errors import RemoteProtocolError
 from ..message import Message
+from .policy import RefusalReason, ReplyErrorKind
 
 VERSION = 1
 _VERSION_BYTE = bytes([VERSION])
+_PER_MESSAGE_OVERHEAD = 64  # bytes an envelope adds to its body, about
 
 
 class Hello(msgspec.Struct, array_like=True, tag=1, gc=False):
@@ -45,9 +47,9 @@ class Confirm(msgspec.Struct, array_like=True, tag=3, gc=False):
 
 
 class Refuse(msgspec.Struct, array_like=True, tag=4, gc=False):
-    """Host → producer: these ids were not accepted, with why."""
+    """Host → producer: these ids were not accepted: [id, reason, detail] each."""
 
-    id_reasons: list[tuple[str, str]]
+    refusals: list[tuple[str, RefusalReason, str]]
 
 
 class Consume(msgspec.Struct, array_like=True, tag=5, gc=False):
@@ -97,7 +99,7 @@ class Reply(msgspec.Struct, array_like=True, tag=10, gc=False):
     request_id: str
     message: Message | None = None
     error: str = ""
-    error_kind: str = ""
+    error_kind: ReplyErrorKind = ReplyErrorKind.NONE
 
 
 class Error(msgspec.Struct, array_like=True, tag=11, gc=False):
@@ -143,6 +145,22 @@ def encode(frame: Frame) -> bytes:
 def encode_batch(encoded: list[bytes]) -> bytes:
     """Wrap already-encoded frames into one Batch frame."""
     return _VERSION_BYTE + _encoder.encode(Batch(encoded))
+
+
+def chunks_by_size(messages: list[Message], limit: int) -> list[list[Message]]:
+    """Split ``messages`` into runs whose bodies add up to about ``limit`` bytes
+    at most (a body over it travels alone), so no frame outgrows what the
+    peer's socket accepts. Never returns an empty run."""
+    runs: list[list[Message]] = []
+    start, size = 0, 0
+    for index, message in enumerate(messages):
+        size += len(message.body) + _PER_MESSAGE_OVERHEAD
+        if size > limit and index > start:
+            runs.append(messages[start:index])
+            start, size = index, len(message.body) + _PER_MESSAGE_OVERHEAD
+    if start < len(messages):
+        runs.append(messages[start:])
+    return runs
 
 
 def decode_all(data: bytes | memoryview) -> list[Frame]:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import TypeVar
 
+from ..errors import Backpressure, DeliveryError, NoResponders, PigeonError, Rejected, StoreError
+from ..errors import Timeout as PigeonTimeout
 from . import headers
 
 S = TypeVar("S")
@@ -86,6 +88,11 @@ class RefusalReason(str, Enum):
     TOO_LARGE = "too large"  # over the host's message size limit
     STORE_FAILED = "store failed"  # the durable store could not write it
 
+    @property
+    def retryable(self) -> bool:
+        """True if the same message may be taken later (a durable outbox retries it)."""
+        return self in (RefusalReason.FULL, RefusalReason.STORE_FAILED)
+
 
 class ReplyErrorKind(str, Enum):
     """Why a reply carries no answer (Rule 4); NONE on a good reply."""
@@ -94,3 +101,30 @@ class ReplyErrorKind(str, Enum):
     REJECTED = "Rejected"  # the handler raised or returned nothing
     NO_RESPONDERS = "NoResponders"  # the server no longer offers the service
     TIMEOUT = "Timeout"  # the handler ran past the request's deadline
+
+
+def refusal_error(queue: str, reason: RefusalReason, detail: str) -> PigeonError:
+    """The error a producer gets when a host refused its message for ``queue``."""
+    if reason is RefusalReason.FULL:
+        return Backpressure(f"queue {queue!r} on its host", 0)
+    if reason is RefusalReason.STORE_FAILED:
+        return StoreError(f"the host could not store a message for {queue!r}: {detail}")
+    return DeliveryError(f"host refused a message for queue {queue!r}: {reason.value}: {detail}")
+
+
+def reply_error(service: str, kind: ReplyErrorKind, error: str) -> PigeonError:
+    """The error a caller gets for a reply that carries no answer."""
+    if kind is ReplyErrorKind.NO_RESPONDERS:
+        return NoResponders(service)
+    if kind is ReplyErrorKind.TIMEOUT:
+        return PigeonTimeout(error)
+    return Rejected(service, error)
+
+
+def reply_kind(error: PigeonError) -> ReplyErrorKind:
+    """The kind a server sends back for a call that failed with ``error``."""
+    if isinstance(error, NoResponders):
+        return ReplyErrorKind.NO_RESPONDERS
+    if isinstance(error, PigeonTimeout):
+        return ReplyErrorKind.TIMEOUT
+    return ReplyErrorKind.REJECTED

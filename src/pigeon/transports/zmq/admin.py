@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -12,9 +13,8 @@ from ..._core import headers, policy
 from ..._core.ledger import dead_letter_queue
 from ...errors import DecodeError
 from ...message import Message, make_message
-
-if TYPE_CHECKING:
-    from .node import ZmqTransport
+from ..host import QueueHost
+from ..local import LocalServices
 
 INFO_SERVICE = "pigeon.info"
 DEAD_SERVICE = "pigeon.dead"
@@ -30,18 +30,18 @@ def _queue_request(message: Message) -> _QueueRequest:
     try:
         return message.decode(_QueueRequest)  # type: ignore[no-any-return]
     except DecodeError as exc:
-        raise ValueError(f"expected {{'queue': str, 'limit': int | null}}: {exc}") from exc
+        raise DecodeError(f"expected {{'queue': str, 'limit': int | null}}: {exc}") from exc
 
 
-def register(node: ZmqTransport) -> None:
-    """Serve the admin services on ``node``."""
+def register(services: LocalServices, host: QueueHost, stats: Callable[[], dict[str, Any]]) -> None:
+    """Serve the admin services of a node whose queues ``host`` holds."""
 
     async def info(message: Message) -> Message:
-        return make_message(node.stats())
+        return make_message(stats())
 
     async def dead(message: Message) -> Message:
         request = _queue_request(message)
-        ledger = node.host.queues.get(dead_letter_queue(request.queue))
+        ledger = host.queues.get(dead_letter_queue(request.queue))
         letters: list[dict[str, Any]] = []
         if ledger is not None:
             for letter in ledger.peek_ready(request.limit or 100):
@@ -58,8 +58,8 @@ def register(node: ZmqTransport) -> None:
 
     async def replay(message: Message) -> Message:
         request = _queue_request(message)
-        return make_message({"replayed": node.host.replay_dead(request.queue, request.limit)})
+        return make_message({"replayed": host.replay_dead(request.queue, request.limit)})
 
-    node.services.add(INFO_SERVICE, info)
-    node.services.add(DEAD_SERVICE, dead)
-    node.services.add(REPLAY_SERVICE, replay)
+    services.add(INFO_SERVICE, info)
+    services.add(DEAD_SERVICE, dead)
+    services.add(REPLAY_SERVICE, replay)

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..._core.frames import Reply, Request
+from ..._core.policy import ReplyErrorKind, reply_error
 from ..._core.rpc import Correlator
-from ...errors import NoResponders, Rejected, Timeout
+from ...errors import NoResponders, Timeout
 from ...message import Message
+from ..local import LocalServices
+from .config import Waiters
 from .link import Link
-
-if TYPE_CHECKING:
-    from .node import ZmqTransport
 
 _RETRY = object()  # resolves an attempt's future when the call must move on
 _SWEEP = 0.01  # seconds between checks of pending calls' deadlines
@@ -29,8 +29,18 @@ _LOCAL = "local"  # the candidate name of this node's own services
 class Caller:
     """Makes the calls of one node (see the module docstring)."""
 
-    def __init__(self, node: ZmqTransport) -> None:
-        self.node = node
+    def __init__(
+        self,
+        links: list[Link],
+        services: LocalServices,
+        *,
+        attempt_timeout: float | None,
+        heard: Waiters,
+    ) -> None:
+        self.links = links  # the node's own list: links it adds later count too
+        self.services = services
+        self.attempt_timeout = attempt_timeout
+        self._heard = heard
         self.correlator = Correlator()
         self._attempts: dict[str, asyncio.Future[Any]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -42,7 +52,7 @@ class Caller:
         deadline = now + timeout
         rid = message.id
         call = self.correlator.start(
-            rid, service, now, timeout=timeout, attempt_timeout=self.node.attempt_timeout or timeout
+            rid, service, now, timeout=timeout, attempt_timeout=self.attempt_timeout or timeout
         )
         try:
             while True:
@@ -57,7 +67,7 @@ class Caller:
                 if remaining <= 0:
                     break
                 if server is _LOCAL:
-                    return await self.node.services.call(service, message, timeout=remaining)
+                    return await self.services.call(service, message, timeout=remaining)
                 attempt: asyncio.Future[Any] = loop.create_future()
                 self._attempts[rid] = attempt
                 assert isinstance(server, Link)
@@ -90,21 +100,28 @@ class Caller:
             self._arm_sweep()
 
     def _candidates(self, service: str) -> list[Any]:
-        candidates: list[Any] = [link for link in self.node.links if link.offers(service)]
-        if self.node.services.offers(service):
+        candidates: list[Any] = [link for link in self.links if link.offers(service)]
+        if self.services.offers(service):
             candidates.append(_LOCAL)
         return candidates
 
     async def _await_handshakes(self, service: str, deadline: float) -> None:
         # Right after connecting we do not yet know who serves what; wait
         # (briefly, bounded by connect_grace) rather than claim NoResponders.
-        while (  # noqa: ASYNC110 - bounded by connect_grace
-            not any(link.offers(service) for link in self.node.links)
-            and not self.node.services.offers(service)
-            and any(link.pending_handshake for link in self.node.links)
-            and time.monotonic() < deadline
-        ):
-            await asyncio.sleep(0.005)
+        # Each Hello heard wakes us; a link's grace running out ends the wait.
+        pending = [link for link in self.links if link.pending_handshake]
+        if not pending:
+            return
+        grace_ends = max(link.created_at + link.config.connect_grace for link in pending)
+
+        def settled() -> bool:
+            return (
+                any(link.offers(service) for link in self.links)
+                or self.services.offers(service)
+                or not any(link.pending_handshake for link in self.links)
+            )
+
+        await self._heard.wait_until(settled, min(deadline, grace_ends))
 
     def on_reply(self, reply: Reply) -> None:
         attempt = self._attempts.get(reply.request_id)
@@ -134,10 +151,6 @@ def _resolve(future: asyncio.Future[Any], value: Any) -> None:
 
 
 def _reply_or_raise(service: str, reply: Reply) -> Message:
-    if reply.message is not None and not reply.error_kind:
+    if reply.message is not None and reply.error_kind is ReplyErrorKind.NONE:
         return reply.message
-    if reply.error_kind == "NoResponders":
-        raise NoResponders(service)
-    if reply.error_kind == "Timeout":
-        raise Timeout(reply.error)
-    raise Rejected(service, reply.error)
+    raise reply_error(service, reply.error_kind, reply.error)

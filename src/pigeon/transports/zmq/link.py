@@ -10,65 +10,69 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ..._core import frames
-from ..._core.frames import Consume, Hello, Send, Settle
-from ...errors import Backpressure, RemoteProtocolError, StoreError
+from ..._core.frames import Consume, Hello, Reply, Send, Settle
+from ..._core.policy import RefusalReason, refusal_error
+from ...errors import Backpressure, RemoteProtocolError, TransportError
 from ...message import Message
-from ..base import Delivery
+from .config import NodeConfig, Waiters
+from .monitor import ConnectionMonitor
 from .pump import Pump
-
-if TYPE_CHECKING:
-    from .node import ZmqTransport
+from .settler import LinkSettler
 
 
-class _LinkSettler:
-    """Batches a worker's settles into one Settle frame per queue per iteration."""
+class LinkEvents(Protocol):
+    """What a link tells its node."""
 
-    __slots__ = ("link", "session")
+    def delivered(self, link: Link, queue: str, messages: list[Message]) -> None:
+        """The remote host leased ``messages`` of ``queue`` to this node."""
 
-    def __init__(self, link: Link, session: str) -> None:
-        self.link = link
-        self.session = session
+    def replied(self, reply: Reply) -> None:
+        """A server answered a call."""
 
-    def _pending(self, delivery: Delivery) -> Settle | None:
-        if self.session != self.link.remote_session:
-            # That host restarted: it no longer knows this lease.
-            self.link.stale_settles += 1
-            return None
-        return self.link.pending_settle(delivery.queue)
+    def remote_error(self, link: Link, reason: str) -> None:
+        """The remote refused a frame of ours."""
 
-    def ack(self, delivery: Delivery) -> None:
-        pending = self._pending(delivery)
-        if pending is not None:
-            pending.acks.append(delivery.message.id)
+    def went_down(self, link: Link) -> None:
+        """The connection dropped or the remote stopped answering."""
 
-    def nack(self, delivery: Delivery, delay: float, reason: str) -> None:
-        pending = self._pending(delivery)
-        if pending is not None:
-            pending.nacks.append((delivery.message.id, delay, reason))
 
-    def reject(self, delivery: Delivery, reason: str) -> None:
-        pending = self._pending(delivery)
-        if pending is not None:
-            pending.rejects.append((delivery.message.id, reason))
+class DurableSink(Protocol):
+    """A durable outbox that keeps sends on disk until the host has them."""
 
-    def extend(self, delivery: Delivery) -> None:
-        pending = self._pending(delivery)
-        if pending is not None:
-            pending.extends.append(delivery.message.id)
+    def confirmed(self, queue: str, message_ids: list[str]) -> None: ...
+
+    def refused(self, link: Link, queue: str, message: Message) -> None: ...
+
+    def dropped(self, queue: str, message: Message, error: Exception) -> None: ...
 
 
 class Link:
     """A DEALER connection to the node at ``address``."""
 
-    def __init__(self, node: ZmqTransport, address: str, context: zmq.Context[zmq.Socket[bytes]]):
-        self.node = node
+    def __init__(
+        self,
+        config: NodeConfig,
+        address: str,
+        context: zmq.Context[zmq.Socket[bytes]],
+        *,
+        hello: Callable[[], Hello],
+        events: LinkEvents,
+        progress: Waiters,
+        heard: Waiters,
+    ):
+        self.config = config
         self.address = address
+        self._hello = hello
+        self._events = events
+        self._progress = progress  # woken when the outbox shrinks
+        self._heard = heard  # woken when the remote says Hello
+        self.durable: DurableSink | None = None
         self.created_at = time.monotonic()
         self.remote: Hello | None = None
         self.remote_session = ""
@@ -83,23 +87,20 @@ class Link:
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
         sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, node.node_id.encode())
+        sock.setsockopt(zmq.ROUTING_ID, config.node_id.encode())
         # Frames go only to a live connection. Otherwise libzmq would keep
         # frames written while the peer was away and send them, on the next
         # connection, ahead of older ones we resend: order would break.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        node.tune(sock)
+        config.tune(sock)
         sock.connect(address)
-        self.pump = Pump(sock, self._on_frame, router=False, max_batch_bytes=node.max_message_size)
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        self.pump = Pump(
+            sock, self._on_frame, router=False, max_batch_bytes=config.max_message_size
         )
-        self._monitor_fd = int(self._monitor.getsockopt(zmq.FD))
-        self._loop.add_reader(self._monitor_fd, self._on_monitor)
-        # The monitor's FD is edge-triggered like any zmq FD: an event that
-        # came before add_reader would not wake us, so look once now.
-        self._loop.call_soon(self._on_monitor)
-        self.settler = _LinkSettler(self, "")
+        self._monitor = ConnectionMonitor(
+            sock, on_lost=lambda: self.mark_down("connection lost"), on_ready=self.send_hello
+        )
+        self.settler = LinkSettler(self, "")
         self._hello_timer: asyncio.TimerHandle | None = None
         self._say_hello_until_heard(0.01)
 
@@ -108,7 +109,8 @@ class Link:
     @property
     def pending_handshake(self) -> bool:
         """Never heard from yet, and young enough to still be expected."""
-        return self.remote is None and time.monotonic() - self.created_at < self.node.connect_grace
+        young = time.monotonic() - self.created_at < self.config.connect_grace
+        return self.remote is None and young
 
     def offers(self, service: str) -> bool:
         return self.up and self.remote is not None and service in self.remote.services
@@ -116,22 +118,6 @@ class Link:
     @property
     def hosts_queues(self) -> bool:
         return self.up and self.remote is not None and self.remote.hosts_queues
-
-    def _on_monitor(self) -> None:
-        # Monitor events tell at once that the TCP connection dropped, far
-        # sooner than missed heartbeats would, and when a new one is ready to
-        # carry frames (after the ZMTP handshake; IMMEDIATE drops them before).
-        if self._monitor.closed:
-            return
-        try:
-            while True:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    self.mark_down("connection lost")
-                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self.send_hello()
-        except zmq.Again:
-            pass
 
     def _say_hello_until_heard(self, delay: float) -> None:
         # With IMMEDIATE a Hello is dropped until the connection's pipe is
@@ -142,13 +128,13 @@ class Link:
             return
         self.send_hello()
         self._hello_timer = self._loop.call_later(
-            delay, self._say_hello_until_heard, min(delay * 2, self.node.heartbeat)
+            delay, self._say_hello_until_heard, min(delay * 2, self.config.heartbeat)
         )
 
     def mark_down(self, why: str) -> None:
         if self.up:
             self.up = False
-            self.node.link_down(self, why)
+            self._events.went_down(self)
             if self._hello_timer is None:
                 self._say_hello_until_heard(0.01)
 
@@ -158,9 +144,10 @@ class Link:
         self.remote = hello
         self.remote_session = hello.session
         if restarted:
-            self.settler = _LinkSettler(self, hello.session)
+            self.settler = LinkSettler(self, hello.session)
             self._settles.clear()
         was_up, self.up = self.up, True
+        self._heard.wake()
         if restarted or not was_up:
             # A new remote (or a dropped connection): frames may have been
             # lost, so re-register consumers and resend what is unconfirmed.
@@ -178,15 +165,16 @@ class Link:
     # -- outgoing --------------------------------------------------------
 
     def send_hello(self) -> None:
-        self.pump.send(frames.encode(self.node.hello()))
+        self.pump.send(frames.encode(self._hello()))
 
     def send_frame(self, frame: frames.Frame) -> bool:
         return self.pump.send(frames.encode(frame))
 
     def enqueue(self, queue: str, message: Message, future: asyncio.Future[None]) -> None:
-        if len(self.outbox) >= self.node.outbox_limit and self.node.outbox is None:
+        limit = self.config.outbox_limit
+        if len(self.outbox) >= limit and self.durable is None:
             # (A durable outbox checks its limit when it accepts a send.)
-            raise Backpressure(f"outbox to {self.address}", self.node.outbox_limit)
+            raise Backpressure(f"outbox to {self.address}", limit)
         self.outbox[message.id] = (queue, message, future)
         self._sends.setdefault(queue, []).append(message)
         self._schedule_flush()
@@ -216,17 +204,8 @@ class Link:
             self.send_frame(settle)
 
     def _send_batches(self, queue: str, messages: list[Message]) -> None:
-        limit = self.node.max_message_size
-        batch: list[Message] = []
-        size = 0
-        for message in messages:
-            if batch and size + len(message.body) > limit:
-                self.send_frame(Send(queue, batch))
-                batch, size = [], 0
-            batch.append(message)
-            size += len(message.body) + 64
-        if batch:
-            self.send_frame(Send(queue, batch))
+        for run in frames.chunks_by_size(messages, self.config.max_message_size):
+            self.send_frame(Send(queue, run))
 
     # -- incoming --------------------------------------------------------
 
@@ -243,18 +222,18 @@ class Link:
     def _on_one(self, frame: frames.Frame) -> None:
         match frame:
             case frames.Deliver(queue, messages):
-                self.node.deliver(self, queue, messages)
+                self._events.delivered(self, queue, messages)
             case frames.Confirm(ids):
                 self._confirmed(ids)
-            case frames.Refuse(id_reasons):
-                self._refused(id_reasons)
+            case frames.Refuse(refusals):
+                self._refused(refusals)
             case frames.Reply():
-                self.node.on_reply(self, frame)
+                self._events.replied(frame)
             case frames.Hello():
                 self.heard(frame)
             case frames.Error(reason):
                 self.protocol_errors += 1
-                self.node.on_remote_error(self, reason)
+                self._events.remote_error(self, reason)
             case _:
                 self.protocol_errors += 1
 
@@ -268,30 +247,54 @@ class Link:
             if not entry[2].done():
                 entry[2].set_result(None)
             by_queue.setdefault(entry[0], []).append(mid)
-        durable = self.node.outbox
+        self._progress.wake()
+        durable = self.durable
         if durable is not None:
             for queue, confirmed in by_queue.items():
                 durable.confirmed(queue, confirmed)
 
-    def _refused(self, id_reasons: list[tuple[str, str]]) -> None:
-        durable = self.node.outbox
-        for mid, reason in id_reasons:
+    def _refused(self, refusals: list[tuple[str, RefusalReason, str]]) -> None:
+        durable = self.durable
+        for mid, reason, detail in refusals:
             entry = self.outbox.pop(mid, None)
             if entry is None:
                 continue
             queue, message, future = entry
-            error = self.node.refusal(queue, reason)
-            if durable is not None and isinstance(error, (Backpressure, StoreError)):
+            error = refusal_error(queue, reason, detail)
+            if durable is not None and reason.retryable:
                 durable.refused(self, queue, message)  # kept, and tried again
             elif durable is not None:
                 durable.dropped(queue, message, error)
             elif not future.done():
                 future.set_exception(error)
+        self._progress.wake()
+
+    def withdraw(self, future: asyncio.Future[None]) -> bool:
+        """Stop resending the send behind ``future`` (its caller gave up on it)."""
+        for mid, entry in self.outbox.items():
+            if entry[2] is future:
+                del self.outbox[mid]
+                self._progress.wake()
+                return True
+        return False
+
+    def fail_unconfirmed(self, why: str) -> int:
+        """Fail every send still waiting for a confirm; returns how many."""
+        failed = 0
+        for queue, _message, future in self.outbox.values():
+            failed += 1
+            if not future.done():
+                future.set_exception(
+                    TransportError(
+                        f"{why} before {self.address} confirmed a send to {queue!r}",
+                        address=self.address,
+                    )
+                )
+        self.outbox.clear()
+        return failed
 
     def close(self) -> None:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
-        self._loop.remove_reader(self._monitor_fd)
-        self.pump.sock.disable_monitor()
-        self._monitor.close(linger=0)
+        self._monitor.close()
         self.pump.close()

@@ -11,51 +11,34 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from ..._core import frames
 from ..._core.frames import Consume, Hello, Reply
-from ...errors import (
-    Backpressure,
-    ClosedError,
-    ConfigurationError,
-    DeliveryError,
-    MessageTooLarge,
-    PigeonError,
-    StoreError,
-    Timeout,
-    TransportError,
-)
+from ...errors import ClosedError, ConfigurationError, NotStartedError, Timeout, TransportError
 from ...message import Message, new_id
 from ..base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, Subscription
 from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
 from . import admin
 from .caller import Caller
+from .config import NodeConfig, Waiters, shared_context
 from .link import Link
 from .outbox import DurableOutbox
-from .router import REFUSED_FULL, REFUSED_STORE, RouterSide
-
-_context: zmq.Context[zmq.Socket[bytes]] | None = None
-
-
-def shared_context() -> zmq.Context[zmq.Socket[bytes]]:
-    """One zmq context per process, so ``inproc://`` works between nodes."""
-    global _context
-    if _context is None or _context.closed:
-        _context = zmq.Context()
-    return _context
+from .router import RouterSide
+from .sender import Sender
 
 
 class _RemoteSubscription:
-    def __init__(self, node: ZmqTransport, queue: str) -> None:
-        self.node = node
+    def __init__(self, cancel: Callable[[str], None], queue: str) -> None:
+        self._cancel = cancel
         self.queue = queue
 
     async def cancel(self) -> None:
-        self.node.cancel_remote(self.queue)
+        self._cancel(self.queue)
 
 
 class ZmqTransport:
@@ -117,29 +100,35 @@ class ZmqTransport:
         self.url = " ".join([*connect, *(f"bind:{b}" for b in bind)])
         self.connect_addresses = list(connect)
         self.bind_addresses = list(bind)
-        self.heartbeat = heartbeat
-        self.heartbeat_misses = heartbeat_misses
-        self.max_message_size = max_message_size
-        self.outbox_limit = outbox_limit
-        self.connect_grace = connect_grace
-        self.node_id = f"{os.getpid()}-{new_id()}"
-        self.session = new_id()
         if attempt_timeout is not None and not attempt_timeout > 0:
             raise ConfigurationError(
                 f"attempt_timeout must be > 0 seconds, not {attempt_timeout!r}"
             )
+        self.config = NodeConfig(
+            node_id=f"{os.getpid()}-{new_id()}",
+            heartbeat=heartbeat,
+            heartbeat_misses=heartbeat_misses,
+            max_message_size=max_message_size,
+            outbox_limit=outbox_limit,
+            connect_grace=connect_grace,
+        )
+        self.session = new_id()
         self.attempt_timeout = attempt_timeout
         self.outbox_path = os.fspath(outbox) if outbox is not None else None
-        self.outbox: DurableOutbox | None = None
         self.store_path = os.fspath(store) if store is not None else None
         self.synchronous = synchronous
         self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length)
-        self._local_batches: dict[str, list[Message]] = {}
-        self._local_batch_future: asyncio.Future[None] | None = None
         self.services = LocalServices()
-        self.caller = Caller(self)
-        self.last_remote_error = ""
         self.links: list[Link] = []
+        # Woken when a send is confirmed or a Hello heard: waits on either are
+        # events, not polls.
+        self._progress = Waiters()
+        self._heard = Waiters()
+        self.sender = self._make_sender()
+        self.caller = Caller(
+            self.links, self.services, attempt_timeout=attempt_timeout, heard=self._heard
+        )
+        self.last_remote_error = ""
         self.router: RouterSide | None = None
         self.bound: list[str] = []
         self._sinks: dict[str, DeliverySink] = {}
@@ -147,22 +136,18 @@ class ZmqTransport:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
         self._started = False
-        self._done_future: asyncio.Future[None] | None = None
-        self._background: set[asyncio.Future[None]] = set()
         self.restored = 0
-        self.sent = 0
+
+    def _make_sender(self) -> Sender:
+        return Sender(
+            self.host,
+            self.links,
+            hosts_queues=bool(self.bind_addresses),
+            max_message_size=self.config.max_message_size,
+            progress=self._progress,
+        )
 
     # -- lifecycle -------------------------------------------------------
-
-    def tune(self, sock: zmq.Socket[bytes]) -> None:
-        """Socket options every pigeon socket gets."""
-        sock.setsockopt(zmq.LINGER, 0)  # delivery is ours to ensure, never linger's
-        # Credit and outbox limits bound every flow; socket HWMs would only drop.
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size * 2 + (1 << 16))
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
 
     async def start(self) -> None:
         if self.store_path is not None:
@@ -174,10 +159,13 @@ class ZmqTransport:
             self.host = QueueHost(
                 lease_ttl=self.host.lease_ttl, max_length=self.host.max_length, store=store
             )
+            self.sender = self._make_sender()
             self.restored = await asyncio.to_thread(self.host.restore)
         context = shared_context()
         if self.bind_addresses:
-            self.router = RouterSide(self, context)
+            self.router = RouterSide(
+                self.config, context, hello=self.hello, host=self.host, services=self.services
+            )
             for address in self.bind_addresses:
                 try:
                     self.bound.append(self.router.bind(address))
@@ -185,10 +173,18 @@ class ZmqTransport:
                     await self.close()  # releases the store (and its lock) too
                     raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
             self.router.start()
-            admin.register(self)
+            admin.register(self.services, self.host, self.stats)
         for address in self.connect_addresses:
             try:
-                link = Link(self, address, context)
+                link = Link(
+                    self.config,
+                    address,
+                    context,
+                    hello=self.hello,
+                    events=self,
+                    progress=self._progress,
+                    heard=self._heard,
+                )
             except zmq.ZMQError as exc:
                 await self.close()
                 raise TransportError(
@@ -196,24 +192,34 @@ class ZmqTransport:
                 ) from exc
             self.links.append(link)
         if self.outbox_path is not None:
-            self.outbox = await DurableOutbox.open(self, self.outbox_path, self.synchronous)
+            outbox = await DurableOutbox.open(
+                self.outbox_path,
+                self.synchronous,
+                self.sender.sending_link,
+                limit=self.config.outbox_limit,
+                progress=self._progress,
+            )
+            self.sender.outbox = outbox
+            for link in self.links:
+                link.durable = outbox
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._beat())
         self._started = True
 
     async def _beat(self) -> None:
+        heartbeat, misses = self.config.heartbeat, self.config.heartbeat_misses
         while True:
-            await asyncio.sleep(self.heartbeat)
+            await asyncio.sleep(heartbeat)
             now = time.monotonic()
             for link in self.links:
                 link.send_hello()
-                if link.up and now - link.last_heard > self.heartbeat * self.heartbeat_misses:
+                if link.up and now - link.last_heard > heartbeat * misses:
                     link.mark_down("heartbeats missed")
             if self.router is not None:
                 self.router.reap(now)
 
     def hello(self) -> Hello:
         return Hello(
-            self.node_id,
+            self.config.node_id,
             self.session,
             self.services.names(),
             hosts_queues=bool(self.bind_addresses),
@@ -224,125 +230,26 @@ class ZmqTransport:
         if self._closed:
             raise ClosedError(f"node {self.url} is closed")
         if not self._started:
-            raise ClosedError(f"node {self.url} is not started")
+            raise NotStartedError(f"node {self.url} is not started; await its start() first")
 
     # -- queues ----------------------------------------------------------
-
-    def sending_link(self) -> Link | None:
-        """The link sends go to: the first that reaches a host, else the first."""
-        for link in self.links:
-            if link.hosts_queues:
-                return link
-        for link in self.links:  # none is up: the outbox waits for the first
-            return link
-        return None
 
     def send_nowait(
         self, queue: str, message: Message, *, fresh: bool = False
     ) -> asyncio.Future[None]:
         if self._closed or not self._started:
             self._check_open()
-        if len(message.body) > self.max_message_size:
-            raise MessageTooLarge(len(message.body), self.max_message_size)
-        link = None if self.bind_addresses else self.sending_link()
-        if link is None and self.host.committer is not None:
-            self.sent += 1
-            return self._store_locally(queue, message)
-        if link is None:
-            if self.host.put(queue, message, fresh=fresh) is None:
-                raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
-            self.sent += 1
-            return self._stored()
-        self.sent += 1
-        if self.outbox is not None:
-            return self.outbox.accept(queue, [message])
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        link.enqueue(queue, message, future)
-        return future
+        return self.sender.send_nowait(queue, message, fresh=fresh)
 
     def send_many(self, queue: str, messages: list[Message]) -> asyncio.Future[None]:
         """Like ``send_nowait`` for many fresh messages; one future for all."""
         if self._closed or not self._started:
             self._check_open()
-        limit = self.max_message_size
-        for message in messages:
-            if len(message.body) > limit:
-                raise MessageTooLarge(len(message.body), limit)
-        link = None if self.bind_addresses else self.sending_link()
-        self.sent += len(messages)
-        if link is not None and self.outbox is not None:
-            return self.outbox.accept(queue, messages)
-        if link is not None:
-            futures = []
-            for message in messages:
-                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                link.enqueue(queue, message, future)
-                futures.append(future)
-            return asyncio.ensure_future(_gather(futures))
-        if self.host.committer is not None:
-            for message in messages:
-                stored = self._store_locally(queue, message)
-            return stored if messages else self._stored()
-        if self.host.put_fresh(queue, messages) < len(messages):
-            raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
-        return self._stored()
+        return self.sender.send_many(queue, messages)
 
-    def _store_locally(self, queue: str, message: Message) -> asyncio.Future[None]:
-        # Sends made in one loop iteration share one group commit and one
-        # future, resolved when that commit is on disk.
-        if self._local_batch_future is None:
-            loop = asyncio.get_running_loop()
-            self._local_batch_future = loop.create_future()
-            loop.call_soon(self._commit_local_batch)
-        self._local_batches.setdefault(queue, []).append(message)
-        return self._local_batch_future
-
-    def _commit_local_batch(self) -> None:
-        batches, self._local_batches = self._local_batches, {}
-        future, self._local_batch_future = self._local_batch_future, None
-        assert future is not None
-
-        async def commit() -> None:
-            try:
-                for queue, messages in batches.items():
-                    results = await self.host.put_many(queue, messages)
-                    if None in results:
-                        raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
-            except (StoreError, Backpressure) as exc:
-                if not future.done():
-                    future.set_exception(exc)
-                return
-            if not future.done():
-                future.set_result(None)
-
-        task = asyncio.ensure_future(commit())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _stored(self) -> asyncio.Future[None]:
-        # Stored here and now. All such sends of one loop iteration share one
-        # future (its result is None, so sharing is safe), resolved on the
-        # next iteration: awaiting a confirm then yields to the loop, so a
-        # producer that paces itself on confirms lets dispatch run.
-        future = self._done_future
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = self._done_future = loop.create_future()
-            loop.call_soon(self._resolve_stored)
-        return future
-
-    def _resolve_stored(self) -> None:
-        future, self._done_future = self._done_future, None
-        if future is not None and not future.done():
-            future.set_result(None)
-
-    def refusal(self, queue: str, reason: str) -> PigeonError:
-        """The error a producer gets for a host's Refuse reason."""
-        if reason.startswith(REFUSED_FULL):
-            return Backpressure(f"queue {queue!r} on its host", 0)
-        if reason.startswith(REFUSED_STORE):
-            return StoreError(f"the host could not store a message for {queue!r}: {reason}")
-        return DeliveryError(f"host refused a message for queue {queue!r}: {reason}")
+    def withdraw(self, future: asyncio.Future[None]) -> bool:
+        """Stop resending a send whose caller gave up on it (see ``Sender.withdraw``)."""
+        return self.sender.withdraw(future)
 
     async def consume(
         self, queue: str, sink: DeliverySink, options: ConsumeOptions
@@ -358,7 +265,7 @@ class ZmqTransport:
         for link in self.links:
             link.consumers[queue] = consume
             link.send_frame(consume)
-        return _RemoteSubscription(self, queue)
+        return _RemoteSubscription(self.cancel_remote, queue)
 
     def cancel_remote(self, queue: str) -> None:
         self._sinks.pop(queue, None)
@@ -366,7 +273,9 @@ class ZmqTransport:
             if link.consumers.pop(queue, None) is not None:
                 link.send_frame(frames.Cancel(queue))
 
-    def deliver(self, link: Link, queue: str, messages: list[Message]) -> None:
+    # -- what links tell the node (link.LinkEvents) ------------------------
+
+    def delivered(self, link: Link, queue: str, messages: list[Message]) -> None:
         sink = self._sinks.get(queue)
         if sink is None:
             # Cancelled meanwhile: hand them straight back.
@@ -375,6 +284,15 @@ class ZmqTransport:
             return
         settler = link.settler
         sink([Delivery(queue, m, settler) for m in messages])
+
+    def replied(self, reply: Reply) -> None:
+        self.caller.on_reply(reply)
+
+    def remote_error(self, link: Link, reason: str) -> None:
+        self.last_remote_error = f"{link.address}: {reason}"
+
+    def went_down(self, link: Link) -> None:
+        self.caller.server_lost(link)
 
     # -- request-reply ---------------------------------------------------
 
@@ -392,27 +310,13 @@ class ZmqTransport:
         self._check_open()
         return await self.caller.request(service, message, timeout=timeout)
 
-    def on_reply(self, link: Link, reply: Reply) -> None:
-        self.caller.on_reply(reply)
-
-    def on_remote_error(self, link: Link, reason: str) -> None:
-        self.last_remote_error = f"{link.address}: {reason}"
-
-    def link_down(self, link: Link, why: str) -> None:
-        self.caller.server_lost(link)
-
     async def flush(self, timeout: float) -> None:
         """Wait until every link's outbox is confirmed.
 
         Raises:
             Timeout: sends are still unconfirmed after ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while any(link.outbox for link in self.links) or (self.outbox and self.outbox.waiting):
-            if time.monotonic() >= deadline:
-                unconfirmed = sum(len(link.outbox) for link in self.links)
-                raise Timeout(f"{unconfirmed} sends still unconfirmed after {timeout} s")
-            await asyncio.sleep(0.001)
+        await self.sender.flush(time.monotonic() + timeout, timeout)
 
     # -- closing ---------------------------------------------------------
 
@@ -420,7 +324,8 @@ class ZmqTransport:
         """Wait up to ``timeout`` for unconfirmed sends, then close every socket.
 
         Sends still unconfirmed after that fail with ``TransportError`` and
-        are counted in ``stats()["unconfirmed_at_close"]``.
+        are counted in ``stats()["unconfirmed_at_close"]``; a send whose
+        caller already saw it time out is not waited for nor failed again.
         """
         if self._closed:
             return
@@ -429,27 +334,9 @@ class ZmqTransport:
             await self.flush(timeout)
         except Timeout:
             pass  # counted and failed below (kept on disk with a durable outbox)
-        if self.outbox is not None:
-            await self.outbox.close(timeout)
-        for link in self.links:
-            link.flush()
-        self.unconfirmed_at_close = 0
-        for link in self.links:
-            if self.outbox is not None:
-                # Kept on disk: the next run of this producer resends them.
-                self.kept_in_outbox = len(link.outbox)
-                link.outbox.clear()
-                continue
-            for queue, _message, future in link.outbox.values():
-                self.unconfirmed_at_close += 1
-                if not future.done():
-                    future.set_exception(
-                        TransportError(
-                            f"closed before {link.address} confirmed a send to {queue!r}",
-                            address=link.address,
-                        )
-                    )
-            link.outbox.clear()
+        if self.sender.outbox is not None:
+            await self.sender.outbox.close(timeout)
+        self.sender.settle_at_close()
         for queue in list(self._sinks):
             self.cancel_remote(queue)
         for link in self.links:
@@ -465,16 +352,17 @@ class ZmqTransport:
             link.close()
         if self.router is not None:
             self.router.close()
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=timeout)
+        await self.sender.aclose(timeout)
         await self.host.aclose(timeout)
 
     def stats(self) -> dict[str, Any]:
         router = self.router
+        sender = self.sender
         return {
-            "sent": self.sent,
+            "sent": sender.sent,
             "unconfirmed": sum(len(link.outbox) for link in self.links),
-            "unconfirmed_at_close": getattr(self, "unconfirmed_at_close", 0),
+            "unconfirmed_at_close": sender.unconfirmed_at_close,
+            "withdrawn": sender.withdrawn,
             "request_retries": self.caller.correlator.retries,
             "late_replies": self.caller.correlator.late_replies,
             "last_remote_error": self.last_remote_error,
@@ -490,10 +378,6 @@ class ZmqTransport:
             "durable": self.store_path is not None,
             "restored": self.restored,
             "store_errors": self.host.store_errors,
-            "outbox": self.outbox.stats() if self.outbox is not None else None,
+            "outbox": sender.outbox.stats() if sender.outbox is not None else None,
             "queues": self.host.stats(),
         }
-
-
-async def _gather(futures: list[asyncio.Future[None]]) -> None:
-    await asyncio.gather(*futures)

@@ -12,15 +12,17 @@ removes it from the file.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from ..._core.ops import Ack, Put
 from ...errors import Backpressure, StoreError
 from ...message import Message
-from ...store import Ack, GroupCommitter, Put, SqliteStore
+from ...store import GroupCommitter, SqliteStore
+from .config import Waiters
+from .link import Link
 
-if TYPE_CHECKING:
-    from .link import Link
-    from .node import ZmqTransport
+Route = Callable[[], Link | None]
 
 RETRY_REFUSED_AFTER = 1.0  # seconds before a refused message is sent again
 
@@ -28,9 +30,11 @@ RETRY_REFUSED_AFTER = 1.0  # seconds before a refused message is sent again
 class DurableOutbox:
     """The durable outbox of one connecting node (see the module docstring)."""
 
-    def __init__(self, node: ZmqTransport, store: SqliteStore) -> None:
-        self.node = node
+    def __init__(self, store: SqliteStore, route: Route, *, limit: int, progress: Waiters) -> None:
         self.store = store
+        self._route = route  # the link sends go to now
+        self.limit = limit
+        self._progress = progress  # woken when ``waiting`` drops
         self.committer = GroupCommitter(store)
         self.waiting = 0  # accepted, not yet on disk
         self.counts = {
@@ -43,7 +47,9 @@ class DurableOutbox:
         self._tasks: set[asyncio.Future[Any]] = set()
 
     @classmethod
-    async def open(cls, node: ZmqTransport, path: str, synchronous: str) -> DurableOutbox:
+    async def open(
+        cls, path: str, synchronous: str, route: Route, *, limit: int, progress: Waiters
+    ) -> DurableOutbox:
         """Open the file and put back on the wire what an earlier run left.
 
         Raises:
@@ -53,8 +59,8 @@ class DurableOutbox:
         store = await asyncio.to_thread(
             SqliteStore, path, synchronous=synchronous, dedupe_window=0.0
         )
-        outbox = cls(node, store)
-        link = node.sending_link()
+        outbox = cls(store, route, limit=limit, progress=progress)
+        link = route()
         for stored in await asyncio.to_thread(store.load):
             if link is not None:
                 link.enqueue(stored.queue, stored.message, _unawaited())
@@ -68,9 +74,9 @@ class DurableOutbox:
         Raises:
             Backpressure: the outbox holds ``outbox_limit`` messages already.
         """
-        link = self.node.sending_link()
+        link = self._route()
         assert link is not None
-        limit = self.node.outbox_limit
+        limit = self.limit
         if self.waiting + len(link.outbox) + len(messages) > limit:
             raise Backpressure("durable outbox", limit)
         self.waiting += len(messages)
@@ -90,6 +96,7 @@ class DurableOutbox:
             return
         finally:
             self.waiting -= len(messages)
+            self._progress.wake()
         for message in messages:
             link.enqueue(queue, message, _unawaited())
         if not accepted.done():

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Hashable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable
 
 import zmq
 
 from ..._core import frames
 from ..._core.liveness import Liveness
+from ..._core.policy import RefusalReason, ReplyErrorKind, reply_kind
 from ..._core.rpc import CacheState, ReplyCache
 from ...errors import (
-    NoResponders,
+    DeliveryError,
     ProtocolError,
     Rejected,
     RemoteProtocolError,
@@ -26,32 +26,39 @@ from ...errors import (
     Timeout,
 )
 from ...message import Message
+from ..host import QueueHost
+from ..local import LocalServices
+from .config import NodeConfig
 from .pump import Pump
 
-if TYPE_CHECKING:
-    from .node import ZmqTransport
-
-
-# Refuse reasons start with one of these words, so the producer can tell
-# "try again later" (full) from "will never fit" and "the host's disk failed".
-REFUSED_FULL = "full"
 _SWEEP = 0.01  # seconds between checks of running requests' deadlines
-REFUSED_TOO_LARGE = "too large"
-REFUSED_STORE = "store failed"
+Refusal = tuple[str, RefusalReason, str]
 
 
 class RouterSide:
-    """Answers peers on the bind addresses of ``node``."""
+    """Answers peers on a node's bind addresses, for its ``host`` of queues
+    and its ``services``."""
 
-    def __init__(self, node: ZmqTransport, context: zmq.Context[zmq.Socket[bytes]]) -> None:
-        self.node = node
+    def __init__(
+        self,
+        config: NodeConfig,
+        context: zmq.Context[zmq.Socket[bytes]],
+        *,
+        hello: Callable[[], frames.Hello],
+        host: QueueHost,
+        services: LocalServices,
+    ) -> None:
+        self.config = config
+        self._hello = hello
+        self.host = host
+        self.services = services
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A peer that reconnects with the same id takes over its old pipe.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        node.tune(sock)
+        config.tune(sock)
         self.sock = sock
-        self.liveness = Liveness(interval=node.heartbeat, misses=node.heartbeat_misses)
+        self.liveness = Liveness(interval=config.heartbeat, misses=config.heartbeat_misses)
         self.replies = ReplyCache()
         self._running: dict[str, list[bytes]] = {}
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
@@ -72,7 +79,7 @@ class RouterSide:
             self.sock,
             self._on_frame,
             router=True,
-            max_batch_bytes=self.node.max_message_size,
+            max_batch_bytes=self.config.max_message_size,
             on_unroutable=self.peer_lost,
         )
 
@@ -90,7 +97,7 @@ class RouterSide:
         ):
             # A peer we did not know (or had given up on) speaks first with
             # data: tell it who we are so it re-registers what it needs.
-            self._send(identity, self.node.hello())
+            self._send(identity, self._hello())
         for frame in received:
             try:
                 self._dispatch(identity, frame)
@@ -99,8 +106,7 @@ class RouterSide:
                 self._refuse_peer(identity, str(exc))
 
     def _dispatch(self, identity: bytes, frame: frames.Frame) -> None:
-        node = self.node
-        host = node.host
+        host = self.host
         match frame:
             case frames.Send(queue, messages):
                 self._on_send(identity, queue, messages)
@@ -114,7 +120,7 @@ class RouterSide:
                     extends=extends,
                 )
             case frames.Hello():
-                self._send(identity, node.hello())
+                self._send(identity, self._hello())
             case frames.Consume(queue, prefetch, lease_ttl, max_attempts):
                 self._on_consume(identity, queue, prefetch, lease_ttl, max_attempts)
             case frames.Cancel(queue):
@@ -132,15 +138,15 @@ class RouterSide:
         self._send(identity, frames.Error(reason))
 
     def _on_send(self, identity: bytes, queue: str, messages: list[Message]) -> None:
-        limit = self.node.max_message_size
-        refused = [
-            (m.id, f"{REFUSED_TOO_LARGE}: {len(m.body)} > {limit} bytes")
+        limit = self.config.max_message_size
+        refused: list[Refusal] = [
+            (m.id, RefusalReason.TOO_LARGE, f"{len(m.body)} > {limit} bytes")
             for m in messages
             if len(m.body) > limit
         ]
         if refused:
             messages = [m for m in messages if len(m.body) <= limit]
-        host = self.node.host
+        host = self.host
         if host.committer is None:
             self._answer_send(
                 identity, queue, messages, [host.put(queue, m) for m in messages], refused
@@ -152,14 +158,15 @@ class RouterSide:
         task.add_done_callback(self._background.discard)
 
     async def _store_then_answer(
-        self, identity: bytes, queue: str, messages: list[Message], refused: list[tuple[str, str]]
+        self, identity: bytes, queue: str, messages: list[Message], refused: list[Refusal]
     ) -> None:
+        results: list[bool | None]
         try:
-            results = await self.node.host.put_many(queue, messages)
+            results = await self.host.put_many(queue, messages)
         except StoreError as exc:
-            results = [None] * len(messages)
-            refused = refused + [(m.id, f"{REFUSED_STORE}: {exc}") for m in messages]
-            messages = []
+            detail = str(exc)
+            refused = refused + [(m.id, RefusalReason.STORE_FAILED, detail) for m in messages]
+            messages, results = [], []
         self._answer_send(identity, queue, messages, results, refused)
 
     def _answer_send(
@@ -168,12 +175,12 @@ class RouterSide:
         queue: str,
         messages: list[Message],
         results: list[bool | None],
-        refused: list[tuple[str, str]],
+        refused: list[Refusal],
     ) -> None:
         confirmed = []
         for message, result in zip(messages, results, strict=True):
             if result is None:
-                refused.append((message.id, f"{REFUSED_FULL}: queue {queue!r}"))
+                refused.append((message.id, RefusalReason.FULL, f"queue {queue!r}"))
             else:
                 confirmed.append(message.id)
         if confirmed:
@@ -189,20 +196,13 @@ class RouterSide:
             return
         consumer = (identity, queue)
 
-        limit = self.node.max_message_size
+        limit = self.config.max_message_size
 
         def deliver(queue: str, messages: list[Message]) -> None:
-            # One frame per ~max_message_size of bodies, so no frame is over
-            # what the worker's socket accepts.
-            start, size = 0, 0
-            for index, message in enumerate(messages):
-                size += len(message.body) + 64
-                if size > limit and index > start:
-                    self._send(identity, frames.Deliver(queue, messages[start:index]))
-                    start, size = index, len(message.body) + 64
-            self._send(identity, frames.Deliver(queue, messages[start:]))
+            for run in frames.chunks_by_size(messages, limit):
+                self._send(identity, frames.Deliver(queue, run))
 
-        self.node.host.subscribe(
+        self.host.subscribe(
             queue,
             consumer,
             deliver,
@@ -241,18 +241,14 @@ class RouterSide:
     async def _run_request(self, request: frames.Request) -> None:
         rid = request.request_id
         try:
-            reply = await self.node.services.call(request.service, request.message, timeout=None)
+            reply = await self.services.call(request.service, request.message, timeout=None)
             answer = frames.Reply(rid, reply)
         except asyncio.CancelledError:  # its deadline passed (see _sweep)
-            answer = frames.Reply(
-                rid, None, f"deadline of {request.timeout:.3f} s passed", "Timeout"
-            )
-        except NoResponders as exc:
-            answer = frames.Reply(rid, None, str(exc), "NoResponders")
-        except Timeout as exc:
-            answer = frames.Reply(rid, None, str(exc), "Timeout")
-        except Rejected as exc:
-            answer = frames.Reply(rid, None, exc.reason, "Rejected")
+            why = f"deadline of {request.timeout:.3f} s passed"
+            answer = frames.Reply(rid, None, why, ReplyErrorKind.TIMEOUT)
+        except (Timeout, DeliveryError) as exc:  # NoResponders, Rejected, Timeout
+            why = exc.reason if isinstance(exc, Rejected) else str(exc)
+            answer = frames.Reply(rid, None, why, reply_kind(exc))
         self.replies.finish(rid, answer, time.monotonic())
         for identity in self._running.pop(rid, []):
             self._send(identity, answer)
@@ -265,7 +261,7 @@ class RouterSide:
 
     def announce(self) -> None:
         """Tell every live peer what this node offers now (a new service)."""
-        hello = self.node.hello()
+        hello = self._hello()
         for identity in self.liveness.peers():
             self._send(identity, hello)  # type: ignore[arg-type]
 
@@ -280,7 +276,7 @@ class RouterSide:
             self.peers_lost += 1
         for consumer in consumers:
             consumer_key: Hashable = consumer
-            self.node.host.consumer_lost(consumer_key)
+            self.host.consumer_lost(consumer_key)
         self.liveness.forget(identity)
 
     def close(self) -> None:
