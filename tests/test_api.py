@@ -59,47 +59,72 @@ def test_bad_combinations_are_refused() -> None:
         pigeon.connect(42)  # type: ignore[arg-type]
 
 
-def test_use_before_start_and_after_close_raise_closed_error() -> None:
+def test_use_before_start_is_not_started_and_after_close_is_closed() -> None:
+    assert not issubclass(pigeon.NotStartedError, pigeon.ClosedError)
+    assert not issubclass(pigeon.ClosedError, pigeon.NotStartedError)
+
     async def scenario() -> None:
         conn = pigeon.connect("memory://closed")
-        with pytest.raises(pigeon.ClosedError):
+        with pytest.raises(pigeon.NotStartedError, match="async with pigeon.connect"):
             conn.send_nowait("q", "x")
-        await conn.start()
-        await conn.close()
-        with pytest.raises(pigeon.ClosedError):
+        with pytest.raises(pigeon.NotStartedError):
             await conn.send("q", "x")
+        with pytest.raises(pigeon.NotStartedError):
+            await conn.consume("q", lambda d: None)
+        await conn.start()
+        await conn.send("q", "x")
+        await conn.close()
+        for call in (
+            lambda: conn.send("q", "x"),
+            lambda: conn.request("svc", "x"),
+            lambda: conn.serve("svc", lambda m: m),
+            lambda: conn.flush(),
+            conn.start,
+        ):
+            with pytest.raises(pigeon.ClosedError, match="open a new one"):
+                await call()
+        with pytest.raises(pigeon.ClosedError):
+            conn.send_many("q", ["x"])
 
     asyncio.run(scenario())
 
 
-def _public_methods(cls: type) -> dict[str, inspect.Signature]:
-    return {
-        name: inspect.signature(member)
-        for name, member in vars(cls).items()
-        if callable(member) and not name.startswith("_") and name != "start"
-    }
+def test_sync_twin_not_started_and_closed() -> None:
+    conn = pigeon.sync.connect("memory://sync-closed")
+    with pytest.raises(pigeon.NotStartedError):
+        conn.send("q", "x")
+    with conn:
+        conn.send("q", "x")
+    with pytest.raises(pigeon.ClosedError):
+        conn.send("q", "x")
 
 
 @pytest.mark.parametrize(
-    ("async_cls", "sync_cls"),
+    ("call", "what"),
     [
-        (pigeon.Connection, pigeon.sync.Connection),
-        (pigeon.Worker, pigeon.sync.Worker),
-        (pigeon.Server, pigeon.sync.Server),
+        (lambda c: c.send_nowait("", "x"), "queue name"),
+        (lambda c: c.send_nowait("has space", "x"), "queue name"),
+        (lambda c: c.send_nowait("x" * 256, "x"), "queue name"),
+        (lambda c: c.send_many("", ["x"]), "queue name"),
+        (lambda c: c.send("q", "x", timeout=0), "timeout"),
+        (lambda c: c.flush(timeout=-1), "timeout"),
+        (lambda c: c.request("svc", "x", timeout=float("nan")), "timeout"),
+        (lambda c: c.request("", "x"), "service name"),
+        (lambda c: c.serve("", lambda m: m), "service name"),
+        (lambda c: c.consume("q", lambda d: None, prefetch=0), "prefetch"),
+        (lambda c: c.consume("q", lambda d: None, concurrency=True), "concurrency"),
+        (lambda c: c.consume("q", lambda d: None, lease_ttl=0), "lease_ttl"),
     ],
 )
-def test_every_async_method_has_a_sync_twin_with_the_same_signature(async_cls, sync_cls) -> None:
-    wanted = {
-        n: s
-        for n, s in _public_methods(async_cls).items()
-        if inspect.iscoroutinefunction(getattr(async_cls, n)) or n in ("send_nowait", "stats")
-    }
-    twins = _public_methods(sync_cls)
-    for name, signature in wanted.items():
-        assert name in twins, f"pigeon.sync.{sync_cls.__name__} lacks {name}"
-        assert list(twins[name].parameters) == list(signature.parameters), name
-        for param in signature.parameters.values():
-            assert twins[name].parameters[param.name].default == param.default, (name, param.name)
+def test_configuration_mistakes_raise_configuration_error(call, what: str) -> None:
+    async def scenario() -> None:
+        async with pigeon.connect("memory://config-mistakes") as conn:
+            with pytest.raises(pigeon.ConfigurationError, match=what):
+                result = call(conn)
+                if inspect.isawaitable(result):
+                    await result
+
+    asyncio.run(scenario())
 
 
 def test_sync_twin_runs_the_key_scenarios_from_many_threads() -> None:
@@ -211,16 +236,6 @@ def test_send_waits_for_room_where_send_nowait_raises() -> None:
                 await producer.send("q", "blocked", timeout=0.3)
 
     asyncio.run(scenario())
-
-
-def test_refusals_map_to_the_right_errors() -> None:
-    from pigeon.transports.zmq.node import ZmqTransport
-
-    node = ZmqTransport(["tcp://127.0.0.1:9"], [])
-    assert isinstance(node.refusal("q", "full: queue 'q'"), pigeon.Backpressure)
-    assert isinstance(node.refusal("q", "store failed: disk is full"), pigeon.StoreError)
-    too_large = node.refusal("q", "too large: 9 > 1 bytes")
-    assert type(too_large) is pigeon.DeliveryError
 
 
 def test_send_waits_for_room_at_a_full_host() -> None:
