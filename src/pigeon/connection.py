@@ -8,7 +8,7 @@ from collections.abc import Generator, Iterable
 from typing import Any
 
 from ._core.backoff import RetryPolicy
-from .errors import Backpressure, ClosedError, ConfigurationError, Timeout
+from .errors import Backpressure, ClosedError, ConfigurationError, NotStartedError, Timeout
 from .message import Message, make_message, make_messages
 from .transports import ConsumeOptions, Transport, open_transport
 from .worker import Handler, Server, ServiceFunction, Worker
@@ -26,6 +26,10 @@ def _as_list(value: str | list[str] | tuple[str, ...] | None, what: str) -> list
     raise TypeError(f"{what} must be a URL string or a list of them, not {value!r}")
 
 
+# Backoff between offers of a send to a host whose queue is full (seconds).
+_ROOM_BACKOFF = 0.005
+_ROOM_BACKOFF_MAX = 0.1
+
 _good_names: set[str] = set()  # names already checked: the hot path skips the scan
 
 
@@ -35,15 +39,17 @@ def _check_name(name: object, what: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
     if not name or len(name) > 255 or any(c.isspace() for c in name):
-        raise ValueError(f"{what} name must be 1-255 characters without spaces, not {name!r}")
+        raise ConfigurationError(
+            f"{what} name must be 1-255 characters without spaces, not {name!r}"
+        )
     if len(_good_names) < 10_000:
         _good_names.add(name)
     return name
 
 
 def _positive(value: float, what: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{what} must be a positive number of seconds, not {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigurationError(f"{what} must be a positive number of seconds, not {value!r}")
     return float(value)
 
 
@@ -62,6 +68,14 @@ class Connection:
         self._servers: list[Server] = []
 
     async def start(self) -> Connection:
+        """Connect or bind; starting a started connection does nothing.
+
+        Raises:
+            ClosedError: the connection was closed.
+            TransportError: the address cannot be used or reached.
+        """
+        if self._closed:
+            self._check_open()
         if not self._started:
             await self.transport.start()
             self._started = True
@@ -78,9 +92,15 @@ class Connection:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError("connection is closed")
+            raise ClosedError(
+                f"connection to {self.transport.url} is closed; open a new one with "
+                "pigeon.connect(...)"
+            )
         if not self._started:
-            raise ClosedError("connection is not started; use 'async with' or 'await connect()'")
+            raise NotStartedError(
+                f"connection to {self.transport.url} is not started; use "
+                "'async with pigeon.connect(...) as conn:' or 'conn = await pigeon.connect(...)'"
+            )
 
     # -- work queues -----------------------------------------------------
 
@@ -97,7 +117,9 @@ class Connection:
         resolves when the host has stored it (see :meth:`flush`).
 
         Raises:
+            NotStartedError: the connection is not started yet.
             ClosedError: the connection is closed.
+            ConfigurationError: ``queue`` is not a usable name.
             MessageTooLarge: the body is over the transport's limit.
             Backpressure: the outbox or queue is full.
             TypeError: the payload or headers cannot be encoded.
@@ -160,6 +182,7 @@ class Connection:
         timeout = _positive(timeout, "timeout")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        refusals = 0
         while True:
             try:
                 future = self.send_nowait(
@@ -173,11 +196,38 @@ class Connection:
                 return
             except Backpressure as exc:
                 # Full here (outbox) or at the host (queue): wait for room.
-                if loop.time() >= deadline:
+                if not await self._wait_for_room(refusals, deadline):
                     raise Timeout(f"no room to send to {queue!r} within {timeout} s") from exc
-                await asyncio.sleep(0.01)
+                refusals += 1
             except TimeoutError as exc:
                 raise Timeout(f"send to {queue!r} not confirmed within {timeout} s") from exc
+
+    async def _wait_for_room(self, refusals: int, deadline: float) -> bool:
+        """Wait until a send refused for want of room may succeed; False if
+        ``deadline`` (loop time) passes first.
+
+        Room in this connection's outbox comes when the sends it holds are
+        confirmed, which the transport's ``flush`` waits for (a wait on their
+        confirmations, not a poll). A host whose queue is full does not say
+        when it has room again, so after a refusal that no pending send
+        explains, the send is offered again after a backoff that doubles per
+        refusal (``_ROOM_BACKOFF`` up to ``_ROOM_BACKOFF_MAX`` seconds).
+        """
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            await self.transport.flush(remaining)
+        except Timeout:
+            return False
+        if refusals:
+            delay = min(_ROOM_BACKOFF * 2 ** (refusals - 1), _ROOM_BACKOFF_MAX)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+        return True
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait until every send so far is confirmed.
@@ -206,21 +256,21 @@ class Connection:
         ``reject()`` or keep it with ``extend()``.
 
         Raises:
-            ValueError: prefetch or concurrency below 1.
-            ConfigurationError: an option the transport cannot honour.
+            ConfigurationError: prefetch or concurrency below 1, lease_ttl not
+                a positive number, or an option the transport cannot honour.
         """
         self._check_open()
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         for value, what in ((prefetch, "prefetch"), (concurrency, "concurrency")):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{what} must be an int >= 1, not {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"{what} must be an int >= 1, not {value!r}")
         policy = retry or RetryPolicy()
         if not isinstance(policy, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, not {type(policy).__name__}")
         worker = Worker(_check_name(queue, "queue"), handler, policy, concurrency)
         options = ConsumeOptions(prefetch, _positive(lease_ttl, "lease_ttl"), policy.max_attempts)
-        await worker.start(self.transport, options)
+        await worker._start(self.transport, options)
         self._workers.append(worker)
         return worker
 
@@ -255,7 +305,7 @@ class Connection:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         server = Server(_check_name(service, "service"), handler)
-        await server.start(self.transport)
+        await server._start(self.transport)
         self._servers.append(server)
         return server
 

@@ -16,8 +16,8 @@ import asyncio
 import atexit
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, ParamSpec, TypeVar, overload
 
 from . import connection as _async
 from . import transports as _transports
@@ -28,6 +28,7 @@ from .message import Message
 __all__ = ["Connection", "Delivery", "Server", "Worker", "connect"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class _LoopThread:
@@ -49,12 +50,42 @@ class _LoopThread:
             return self._loop
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except BaseException:
-            future.cancel()
-            raise
+        """Run ``coro`` on the loop thread and wait for its result."""
+        return _run_on(self.loop, coro, timeout)
+
+    def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call the plain function ``fn`` on the loop thread and return its result."""
+
+        async def invoke() -> T:
+            return fn(*args, **kwargs)
+
+        return self.run(invoke())
+
+    def submit(
+        self, fn: Callable[P, asyncio.Future[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        """Call ``fn`` on the loop thread (raising what it raises) and return a
+        thread-safe future that resolves with the asyncio future it returned.
+
+        Cancelling the returned future does not cancel the asyncio one.
+        """
+        outer: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def relay(inner: asyncio.Future[T]) -> None:
+            if not outer.set_running_or_notify_cancel():
+                return  # cancelled by its owner: nobody wants the outcome
+            if inner.cancelled():
+                outer.set_exception(concurrent.futures.CancelledError())
+            elif (error := inner.exception()) is not None:
+                outer.set_exception(error)
+            else:
+                outer.set_result(inner.result())
+
+        def start() -> None:
+            fn(*args, **kwargs).add_done_callback(relay)
+
+        self.call(start)
+        return outer
 
     def close_all(self) -> None:
         # At exit, give open connections a bounded chance to confirm and close.
@@ -68,16 +99,46 @@ class _LoopThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
+def _run_on(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float | None = None
+) -> T:
+    """Run ``coro`` on ``loop`` (running in another thread) and wait for it."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        coro.close()
+        raise RuntimeError(
+            "a blocking pigeon.sync call was made on the event loop it waits for; "
+            "use the async API (await ...) there"
+        )
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except BaseException:
+        future.cancel()
+        raise
+
+
 _runner = _LoopThread()
 atexit.register(_runner.close_all)
 
 
 class Delivery:
-    """A delivery for a sync handler: ``ack``, ``nack``, ``reject``, ``extend``
-    are plain calls."""
+    """A delivery for a plain (non-async) handler running in a thread:
+    ``ack``, ``nack``, ``reject`` and ``extend`` are blocking calls that
+    settle on the delivery's event loop and return once it has settled
+    (raising what the async :class:`pigeon.Delivery` would raise).
+    """
 
-    def __init__(self, delivery: _transports.Delivery) -> None:
+    __slots__ = ("_delivery", "_loop", "message", "queue")
+
+    def __init__(
+        self, delivery: _transports.Delivery, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self._delivery = delivery
+        self._loop = loop
         self.message = delivery.message
         self.queue = delivery.queue
 
@@ -87,22 +148,42 @@ class Delivery:
 
     @property
     def settled(self) -> bool:
+        """True once the delivery was acked, nacked or rejected."""
         return self._delivery.settled
 
+    @property
+    def tag(self) -> Any:
+        """The transport's own handle on the delivery (see :class:`pigeon.Delivery`)."""
+        return self._delivery.tag
+
+    @overload
+    def decode(self) -> Any: ...
+    @overload
+    def decode(self, type: type[T]) -> T: ...
+    @overload
+    def decode(self, type: Any) -> Any: ...
     def decode(self, type: Any = None) -> Any:
+        """Decode the body (see :meth:`pigeon.Message.decode`)."""
         return self.message.decode(type)
 
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        _run_on(self._loop or _runner.loop, coro)
+
     def ack(self) -> None:
-        _runner.run(self._delivery.ack())
+        """Settle as done: the queue forgets the message."""
+        self._run(self._delivery.ack())
 
     def nack(self, delay: float = 0.0, reason: str = "") -> None:
-        _runner.run(self._delivery.nack(delay, reason))
+        """Settle as not done: deliver it again, after ``delay`` seconds."""
+        self._run(self._delivery.nack(delay, reason))
 
     def reject(self, reason: str = "rejected by handler") -> None:
-        _runner.run(self._delivery.reject(reason))
+        """Settle as failed for good: dead-letter it with ``reason``."""
+        self._run(self._delivery.reject(reason))
 
     def extend(self) -> None:
-        _runner.run(self._delivery.extend())
+        """Ask for more time: the lease is renewed for another ``lease_ttl``."""
+        self._run(self._delivery.extend())
 
 
 class Worker:
@@ -114,13 +195,14 @@ class Worker:
 
     @property
     def idle(self) -> bool:
-        return self._worker.idle
+        """True when no delivery is waiting or being handled here."""
+        return _runner.call(lambda: self._worker.idle)
 
     def close(self, timeout: float = 5.0) -> None:
         _runner.run(self._worker.close(timeout))
 
     def stats(self) -> dict[str, Any]:
-        return self._worker.stats()
+        return _runner.call(self._worker.stats)
 
 
 class Server:
@@ -134,11 +216,13 @@ class Server:
         _runner.run(self._server.close())
 
     def stats(self) -> dict[str, Any]:
-        return self._server.stats()
+        return _runner.call(self._server.stats)
 
 
 class Connection:
-    """Blocking twin of :class:`pigeon.Connection`."""
+    """Blocking twin of :class:`pigeon.Connection`: the same verbs with the
+    same arguments; each call runs on the shared loop thread and blocks until
+    it is done. Futures returned here are :class:`concurrent.futures.Future`."""
 
     def __init__(self, conn: _async.Connection) -> None:
         self._conn = conn
@@ -163,24 +247,26 @@ class Connection:
         content_type: str | None = None,
         message_id: str | None = None,
     ) -> concurrent.futures.Future[None]:
-        async def queue_it() -> asyncio.Future[None]:
-            return self._conn.send_nowait(
-                queue, payload, headers=headers, content_type=content_type, message_id=message_id
-            )
+        return _runner.submit(
+            self._conn.send_nowait,
+            queue,
+            payload,
+            headers=headers,
+            content_type=content_type,
+            message_id=message_id,
+        )
 
-        inner = _runner.run(queue_it())
-        outer: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def relay(done: asyncio.Future[None]) -> None:
-            if done.cancelled():
-                outer.cancel()
-            elif done.exception() is not None:
-                outer.set_exception(done.exception())
-            else:
-                outer.set_result(None)
-
-        _runner.loop.call_soon_threadsafe(inner.add_done_callback, relay)
-        return outer
+    def send_many(
+        self,
+        queue: str,
+        payloads: Iterable[Any],
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> concurrent.futures.Future[None]:
+        return _runner.submit(
+            self._conn.send_many, queue, payloads, headers=headers, content_type=content_type
+        )
 
     def send(
         self,
@@ -216,6 +302,8 @@ class Connection:
         retry: RetryPolicy | None = None,
         lease_ttl: float = 30.0,
     ) -> Worker:
+        """Run the plain function ``handler(delivery)`` in a thread for every
+        message of ``queue`` (see :meth:`pigeon.Connection.consume`)."""
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
 
@@ -253,15 +341,11 @@ class Connection:
         return Server(_runner.run(self._conn.serve(service, handler)))
 
     def stats(self) -> dict[str, Any]:
-        return _runner.run(_stats(self._conn))
+        return _runner.call(self._conn.stats)
 
     def close(self, timeout: float = 5.0) -> None:
         _runner._connections.discard(self._conn)
         _runner.run(self._conn.close(timeout))
-
-
-async def _stats(conn: _async.Connection) -> dict[str, Any]:
-    return conn.stats()
 
 
 def connect(

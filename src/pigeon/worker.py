@@ -57,7 +57,8 @@ class Worker:
             "unreturned_at_close": 0,
         }
 
-    async def start(self, transport: Transport, options: ConsumeOptions) -> None:
+    async def _start(self, transport: Transport, options: ConsumeOptions) -> None:
+        """Begin consuming (called by :meth:`pigeon.Connection.consume`)."""
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run()) for _ in range(self.concurrency)]
         self._subscription = await transport.consume(self.queue, self._sink, options)
@@ -182,7 +183,8 @@ class Server:
         self.counts["handled"] += 1
         return result if isinstance(result, Message) else make_message(result)
 
-    async def start(self, transport: Transport) -> None:
+    async def _start(self, transport: Transport) -> None:
+        """Begin serving (called by :meth:`pigeon.Connection.serve`)."""
         self._registration = await transport.serve(self.service, self._serve)
 
     async def close(self) -> None:

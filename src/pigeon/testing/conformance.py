@@ -451,11 +451,12 @@ async def large_messages(setup: TransportSetup) -> None:
 
 
 async def bad_arguments(setup: TransportSetup) -> None:
-    """Wrong types and values in the API raise TypeError/ValueError that say why."""
+    """Wrong types in the API raise TypeError, and configuration mistakes
+    (bad names, options, timeouts) ConfigurationError, saying why."""
     async with setup.node() as host:
         checks: list[tuple[Callable[[], Any], type[Exception]]] = [
             (lambda: host.send_nowait(123, "x"), TypeError),  # type: ignore[arg-type]
-            (lambda: host.send_nowait("", "x"), ValueError),
+            (lambda: host.send_nowait("", "x"), pigeon.ConfigurationError),
             (lambda: host.send_nowait("q", object()), TypeError),
             (lambda: host.send_nowait("q", "x", headers={"a": 1}), TypeError),  # type: ignore[dict-item]
         ]
@@ -470,16 +471,16 @@ async def bad_arguments(setup: TransportSetup) -> None:
         for bad in bad_options:
             try:
                 await host.consume("q", lambda d: None, **bad)
-            except ValueError:
+            except pigeon.ConfigurationError:
                 pass
             else:
-                raise AssertionError(f"expected ValueError for {bad}")
+                raise AssertionError(f"expected ConfigurationError for {bad}")
         try:
             await host.request("svc", "x", timeout=-1)
-        except ValueError:
+        except pigeon.ConfigurationError:
             pass
         else:
-            raise AssertionError("expected ValueError for a negative timeout")
+            raise AssertionError("expected ConfigurationError for a negative timeout")
 
 
 SCENARIOS = [
