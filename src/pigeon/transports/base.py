@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import LocalProtocolError, Rejected
+from ..errors import ConfigurationError, LocalProtocolError, Rejected
 from ..message import Message
 
 
@@ -82,7 +82,7 @@ class Delivery:
     async def nack(self, delay: float = 0.0, reason: str = "") -> None:
         """Settle as not done: deliver it again, after ``delay`` seconds."""
         if delay < 0:
-            raise ValueError(f"delay must be >= 0 seconds, not {delay!r}")
+            raise ConfigurationError(f"delay must be >= 0 seconds, not {delay!r}")
         self._settle()
         result = self._settler.nack(self, float(delay), reason)
         if result is not None:

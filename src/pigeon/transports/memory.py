@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..errors import Backpressure, ClosedError, MessageTooLarge
+from ..errors import Backpressure, ClosedError, MessageTooLarge, NotStartedError
 from ..message import Message
 from .base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
 from .host import QueueHost
@@ -36,6 +36,7 @@ class MemoryTransport:
         self._max_length = max_length
         self._hub: _Hub | None = None
         self._subscriptions: list[Subscription] = []
+        self._closed = False
         self.sent = 0
 
     async def start(self) -> None:
@@ -47,7 +48,9 @@ class MemoryTransport:
 
     def _live_hub(self) -> _Hub:
         if self._hub is None:
-            raise ClosedError(f"transport {self.url} is closed")
+            if self._closed:
+                raise ClosedError(f"transport {self.url} is closed")
+            raise NotStartedError(f"transport {self.url} is not started; await its start() first")
         return self._hub
 
     def send_nowait(
@@ -84,6 +87,7 @@ class MemoryTransport:
         return registration
 
     async def close(self, timeout: float = 5.0) -> None:
+        self._closed = True
         hub, self._hub = self._hub, None
         if hub is None:
             return
