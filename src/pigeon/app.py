@@ -14,6 +14,15 @@
 A handler's first parameter says what it gets: annotated ``Delivery`` (settle
 by hand), ``Message`` (the envelope), a type (the body decoded into it), or
 nothing (the body decoded by its content type).
+
+An ``async def`` handler runs on the event loop and gets a
+:class:`pigeon.Delivery`, whose settle methods are awaited. A plain ``def``
+handler runs in a thread and gets a :class:`pigeon.sync.Delivery` (annotate it
+as either), whose ``ack``, ``nack``, ``reject`` and ``extend`` are blocking
+calls that settle on the app's loop before they return.
+
+The decorators return the function they are given, unchanged and with its
+type, so it can still be called and type-checked directly.
 """
 
 from __future__ import annotations
@@ -24,12 +33,20 @@ import signal
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from . import sync
 from ._core.backoff import RetryPolicy
 from .connection import Connection, connect
 from .message import Message
 from .transports import Delivery
+from .worker import call_handler
+
+__all__ = ["App", "adapt_handler"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DELIVERY_TYPES = (Delivery, sync.Delivery)
 
 
 def _first_parameter_type(fn: Callable[..., Any]) -> Any:
@@ -47,21 +64,35 @@ def adapt_handler(fn: Callable[..., Any], *, gets_delivery: bool) -> Callable[[A
     """Wrap ``fn`` so it receives what its first parameter's annotation asks for.
 
     The wrapper is a coroutine function if ``fn`` is one, else a plain one (run
-    in a thread by the worker), so blocking handlers never block the loop.
+    in a thread by the worker), so blocking handlers never block the loop. A
+    plain handler that asks for a delivery gets a :class:`pigeon.sync.Delivery`
+    bound to the loop, so settling from its thread really settles.
+
+    Raises:
+        TypeError: ``fn`` takes no argument, a service handler asks for a
+            delivery, or an async handler asks for a blocking one.
     """
     wanted = _first_parameter_type(fn)
+    is_async = inspect.iscoroutinefunction(fn)
+    if wanted in _DELIVERY_TYPES:
+        if not gets_delivery:
+            raise TypeError(f"service handler {fn.__name__} gets a Message, not a Delivery")
+        if is_async and wanted is sync.Delivery:
+            raise TypeError(
+                f"async handler {fn.__name__} gets a pigeon.Delivery (awaitable settles); "
+                "pigeon.sync.Delivery is for plain (def) handlers"
+            )
+        if is_async:
+            return fn
+        return _plain_with_delivery(fn)
 
     def convert(arg: Delivery | Message) -> Any:
         message = arg.message if isinstance(arg, Delivery) else arg
-        if wanted is Delivery:
-            if not gets_delivery:
-                raise TypeError(f"service handler {fn.__name__} gets a Message, not a Delivery")
-            return arg
         if wanted is Message:
             return message
         return message.decode(None if wanted in (None, Any) else wanted)
 
-    if inspect.iscoroutinefunction(fn):
+    if is_async:
 
         async def call_async(arg: Any) -> Any:
             return await fn(convert(arg))
@@ -72,6 +103,15 @@ def adapt_handler(fn: Callable[..., Any], *, gets_delivery: bool) -> Callable[[A
         return fn(convert(arg))
 
     return call
+
+
+def _plain_with_delivery(fn: Callable[..., Any]) -> Callable[[Delivery], Any]:
+    async def call_in_thread(delivery: Delivery) -> Any:
+        # Bound to this loop: the handler's settles are run here, from its thread.
+        blocking = sync.Delivery(delivery, asyncio.get_running_loop())
+        return await call_handler(fn, blocking)
+
+    return call_in_thread
 
 
 @dataclass
@@ -107,10 +147,15 @@ class App:
         concurrency: int = 1,
         retry: RetryPolicy | None = None,
         lease_ttl: float = 30.0,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register the decorated function as a worker of ``queue``."""
+    ) -> Callable[[F], F]:
+        """Register the decorated function as a worker of ``queue``.
 
-        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        Raises:
+            TypeError: the function cannot take what it asks for (see
+                :func:`adapt_handler`).
+        """
+
+        def register(fn: F) -> F:
             handler = adapt_handler(fn, gets_delivery=True)
             self._workers.append(
                 _WorkerSpec(queue, handler, prefetch, concurrency, retry, lease_ttl)
@@ -119,10 +164,14 @@ class App:
 
         return register
 
-    def service(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register the decorated function as a server of service ``name``."""
+    def service(self, name: str) -> Callable[[F], F]:
+        """Register the decorated function as a server of service ``name``.
 
-        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        Raises:
+            TypeError: the function takes no argument or asks for a delivery.
+        """
+
+        def register(fn: F) -> F:
             self._services.append((name, adapt_handler(fn, gets_delivery=False)))
             return fn
 
