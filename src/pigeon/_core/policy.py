@@ -15,7 +15,7 @@ member, never with text to be parsed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from enum import Enum
+from enum import StrEnum
 from typing import TypeVar
 
 from ..errors import Backpressure, DeliveryError, NoResponders, PigeonError, Rejected, StoreError
@@ -81,7 +81,7 @@ def least_loaded(
     return min(ordered, key=load)
 
 
-class RefusalReason(str, Enum):
+class RefusalReason(StrEnum):
     """Why a host refused a message it was sent (Rule 4)."""
 
     FULL = "full"  # the queue is at its bound; retrying later may work
@@ -94,7 +94,7 @@ class RefusalReason(str, Enum):
         return self in (RefusalReason.FULL, RefusalReason.STORE_FAILED)
 
 
-class ReplyErrorKind(str, Enum):
+class ReplyErrorKind(StrEnum):
     """Why a reply carries no answer (Rule 4); NONE on a good reply."""
 
     NONE = ""
