@@ -243,10 +243,7 @@ class QueueHost:
     def _bury(self, queue: str, dead: list[Message]) -> None:
         if self.committer is not None:
             self._write(
-                [
-                    persistence.dead_op(queue, m, policy.dead_reason(m.headers))
-                    for m in dead
-                ]
+                [persistence.dead_op(queue, m, policy.dead_reason(m.headers)) for m in dead]
             )
         target = self.ledger(dead_letter_queue(queue))
         for message in dead:
