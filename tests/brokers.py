@@ -1,10 +1,24 @@
-"""Broker availability for tests: skip with a reason on a machine without
-the broker, fail when ``CI`` is set (CI must have it)."""
+"""What the tests need from the network: brokers, which may not be running
+(skip with a reason on a machine without one, fail when ``CI`` is set: CI
+must have them), and TCP ports, which other programs on the machine may take
+at any moment.
+
+Ports: whatever can bind ``tcp://127.0.0.1:0`` and report the port it got
+should (``Connection.stats()["bound"]``, the ``pigeon node`` banner). Where a
+test needs a port before anything binds it, :func:`free_port` picks one and
+the test retries the whole start with a new one when the bind is refused
+(:func:`port_taken`, :func:`retry_on_port_clash`): between picking and
+binding, someone else may have taken it.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pytest
@@ -12,6 +26,11 @@ import pytest
 NATS_URL = os.environ.get("PIGEON_NATS_URL", "nats://127.0.0.1:4222")
 AMQP_URL = os.environ.get("PIGEON_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 _DEFAULT_PORTS = {"nats": 4222, "amqp": 5672}
+
+ANY_PORT = "tcp://127.0.0.1:0"  # bind here and read the port back
+ADDRESS_IN_USE = os.strerror(98)  # "Address already in use" (EADDRINUSE on Linux)
+
+T = TypeVar("T")
 
 
 def reachable(url: str) -> bool:
@@ -32,3 +51,100 @@ def require(url: str) -> str:
             pytest.fail(f"{reason} (CI is set: the broker must be there)")
         pytest.skip(reason)
     return url
+
+
+# -- ports --------------------------------------------------------------------
+
+
+class PortClash(Exception):
+    """A port picked ahead was taken by someone else before our bind."""
+
+
+def free_port() -> int:
+    """A port nobody had bound a moment ago. Only for a test that must know
+    the port before binding it, and that retries on :class:`PortClash`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_tcp() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def port_taken(text: object) -> bool:
+    """Does this error (or output) say a bind was refused for a port in use?"""
+    return ADDRESS_IN_USE in str(text) or "EADDRINUSE" in str(text)
+
+
+def retry_on_port_clash(run: Callable[[], T], attempts: int = 5) -> T:
+    """Call ``run`` (which picks its ports afresh each time) until it does not
+    raise :class:`PortClash`, at most ``attempts`` times."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run()
+        except PortClash:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+class Unlistened:
+    """A TCP address where nobody listens, held for the test: the port is
+    bound (so nobody else can take it) but never listened on, so connections
+    to it are refused."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"tcp://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- subprocesses -------------------------------------------------------------
+
+
+def tail(text: str | bytes | None, limit: int = 4000) -> str:
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def describe(
+    what: str,
+    returncode: int | None,
+    stderr: str | bytes | Path | None,
+    stdout: str | bytes | Path | None = None,
+) -> str:
+    """How a child process ended, for an assertion message: its exit code
+    (or that it is still running), its stderr and, if given, its stdout."""
+
+    def read(source: str | bytes | Path | None) -> str:
+        if isinstance(source, Path):
+            try:
+                return tail(source.read_bytes())
+            except OSError as exc:
+                return f"<cannot read {source}: {exc}>"
+        return tail(source)
+
+    status = "still running" if returncode is None else f"exit code {returncode}"
+    parts = [f"{what}: {status}", f"--- stderr ---\n{read(stderr)}"]
+    if stdout is not None:
+        parts.append(f"--- stdout ---\n{read(stdout)}")
+    return "\n".join(parts)
+
+
+def completed(done: subprocess.CompletedProcess[str], what: str = "") -> str:
+    """:func:`describe` for a finished ``subprocess.run``."""
+    name = what or " ".join(str(a) for a in done.args)[:200]
+    return describe(name, done.returncode, done.stderr, done.stdout)

@@ -7,30 +7,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from brokers import completed
+
 README = Path(__file__).parent.parent / "README.md"
 
 
+# Each example takes well under a second when the machine is quiet.
+EXAMPLE_TIMEOUT = 60
+
+
+@pytest.mark.timeout(300)
 def test_readme_python_examples_run() -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README should show Python code"
-    for code in blocks:
+    for n, code in enumerate(blocks, 1):
         done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT
         )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip(), "the example should print something"
+        report = completed(done, f"README example {n}")
+        assert done.returncode == 0, report
+        assert done.stdout.strip(), f"the example should print something\n{report}"
 
 
 DOCS = [README.parent / "docs" / "durability.md", README.parent / "docs" / "transports.md"]
 
 
+@pytest.mark.timeout(300)
 def test_docs_python_examples_run() -> None:
     for doc in DOCS:
         blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
         assert blocks, f"{doc.name} should show Python code"
-        for code in blocks:
+        for n, code in enumerate(blocks, 1):
             done = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=EXAMPLE_TIMEOUT,
             )
-            assert done.returncode == 0, f"{doc.name}: {done.stderr}"
-            assert done.stdout.strip(), f"{doc.name}: the example should print something"
+            report = completed(done, f"{doc.name} example {n}")
+            assert done.returncode == 0, report
+            assert done.stdout.strip(), f"the example should print something\n{report}"

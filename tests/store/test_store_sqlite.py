@@ -157,17 +157,25 @@ def test_a_second_process_is_refused_while_the_first_holds_the_store(tmp_path):
         [sys.executable, "-c", holder, str(path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert proc.stdout.readline() == "ready\n"
+        line = proc.stdout.readline()
+        if line != "ready\n":
+            proc.stdin.close()
+            code = proc.wait(timeout=10)
+            pytest.fail(f"holder: {line!r}, exit code {code}\n{proc.stderr.read()}")
         with pytest.raises(StoreError, match=f"already open \\(held by pid {proc.pid}\\)"):
             SqliteStore(path)
     finally:
-        proc.stdin.close()
+        if not proc.stdin.closed:
+            proc.stdin.close()
         proc.wait(timeout=10)
         proc.stdout.close()
-    assert proc.returncode == 0
+        errors = proc.stderr.read()
+        proc.stderr.close()
+    assert proc.returncode == 0, f"holder: exit code {proc.returncode}\n{errors}"
     with SqliteStore(path) as store:  # released once the holder is gone
         assert store.load() == []
 
@@ -211,7 +219,7 @@ def boundaries(seed: int, upto: int) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(40)
+@pytest.mark.timeout(120)
 def test_every_confirmed_batch_survives_sigkill(tmp_path):
     for seed in range(10):
         path = tmp_path / f"crash-{seed}.db"
@@ -222,7 +230,9 @@ def test_every_confirmed_batch_survives_sigkill(tmp_path):
             text=True,
         )
         try:
-            assert proc.stdout.readline() == "ready\n", proc.stderr.read()
+            if proc.stdout.readline() != "ready\n":
+                code = proc.wait(timeout=10)
+                pytest.fail(f"writer: exit code {code}\n{proc.stderr.read()}")
             rng = random.Random(seed)
             lines = [proc.stdout.readline() for _ in range(rng.randint(1, 40))]
             time.sleep(rng.random() * 0.003)  # land the kill anywhere in a batch
@@ -230,9 +240,13 @@ def test_every_confirmed_batch_survives_sigkill(tmp_path):
             proc.wait(timeout=10)
             lines += proc.stdout.read().splitlines(keepends=True)
         finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            errors = proc.stderr.read()
             proc.stdout.close()
             proc.stderr.close()
-        assert proc.returncode == -signal.SIGKILL
+        assert proc.returncode == -signal.SIGKILL, f"writer: exit code {proc.returncode}\n{errors}"
         confirmed = [i for line in lines if line.endswith("\n") for i in line.split()]
         with SqliteStore(path) as store:
             stored = [s.message.id for s in store.load()]
