@@ -398,11 +398,46 @@ def test_options_it_cannot_honour() -> None:
     for options in (
         {"max_length": 10},
         {"bogus": 1},
+        {"address": "amqp://elsewhere/"},
         {"queue_type": "stream"},
         {"max_message_size": 0},
+        {"outbox_limit": True},
+        {"connect_timeout": float("nan")},
+        {"reconnect_interval": "1"},
+        {"heartbeat": "x"},
+        {"heartbeat": -1},
     ):
         with pytest.raises(ConfigurationError):
             pigeon.connect(URL, **options)
+    for url in ("amqp://guest:guest@127.0.0.1:port/", "amqp://guest:guest@127.0.0.1:99999/"):
+        with pytest.raises(ConfigurationError, match="amqp:// URL"):
+            pigeon.connect(url)
+
+
+def test_used_before_start_or_after_close() -> None:
+    from pigeon.message import make_message
+    from pigeon.transports.amqp import AmqpTransport
+
+    transport = AmqpTransport(URL)
+    with pytest.raises(pigeon.NotStartedError, match=r"start\(\)"):
+        transport.send_nowait("never-declared", make_message("x"))
+
+    async def echo(message: pigeon.Message) -> pigeon.Message:
+        return message
+
+    async def body() -> None:
+        with pytest.raises(pigeon.NotStartedError):
+            await transport.request("svc", make_message("x"), timeout=1.0)
+        await transport.start()
+        await transport.close()
+        with pytest.raises(pigeon.ClosedError, match="closed"):
+            transport.send_nowait("never-declared", make_message("x"))
+        with pytest.raises(pigeon.ClosedError):
+            await transport.serve("svc", echo)
+        with pytest.raises(pigeon.ClosedError):
+            await transport.start()
+
+    conformance.run(scenario_wrapper(body), conformance.BrokerSetup(URL))
 
 
 def test_default_size_limit_is_16_mib() -> None:
@@ -438,7 +473,8 @@ def test_missing_aio_pika_says_what_to_install(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "aio_pika", None)  # import aio_pika now fails
     monkeypatch.setattr(pigeon.transports, "amqp", None, raising=False)
-    with pytest.raises(ConfigurationError, match=r"pip install 'pigeon-mq\[amqp\]'"):
+    hint = r"pip install 'pigeon-queues\[amqp\]' \(in a clone: pip install -e '\.\[amqp\]'\)"
+    with pytest.raises(ConfigurationError, match=hint):
         importlib.import_module("pigeon.transports.amqp").AmqpTransport(URL)
 
 

@@ -223,6 +223,14 @@ def test_options_and_names_that_cannot_work(isolated: Isolated) -> None:
         pigeon.connect(isolated.server + "?stram=X")
     with pytest.raises(pigeon.ConfigurationError, match="stream name"):
         pigeon.connect(isolated.server + "?stream=a.b")
+    for query in ("send_timeout=nan", "pull_expires=inf", "ack_timeout=0", "outbox_limit=x"):
+        with pytest.raises(pigeon.ConfigurationError):
+            pigeon.connect(f"{isolated.server}?{query}")
+    with pytest.raises(pigeon.ConfigurationError, match="max_ack_pending"):
+        pigeon.connect(isolated.server, max_ack_pending=True)
+    for url in ("nats://127.0.0.1:port", "nats://", "nats://[::1", f"{isolated.server},nats://"):
+        with pytest.raises(pigeon.ConfigurationError, match="NATS server"):
+            pigeon.connect(url)
 
     async def main() -> None:
         with pytest.raises(pigeon.ConfigurationError, match="max_payload"):

@@ -6,33 +6,38 @@ aio-pika is optional; without it, asking for an ``amqp://`` URL raises
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, ClassVar
 
+from ..._extras import install_hint
 from ...errors import ConfigurationError
 
-try:
-    import aio_pika  # noqa: F401  (only probing that it is installed)
-except ImportError as _missing:  # pragma: no cover - exercised by a test with aio-pika hidden
-    _import_error: ImportError | None = _missing
-else:
-    _import_error = None
 
-if _import_error is None:
+class _AmqpMissing:
+    """Stands in for the transport when aio-pika is missing, to say how to get it.
+
+    Raises:
+        ConfigurationError: always; aio-pika is not installed.
+    """
+
+    import_error: ClassVar[ImportError | None] = None
+
+    def __init__(self, url: str, **options: object) -> None:
+        raise ConfigurationError(
+            f"{url!r} needs the RabbitMQ client aio-pika, which is not installed: "
+            f"{install_hint('amqp')}"
+        ) from self.import_error
+
+
+if TYPE_CHECKING:
     from .transport import AmqpTransport
 else:
-
-    class AmqpTransport:  # type: ignore[no-redef]
-        """Stand-in that explains how to get the real transport.
-
-        Raises:
-            ConfigurationError: always; aio-pika is not installed.
-        """
-
-        def __init__(self, url: str, **options: Any) -> None:
-            raise ConfigurationError(
-                f"{url!r} needs the RabbitMQ client aio-pika, which is not installed: "
-                "pip install 'pigeon-mq[amqp]'"
-            ) from _import_error
+    try:
+        import aio_pika  # noqa: F401  (only probing that it is installed)
+    except ImportError as exc:  # exercised by a test with aio-pika hidden
+        _AmqpMissing.import_error = exc
+        AmqpTransport = _AmqpMissing
+    else:
+        from .transport import AmqpTransport
 
 
 __all__ = ["AmqpTransport"]

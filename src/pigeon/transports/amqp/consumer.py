@@ -19,10 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 
 from ..._core import headers, policy
 from ..._core.ledger import dead_letter_queue
@@ -31,11 +38,8 @@ from ...message import Message
 from ..base import ConsumeOptions, Delivery, DeliverySink
 from .envelope import from_amqp, to_amqp
 from .errors import map_exceptions
-from .publisher import Prepare
-from .topology import queue_arguments
-
-if TYPE_CHECKING:
-    from .transport import AmqpTransport
+from .publisher import Prepare, Publisher
+from .topology import Topology, queue_arguments
 
 
 class _Lease:
@@ -59,12 +63,36 @@ class Subscription:
     later settle of the old delivery is stale and changes nothing, as on the
     other transports. A process that dies loses its channel, and the broker
     requeues what it held.
+
+    Args:
+        connection: returns the connection to open the channel on (and
+            raises ClosedError once the transport is closed).
+        topology: declares the queue, its dead-letter and delay queues.
+        publisher: publishes the copies that delayed nacks and dead letters are.
+        counts: the counters to add to (``delivered``, ``acked``...).
+        address: the broker's address, for errors.
+        queue: the queue consumed.
+        sink: where deliveries are handed to the worker.
+        options: the worker's prefetch, lease and attempt limit.
     """
 
     def __init__(
-        self, transport: AmqpTransport, queue: str, sink: DeliverySink, options: ConsumeOptions
+        self,
+        connection: Callable[[], AbstractRobustConnection],
+        topology: Topology,
+        publisher: Publisher,
+        counts: Counter[str],
+        *,
+        address: str,
+        queue: str,
+        sink: DeliverySink,
+        options: ConsumeOptions,
     ) -> None:
-        self.transport = transport
+        self.connection = connection
+        self.topology = topology
+        self.publisher = publisher
+        self.counts = counts
+        self.address = address
         self.queue = queue
         self.sink = sink
         self.options = options
@@ -74,7 +102,6 @@ class Subscription:
         self._leases: set[_Lease] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancelled = False
-        self.counts = transport.counts
 
     async def start(self) -> None:
         """Declare the queue and start consuming.
@@ -83,20 +110,16 @@ class Subscription:
             ConfigurationError: the queue exists with other arguments.
             TransportError: the broker cannot be reached.
         """
-        transport = self.transport
-        await transport.topology.work_queue(self.queue)
-        with map_exceptions(f"consume {self.queue!r}", address=transport.address):
-            self.channel = await transport.connection.channel(  # type: ignore[assignment]
-                publisher_confirms=False
-            )
-            assert self.channel is not None
-            await self.channel.set_qos(prefetch_count=self.options.prefetch)
+        await self.topology.work_queue(self.queue)
+        with map_exceptions(f"consume {self.queue!r}", address=self.address):
+            self.channel = channel = await self.connection().channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self.options.prefetch)
             # Declared on this channel too, so the robust channel restores the
             # queue and its consumer after a reconnect.
-            self._amqp_queue = await self.channel.declare_queue(
+            self._amqp_queue = await channel.declare_queue(
                 self.queue,
                 durable=True,
-                arguments=queue_arguments(self.queue, transport.topology.queue_type),
+                arguments=queue_arguments(self.queue, self.topology.queue_type),
             )
             self._consumer_tag = await self._amqp_queue.consume(self._on_message)
 
@@ -148,8 +171,8 @@ class Subscription:
             lease.timer.cancel()
         return True
 
-    def _spawn(self, coroutine: object) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -157,9 +180,7 @@ class Subscription:
         """ack, or reject with requeue; a channel gone meanwhile makes it stale
         (the broker has already requeued the delivery)."""
         try:
-            with map_exceptions(
-                f"settle a delivery of {self.queue!r}", address=self.transport.address
-            ):
+            with map_exceptions(f"settle a delivery of {self.queue!r}", address=self.address):
                 if requeue:
                     await lease.incoming.reject(requeue=True)
                 else:
@@ -186,13 +207,12 @@ class Subscription:
     ) -> bool:
         """Publish a copy (confirmed), then ack the original; on failure
         requeue the original instead. True when the copy was stored."""
-        transport = self.transport
 
         def build(resend: bool) -> aio_pika.Message:
             return to_amqp(copy_of, attempt=attempt, redelivered=redelivered or resend, extra=extra)
 
         try:
-            await transport.publisher.publish(target, build, prepare)
+            await self.publisher.publish(target, build, prepare)
         except PigeonError:
             self.counts["settle_errors"] += 1
             await self._basic(lease, requeue=True)
@@ -206,7 +226,7 @@ class Subscription:
         # A dead letter starts a new life in its queue: fresh attempts, but
         # flagged, since it was seen.
         dead = dead_letter_queue(self.queue)
-        topology = self.transport.topology
+        topology = self.topology
         if await self._republish(
             lease, dead, message, extra, 0, True, lambda: topology.work_queue(dead)
         ):
@@ -228,9 +248,8 @@ class Subscription:
         if delay <= 0:
             await self._basic(lease, requeue=True)
             return
-        topology = self.transport.topology
         try:
-            target = await topology.delay_queue(self.queue, delay)
+            target = await self.topology.delay_queue(self.queue, delay)
         except PigeonError:
             self.counts["settle_errors"] += 1
             await self._basic(lease, requeue=True)
@@ -271,5 +290,5 @@ class Subscription:
         # Closing the channel cancels its consumer and makes the broker
         # requeue every delivery still unacked on it.
         with contextlib.suppress(PigeonError):
-            with map_exceptions(f"stop consuming {self.queue!r}", address=self.transport.address):
+            with map_exceptions(f"stop consuming {self.queue!r}", address=self.address):
                 await channel.close()

@@ -66,7 +66,7 @@ class Publisher:
             TransportError: the broker cannot be reached.
         """
         with map_exceptions("open the publishing channel", address=self.address):
-            self.channel = await self.connection.channel(  # type: ignore[assignment]
+            self.channel = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
 

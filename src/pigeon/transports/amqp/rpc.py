@@ -13,10 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Callable
 
 import msgspec
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 
 from ...errors import PigeonError, Rejected, Timeout, TransportError
 from ...message import BYTES, Message, new_id
@@ -24,9 +29,6 @@ from ..base import ServiceHandler, run_service_handler
 from .envelope import ERROR, error_of, from_amqp, remaining, to_amqp
 from .errors import map_exceptions
 from .topology import service_queue
-
-if TYPE_CHECKING:
-    from .transport import AmqpTransport
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 # A service queue whose servers all vanished without cancelling (a broker
@@ -42,10 +44,24 @@ def service_arguments() -> dict[str, object]:
 
 class Requester:
     """The client side: one channel consuming direct reply-to, on which the
-    requests are also published (the broker requires that)."""
+    requests are also published (the broker requires that).
 
-    def __init__(self, transport: AmqpTransport) -> None:
-        self.transport = transport
+    Args:
+        connection: returns the connection to open the channel on (and
+            raises ClosedError once the transport is closed).
+        address: the broker's address, for errors.
+        counts: the counters to add to (``late_replies``).
+    """
+
+    def __init__(
+        self,
+        connection: Callable[[], AbstractRobustConnection],
+        address: str,
+        counts: Counter[str],
+    ) -> None:
+        self.connection = connection
+        self.address = address
+        self.counts = counts
         self._channel: AbstractRobustChannel | None = None
         self._lock = asyncio.Lock()
         self._calls: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
@@ -53,20 +69,20 @@ class Requester:
     async def _ready(self) -> AbstractRobustChannel:
         async with self._lock:
             if self._channel is None:
-                connection = self.transport.connection
-                with map_exceptions("open the reply channel", address=self.transport.address):
+                connection = self.connection()
+                with map_exceptions("open the reply channel", address=self.address):
                     channel = await connection.channel(
                         publisher_confirms=True, on_return_raises=True
                     )
                     queue = await channel.declare_queue(REPLY_TO, passive=True)
                     await queue.consume(self._on_reply, no_ack=True)
-                self._channel = channel  # type: ignore[assignment]
-            return self._channel  # type: ignore[return-value]
+                self._channel = channel
+            return self._channel
 
     async def _on_reply(self, incoming: AbstractIncomingMessage) -> None:
         call = self._calls.get(incoming.correlation_id or "")
         if call is None or call.done():
-            self.transport.counts["late_replies"] += 1
+            self.counts["late_replies"] += 1
             return
         call.set_result(incoming)
 
@@ -94,9 +110,7 @@ class Requester:
                     correlation_id=call_id,
                     expiration=timeout,
                 )
-                with map_exceptions(
-                    f"request {service!r}", address=self.transport.address, service=service
-                ):
+                with map_exceptions(f"request {service!r}", address=self.address, service=service):
                     await channel.default_exchange.publish(
                         outgoing, service_queue(service), mandatory=True
                     )
@@ -116,7 +130,7 @@ class Requester:
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(PigeonError):
-                with map_exceptions("close the reply channel", address=self.transport.address):
+                with map_exceptions("close the reply channel", address=self.address):
                     await channel.close()
 
 
@@ -126,10 +140,31 @@ class ServiceRegistration:
     Each request runs as a task, cut off at the request's deadline (then no
     reply is sent: the caller has given up). A handler failure is replied
     with the error in ``headers.ERROR``; the caller raises Rejected.
+
+    Args:
+        connection: returns the connection to open the channel on (and
+            raises ClosedError once the transport is closed).
+        counts: the counters to add to (``requests_handled``...).
+        address: the broker's address, for errors.
+        prefetch: requests this server handles at once.
+        service: the service answered.
+        handler: what answers a request.
     """
 
-    def __init__(self, transport: AmqpTransport, service: str, handler: ServiceHandler) -> None:
-        self.transport = transport
+    def __init__(
+        self,
+        connection: Callable[[], AbstractRobustConnection],
+        counts: Counter[str],
+        *,
+        address: str,
+        prefetch: int,
+        service: str,
+        handler: ServiceHandler,
+    ) -> None:
+        self.connection = connection
+        self.counts = counts
+        self.address = address
+        self.prefetch = prefetch
         self.service = service
         self.handler = handler
         self.channel: AbstractRobustChannel | None = None
@@ -143,14 +178,10 @@ class ServiceRegistration:
             ConfigurationError: the queue exists with other arguments.
             TransportError: the broker cannot be reached.
         """
-        transport = self.transport
-        with map_exceptions(f"serve {self.service!r}", address=transport.address):
-            self.channel = await transport.connection.channel(  # type: ignore[assignment]
-                publisher_confirms=False
-            )
-            assert self.channel is not None
-            await self.channel.set_qos(prefetch_count=transport.service_prefetch)
-            queue = await self.channel.declare_queue(
+        with map_exceptions(f"serve {self.service!r}", address=self.address):
+            self.channel = channel = await self.connection().channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self.prefetch)
+            queue = await channel.declare_queue(
                 service_queue(self.service),
                 durable=True,
                 auto_delete=True,
@@ -164,7 +195,7 @@ class ServiceRegistration:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, incoming: AbstractIncomingMessage) -> None:
-        counts = self.transport.counts
+        counts = self.counts
         message = from_amqp(incoming)
         left = remaining(message)
         outcome = await run_service_handler(self.handler, message, left)
@@ -185,7 +216,7 @@ class ServiceRegistration:
             )
             channel = self.channel
             try:
-                with map_exceptions(f"reply for {self.service!r}", address=self.transport.address):
+                with map_exceptions(f"reply for {self.service!r}", address=self.address):
                     if channel is None:
                         raise TransportError("the service channel is closed")
                     await channel.default_exchange.publish(
@@ -197,9 +228,7 @@ class ServiceRegistration:
 
     async def _settle(self, incoming: AbstractIncomingMessage) -> None:
         with contextlib.suppress(PigeonError):
-            with map_exceptions(
-                f"ack a request for {self.service!r}", address=self.transport.address
-            ):
+            with map_exceptions(f"ack a request for {self.service!r}", address=self.address):
                 await incoming.ack()
 
     async def cancel(self) -> None:
@@ -215,7 +244,5 @@ class ServiceRegistration:
         channel, self.channel = self.channel, None
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(PigeonError):
-                with map_exceptions(
-                    f"stop serving {self.service!r}", address=self.transport.address
-                ):
+                with map_exceptions(f"stop serving {self.service!r}", address=self.address):
                     await channel.close()

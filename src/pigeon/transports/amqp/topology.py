@@ -101,8 +101,8 @@ class Topology:
         async with self._lock:
             if self._channel is None:
                 with map_exceptions("open a channel", address=self.address):
-                    self._channel = await self.connection.channel(publisher_confirms=False)  # type: ignore[assignment]
-            return self._channel  # type: ignore[return-value]
+                    self._channel = await self.connection.channel(publisher_confirms=False)
+            return self._channel
 
     async def _declare(self, name: str, arguments: dict[str, Any]) -> None:
         channel = await self._get_channel()

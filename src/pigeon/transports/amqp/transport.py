@@ -1,4 +1,10 @@
-"""The ``amqp://`` transport object: options, lifecycle and the Transport verbs."""
+"""The ``amqp://`` transport object: lifecycle and the Transport verbs.
+
+Its options are checked in :mod:`.options`; queues are declared by
+:mod:`.topology`, sends confirmed by :mod:`.publisher`, work queues consumed
+by :mod:`.consumer` and services called and served by :mod:`.rpc`. Each of
+those gets only the collaborators it uses, never the transport.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +14,25 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
-from yarl import URL
 
-from ...errors import ClosedError, ConfigurationError, MessageTooLarge, TransportError
+from ...errors import (
+    ClosedError,
+    ConfigurationError,
+    MessageTooLarge,
+    NotStartedError,
+    TransportError,
+)
 from ...message import Message
 from ..base import ConsumeOptions, DeliverySink, ServiceHandler
 from ..base import Subscription as SubscriptionProtocol
 from .consumer import Subscription
 from .envelope import to_amqp
 from .errors import map_exceptions
+from .options import MAX_PREFETCH
+from .options import parse as parse_options
 from .publisher import Publisher
 from .rpc import Requester, ServiceRegistration
-from .topology import QUEUE_TYPES, Topology
-
-DEFAULT_MAX_MESSAGE_SIZE = 16 << 20  # RabbitMQ 4.x's own default max_message_size
-MAX_PREFETCH = 65535  # basic.qos prefetch-count is a 16-bit field
-
-# Options other pigeon transports take that have no meaning here.
-_NOT_HONOURED = {
-    "max_length": "set a queue length limit with a RabbitMQ policy (max-length) instead",
-    "lease_ttl": "pass lease_ttl to consume(); the broker has no transport-wide lease",
-    "heartbeat_misses": "AMQP heartbeats are negotiated with the broker; use heartbeat",
-    "connect_grace": "the broker knows its consumers; there is no handshake to wait for",
-}
+from .topology import Topology
 
 
 class AmqpTransport:
@@ -50,63 +52,15 @@ class AmqpTransport:
         service_prefetch: requests one server handles at once per service.
 
     Raises:
-        ConfigurationError: an unknown option, or one this transport cannot honour.
+        ConfigurationError: an unknown option, one this transport cannot
+            honour, or a value that cannot work.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        queue_type: str = "quorum",
-        reconnect_interval: float = 1.0,
-        heartbeat: float | None = None,
-        connect_timeout: float = 5.0,
-        outbox_limit: int = 100_000,
-        service_prefetch: int = 64,
-        **unknown: Any,
-    ) -> None:
-        for name in unknown:
-            why = _NOT_HONOURED.get(
-                name,
-                "it is not an option of this transport; known: "
-                "max_message_size, queue_type, reconnect_interval, "
-                "heartbeat, connect_timeout, outbox_limit, service_prefetch",
-            )
-            raise ConfigurationError(f"amqp transport cannot honour {name}=: {why}")
-        if queue_type not in QUEUE_TYPES:
-            raise ConfigurationError(f"queue_type must be one of {QUEUE_TYPES}, not {queue_type!r}")
-        for name, value in (
-            ("max_message_size", max_message_size),
-            ("outbox_limit", outbox_limit),
-            ("service_prefetch", service_prefetch),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
-        if service_prefetch > MAX_PREFETCH:
-            raise ConfigurationError(f"service_prefetch must be <= {MAX_PREFETCH}")
-        for name, number in (
-            ("reconnect_interval", reconnect_interval),
-            ("connect_timeout", connect_timeout),
-        ):
-            if not isinstance(number, (int, float)) or number <= 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds")
-        try:
-            parsed = URL(url)
-        except ValueError as exc:
-            raise ConfigurationError(f"{url!r} is not a valid amqp:// URL: {exc}") from exc
-        if parsed.scheme != "amqp" or not parsed.host:
-            raise ConfigurationError(f"{url!r} is not an amqp://HOST URL")
+    def __init__(self, url: str, **options: Any) -> None:
+        self.options = parse_options(url, options)
         self.url = url
-        # For messages and errors: never the password.
-        self.address = str(parsed.with_user(None).with_password(None))
-        self.max_message_size = max_message_size
-        self.queue_type = queue_type
-        self.reconnect_interval = float(reconnect_interval)
-        self.heartbeat = heartbeat
-        self.connect_timeout = float(connect_timeout)
-        self.outbox_limit = outbox_limit
-        self.service_prefetch = service_prefetch
+        self.address = self.options.address  # for messages and errors: never the password
+        self.max_message_size = self.options.max_message_size
         self.counts: Counter[str] = Counter()
         self._connection: AbstractRobustConnection | None = None
         self._topology: Topology | None = None
@@ -126,30 +80,33 @@ class AmqpTransport:
         """
         if self._closed:
             raise ClosedError(f"transport {self.address} is closed")
-        options: dict[str, Any] = {"reconnect_interval": self.reconnect_interval}
-        if self.heartbeat is not None:
-            options["heartbeat"] = self.heartbeat
+        settings = self.options
+        options: dict[str, Any] = {"reconnect_interval": settings.reconnect_interval}
+        if settings.heartbeat is not None:
+            options["heartbeat"] = settings.heartbeat
         with map_exceptions(f"connect to {self.address}", address=self.address):
-            self._connection = await aio_pika.connect_robust(
+            connection = await aio_pika.connect_robust(
                 self.url,
-                timeout=self.connect_timeout,
+                timeout=settings.connect_timeout,
                 client_properties={"connection_name": "pigeon"},
                 **options,
             )
-        self._connection.reconnect_callbacks.add(self._on_reconnect)
-        self._topology = Topology(self._connection, self.queue_type, self.address)
-        self._publisher = Publisher(
-            self._connection,
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        publisher = Publisher(
+            connection,
             self.address,
-            self.outbox_limit,
-            retry_pause=min(0.2, self.reconnect_interval),
+            settings.outbox_limit,
+            retry_pause=min(0.2, settings.reconnect_interval),
         )
         try:
-            await self._publisher.open()
+            await publisher.open()
         except BaseException:
-            await self._connection.close()
+            await connection.close()
             raise
-        self._requester = Requester(self)
+        self._connection = connection
+        self._topology = Topology(connection, settings.queue_type, self.address)
+        self._publisher = publisher
+        self._requester = Requester(self._live_connection, self.address, self.counts)
 
     def _on_reconnect(self, *_: Any) -> None:
         self.counts["reconnects"] += 1
@@ -158,23 +115,26 @@ class AmqpTransport:
         if self._closed:
             raise ClosedError(f"transport {self.address} is closed")
         if self._connection is None:
-            raise ClosedError(f"transport {self.address} is not started")
+            raise NotStartedError(
+                f"transport {self.address} is not started: await its start() first "
+                "(pigeon.connect() starts the transports it makes)"
+            )
 
-    @property
-    def connection(self) -> AbstractRobustConnection:
+    def _live_connection(self) -> AbstractRobustConnection:
+        """The connection, for the helpers that open channels on it.
+
+        Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
+        """
         self._check_open()
         assert self._connection is not None
         return self._connection
 
-    @property
-    def topology(self) -> Topology:
-        assert self._topology is not None
-        return self._topology
-
-    @property
-    def publisher(self) -> Publisher:
-        assert self._publisher is not None
-        return self._publisher
+    def _live(self) -> tuple[Topology, Publisher]:
+        self._check_open()
+        assert self._topology is not None and self._publisher is not None
+        return self._topology, self._publisher
 
     # -- work queues -----------------------------------------------------
 
@@ -184,16 +144,16 @@ class AmqpTransport:
         """Publish persistently to ``queue``; the future resolves on the confirm.
 
         Raises:
+            NotStartedError: the transport was not started.
             ClosedError: the transport is closed.
             MessageTooLarge: the body is over ``max_message_size``.
             Backpressure: ``outbox_limit`` sends are unconfirmed.
         """
-        self._check_open()
+        topology, publisher = self._live()
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
-        topology = self.topology
         self.counts["sent"] += 1
-        return self.publisher.publish(
+        return publisher.publish(
             queue,
             lambda resend: to_amqp(message, redelivered=resend),
             None if topology.ready(queue) else (lambda: topology.work_queue(queue)),
@@ -203,10 +163,12 @@ class AmqpTransport:
         """Wait for the broker to confirm every send so far.
 
         Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
             Timeout: some are unconfirmed after ``timeout`` seconds.
         """
-        self._check_open()
-        await self.publisher.flush(timeout)
+        _topology, publisher = self._live()
+        await publisher.flush(timeout)
 
     async def consume(
         self, queue: str, sink: DeliverySink, options: ConsumeOptions
@@ -214,16 +176,27 @@ class AmqpTransport:
         """Consume ``queue`` with ``options.prefetch`` as the channel's prefetch.
 
         Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
             ConfigurationError: prefetch over 65535, or the queue exists
                 with other arguments.
             TransportError: the broker cannot be reached.
         """
-        self._check_open()
+        topology, publisher = self._live()
         if options.prefetch > MAX_PREFETCH:
             raise ConfigurationError(
                 f"prefetch must be <= {MAX_PREFETCH} on AMQP, not {options.prefetch}"
             )
-        subscription = Subscription(self, queue, sink, options)
+        subscription = Subscription(
+            self._live_connection,
+            topology,
+            publisher,
+            self.counts,
+            address=self.address,
+            queue=queue,
+            sink=sink,
+            options=options,
+        )
         self._subscriptions.append(subscription)
         try:
             await subscription.start()
@@ -239,6 +212,8 @@ class AmqpTransport:
         """Call ``service``; see :class:`~pigeon.transports.amqp.rpc.Requester`.
 
         Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
             NoResponders: no server consumes the service queue.
             Timeout: no reply within ``timeout`` seconds.
             Rejected: the server's handler raised.
@@ -256,10 +231,19 @@ class AmqpTransport:
         """Answer requests for ``service`` with ``handler``.
 
         Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
             TransportError: the broker cannot be reached.
         """
         self._check_open()
-        registration = ServiceRegistration(self, service, handler)
+        registration = ServiceRegistration(
+            self._live_connection,
+            self.counts,
+            address=self.address,
+            prefetch=self.options.service_prefetch,
+            service=service,
+            handler=handler,
+        )
         self._services.append(registration)
         try:
             await registration.start()

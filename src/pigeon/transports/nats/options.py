@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from ...errors import ConfigurationError
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _SECONDS = ("send_timeout", "ack_timeout", "pull_expires", "connect_timeout", "duplicate_window")
+_SERVER_SCHEMES = ("nats", "tls", "ws", "wss")  # what nats-py connects to
 
 
 @dataclass(slots=True)
@@ -60,14 +62,34 @@ class NatsOptions:
             raise ConfigurationError(f"stream name {self.stream!r}: use letters, digits, '-', '_'")
         if not isinstance(self.prefix, str) or not _PREFIX.match(self.prefix):
             raise ConfigurationError(f"subject prefix {self.prefix!r}: use literal subject tokens")
-        for name in _SECONDS:
+        for name in (*_SECONDS, "reconnect_wait"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
+            if not _number(value) or not 0 < value < math.inf:
                 raise ConfigurationError(f"{name} must be > 0 seconds, not {value!r}")
         for name in ("max_message_size", "max_ack_pending", "outbox_limit"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not _number(value, int) or value < 1):
                 raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ConfigurationError(f"name must be a str, not {self.name!r}")
+
+
+def _number(value: object, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_server(server: str) -> None:
+    """Raises:
+    ConfigurationError: ``server`` is not a URL nats-py can connect to.
+    """
+    url = server if "://" in server else f"nats://{server}"  # as nats-py reads it
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (parsing it is the check: a bad port raises)
+    except ValueError as exc:
+        raise ConfigurationError(f"{server!r} is not a valid NATS server URL: {exc}") from exc
+    if parts.scheme not in _SERVER_SCHEMES or not parts.hostname:
+        raise ConfigurationError(f"{server!r} is not a NATS server URL (nats://HOST:PORT)")
 
 
 def parse(url: str, keywords: dict[str, Any]) -> tuple[list[str], NatsOptions]:
@@ -100,4 +122,9 @@ def parse(url: str, keywords: dict[str, Any]) -> tuple[list[str], NatsOptions]:
         )
     result = NatsOptions(**options)
     result.check()
-    return [s.strip() for s in servers.split(",") if s.strip()], result
+    urls = [s.strip() for s in servers.split(",") if s.strip()]
+    if not urls:
+        raise ConfigurationError(f"{url!r} names no NATS server")
+    for server in urls:
+        check_server(server)
+    return urls, result
