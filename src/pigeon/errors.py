@@ -4,13 +4,17 @@ Every error pigeon raises on purpose derives from :class:`PigeonError`::
 
     PigeonError
      ├── ConfigurationError (ValueError)   bad URL, option or combination
-     ├── NotStartedError                    the object was used before it was started
- ├── ClosedError                        you closed the object you used
+     │    ├── KeyFileError                  a key file is missing, malformed or readable by others
+     │    └── AclError                      an ACL file is malformed (names the line)
+     ├── NotStartedError                    used before it was started (connect or start it first)
+     ├── ClosedError                        you closed the object you used
      ├── TransportError                     connect failed / connection lost (retryable)
+     │    └── AuthenticationError           the peer refused our key, or we its (at the handshake)
      ├── Timeout (TimeoutError)             a deadline passed
      ├── ProtocolError
      │    ├── LocalProtocolError            we were asked to do something illegal
      │    └── RemoteProtocolError           a peer sent something malformed
+     ├── Forbidden                          the peer's ACL does not grant this verb on this name
      ├── DeliveryError
      │    ├── NoResponders                  no live server offers the service
      │    ├── Rejected                      the server's handler failed the request
@@ -112,3 +116,35 @@ class StoreError(PigeonError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class KeyFileError(ConfigurationError):
+    """Raised when a key file is missing, malformed, of the wrong kind or readable by others."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class AclError(ConfigurationError):
+    """Raised when an ACL file cannot be used; ``line`` says where, when known."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+
+
+class AuthenticationError(TransportError):
+    """Raised when a CURVE handshake with ``address`` failed: a key was refused or is wrong."""
+
+
+class Forbidden(PigeonError):
+    """Raised when the node's ACL does not grant ``verb`` on ``name`` to our key."""
+
+    def __init__(self, verb: str, name: str, *, address: str | None = None) -> None:
+        where = f" at {address}" if address else ""
+        super().__init__(f"not allowed to {verb} {name!r}{where}")
+        self.verb = verb
+        self.name = name
+        self.address = address

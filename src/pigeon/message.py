@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgspec
 
@@ -118,8 +118,17 @@ class Message(msgspec.Struct, array_like=True, gc=False):
     created_at: float = 0.0
     deadline: float | None = None
 
-    def decode(self, type: type[T] | None = None) -> Any:
+    @overload
+    def decode(self) -> Any: ...
+    @overload
+    def decode(self, type: type[T]) -> T: ...
+    @overload
+    def decode(self, type: Any) -> Any: ...
+    def decode(self, type: Any = None) -> Any:
         """Decode the body by its content type, into ``type`` when given.
+
+        ``message.decode(Order)`` is typed as returning an ``Order``; without
+        a type the value is whatever the content type holds (``Any``).
 
         Raises:
             DecodeError: the body is not valid for its content type or type.

@@ -39,7 +39,8 @@ def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def probe(url: str, timeout: float = 1.0) -> None:
@@ -73,7 +74,8 @@ def find_server_pid(name: str) -> int | None:
     """Pid of a running server process by executable name, if visible."""
     for proc in psutil.process_iter(["name"]):
         if proc.info["name"] == name:
-            return proc.pid
+            pid: int = proc.pid
+            return pid
     return None
 
 
@@ -228,7 +230,7 @@ async def publish_until_stop(ctl: Ctl, i: int, tally: Tally) -> None:
 
     def publish_and_check() -> bool:
         tally.publish(ctl, i)
-        return ctl.stop.is_set()
+        return bool(ctl.stop.is_set())
 
     await poll_until(publish_and_check)
     tally.publish(ctl, i)

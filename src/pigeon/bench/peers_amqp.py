@@ -84,7 +84,7 @@ async def _publisher(conn: Any, cfg: dict[str, Any]) -> Any:
         return publish
 
     slots = asyncio.Semaphore(IN_FLIGHT)
-    tasks: set[asyncio.Task] = set()
+    tasks: set[asyncio.Task[Any]] = set()
 
     async def one(body: bytes) -> None:
         try:
@@ -164,13 +164,13 @@ async def _queue_worker(ctl: Ctl, i: int) -> None:
         await publish_until_stop(ctl, i, tally)
 
 
-def queue(opts: Any, size: int) -> dict:
+def queue(opts: Any, size: int) -> dict[str, Any]:
     """Transient queue, 3 consumers, acks."""
     with _own_queue(opts, size=size) as cfg:
         return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
 
 
-def queue_durable(opts: Any, size: int) -> dict:
+def queue_durable(opts: Any, size: int) -> dict[str, Any]:
     """Durable queue, persistent messages, pipelined publisher confirms."""
     with _own_queue(opts, size=size, durable=True) as cfg:
         return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
@@ -217,7 +217,7 @@ async def _rpc_client(ctl: Ctl) -> None:
     async with conn:
         channel = await conn.channel()
         replies = await channel.declare_queue(exclusive=True)
-        waiting: dict[str, asyncio.Future] = {}
+        waiting: dict[str, asyncio.Future[Any]] = {}
 
         async def on_reply(message: Any) -> None:
             fut = waiting.pop(message.correlation_id, None)
@@ -238,13 +238,13 @@ async def _rpc_client(ctl: Ctl) -> None:
         ctl.results.put(await run_callers(call, ctl.cfg["window"], ctl.cfg["seconds"]))
 
 
-def rpc_latency(opts: Any) -> dict:
+def rpc_latency(opts: Any) -> dict[str, Any]:
     """aio-pika RPC, one in flight."""
     with _own_queue(opts, window=1) as cfg:
         return run_rpc(rpc_server, rpc_client, cfg, opts.seconds)
 
 
-def rpc_throughput(opts: Any) -> dict:
+def rpc_throughput(opts: Any) -> dict[str, Any]:
     """aio-pika RPC, 100 concurrent."""
     with _own_queue(opts, window=100) as cfg:
         return run_rpc(rpc_server, rpc_client, cfg, opts.seconds)
@@ -302,7 +302,7 @@ async def _backlog_worker(ctl: Ctl) -> None:
     ctl.results.put({"n": count, "elapsed": tally.last - t0})
 
 
-def backlog(opts: Any) -> dict:
+def backlog(opts: Any) -> dict[str, Any]:
     """Queue filled first (confirmed), then drained by one consumer."""
     if opts.count > BACKLOG_MAX:
         raise Skip(

@@ -167,12 +167,12 @@ async def _fetch_loop(ctl: Ctl, psub: Any, tally: Tally, until: int | None) -> N
         tally.last = clock()
 
 
-def queue(opts: Any, size: int) -> dict:
+def queue(opts: Any, size: int) -> dict[str, Any]:
     """Core NATS, 3 subscribers in one queue group, no acks."""
     return run_queue(queue_producer, queue_worker, _cfg(opts, size=size), opts.seconds)
 
 
-def queue_durable(opts: Any, size: int) -> dict:
+def queue_durable(opts: Any, size: int) -> dict[str, Any]:
     """JetStream file stream, pipelined publish acks, durable pull consumer + acks."""
     cfg = _cfg(opts, size=size, js=True)
     try:
@@ -220,12 +220,12 @@ async def _rpc_client(ctl: Ctl) -> None:
     await nc.close()
 
 
-def rpc_latency(opts: Any) -> dict:
+def rpc_latency(opts: Any) -> dict[str, Any]:
     """nats-py request, one in flight."""
     return run_rpc(rpc_server, rpc_client, _cfg(opts, window=1), opts.seconds)
 
 
-def rpc_throughput(opts: Any) -> dict:
+def rpc_throughput(opts: Any) -> dict[str, Any]:
     """nats-py request, 100 concurrent."""
     return run_rpc(rpc_server, rpc_client, _cfg(opts, window=100), opts.seconds)
 
@@ -271,7 +271,7 @@ async def _backlog_worker(ctl: Ctl) -> None:
     await nc.close()
 
 
-def backlog(opts: Any) -> dict:
+def backlog(opts: Any) -> dict[str, Any]:
     """JetStream stream filled first, then drained by one pull consumer."""
     if opts.count > BACKLOG_MAX:
         raise Skip(

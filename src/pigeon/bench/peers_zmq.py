@@ -95,7 +95,7 @@ def queue_worker(ctl: Ctl, i: int) -> None:
         ctx.term()
 
 
-def queue(opts: Any, size: int) -> dict:
+def queue(opts: Any, size: int) -> dict[str, Any]:
     """pyzmq PUSH → 3 PULL, no acks."""
     return run_queue(queue_producer, queue_worker, {"size": size}, opts.seconds)
 
@@ -192,12 +192,12 @@ def dealer_client(ctl: Ctl) -> None:
         ctx.term()
 
 
-def rpc_latency(opts: Any) -> dict:
+def rpc_latency(opts: Any) -> dict[str, Any]:
     """REQ/REP, one request in flight."""
     return run_rpc(rep_server, req_client, {}, opts.seconds)
 
 
-def rpc_throughput(opts: Any) -> dict:
+def rpc_throughput(opts: Any) -> dict[str, Any]:
     """DEALER/ROUTER, 100 requests in flight."""
     return run_rpc(router_server, dealer_client, {"window": 100}, opts.seconds)
 
@@ -241,7 +241,7 @@ def backlog_worker(ctl: Ctl, i: int) -> None:
         ctx.term()
 
 
-def backlog(opts: Any) -> dict:
+def backlog(opts: Any) -> dict[str, Any]:
     """1 M messages queued in the sender's PUSH pipe, then drained."""
     cfg = {"port": free_port(), "size": 100}
     return run_backlog(backlog_holder, backlog_worker, cfg, opts.count)

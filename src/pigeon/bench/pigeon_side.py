@@ -89,7 +89,7 @@ async def _queue_producer(ctl: Ctl) -> None:
         await wait_workers_async(ctl)
         body = b"x" * ctl.cfg["size"]
         batch = [body] * BATCH
-        pending: list[asyncio.Future] = []
+        pending: list[asyncio.Future[None]] = []
         n = 0
         t0 = time.perf_counter()
         end = t0 + ctl.cfg["seconds"]
@@ -131,12 +131,12 @@ async def _queue_worker(ctl: Ctl, i: int) -> None:
         await publish_until_stop(ctl, i, tally)
 
 
-def queue(opts: Any, size: int) -> dict:
+def queue(opts: Any, size: int) -> dict[str, Any]:
     """pigeon acked work queue: host+producer → 3 workers."""
     return run_queue(queue_producer, queue_worker, {"size": size}, opts.seconds)
 
 
-def queue_durable(opts: Any, size: int) -> dict:
+def queue_durable(opts: Any, size: int) -> dict[str, Any]:
     """pigeon work queue with an on-disk store (confirm = stored)."""
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
         cfg = {"size": size, "connect_kwargs": _durable_kwargs(tmp)}
@@ -155,7 +155,7 @@ def rpc_server(ctl: Ctl) -> None:
 async def _rpc_server(ctl: Ctl) -> None:
     import pigeon
 
-    async def echo(message: Any) -> bytes:
+    async def echo(message: pigeon.Message) -> bytes:
         return message.body
 
     port = free_port()
@@ -190,7 +190,7 @@ def rpc_sync_client(ctl: Ctl) -> None:
         ctl.results.put(_rpc_sync_client(ctl))
 
 
-def _rpc_sync_client(ctl: Ctl) -> dict:
+def _rpc_sync_client(ctl: Ctl) -> dict[str, Any]:
     import threading
 
     import pigeon.sync
@@ -221,22 +221,22 @@ def _rpc_sync_client(ctl: Ctl) -> dict:
     return {"n": len(lat), "elapsed": elapsed, "lat_ns": lat if window == 1 else None}
 
 
-def rpc_sync_latency(opts: Any) -> dict:
+def rpc_sync_latency(opts: Any) -> dict[str, Any]:
     """pigeon.sync request/serve, one request in flight."""
     return run_rpc(rpc_server, rpc_sync_client, {"window": 1}, opts.seconds)
 
 
-def rpc_sync_throughput(opts: Any) -> dict:
+def rpc_sync_throughput(opts: Any) -> dict[str, Any]:
     """pigeon.sync request/serve, 100 threads each with one request in flight."""
     return run_rpc(rpc_server, rpc_sync_client, {"window": 100}, opts.seconds)
 
 
-def rpc_latency(opts: Any) -> dict:
+def rpc_latency(opts: Any) -> dict[str, Any]:
     """pigeon request/serve, one request in flight."""
     return run_rpc(rpc_server, rpc_client, {"window": 1}, opts.seconds)
 
 
-def rpc_throughput(opts: Any) -> dict:
+def rpc_throughput(opts: Any) -> dict[str, Any]:
     """pigeon request/serve, 100 concurrent requests."""
     return run_rpc(rpc_server, rpc_client, {"window": 100}, opts.seconds)
 
@@ -297,7 +297,7 @@ async def _backlog_worker(ctl: Ctl) -> None:
     ctl.results.put({"n": count - 1, "elapsed": times[1] - times[0]})
 
 
-def backlog(opts: Any) -> dict:
+def backlog(opts: Any) -> dict[str, Any]:
     """pigeon: the backlog lives in the host (producer) process."""
     return run_backlog(
         backlog_holder, backlog_worker, {"port": free_port(), "size": 100}, opts.count

@@ -36,9 +36,9 @@ def ratio(row: dict[str, Any], pigeon: dict[str, Any] | None) -> float | None:
     if not pigeon:
         return None
     if row.get("p50_us") and pigeon.get("p50_us"):
-        return row["p50_us"] / pigeon["p50_us"]
+        return float(row["p50_us"] / pigeon["p50_us"])
     if row.get("msgs_per_s") and pigeon.get("msgs_per_s"):
-        return pigeon["msgs_per_s"] / row["msgs_per_s"]
+        return float(pigeon["msgs_per_s"] / row["msgs_per_s"])
     return None
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pigeon._extras import install_hint
 from pigeon.bench import report
 from pigeon.bench.harness import Skip, probe
 
@@ -140,9 +141,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return opts
 
 
-def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[tuple]:
+Row = tuple[str, str, str, dict[str, Any]]
+
+
+def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[Row]:
     """Expand the registry into (system, variant, func, kwargs), pigeon first per variant."""
-    rows = []
+    rows: list[Row] = []
     for entry in REGISTRY[scenario]:
         if entry.system not in systems:
             continue
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             report.chart(doc, opts.chart)
         except ImportError:
             print(
-                "pigeon bench: --chart needs matplotlib: pip install 'pigeon-mq[bench]'",
+                f"pigeon bench: --chart needs matplotlib: {install_hint('bench')}",
                 file=sys.stderr,
             )
             return 2

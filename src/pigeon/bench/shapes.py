@@ -28,7 +28,7 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, kids: Children) -
 
 def collect(ctl: Ctl, n: int, timeout: float, kids: Children) -> list[dict[str, Any]]:
     """Receive ``n`` result dicts from children; a child's ``error`` key skips."""
-    out = []
+    out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while len(out) < n:
         try:
@@ -46,7 +46,11 @@ def collect(ctl: Ctl, n: int, timeout: float, kids: Children) -> list[dict[str, 
 
 
 def run_queue(
-    producer: Callable, worker: Callable, cfg: dict[str, Any], seconds: float, n_workers: int = 3
+    producer: Callable[..., Any],
+    worker: Callable[..., Any],
+    cfg: dict[str, Any],
+    seconds: float,
+    n_workers: int = 3,
 ) -> dict[str, Any]:
     """One producer, ``n_workers`` workers; end-to-end delivered msgs/s.
 
@@ -79,7 +83,9 @@ def run_queue(
     return {"msgs_per_s": delivered / elapsed, "note": note}
 
 
-def run_rpc(server: Callable, client: Callable, cfg: dict[str, Any], seconds: float) -> dict:
+def run_rpc(
+    server: Callable[..., Any], client: Callable[..., Any], cfg: dict[str, Any], seconds: float
+) -> dict[str, Any]:
     """One server process and one client process; the client reports its figures.
 
     The client returns ``{"n": completed, "elapsed": s, "lat_ns": [...]}``;
@@ -101,7 +107,11 @@ def run_rpc(server: Callable, client: Callable, cfg: dict[str, Any], seconds: fl
 
 
 def run_backlog(
-    holder: Callable, worker: Callable, cfg: dict[str, Any], count: int, rss_pid: int | None = None
+    holder: Callable[..., Any],
+    worker: Callable[..., Any],
+    cfg: dict[str, Any],
+    count: int,
+    rss_pid: int | None = None,
 ) -> dict[str, Any]:
     """Queue ``count`` messages with no consumer, then drain them with one worker.
 
@@ -114,7 +124,10 @@ def run_backlog(
     timeout = GRACE_S + count / 2_000  # nothing here is slower than ~2 k msgs/s
     with Children(ctl) as kids:
         proc = kids.start(holder, ctl)
-        with RssSampler(rss_pid or proc.pid) as rss:
+        pid = rss_pid or proc.pid
+        if pid is None:
+            raise Skip("the holder process did not start")
+        with RssSampler(pid) as rss:
             _wait(ctl.bound.is_set, GRACE_S, "holder to bind", kids)
             _wait(ctl.done.is_set, timeout, "backlog to be queued", kids)
             fill_s = time.perf_counter() - ctl.t0.value

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 
+from .._extras import DISTRIBUTION, install_hint
 from ..errors import PigeonError
 from . import demo, node
+
+
+def version() -> str:
+    """The installed distribution's version, or the package's own when it
+    runs without being installed (e.g. from a source tree)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def _bench(argv: list[str]) -> int:
@@ -14,7 +27,7 @@ def _bench(argv: list[str]) -> int:
         from ..bench import main as bench_main
     except ImportError as exc:
         print(
-            f"pigeon bench needs its extras ({exc}): pip install 'pigeon-mq[bench]'",
+            f"pigeon bench needs its extras ({exc}): {install_hint('bench')}",
             file=sys.stderr,
         )
         return 2
@@ -27,11 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="pigeon", description="Message queues for Python.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="store_true", help="print the version of pigeon and exit"
+    )
+    subparsers = parser.add_subparsers(dest="command")
     demo.add_parser(subparsers)
     node.add_parsers(subparsers)
     subparsers.add_parser("bench", help="benchmark pigeon beside pyzmq, NATS and RabbitMQ")
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"pigeon {version()}")
+        return 0
+    if args.command is None:
+        parser.error("a command is required")
     try:
         return int(args.func(args))
     except PigeonError as exc:

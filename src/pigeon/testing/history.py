@@ -25,8 +25,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import msgspec
+
+from ..errors import ClosedError, ConfigurationError, DecodeError
 
 __all__ = ["CheckResult", "Event", "HistoryWriter", "check", "load_history", "main"]
 
@@ -103,14 +106,19 @@ class HistoryWriter:
     Args:
         path: the file to append to (created if missing).
         process: the name recorded as ``proc`` on every event.
+
+    Raises:
+        ConfigurationError: ``process`` is not a non-empty string.
     """
 
     def __init__(self, path: StrPath, *, process: str) -> None:
+        if not isinstance(process, str) or not process:
+            raise ConfigurationError(f"process must be a non-empty name, not {process!r}")
         self.path = Path(path)
         self.process = process
         self._lock = threading.Lock()
         _drop_torn_tail(self.path)
-        self._file = open(self.path, "ab", buffering=0)
+        self._file: IO[bytes] | None = open(self.path, "ab", buffering=0)
 
     def __enter__(self) -> HistoryWriter:
         return self
@@ -129,10 +137,13 @@ class HistoryWriter:
                 self._file.close()
                 self._file = None
 
-    def _emit(self, type: str, f: str, **fields: object) -> None:
+    def _emit(self, type: str, f: str, **fields: Any) -> None:
         with self._lock:
             if self._file is None:
-                raise ValueError(f"history writer for {self.path} is closed")
+                raise ClosedError(
+                    f"history writer for {self.path} is closed; open a new HistoryWriter "
+                    "to append to it"
+                )
             # The time is taken under the lock so file order equals time order.
             event = Event(
                 t=time.monotonic_ns(), wall=time.time(), proc=self.process, type=type, f=f, **fields
@@ -210,7 +221,9 @@ def load_history(paths: StrPath | Iterable[StrPath]) -> list[Event]:
         All events, sorted by ``t`` (ties keep file order).
 
     Raises:
-        ValueError: a line other than a file's partial last line is not a valid event.
+        DecodeError: a line other than a file's partial last line is not a valid
+            event (the message names the file and line).
+        OSError: a file cannot be read.
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
@@ -227,7 +240,7 @@ def load_history(paths: StrPath | Iterable[StrPath]) -> list[Event]:
             except msgspec.DecodeError as exc:
                 if n == torn:
                     continue
-                raise ValueError(f"{path}:{n + 1}: bad history line: {exc}") from exc
+                raise DecodeError(f"{path}:{n + 1}: bad history line: {exc}") from exc
     events.sort(key=lambda e: e.t)
     return events
 
@@ -313,7 +326,9 @@ class CheckResult:
                 note = " (informational)" if name in _NOTES else ""
                 lines.append(f"  {name}{note}: {len(ids)} ({', '.join(ids[:5])}{more})")
         if self.lost:
-            parts = self.summary()["lost_breakdown"]
+            parts = {
+                part: sum(len(p[part]) for p in self.lost_breakdown.values()) for part in _PARTS
+            }
             lines.append("  lost by position: " + ", ".join(f"{p} {parts[p]}" for p in _PARTS))
         return "\n".join(lines)
 
@@ -442,10 +457,10 @@ def _breakdown(
         s = sent.get(i)
         producer = s.producer if s is not None and s.producer is not None else "?"
         seq = s.seq if s is not None else None
-        lo, hi = bounds.get(producer, (None, None))
-        if seq is None or lo is None or seq < lo:
+        bound = bounds.get(producer)
+        if seq is None or bound is None or seq < bound[0]:
             part = "prefix"
-        elif seq > hi:
+        elif seq > bound[1]:
             part = "postfix"
         else:
             part = "middle"
@@ -462,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = check(load_history(args.files))
-    except (OSError, ValueError) as exc:
+    except (OSError, DecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.summary(), indent=2))
