@@ -174,9 +174,10 @@ class Connection:
         the same ``timeout``.
 
         Raises:
-            Timeout: no room, or no confirmation, within ``timeout`` (a message
-                that got into the outbox may still arrive: it is resent with
-                its id until the connection closes).
+            Timeout: no room, or no confirmation, within ``timeout``. A message
+                that was already on the wire may still arrive, but it is not
+                resent after this, and ``close`` neither waits for it nor
+                reports it again.
             (and everything :meth:`send_nowait` raises but ``Backpressure``)
         """
         timeout = _positive(timeout, "timeout")
@@ -200,7 +201,17 @@ class Connection:
                     raise Timeout(f"no room to send to {queue!r} within {timeout} s") from exc
                 refusals += 1
             except TimeoutError as exc:
+                self._give_up(future)
                 raise Timeout(f"send to {queue!r} not confirmed within {timeout} s") from exc
+
+    def _give_up(self, future: asyncio.Future[None]) -> None:
+        # The caller is told Timeout; that is the only report of this send.
+        # It is no longer resent (close() neither waits for it nor fails it
+        # again), and whatever it ends with later is retrieved here.
+        withdraw = getattr(self.transport, "withdraw", None)
+        if withdraw is not None:
+            withdraw(future)
+        future.add_done_callback(_retrieve)
 
     async def _wait_for_room(self, refusals: int, deadline: float) -> bool:
         """Wait until a send refused for want of room may succeed; False if
@@ -331,6 +342,11 @@ class Connection:
         for server in self._servers:
             await server.close()
         await self.transport.close(timeout)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _all_stored(futures: list[asyncio.Future[None]]) -> None:

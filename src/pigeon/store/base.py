@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Protocol, TypeAlias
+from typing import Protocol
 
 import msgspec
 
-from ..errors import ClosedError
 from .._core.ops import Ack, Dead, Op, Put, Replay, Requeue
+from ..errors import ClosedError
 from ..message import Message
 
 __all__ = [

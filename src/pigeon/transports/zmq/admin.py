@@ -28,7 +28,7 @@ class _QueueRequest(msgspec.Struct):
 
 def _queue_request(message: Message) -> _QueueRequest:
     try:
-        return message.decode(_QueueRequest)  # type: ignore[no-any-return]
+        return message.decode(_QueueRequest)
     except DecodeError as exc:
         raise DecodeError(f"expected {{'queue': str, 'limit': int | null}}: {exc}") from exc
 
