@@ -10,11 +10,15 @@ from ._core.ledger import dead_letter_queue
 from .app import App
 from .connection import Connection, connect
 from .errors import (
+    AclError,
+    AuthenticationError,
     Backpressure,
     ClosedError,
     ConfigurationError,
     DecodeError,
     DeliveryError,
+    Forbidden,
+    KeyFileError,
     LocalProtocolError,
     MessageTooLarge,
     NoResponders,
@@ -34,7 +38,9 @@ from .worker import Server, Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AclError",
     "App",
+    "AuthenticationError",
     "BYTES",
     "Backpressure",
     "ClosedError",
@@ -43,7 +49,9 @@ __all__ = [
     "DecodeError",
     "Delivery",
     "DeliveryError",
+    "Forbidden",
     "JSON",
+    "KeyFileError",
     "LocalProtocolError",
     "MSGPACK",
     "Message",

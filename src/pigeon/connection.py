@@ -322,6 +322,23 @@ class Connection:
 
     # -- lifecycle -------------------------------------------------------
 
+    def reload_acl(self) -> int:
+        """Read the node's ACL file again (``allow=``) without dropping links.
+
+        Returns how many consumers lost their grant (their leases went back
+        to the queue).
+
+        Raises:
+            ConfigurationError: this connection has no ACL (only a ZeroMQ
+                node that binds with ``key=`` and ``allow=`` has one).
+            AclError: the file is malformed; the old ACL stays in force.
+        """
+        self._check_open()
+        reload = getattr(self.transport, "reload_acl", None)
+        if reload is None:
+            raise ConfigurationError("only a ZeroMQ node that binds with allow= has an ACL")
+        return int(reload())
+
     def stats(self) -> dict[str, Any]:
         """Everything counted so far: transport, workers and servers."""
         stats = dict(self.transport.stats())

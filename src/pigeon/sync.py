@@ -340,6 +340,9 @@ class Connection:
     def serve(self, service: str, handler: Callable[[Message], Any]) -> Server:
         return Server(_runner.run(self._conn.serve(service, handler)))
 
+    def reload_acl(self) -> int:
+        return _runner.call(self._conn.reload_acl)
+
     def stats(self) -> dict[str, Any]:
         return _runner.call(self._conn.stats)
 

@@ -108,6 +108,15 @@ class Error(msgspec.Struct, array_like=True, tag=11, gc=False):
     reason: str
 
 
+class Verdict(msgspec.Struct, array_like=True, tag=13, gc=False):
+    """Host → peer: the answer to a Consume (``allowed``), or, when the node's
+    ACL changed, that a grant is gone. ``verb`` is an ``acl.Verb`` value."""
+
+    verb: str
+    name: str
+    allowed: bool
+
+
 class Batch(msgspec.Struct, array_like=True, tag=12, gc=False):
     """Several encoded frames for one peer, sent as one ZeroMQ message.
 
@@ -131,6 +140,7 @@ Frame = (
     | Reply
     | Error
     | Batch
+    | Verdict
 )
 
 _encoder = msgspec.msgpack.Encoder()

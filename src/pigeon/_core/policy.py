@@ -18,7 +18,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import TypeVar
 
-from ..errors import Backpressure, DeliveryError, NoResponders, PigeonError, Rejected, StoreError
+from ..errors import (
+    Backpressure,
+    DeliveryError,
+    Forbidden,
+    NoResponders,
+    PigeonError,
+    Rejected,
+    StoreError,
+)
 from ..errors import Timeout as PigeonTimeout
 from . import headers
 
@@ -87,6 +95,7 @@ class RefusalReason(StrEnum):
     FULL = "full"  # the queue is at its bound; retrying later may work
     TOO_LARGE = "too large"  # over the host's message size limit
     STORE_FAILED = "store failed"  # the durable store could not write it
+    FORBIDDEN = "forbidden"  # the sender's key may not send to this queue
 
     @property
     def retryable(self) -> bool:
@@ -101,12 +110,15 @@ class ReplyErrorKind(StrEnum):
     REJECTED = "Rejected"  # the handler raised or returned nothing
     NO_RESPONDERS = "NoResponders"  # the server no longer offers the service
     TIMEOUT = "Timeout"  # the handler ran past the request's deadline
+    FORBIDDEN = "Forbidden"  # the caller's key may not call this service
 
 
 def refusal_error(queue: str, reason: RefusalReason, detail: str) -> PigeonError:
     """The error a producer gets when a host refused its message for ``queue``."""
     if reason is RefusalReason.FULL:
         return Backpressure(f"queue {queue!r} on its host", 0)
+    if reason is RefusalReason.FORBIDDEN:
+        return Forbidden("send", queue)
     if reason is RefusalReason.STORE_FAILED:
         return StoreError(f"the host could not store a message for {queue!r}: {detail}")
     return DeliveryError(f"host refused a message for queue {queue!r}: {reason.value}: {detail}")
@@ -118,6 +130,8 @@ def reply_error(service: str, kind: ReplyErrorKind, error: str) -> PigeonError:
         return NoResponders(service)
     if kind is ReplyErrorKind.TIMEOUT:
         return PigeonTimeout(error)
+    if kind is ReplyErrorKind.FORBIDDEN:
+        return Forbidden("call", service)
     return Rejected(service, error)
 
 
@@ -127,4 +141,6 @@ def reply_kind(error: PigeonError) -> ReplyErrorKind:
         return ReplyErrorKind.NO_RESPONDERS
     if isinstance(error, PigeonTimeout):
         return ReplyErrorKind.TIMEOUT
+    if isinstance(error, Forbidden):
+        return ReplyErrorKind.FORBIDDEN
     return ReplyErrorKind.REJECTED

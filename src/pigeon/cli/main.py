@@ -8,7 +8,7 @@ from importlib import metadata
 
 from .._extras import DISTRIBUTION, install_hint
 from ..errors import PigeonError
-from . import demo, node
+from . import demo, keys, node
 
 
 def version() -> str:
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command")
     demo.add_parser(subparsers)
     node.add_parsers(subparsers)
+    keys.add_parser(subparsers)
     subparsers.add_parser("bench", help="benchmark pigeon beside pyzmq, NATS and RabbitMQ")
     args = parser.parse_args(argv)
     if args.version:

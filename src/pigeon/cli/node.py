@@ -33,12 +33,24 @@ def add_parsers(subparsers: Any) -> None:
         "may lose the last confirms on power loss",
     )
     node.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    node.add_argument(
+        "--key", metavar="PATH.key_secret", help="this node's secret key (or PIGEON_KEY)"
+    )
+    node.add_argument(
+        "--allow", metavar="ACL.toml", help="the client keys let in and what each may do"
+    )
+    node.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve an address other machines reach without keys",
+    )
     node.set_defaults(func=run_node)
 
     queues = subparsers.add_parser("queues", help="show the queues a node hosts")
     queues.add_argument("url", help="the node's address, e.g. tcp://127.0.0.1:5555")
     queues.add_argument("--json", action="store_true", help="print the raw JSON")
     queues.add_argument("--timeout", type=float, default=3.0)
+    _add_key_options(queues)
     queues.set_defaults(func=run_queues)
 
     dead = subparsers.add_parser("dead", help="list a queue's dead letters on a node")
@@ -47,6 +59,7 @@ def add_parsers(subparsers: Any) -> None:
     dead.add_argument("--limit", type=int, default=20)
     dead.add_argument("--json", action="store_true", help="print the raw JSON")
     dead.add_argument("--timeout", type=float, default=3.0)
+    _add_key_options(dead)
     dead.set_defaults(func=run_dead)
 
     replay = subparsers.add_parser("replay", help="move a queue's dead letters back into it")
@@ -54,11 +67,38 @@ def add_parsers(subparsers: Any) -> None:
     replay.add_argument("queue")
     replay.add_argument("--limit", type=int, default=None)
     replay.add_argument("--timeout", type=float, default=3.0)
+    _add_key_options(replay)
     replay.set_defaults(func=run_replay)
+
+
+def _add_key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key", metavar="PATH.key_secret", help="this client's secret key (or PIGEON_KEY)"
+    )
+    parser.add_argument(
+        "--server-key",
+        metavar="NODE.key",
+        help="the node's public key (or PIGEON_SERVER_KEY)",
+    )
+
+
+def _key_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.key:
+        options["key"] = args.key
+    if args.server_key:
+        options["server_key"] = args.server_key
+    return options
 
 
 def run_node(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"heartbeat": args.heartbeat}
+    if args.key:
+        options["key"] = args.key
+    if args.allow:
+        options["allow"] = args.allow
+    if args.insecure:
+        options["insecure"] = True
     if args.store:
         options.update(store=args.store, synchronous=args.synchronous)
 
@@ -68,6 +108,8 @@ def run_node(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with pigeon.connect(bind=args.bind, **options) as node:
+            if args.allow:
+                loop.add_signal_handler(signal.SIGHUP, _reload, node)
             stats = node.stats()
             where = ", ".join(stats["bound"])
             kept = (
@@ -75,7 +117,8 @@ def run_node(args: argparse.Namespace) -> int:
                 if args.store
                 else "in memory"
             )
-            print(f"pigeon node: serving {where}; queues {kept}", flush=True)
+            keys = f"; keys on, ACL {args.allow}" if args.allow else ""
+            print(f"pigeon node: serving {where}; queues {kept}{keys}", flush=True)
             await stop.wait()
             print("pigeon node: stopping (committing what is pending)", flush=True)
         print("pigeon node: stopped", flush=True)
@@ -84,18 +127,30 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask(url: str, service: str, payload: Any, timeout: float) -> Any:
+def _reload(node: pigeon.Connection) -> None:
+    """SIGHUP: read the ACL file again; a bad file keeps the old one."""
+    try:
+        stopped = node.reload_acl()
+    except pigeon.PigeonError as exc:
+        print(f"pigeon node: ACL not reloaded, the old one stays: {exc}", flush=True)
+        return
+    print(f"pigeon node: ACL reloaded ({stopped} consumer(s) lost their grant)", flush=True)
+
+
+def _ask(args: argparse.Namespace, service: str, payload: Any) -> Any:
+    url, timeout = args.url, args.timeout
+
     async def main() -> Any:
         # The node is expected to be there: wait for its handshake as long
         # as the whole timeout, not just the default grace.
-        async with pigeon.connect(url, connect_grace=timeout) as conn:
+        async with pigeon.connect(url, connect_grace=timeout, **_key_options(args)) as conn:
             return (await conn.request(service, payload, timeout=timeout)).decode()
 
     return asyncio.run(main())
 
 
 def run_queues(args: argparse.Namespace) -> int:
-    info: dict[str, Any] = _ask(args.url, INFO_SERVICE, b"", args.timeout)
+    info: dict[str, Any] = _ask(args, INFO_SERVICE, b"")
     if args.json:
         print(json.dumps(info))
         return 0
@@ -116,7 +171,7 @@ def run_queues(args: argparse.Namespace) -> int:
 
 
 def run_dead(args: argparse.Namespace) -> int:
-    letters = _ask(args.url, DEAD_SERVICE, {"queue": args.queue, "limit": args.limit}, args.timeout)
+    letters = _ask(args, DEAD_SERVICE, {"queue": args.queue, "limit": args.limit})
     if args.json:
         print(json.dumps(letters))
         return 0
@@ -128,8 +183,6 @@ def run_dead(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    answer = _ask(
-        args.url, REPLAY_SERVICE, {"queue": args.queue, "limit": args.limit}, args.timeout
-    )
+    answer = _ask(args, REPLAY_SERVICE, {"queue": args.queue, "limit": args.limit})
     print(f"replayed {answer['replayed']} dead letter(s) into {args.queue!r}")
     return 0

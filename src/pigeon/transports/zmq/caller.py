@@ -15,7 +15,7 @@ from typing import Any
 from ..._core.frames import Reply, Request
 from ..._core.policy import ReplyErrorKind, reply_error
 from ..._core.rpc import Correlator
-from ...errors import NoResponders, Timeout
+from ...errors import AuthenticationError, NoResponders, PigeonError, Timeout
 from ...message import Message
 from ..local import LocalServices
 from .config import Waiters
@@ -62,7 +62,7 @@ class Caller:
                     candidates = self._candidates(service)
                 server = self.correlator.choose(call, candidates, time.monotonic())
                 if server is None:
-                    raise NoResponders(service)
+                    raise self._nobody(service)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -82,6 +82,13 @@ class Caller:
             self._attempts.pop(rid, None)
             self.correlator.discard(rid)
         raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+
+    def _nobody(self, service: str) -> PigeonError:
+        # A node that refused our key is not "no responders": say why.
+        refused = [link.auth_error for link in self.links if link.auth_error is not None]
+        if refused and not any(link.up for link in self.links):
+            return AuthenticationError(str(refused[0]), address=refused[0].address)
+        return NoResponders(service)
 
     def _arm_sweep(self) -> None:
         if self._sweeper is None:

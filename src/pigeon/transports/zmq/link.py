@@ -18,11 +18,12 @@ import zmq
 from ..._core import frames
 from ..._core.frames import Consume, Hello, Reply, Send, Settle
 from ..._core.policy import RefusalReason, refusal_error
-from ...errors import Backpressure, RemoteProtocolError, TransportError
+from ...errors import AuthenticationError, Backpressure, PigeonError, RemoteProtocolError
 from ...message import Message
 from .config import NodeConfig, Waiters
 from .monitor import ConnectionMonitor
 from .pump import Pump
+from .security import CurveClient, handshake_error
 from .settler import LinkSettler
 
 
@@ -40,6 +41,9 @@ class LinkEvents(Protocol):
 
     def went_down(self, link: Link) -> None:
         """The connection dropped or the remote stopped answering."""
+
+    def verdict(self, link: Link, verb: str, name: str, allowed: bool) -> None:
+        """The remote's answer to a Consume, or word that a grant is gone."""
 
 
 class DurableSink(Protocol):
@@ -65,6 +69,7 @@ class Link:
         events: LinkEvents,
         progress: Waiters,
         heard: Waiters,
+        curve: CurveClient | None = None,
     ):
         self.config = config
         self.address = address
@@ -73,6 +78,9 @@ class Link:
         self._progress = progress  # woken when the outbox shrinks
         self._heard = heard  # woken when the remote says Hello
         self.durable: DurableSink | None = None
+        self._with_keys = curve is not None
+        self.auth_error: AuthenticationError | None = None  # the last handshake failed
+        self.auth_failures = 0
         self.created_at = time.monotonic()
         self.remote: Hello | None = None
         self.remote_session = ""
@@ -93,12 +101,17 @@ class Link:
         # connection, ahead of older ones we resend: order would break.
         sock.setsockopt(zmq.IMMEDIATE, 1)
         config.tune(sock)
+        if curve is not None:
+            curve.apply(sock)
         sock.connect(address)
         self.pump = Pump(
             sock, self._on_frame, router=False, max_batch_bytes=config.max_message_size
         )
         self._monitor = ConnectionMonitor(
-            sock, on_lost=lambda: self.mark_down("connection lost"), on_ready=self.send_hello
+            sock,
+            on_lost=lambda: self.mark_down("connection lost"),
+            on_ready=self._handshake_done,
+            on_refused=self._handshake_refused,
         )
         self.settler = LinkSettler(self, "")
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -110,7 +123,7 @@ class Link:
     def pending_handshake(self) -> bool:
         """Never heard from yet, and young enough to still be expected."""
         young = time.monotonic() - self.created_at < self.config.connect_grace
-        return self.remote is None and young
+        return self.remote is None and young and self.auth_error is None
 
     def offers(self, service: str) -> bool:
         return self.up and self.remote is not None and service in self.remote.services
@@ -118,6 +131,20 @@ class Link:
     @property
     def hosts_queues(self) -> bool:
         return self.up and self.remote is not None and self.remote.hosts_queues
+
+    def _handshake_done(self) -> None:
+        self.auth_error = None
+        self.send_hello()
+
+    def _handshake_refused(self, event: int) -> None:
+        # libzmq retries by itself; until a handshake succeeds, sends and
+        # calls through this link fail at once with the reason.
+        error = handshake_error(self.address, event, with_keys=self._with_keys)
+        self.auth_failures += 1
+        self.auth_error = error
+        self.fail_unconfirmed(lambda _queue: AuthenticationError(str(error), address=self.address))
+        self._heard.wake()
+        self.mark_down(str(error))
 
     def _say_hello_until_heard(self, delay: float) -> None:
         # With IMMEDIATE a Hello is dropped until the connection's pipe is
@@ -171,6 +198,8 @@ class Link:
         return self.pump.send(frames.encode(frame))
 
     def enqueue(self, queue: str, message: Message, future: asyncio.Future[None]) -> None:
+        if self.auth_error is not None:
+            raise AuthenticationError(str(self.auth_error), address=self.address)
         limit = self.config.outbox_limit
         if len(self.outbox) >= limit and self.durable is None:
             # (A durable outbox checks its limit when it accepts a send.)
@@ -229,6 +258,8 @@ class Link:
                 self._refused(refusals)
             case frames.Reply():
                 self._events.replied(frame)
+            case frames.Verdict(verb, name, allowed):
+                self._events.verdict(self, verb, name, allowed)
             case frames.Hello():
                 self.heard(frame)
             case frames.Error(reason):
@@ -278,19 +309,16 @@ class Link:
                 return True
         return False
 
-    def fail_unconfirmed(self, why: str) -> int:
-        """Fail every send still waiting for a confirm; returns how many."""
+    def fail_unconfirmed(self, error: Callable[[str], PigeonError]) -> int:
+        """Fail every send still waiting for a confirm with ``error(queue)``;
+        returns how many."""
         failed = 0
         for queue, _message, future in self.outbox.values():
             failed += 1
             if not future.done():
-                future.set_exception(
-                    TransportError(
-                        f"{why} before {self.address} confirmed a send to {queue!r}",
-                        address=self.address,
-                    )
-                )
+                future.set_exception(error(queue))
         self.outbox.clear()
+        self._progress.wake()
         return failed
 
     def close(self) -> None:

@@ -13,10 +13,17 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+FAILED_HANDSHAKES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
 
 class ConnectionMonitor:
-    """Calls ``on_lost()`` when the connection drops and ``on_ready()`` when
-    a handshake succeeds."""
+    """Calls ``on_lost()`` when the connection drops, ``on_ready()`` when a
+    handshake succeeds and ``on_refused(event)`` when one fails (a key was
+    refused, or the two ends do not agree on keys)."""
 
     def __init__(
         self,
@@ -24,13 +31,15 @@ class ConnectionMonitor:
         *,
         on_lost: Callable[[], None],
         on_ready: Callable[[], None],
+        on_refused: Callable[[int], None],
     ) -> None:
         self._sock = sock
         self._on_lost = on_lost
         self._on_ready = on_ready
+        self._on_refused = on_refused
         self._loop = asyncio.get_running_loop()
         self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | FAILED_HANDSHAKES
         )
         self._fd = int(self._monitor.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._read)
@@ -48,6 +57,8 @@ class ConnectionMonitor:
                     self._on_lost()
                 elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._on_ready()
+                elif event["event"] & FAILED_HANDSHAKES:
+                    self._on_refused(int(event["event"]))
         except zmq.Again:
             pass
 

@@ -11,34 +11,26 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from ..._core import frames
 from ..._core.frames import Consume, Hello, Reply
 from ...errors import ClosedError, ConfigurationError, NotStartedError, Timeout, TransportError
 from ...message import Message, new_id
-from ..base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, Subscription
+from ...security.acl_file import load_acl
+from ..base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
 from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
-from . import admin
+from . import admin, security
 from .caller import Caller
 from .config import NodeConfig, Waiters, shared_context
+from .consumers import RemoteConsumers
 from .link import Link
 from .outbox import DurableOutbox
 from .router import RouterSide
 from .sender import Sender
-
-
-class _RemoteSubscription:
-    def __init__(self, cancel: Callable[[str], None], queue: str) -> None:
-        self._cancel = cancel
-        self.queue = queue
-
-    async def cancel(self) -> None:
-        self._cancel(self.queue)
+from .zap import Domain, ZapHandler
 
 
 class ZmqTransport:
@@ -55,18 +47,19 @@ class ZmqTransport:
         connect_grace: how long a request waits for a new link's handshake
             before deciding that nobody offers the service.
         store: path of a SQLite file: the queues this node hosts become
-            durable (a send is confirmed once it is on disk; messages survive
-            a crash and come back marked redelivered). Needs ``bind``.
+            durable. Needs ``bind``.
         outbox: path of a SQLite file that makes this producer's outbox
-            durable: a send is confirmed once it is on disk here, and is
-            delivered (resent after a restart of this process, retried while
-            the host is away or full) until the host has stored it.
+            durable (see docs/durability.md).
         attempt_timeout: seconds after which a call whose server has not
-            answered is also sent to another server, with the same request id
-            (the first reply wins). None: only when the server is lost.
-        synchronous: ``"full"`` (default: every confirm is fsynced) or
-            ``"normal"`` (survives a process crash, may lose the last
-            confirms on power loss).
+            answered is also sent to another server, with the same request id.
+        synchronous: ``"full"`` (default: every confirm is fsynced) or ``"normal"``.
+        key: this node's ``.key_secret`` file (or ``PIGEON_KEY``): CURVE on
+            every tcp and ipc link.
+        server_key: the public key (``.key`` file or Z85 text) of the nodes
+            this one connects to (or ``PIGEON_SERVER_KEY``).
+        allow: an ACL file: the client keys a binding node lets in, and what
+            each may do (see docs/security.md).
+        insecure: let a node bind an address other machines reach without keys.
     """
 
     def __init__(
@@ -85,6 +78,10 @@ class ZmqTransport:
         synchronous: str = "full",
         attempt_timeout: float | None = None,
         outbox: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
+        allow: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         if outbox is not None and bind:
             raise ConfigurationError(
@@ -97,13 +94,13 @@ class ZmqTransport:
             )
         if synchronous not in ("full", "normal"):
             raise ConfigurationError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
-        self.url = " ".join([*connect, *(f"bind:{b}" for b in bind)])
-        self.connect_addresses = list(connect)
-        self.bind_addresses = list(bind)
         if attempt_timeout is not None and not attempt_timeout > 0:
             raise ConfigurationError(
                 f"attempt_timeout must be > 0 seconds, not {attempt_timeout!r}"
             )
+        self.url = " ".join([*connect, *(f"bind:{b}" for b in bind)])
+        self.connect_addresses = list(connect)
+        self.bind_addresses = list(bind)
         self.config = NodeConfig(
             node_id=f"{os.getpid()}-{new_id()}",
             heartbeat=heartbeat,
@@ -112,8 +109,16 @@ class ZmqTransport:
             outbox_limit=outbox_limit,
             connect_grace=connect_grace,
         )
+        self.security = security.resolve(
+            connect,
+            bind,
+            node_id=self.config.node_id,
+            key=key,
+            server_key=server_key,
+            allow=allow,
+            insecure=insecure,
+        )
         self.session = new_id()
-        self.attempt_timeout = attempt_timeout
         self.outbox_path = os.fspath(outbox) if outbox is not None else None
         self.store_path = os.fspath(store) if store is not None else None
         self.synchronous = synchronous
@@ -128,10 +133,11 @@ class ZmqTransport:
         self.caller = Caller(
             self.links, self.services, attempt_timeout=attempt_timeout, heard=self._heard
         )
+        self.consumers = RemoteConsumers(self.links, verdict_timeout=heartbeat * heartbeat_misses)
         self.last_remote_error = ""
         self.router: RouterSide | None = None
+        self.zap: Domain | None = None
         self.bound: list[str] = []
-        self._sinks: dict[str, DeliverySink] = {}
         self._local_subs: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -150,6 +156,14 @@ class ZmqTransport:
     # -- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the store, bind and connect.
+
+        Raises:
+            TransportError: an address cannot be bound or connected.
+            AuthenticationError: every node this one connects to refused its
+                key at the handshake (keys only).
+            StoreError: the store cannot be opened.
+        """
         if self.store_path is not None:
             from ...store import SqliteStore
 
@@ -163,17 +177,7 @@ class ZmqTransport:
             self.restored = await asyncio.to_thread(self.host.restore)
         context = shared_context()
         if self.bind_addresses:
-            self.router = RouterSide(
-                self.config, context, hello=self.hello, host=self.host, services=self.services
-            )
-            for address in self.bind_addresses:
-                try:
-                    self.bound.append(self.router.bind(address))
-                except zmq.ZMQError as exc:
-                    await self.close()  # releases the store (and its lock) too
-                    raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
-            self.router.start()
-            admin.register(self.services, self.host, self.stats)
+            await self._bind(context)
         for address in self.connect_addresses:
             try:
                 link = Link(
@@ -184,6 +188,7 @@ class ZmqTransport:
                     events=self,
                     progress=self._progress,
                     heard=self._heard,
+                    curve=self.security.client,
                 )
             except zmq.ZMQError as exc:
                 await self.close()
@@ -204,6 +209,62 @@ class ZmqTransport:
                 link.durable = outbox
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._beat())
         self._started = True
+        if self.security.client is not None and self.links:
+            await self._first_handshakes()
+
+    async def _bind(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        curve = self.security.server
+        if curve is not None:
+            acl = self.security.acl
+            assert acl is not None
+            self.zap = ZapHandler.of(context).register(curve.domain, acl.knows)
+        self.router = RouterSide(
+            self.config,
+            context,
+            hello=self.hello,
+            host=self.host,
+            services=self.services,
+            curve=curve,
+            acl=self.security.acl,
+        )
+        for address in self.bind_addresses:
+            try:
+                self.bound.append(self.router.bind(address))
+            except zmq.ZMQError as exc:
+                await self.close()  # releases the store (and its lock) too
+                raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
+        self.router.start()
+        admin.register(self.services, self.host, self.stats)
+
+    async def _first_handshakes(self) -> None:
+        # With keys, a refused key is the likeliest first mistake: say so at
+        # once rather than at the first send. A node that is not up yet is
+        # not waited for beyond connect_grace.
+        def settled() -> bool:
+            return all(link.up or link.auth_error is not None for link in self.links)
+
+        await self._heard.wait_until(settled, time.monotonic() + self.config.connect_grace)
+        errors = [link.auth_error for link in self.links]
+        if all(error is not None for error in errors):
+            await self.close()
+            assert errors[0] is not None
+            raise errors[0]
+
+    def reload_acl(self) -> int:
+        """Read the ACL file again (e.g. on SIGHUP) without dropping links.
+
+        Returns how many consumers lost their grant (their leases went back).
+
+        Raises:
+            AclError: the new file is malformed; the old ACL stays in force.
+        """
+        path, router, zap = self.security.allow_path, self.router, self.zap
+        if path is None or router is None or zap is None:
+            raise ConfigurationError("this node has no ACL file to reload (allow= was not given)")
+        acl = load_acl(path)
+        self.security.acl = acl
+        zap.allows = acl.knows
+        return router.reload(acl)
 
     async def _beat(self) -> None:
         heartbeat, misses = self.config.heartbeat, self.config.heartbeat_misses
@@ -260,30 +321,16 @@ class ZmqTransport:
             self._local_subs.append(sub)
             if not self.links:
                 return sub
-        self._sinks[queue] = sink
         consume = Consume(queue, options.prefetch, options.lease_ttl, options.max_attempts)
-        for link in self.links:
-            link.consumers[queue] = consume
-            link.send_frame(consume)
-        return _RemoteSubscription(self.cancel_remote, queue)
-
-    def cancel_remote(self, queue: str) -> None:
-        self._sinks.pop(queue, None)
-        for link in self.links:
-            if link.consumers.pop(queue, None) is not None:
-                link.send_frame(frames.Cancel(queue))
+        return await self.consumers.consume(queue, sink, consume)
 
     # -- what links tell the node (link.LinkEvents) ------------------------
 
     def delivered(self, link: Link, queue: str, messages: list[Message]) -> None:
-        sink = self._sinks.get(queue)
-        if sink is None:
-            # Cancelled meanwhile: hand them straight back.
-            settle = link.pending_settle(queue)
-            settle.nacks.extend((m.id, 0.0, "") for m in messages)
-            return
-        settler = link.settler
-        sink([Delivery(queue, m, settler) for m in messages])
+        self.consumers.delivered(link, queue, messages)
+
+    def verdict(self, link: Link, verb: str, name: str, allowed: bool) -> None:
+        self.consumers.verdict(link, verb, name, allowed)
 
     def replied(self, reply: Reply) -> None:
         self.caller.on_reply(reply)
@@ -293,6 +340,7 @@ class ZmqTransport:
 
     def went_down(self, link: Link) -> None:
         self.caller.server_lost(link)
+        self.consumers.link_changed()
 
     # -- request-reply ---------------------------------------------------
 
@@ -337,8 +385,7 @@ class ZmqTransport:
         if self.sender.outbox is not None:
             await self.sender.outbox.close(timeout)
         self.sender.settle_at_close()
-        for queue in list(self._sinks):
-            self.cancel_remote(queue)
+        self.consumers.cancel_all()
         for link in self.links:
             link.flush()
         for sub in self._local_subs:
@@ -352,32 +399,45 @@ class ZmqTransport:
             link.close()
         if self.router is not None:
             self.router.close()
+        if self.security.server is not None:
+            ZapHandler.of(shared_context()).unregister(self.security.server.domain)
         await self.sender.aclose(timeout)
         await self.host.aclose(timeout)
 
     def stats(self) -> dict[str, Any]:
-        router = self.router
-        sender = self.sender
-        return {
-            "sent": sender.sent,
-            "unconfirmed": sum(len(link.outbox) for link in self.links),
-            "unconfirmed_at_close": sender.unconfirmed_at_close,
-            "withdrawn": sender.withdrawn,
-            "request_retries": self.caller.correlator.retries,
-            "late_replies": self.caller.correlator.late_replies,
-            "last_remote_error": self.last_remote_error,
-            "stale_settles": sum(link.stale_settles for link in self.links),
-            "protocol_errors": sum(link.protocol_errors for link in self.links)
-            + (router.protocol_errors if router else 0),
-            "malformed_frames": sum(link.pump.malformed for link in self.links)
-            + (router.pump.malformed if router and router.pump else 0),
-            "peers_lost": router.peers_lost if router else 0,
-            "reply_cache_hits": router.replies.hits if router else 0,
-            "links": {link.address: {"up": link.up} for link in self.links},
-            "bound": list(self.bound),
-            "durable": self.store_path is not None,
-            "restored": self.restored,
-            "store_errors": self.host.store_errors,
-            "outbox": sender.outbox.stats() if sender.outbox is not None else None,
-            "queues": self.host.stats(),
-        }
+        return node_stats(self)
+
+
+def node_stats(node: ZmqTransport) -> dict[str, Any]:
+    """Everything a node counts (``pigeon.info`` serves this)."""
+    router, sender, links = node.router, node.sender, node.links
+    guard = router.guard if router is not None else None
+    return {
+        "sent": sender.sent,
+        "unconfirmed": sum(len(link.outbox) for link in links),
+        "unconfirmed_at_close": sender.unconfirmed_at_close,
+        "withdrawn": sender.withdrawn,
+        "request_retries": node.caller.correlator.retries,
+        "late_replies": node.caller.correlator.late_replies,
+        "last_remote_error": node.last_remote_error,
+        "stale_settles": sum(link.stale_settles for link in links),
+        "protocol_errors": sum(link.protocol_errors for link in links)
+        + (router.protocol_errors if router else 0),
+        "malformed_frames": sum(link.pump.malformed for link in links)
+        + (router.pump.malformed if router and router.pump else 0),
+        "peers_lost": router.peers_lost if router else 0,
+        "reply_cache_hits": router.responder.replies.hits if router else 0,
+        "links": {link.address: {"up": link.up} for link in links},
+        "bound": list(node.bound),
+        "secure": node.security.server is not None or node.security.client is not None,
+        "auth_failures": (node.zap.refused if node.zap else 0)
+        + sum(link.auth_failures for link in links),
+        "forbidden": (guard.forbidden if guard else 0) + node.consumers.forbidden,
+        "last_forbidden": guard.last_forbidden if guard else node.consumers.last_forbidden,
+        "identity_conflicts": guard.identity_conflicts if guard else 0,
+        "durable": node.store_path is not None,
+        "restored": node.restored,
+        "store_errors": node.host.store_errors,
+        "outbox": sender.outbox.stats() if sender.outbox is not None else None,
+        "queues": node.host.stats(),
+    }

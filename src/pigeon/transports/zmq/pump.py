@@ -22,6 +22,9 @@ _SNDMORE = zmq.SNDMORE
 _BUDGET = 4096
 
 FrameHandler = Callable[[bytes | None, bytes], None]
+# For a CURVE server: (routing id, frame, the sender's key as its ZAP handler
+# accepted it).
+UserFrameHandler = Callable[[bytes, bytes, str], None]
 
 
 class Pump:
@@ -40,6 +43,7 @@ class Pump:
         router: bool,
         max_batch_bytes: int = 1 << 20,
         on_unroutable: Callable[[bytes], None] | None = None,
+        on_user_frame: UserFrameHandler | None = None,
     ) -> None:
         self.sock = sock
         self.max_batch_bytes = max_batch_bytes
@@ -51,6 +55,7 @@ class Pump:
         self._burst_scheduled = False
         self.batches_sent = 0
         self.on_frame = on_frame
+        self.on_user_frame = on_user_frame
         self.router = router
         self.malformed = 0
         self.send_failures = 0
@@ -69,6 +74,9 @@ class Pump:
     def _drain(self) -> None:
         self._drain_scheduled = False
         if self._closed:
+            return
+        if self.on_user_frame is not None:
+            self._drain_with_users(self.on_user_frame)
             return
         sock = self.sock
         recv = sock.recv
@@ -90,6 +98,27 @@ class Pump:
                     return
             else:
                 # Budget spent with frames left: continue on the next iteration.
+                self._schedule_drain()
+        except zmq.Again:
+            pass
+
+    def _drain_with_users(self, on_user_frame: UserFrameHandler) -> None:
+        # libzmq attaches the ZAP user id to every message of an
+        # authenticated connection; reading it needs the frame object, so
+        # this path does not take the copying fast path above.
+        sock = self.sock
+        try:
+            for _ in range(_BUDGET):
+                head = sock.recv(_NOBLOCK, copy=False)
+                data = sock.recv(_NOBLOCK)
+                if sock.rcvmore:
+                    self._discard_rest()
+                    continue
+                user = head.get("User-Id")
+                on_user_frame(head.bytes, data, user if isinstance(user, str) else "")
+                if self._closed:
+                    return
+            else:
                 self._schedule_drain()
         except zmq.Again:
             pass

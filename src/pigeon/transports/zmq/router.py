@@ -14,30 +14,25 @@ from collections.abc import Callable, Hashable
 import zmq
 
 from ..._core import frames
+from ..._core.acl import Acl, Verb
 from ..._core.liveness import Liveness
-from ..._core.policy import RefusalReason, ReplyErrorKind, reply_kind
-from ..._core.rpc import CacheState, ReplyCache
-from ...errors import (
-    DeliveryError,
-    ProtocolError,
-    Rejected,
-    RemoteProtocolError,
-    StoreError,
-    Timeout,
-)
+from ..._core.policy import RefusalReason, ReplyErrorKind
+from ...errors import ProtocolError, RemoteProtocolError, StoreError
 from ...message import Message
 from ..host import QueueHost
 from ..local import LocalServices
 from .config import NodeConfig
 from .pump import Pump
+from .responder import Responder
+from .security import CurveServer, Guard, service_verb
 
-_SWEEP = 0.01  # seconds between checks of running requests' deadlines
 Refusal = tuple[str, RefusalReason, str]
 
 
 class RouterSide:
     """Answers peers on a node's bind addresses, for its ``host`` of queues
-    and its ``services``."""
+    and its ``services``. With ``curve`` and ``acl``, every peer is known by
+    its key and every frame it sends is checked against the ACL."""
 
     def __init__(
         self,
@@ -47,24 +42,28 @@ class RouterSide:
         hello: Callable[[], frames.Hello],
         host: QueueHost,
         services: LocalServices,
+        curve: CurveServer | None = None,
+        acl: Acl | None = None,
     ) -> None:
         self.config = config
         self._hello = hello
         self.host = host
-        self.services = services
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A peer that reconnects with the same id takes over its old pipe.
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if curve is None:
+            # A peer that reconnects with the same id takes over its old pipe.
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        else:
+            # No handover between keys: a second connection under a live
+            # peer's id is turned away by libzmq and gets nothing it holds.
+            curve.apply(sock)
         config.tune(sock)
         self.sock = sock
+        self.guard = Guard(acl) if acl is not None else None
         self.liveness = Liveness(interval=config.heartbeat, misses=config.heartbeat_misses)
-        self.replies = ReplyCache()
-        self._running: dict[str, list[bytes]] = {}
+        self.responder = Responder(services, self._send)
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
         self._background: set[asyncio.Future[None]] = set()
-        self._deadlines: dict[asyncio.Task[None], float] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
         self.protocol_errors = 0
         self.peers_lost = 0
         self.pump: Pump | None = None
@@ -81,11 +80,19 @@ class RouterSide:
             router=True,
             max_batch_bytes=self.config.max_message_size,
             on_unroutable=self.peer_lost,
+            on_user_frame=self._on_user_frame if self.guard is not None else None,
         )
 
     # -- incoming --------------------------------------------------------
 
-    def _on_frame(self, identity: bytes | None, data: bytes) -> None:
+    def _on_user_frame(self, identity: bytes, data: bytes, user: str) -> None:
+        assert self.guard is not None
+        if not self.guard.claim(identity, user):
+            self._refuse_peer(identity, "this routing id belongs to another key")
+            return
+        self._on_frame(identity, data, user)
+
+    def _on_frame(self, identity: bytes | None, data: bytes, user: str = "") -> None:
         assert identity is not None
         try:
             received = frames.decode_all(data)
@@ -100,16 +107,25 @@ class RouterSide:
             self._send(identity, self._hello())
         for frame in received:
             try:
-                self._dispatch(identity, frame)
+                self._dispatch(identity, frame, user)
             except ProtocolError as exc:
                 # e.g. a Consume with a lease_ttl of NaN: the core refused it.
                 self._refuse_peer(identity, str(exc))
 
-    def _dispatch(self, identity: bytes, frame: frames.Frame) -> None:
+    def _dispatch(self, identity: bytes, frame: frames.Frame, user: str) -> None:
         host = self.host
+        guard = self.guard
         match frame:
             case frames.Send(queue, messages):
+                if guard is not None and not guard.allows(user, Verb.SEND, queue):
+                    denied = [(m.id, RefusalReason.FORBIDDEN, queue) for m in messages]
+                    self._send(identity, frames.Refuse(denied))
+                    return
                 self._on_send(identity, queue, messages)
+            case frames.Settle(queue) if guard is not None and not guard.allows(
+                user, Verb.CONSUME, queue
+            ):
+                self._send(identity, frames.Verdict(Verb.CONSUME.value, queue, False))
             case frames.Settle(queue, acks, nacks, rejects, extends):
                 host.settle(
                     queue,
@@ -122,12 +138,19 @@ class RouterSide:
             case frames.Hello():
                 self._send(identity, self._hello())
             case frames.Consume(queue, prefetch, lease_ttl, max_attempts):
-                self._on_consume(identity, queue, prefetch, lease_ttl, max_attempts)
+                allowed = guard is None or guard.allows(user, Verb.CONSUME, queue)
+                if allowed:
+                    self._on_consume(identity, queue, prefetch, lease_ttl, max_attempts)
+                self._send(identity, frames.Verdict(Verb.CONSUME.value, queue, allowed))
             case frames.Cancel(queue):
                 host.unsubscribe(queue, (identity, queue))
                 self._consumers.get(identity, set()).discard((identity, queue))
+            case frames.Request(rid, service) if guard is not None and not guard.allows(
+                user, service_verb(service), service
+            ):
+                self._send(identity, frames.Reply(rid, None, "", ReplyErrorKind.FORBIDDEN))
             case frames.Request():
-                self._on_request(identity, frame)
+                self.responder.on_request(identity, frame)
             case _:
                 self._refuse_peer(identity, f"unexpected frame {type(frame).__name__} from a peer")
 
@@ -212,47 +235,6 @@ class RouterSide:
         )
         self._consumers.setdefault(identity, set()).add(consumer)
 
-    def _on_request(self, identity: bytes, request: frames.Request) -> None:
-        rid = request.request_id
-        state, cached = self.replies.begin(rid, time.monotonic())
-        if state is CacheState.DONE:
-            self._send(identity, cached)  # type: ignore[arg-type]
-            return
-        waiting = self._running.setdefault(rid, [])
-        waiting.append(identity)
-        if state is CacheState.NEW:
-            task = asyncio.get_running_loop().create_task(self._run_request(request))
-            # One sweep timer cuts handlers at their deadlines: cheaper than a
-            # timeout scope per request.
-            self._deadlines[task] = time.monotonic() + max(0.0, request.timeout)
-            task.add_done_callback(self._deadlines.pop)
-            if self._sweeper is None:
-                self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = time.monotonic()
-        for task, deadline in list(self._deadlines.items()):
-            if now >= deadline:
-                task.cancel()
-        if self._deadlines:
-            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
-
-    async def _run_request(self, request: frames.Request) -> None:
-        rid = request.request_id
-        try:
-            reply = await self.services.call(request.service, request.message, timeout=None)
-            answer = frames.Reply(rid, reply)
-        except asyncio.CancelledError:  # its deadline passed (see _sweep)
-            why = f"deadline of {request.timeout:.3f} s passed"
-            answer = frames.Reply(rid, None, why, ReplyErrorKind.TIMEOUT)
-        except (Timeout, DeliveryError) as exc:  # NoResponders, Rejected, Timeout
-            why = exc.reason if isinstance(exc, Rejected) else str(exc)
-            answer = frames.Reply(rid, None, why, reply_kind(exc))
-        self.replies.finish(rid, answer, time.monotonic())
-        for identity in self._running.pop(rid, []):
-            self._send(identity, answer)
-
     # -- outgoing and liveness -----------------------------------------------
 
     def _send(self, identity: bytes, frame: frames.Frame) -> None:
@@ -278,11 +260,31 @@ class RouterSide:
             consumer_key: Hashable = consumer
             self.host.consumer_lost(consumer_key)
         self.liveness.forget(identity)
+        if self.guard is not None:
+            self.guard.forget(identity)
+
+    def reload(self, acl: Acl) -> int:
+        """Check every peer against a new ACL from now on. A consumer whose
+        grant is gone stops getting deliveries (its leases go back to the
+        queue) and is told so; returns how many were stopped."""
+        guard = self.guard
+        if guard is None:
+            return 0
+        guard.acl = acl
+        stopped = 0
+        for identity, consumers in self._consumers.items():
+            user = guard.owners.get(identity, "")
+            for consumer in list(consumers):
+                queue = consumer[1]
+                if not acl.allows(user, Verb.CONSUME, queue):
+                    self.host.consumer_lost(consumer)
+                    consumers.discard(consumer)
+                    self._send(identity, frames.Verdict(Verb.CONSUME.value, queue, False))
+                    stopped += 1
+        return stopped
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self.responder.close()
         if self.pump is not None:
             self.pump.close()
         else:

@@ -15,8 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 
-from ...errors import Backpressure, MessageTooLarge, StoreError, Timeout
+from ...errors import (
+    Backpressure,
+    MessageTooLarge,
+    PigeonError,
+    StoreError,
+    Timeout,
+    TransportError,
+)
 from ...message import Message
 from ..host import QueueHost
 from .config import Waiters
@@ -199,11 +207,20 @@ class Sender:
                 self.kept_in_outbox += len(link.outbox)
                 link.outbox.clear()
             else:
-                self.unconfirmed_at_close += link.fail_unconfirmed("closed")
+                self.unconfirmed_at_close += link.fail_unconfirmed(_closed_before(link))
 
     async def aclose(self, timeout: float) -> None:
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
+
+
+def _closed_before(link: Link) -> Callable[[str], PigeonError]:
+    def error(queue: str) -> PigeonError:
+        return TransportError(
+            f"closed before {link.address} confirmed a send to {queue!r}", address=link.address
+        )
+
+    return error
 
 
 async def _gather(futures: list[asyncio.Future[None]]) -> None:

@@ -1,0 +1,1 @@
+"""Keys, permissions and the environment variables that carry them."""

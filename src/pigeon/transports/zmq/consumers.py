@@ -1,0 +1,103 @@
+"""Consuming queues that remote nodes host: registering with every link,
+handing deliveries to the worker's sink, and the hosts' verdicts.
+
+A host answers each Consume with a Verdict. ``consume`` waits for the
+verdicts of the links that are up (a host that is down answers when it
+comes back, and a refusal then is counted), so a key the host does not let
+consume a queue gets ``Forbidden`` from ``consume`` itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..._core import frames
+from ..._core.acl import Verb
+from ...errors import Forbidden
+from ...message import Message
+from ..base import Delivery, DeliverySink
+from .config import Waiters
+from .link import Link
+
+
+class RemoteSubscription:
+    def __init__(self, consumers: RemoteConsumers, queue: str) -> None:
+        self._consumers = consumers
+        self.queue = queue
+
+    async def cancel(self) -> None:
+        self._consumers.cancel(self.queue)
+
+
+class RemoteConsumers:
+    """This node's consumers of queues hosted elsewhere."""
+
+    def __init__(self, links: list[Link], *, verdict_timeout: float) -> None:
+        self.links = links  # the node's own list
+        self.verdict_timeout = verdict_timeout
+        self._sinks: dict[str, DeliverySink] = {}
+        self._verdicts: dict[tuple[Link, str], bool] = {}
+        self._changed = Waiters()
+        self.forbidden = 0
+        self.last_forbidden = ""
+
+    async def consume(
+        self, queue: str, sink: DeliverySink, consume: frames.Consume
+    ) -> RemoteSubscription:
+        """Register with every link; wait for the verdicts of those up.
+
+        Raises:
+            Forbidden: a host refused this node's key the queue.
+        """
+        self._sinks[queue] = sink
+        asking = [link for link in self.links if link.up]
+        for link in self.links:
+            self._verdicts.pop((link, queue), None)
+            link.consumers[queue] = consume
+            link.send_frame(consume)
+
+        def answered() -> bool:
+            return all((link, queue) in self._verdicts or not link.up for link in asking)
+
+        await self._changed.wait_until(answered, time.monotonic() + self.verdict_timeout)
+        refused = [link for link in asking if self._verdicts.get((link, queue)) is False]
+        if refused:
+            self.cancel(queue)
+            raise Forbidden(Verb.CONSUME.value, queue, address=refused[0].address)
+        return RemoteSubscription(self, queue)
+
+    def cancel(self, queue: str) -> None:
+        self._sinks.pop(queue, None)
+        for link in self.links:
+            if link.consumers.pop(queue, None) is not None:
+                link.send_frame(frames.Cancel(queue))
+
+    def cancel_all(self) -> None:
+        for queue in list(self._sinks):
+            self.cancel(queue)
+
+    def delivered(self, link: Link, queue: str, messages: list[Message]) -> None:
+        sink = self._sinks.get(queue)
+        if sink is None:
+            # Cancelled meanwhile: hand them straight back.
+            settle = link.pending_settle(queue)
+            settle.nacks.extend((m.id, 0.0, "") for m in messages)
+            return
+        settler = link.settler
+        sink([Delivery(queue, m, settler) for m in messages])
+
+    def link_changed(self) -> None:
+        """A link went down: a verdict it owed is not coming."""
+        self._changed.wake()
+
+    def verdict(self, link: Link, verb: str, name: str, allowed: bool) -> None:
+        if verb != Verb.CONSUME.value:
+            return
+        self._verdicts[(link, name)] = allowed
+        if not allowed:
+            # Refused now, or a grant taken away by a reload: the host has
+            # already put back what we held; stop asking it again.
+            self.forbidden += 1
+            self.last_forbidden = f"{link.address}: consume {name!r}"
+            link.consumers.pop(name, None)
+        self._changed.wake()

@@ -1,0 +1,77 @@
+"""The serving side of request-reply on a node: runs each request id once,
+answers repeats from the reply cache, and cuts handlers at their deadlines
+with one sweep timer for all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from ..._core import frames
+from ..._core.policy import ReplyErrorKind, reply_kind
+from ..._core.rpc import CacheState, ReplyCache
+from ...errors import DeliveryError, Rejected, Timeout
+from ..local import LocalServices
+
+_SWEEP = 0.01  # seconds between checks of running requests' deadlines
+Send = Callable[[bytes, frames.Frame], None]
+
+
+class Responder:
+    """Answers the Request frames a node's router receives."""
+
+    def __init__(self, services: LocalServices, send: Send) -> None:
+        self.services = services
+        self._send = send
+        self.replies = ReplyCache()
+        self._running: dict[str, list[bytes]] = {}
+        self._deadlines: dict[asyncio.Task[None], float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def on_request(self, identity: bytes, request: frames.Request) -> None:
+        rid = request.request_id
+        state, cached = self.replies.begin(rid, time.monotonic())
+        if state is CacheState.DONE:
+            assert isinstance(cached, frames.Reply)
+            self._send(identity, cached)
+            return
+        waiting = self._running.setdefault(rid, [])
+        waiting.append(identity)
+        if state is CacheState.NEW:
+            task = asyncio.get_running_loop().create_task(self._run(request))
+            # One sweep timer cuts handlers at their deadlines: cheaper than a
+            # timeout scope per request.
+            self._deadlines[task] = time.monotonic() + max(0.0, request.timeout)
+            task.add_done_callback(self._deadlines.pop)
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for task, deadline in list(self._deadlines.items()):
+            if now >= deadline:
+                task.cancel()
+        if self._deadlines:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+
+    async def _run(self, request: frames.Request) -> None:
+        rid = request.request_id
+        try:
+            reply = await self.services.call(request.service, request.message, timeout=None)
+            answer = frames.Reply(rid, reply)
+        except asyncio.CancelledError:  # its deadline passed (see _sweep)
+            why = f"deadline of {request.timeout:.3f} s passed"
+            answer = frames.Reply(rid, None, why, ReplyErrorKind.TIMEOUT)
+        except (Timeout, DeliveryError) as exc:  # NoResponders, Rejected, Timeout
+            why = exc.reason if isinstance(exc, Rejected) else str(exc)
+            answer = frames.Reply(rid, None, why, reply_kind(exc))
+        self.replies.finish(rid, answer, time.monotonic())
+        for identity in self._running.pop(rid, []):
+            self._send(identity, answer)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
