@@ -256,3 +256,22 @@ def test_every_confirmed_batch_survives_sigkill(tmp_path):
         # at most the batch in flight is extra, and never part of a batch
         assert len(stored) - len(confirmed) <= 50
         assert len(stored) in boundaries(seed, len(stored))
+
+
+def test_store_files_are_private(tmp_path) -> None:
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "private.db")
+        store = SqliteStore(path)
+        try:
+            store.apply([Put("q", msg("m1"))])
+            names = [path, path + "-wal", path + "-shm", path + ".lock"]
+            modes = {n: stat.S_IMODE(os.stat(n).st_mode) for n in names if os.path.exists(n)}
+            assert path + "-wal" in modes and path + ".lock" in modes
+            assert set(modes.values()) == {0o600}, modes
+        finally:
+            store.close()
+    finally:
+        os.umask(old)

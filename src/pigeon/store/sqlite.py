@@ -77,6 +77,16 @@ def _translate(path: str, doing: str) -> Iterator[None]:
         raise StoreError(f"store {path}: {doing} failed: {exc}", path=path) from exc
 
 
+def _create_private(path: str) -> None:
+    """Make ``path`` 0600 if it does not exist yet (an existing file keeps its mode)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot create store {path}: {exc.strerror}", path=path) from exc
+
+
 def _lock(path: str) -> int:
     """Take the exclusive lock on ``path + ".lock"`` and return its descriptor.
 
@@ -85,7 +95,7 @@ def _lock(path: str) -> int:
     """
     lock_path = path + ".lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise StoreError(
             f"cannot open store {path}: cannot create {lock_path}: {exc.strerror}", path=path
@@ -146,6 +156,9 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     """
     _check_length(path)
     with _translate(path, "open"):
+        # Message bodies are nobody else's business: a new store is made
+        # 0600, and SQLite gives its -wal and -shm files the same mode.
+        _create_private(path)
         # check_same_thread=False: the store's own lock serialises every use.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     ok = False
