@@ -69,6 +69,15 @@ def test_demo_chaos_loses_nothing() -> None:
     assert "chaos: restarted responder-lower" in out, summary["_report"]
 
 
+@pytest.mark.timeout(300)
+def test_demo_secure_makes_its_keys_and_loses_nothing() -> None:
+    code, _out, summary = run_demo(
+        "--processes", "--secure", "--chaos", "--seconds", "8", "--rate", "30", timeout=240
+    )
+    assert code == 0, summary["_report"]
+    assert_everyone_worked(summary)
+
+
 def is_word_line(line: str) -> bool:
     parts = line.split()
     return len(parts) == 2 and parts[0] in {"1", "2", "3"} and parts[1].isalpha()

@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter
 from typing import Any
 
+from ..security.keys import new_keys
 from . import demo_roles
 
 PROCESSORS = 3
@@ -97,6 +98,24 @@ class Tally:
         }
 
 
+def _make_keys(directory: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Keys for ``--secure``: one node key for the three nodes that bind, one
+    client key for the processors, and an ACL that lets the processors
+    consume the words and call ``case``, and nothing else."""
+    node = os.path.join(directory, "node")
+    client = os.path.join(directory, "processor")
+    new_keys(node)
+    new_keys(client)
+    acl = os.path.join(directory, "acl.toml")
+    with open(acl, "w", encoding="utf-8") as f:
+        f.write('[clients.processors]\nkey = "processor.key"\nconsume = ["words"]\n')
+        f.write('call = ["case"]\n')
+    return (
+        {"key": node + ".key_secret", "allow": acl},
+        {"key": client + ".key_secret", "server_key": node + ".key"},
+    )
+
+
 def _plan(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
     """Role name → (role, keyword arguments), with the addresses wired up."""
     plan: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -114,6 +133,12 @@ def _plan(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
             "fountain_url": fountain_url,
             "responder_urls": [w["bind"] for w in responder_where.values()],
         }
+    if args.secure:
+        node_keys, client_keys = _make_keys(args.store_dir)
+        fountain_where["keys"] = node_keys
+        processor_where["keys"] = client_keys
+        for where in responder_where.values():
+            where["keys"] = node_keys
     for case, where in responder_where.items():
         plan[f"responder-{case}"] = ("responder", {"case": case, **where})
     for n in range(1, PROCESSORS + 1):
@@ -286,6 +311,11 @@ def add_parser(subparsers: Any) -> None:
         "--url", default=None, help="run on a broker (nats://… or amqp://…) instead of brokerless"
     )
     parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="make keys and an ACL first, and run every link with CURVE (brokerless only)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -309,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
                 f"pigeon demo: --url takes {', '.join(s + '://' for s in allowed)} "
                 f"(brokerless is the default and needs no URL), not {args.url!r}"
             )
+    if args.secure and args.url:
+        raise SystemExit("pigeon demo: --secure is for the brokerless links; brokers use TLS")
     if args.durable and args.url:
         raise SystemExit(
             "pigeon demo: --durable is for the brokerless queue; a broker keeps its own"

@@ -44,11 +44,14 @@ async def fountain(
     url: str | None = None,
     halt: asyncio.Event | None = None,
     store: str | None = None,
+    keys: dict[str, str] | None = None,
 ) -> None:
     """Send random words at ``rate`` per second until ``seconds`` pass or
-    ``halt`` is set; keep hosting the queue until ``stop``."""
+    ``halt`` is set; keep hosting the queue until ``stop``. ``keys``: the
+    node's ``key`` and ``allow`` (``--secure``)."""
     halt = halt or asyncio.Event()
     options: dict[str, Any] = {"store": store} if store else {}
+    options.update(keys or {})
     async with _connect(url, bind, **options) as conn:
         if store:
             emit({"ev": "restored", "count": conn.stats()["restored"]})
@@ -83,9 +86,12 @@ async def processor(
     fountain_url: str | None = None,
     responder_urls: list[str] | None = None,
     url: str | None = None,
+    keys: dict[str, str] | None = None,
 ) -> None:
-    """Take each word from the queue, get it processed by ``case``, print it."""
-    async with pigeon.connect(url or [fountain_url or "", *(responder_urls or [])]) as conn:
+    """Take each word from the queue, get it processed by ``case``, print it.
+    ``keys``: this client's ``key`` and the nodes' ``server_key``."""
+    where = url or [fountain_url or "", *(responder_urls or [])]
+    async with pigeon.connect(where, **(keys or {})) as conn:
 
         async def process(delivery: pigeon.Delivery) -> None:
             word = delivery.message.text
@@ -109,11 +115,17 @@ async def processor(
 
 
 async def responder(
-    emit: Emit, stop: asyncio.Event, *, case: str, bind: str | None = None, url: str | None = None
+    emit: Emit,
+    stop: asyncio.Event,
+    *,
+    case: str,
+    bind: str | None = None,
+    url: str | None = None,
+    keys: dict[str, str] | None = None,
 ) -> None:
     """Answer ``case`` requests by changing the word's case."""
     change = CASES[case]
-    async with _connect(url, bind) as conn:
+    async with _connect(url, bind, **(keys or {})) as conn:
         await conn.serve("case", lambda message: {"word": change(message.text), "by": case})
         emit({"ev": "ready", "role": f"responder-{case}"})
         await stop.wait()

@@ -9,6 +9,7 @@ for the current loop iteration and flushed as one frame per queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -25,6 +26,9 @@ from .monitor import ConnectionMonitor
 from .pump import Pump
 from .security import CurveClient, handshake_error
 from .settler import LinkSettler
+
+
+log = logging.getLogger("pigeon")
 
 
 class LinkEvents(Protocol):
@@ -140,6 +144,8 @@ class Link:
         # libzmq retries by itself; until a handshake succeeds, sends and
         # calls through this link fail at once with the reason.
         error = handshake_error(self.address, event, with_keys=self._with_keys)
+        if self.auth_error is None:  # once per failing spell, not per retry
+            log.warning("%s", error)
         self.auth_failures += 1
         self.auth_error = error
         self.fail_unconfirmed(lambda _queue: AuthenticationError(str(error), address=self.address))
