@@ -27,7 +27,6 @@ from .pump import Pump
 from .security import CurveClient, handshake_error
 from .settler import LinkSettler
 
-
 log = logging.getLogger("pigeon")
 
 
