@@ -1,4 +1,5 @@
-"""Every Python example in the README, docs/durability.md and docs/transports.md runs."""
+"""Every Python example in the README and in docs/durability.md, transports.md and
+security.md runs."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def test_readme_python_examples_run() -> None:
         assert done.stdout.strip(), f"the example should print something\n{report}"
 
 
-DOCS = [README.parent / "docs" / "durability.md", README.parent / "docs" / "transports.md"]
+DOCS = [
+    README.parent / "docs" / "durability.md",
+    README.parent / "docs" / "transports.md",
+    README.parent / "docs" / "security.md",
+]
 
 
 @pytest.mark.timeout(300)
