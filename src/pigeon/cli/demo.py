@@ -13,22 +13,16 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 from collections import Counter
 from typing import Any
 
+from .._ports import quiet_port
 from ..security.keys import new_keys
 from . import demo_roles
 
 PROCESSORS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Tally:
@@ -124,9 +118,9 @@ def _plan(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
         processor_where: dict[str, Any] = {"url": args.url}
         responder_where = {case: {"url": args.url} for case in demo_roles.CASES}
     else:
-        fountain_url = f"tcp://127.0.0.1:{free_port()}"
+        fountain_url = f"tcp://127.0.0.1:{quiet_port()}"
         responder_where = {
-            case: {"bind": f"tcp://127.0.0.1:{free_port()}"} for case in demo_roles.CASES
+            case: {"bind": f"tcp://127.0.0.1:{quiet_port()}"} for case in demo_roles.CASES
         }
         fountain_where = {"bind": fountain_url}
         processor_where = {

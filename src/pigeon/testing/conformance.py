@@ -23,6 +23,7 @@ import msgspec
 
 import pigeon
 from pigeon._core import headers
+from pigeon._ports import quiet_port
 from pigeon.message import new_id
 
 
@@ -69,12 +70,7 @@ class ZmqSetup(TransportSetup):
     def address(self, index: int) -> str:
         if index not in self._addresses:
             if self.scheme == "tcp":
-                import socket
-
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", 0))
-                    port = sock.getsockname()[1]
-                self._addresses[index] = f"tcp://127.0.0.1:{port}"
+                self._addresses[index] = f"tcp://127.0.0.1:{quiet_port()}"
             elif self.scheme == "ipc":
                 path = os.path.join(self.base_dir, f"pigeon-{new_id()}.sock")
                 self._addresses[index] = f"ipc://{path}"
