@@ -10,7 +10,8 @@ from .base import ConsumeOptions, Delivery, Subscription, Transport
 __all__ = ["ConsumeOptions", "Delivery", "Subscription", "Transport", "open_transport"]
 
 ZMQ_SCHEMES = ("inproc", "ipc", "tcp")
-SCHEMES = ("memory", *ZMQ_SCHEMES, "nats", "amqp")
+SCHEMES = ("memory", *ZMQ_SCHEMES, "nats", "tls", "amqp", "amqps")
+_FAMILIES = {"tls": "nats", "amqps": "amqp"}  # over TLS, the same transport
 
 
 def _scheme(url: str) -> str:
@@ -41,7 +42,7 @@ def open_transport(connect: list[str], bind: list[str], **options: Any) -> Trans
     if not connect and not bind:
         raise ConfigurationError("give at least one URL to connect to or to bind")
     schemes = {_scheme(u) for u in [*connect, *bind]}
-    family = {"zmq" if s in ZMQ_SCHEMES else s for s in schemes}
+    family = {"zmq" if s in ZMQ_SCHEMES else _FAMILIES.get(s, s) for s in schemes}
     if len(family) > 1:
         raise ConfigurationError(f"cannot mix URL schemes {sorted(schemes)} in one connection")
     (kind,) = family

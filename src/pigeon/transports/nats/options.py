@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
-from dataclasses import dataclass, fields
+import ssl
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ...errors import ConfigurationError
+from . import security
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _SECONDS = ("send_timeout", "ack_timeout", "pull_expires", "connect_timeout", "duplicate_window")
 _SERVER_SCHEMES = ("nats", "tls", "ws", "wss")  # what nats-py connects to
+# pigeon's names for the TLS files, the same on every transport.
+ALIASES = {"ca_file": "tls_ca", "cert_file": "tls_cert", "key_file": "tls_key"}
+_STRINGS = (
+    "name",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_hostname",
+    "user",
+    "password",
+    "token",
+    "nkeys_seed",
+    "user_credentials",
+)
 
 
 @dataclass(slots=True)
@@ -39,6 +56,22 @@ class NatsOptions:
         outbox_limit: sends awaiting their pub ack before ``send_nowait``
             raises Backpressure.
         name: the connection's name, shown in the server's monitoring.
+        tls_ca: CA file (PEM) the server's certificate must chain to (alias
+            ``ca_file``); None: the system's CAs. Any ``tls_*`` option makes
+            TLS required.
+        tls_cert: client certificate (PEM) for servers that verify clients
+            (alias ``cert_file``); may hold the key too.
+        tls_key: the client certificate's private key (alias ``key_file``).
+        tls_hostname: the name the server's certificate must carry, when it
+            is not the host in the URL.
+        tls: a ready :class:`ssl.SSLContext` instead of the ``tls_*`` files.
+        user: user name, with ``password`` (or ``user:password@`` in the URL).
+        password: the user's password; never shown.
+        token: an authentication token (or ``token@`` in the URL); never shown.
+        nkeys_seed: path of an nkey seed file (``SU...``), to sign the
+            server's nonce; needs the ``nkeys`` package.
+        user_credentials: path of a ``.creds`` file (user JWT and nkey
+            seed), for servers in operator mode; needs ``nkeys``.
     """
 
     stream: str = "PIGEON_Q"
@@ -53,6 +86,46 @@ class NatsOptions:
     reconnect_wait: float = 0.25
     outbox_limit: int = 100_000
     name: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_hostname: str | None = None
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    nkeys_seed: str | None = None
+    user_credentials: str | None = None
+
+    @property
+    def wants_tls(self) -> bool:
+        """Was TLS asked for by an option (a ``tls://`` URL asks too)?"""
+        return self.tls is not None or any(
+            v is not None for v in (self.tls_ca, self.tls_cert, self.tls_key, self.tls_hostname)
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The context for TLS (None: nats-py's default, the system's CAs).
+
+        Raises:
+            ConfigurationError: a TLS file cannot be used.
+        """
+        if self.tls is not None:
+            return self.tls
+        if self.tls_ca is None and self.tls_cert is None and self.tls_key is None:
+            return None
+        return security.client_context(self.tls_ca, self.tls_cert, self.tls_key)
+
+    def credentials(self) -> dict[str, Any]:
+        """The login keywords for ``nats.connect`` (none: the URL's, if any)."""
+        given = {
+            "user": self.user,
+            "password": self.password,
+            "token": self.token,
+            "nkeys_seed": self.nkeys_seed,
+            "user_credentials": self.user_credentials,
+        }
+        return {k: v for k, v in given.items() if v is not None}
 
     def check(self) -> None:
         """Raises:
@@ -70,8 +143,41 @@ class NatsOptions:
             value = getattr(self, name)
             if value is not None and (not _number(value, int) or value < 1):
                 raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
-        if self.name is not None and not isinstance(self.name, str):
-            raise ConfigurationError(f"name must be a str, not {self.name!r}")
+        for name in _STRINGS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                shown = "a value that is not" if name in ("password", "token") else repr(value)
+                raise ConfigurationError(f"{name} must be a non-empty str, not {shown}")
+        if self.tls is not None:
+            if not isinstance(self.tls, ssl.SSLContext):
+                raise ConfigurationError(f"tls must be an ssl.SSLContext, not {type(self.tls)}")
+            if any(v is not None for v in (self.tls_ca, self.tls_cert, self.tls_key)):
+                raise ConfigurationError(
+                    "give either tls= (a context) or the tls_* files, not both"
+                )
+        if (self.user is None) != (self.password is None):
+            raise ConfigurationError("user and password go together: give both or neither")
+        logins = [
+            name
+            for name, value in (
+                ("user/password", self.user),
+                ("token", self.token),
+                ("nkeys_seed", self.nkeys_seed),
+                ("user_credentials", self.user_credentials),
+            )
+            if value is not None
+        ]
+        if len(logins) > 1:
+            raise ConfigurationError(f"give one way to log in, not {' and '.join(logins)}")
+        for name, what in (("nkeys_seed", "nkey seed file"), ("user_credentials", ".creds file")):
+            path = getattr(self, name)
+            if path is not None:
+                security.check_file(path, f"{name} ({what})")
+                if importlib.util.find_spec("nkeys") is None:
+                    raise ConfigurationError(
+                        f"{name} needs the nkeys package: pip install nkeys "
+                        "(or pip install 'nats-py[nkeys]')"
+                    )
 
 
 def _number(value: object, kind: type | tuple[type, ...] = (int, float)) -> bool:
@@ -83,13 +189,14 @@ def check_server(server: str) -> None:
     ConfigurationError: ``server`` is not a URL nats-py can connect to.
     """
     url = server if "://" in server else f"nats://{server}"  # as nats-py reads it
+    shown = security.redact_server(server)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (parsing it is the check: a bad port raises)
     except ValueError as exc:
-        raise ConfigurationError(f"{server!r} is not a valid NATS server URL: {exc}") from exc
+        raise ConfigurationError(f"{shown!r} is not a valid NATS server URL: {exc}") from None
     if parts.scheme not in _SERVER_SCHEMES or not parts.hostname:
-        raise ConfigurationError(f"{server!r} is not a NATS server URL (nats://HOST:PORT)")
+        raise ConfigurationError(f"{shown!r} is not a NATS server URL (nats://HOST:PORT)")
 
 
 def parse(url: str, keywords: dict[str, Any]) -> tuple[list[str], NatsOptions]:
@@ -100,8 +207,11 @@ def parse(url: str, keywords: dict[str, Any]) -> tuple[list[str], NatsOptions]:
     """
     servers, _, query = url.partition("?")
     known = {f.name: f for f in fields(NatsOptions)}
-    options = dict(keywords)
+    options = _canonical(keywords)
     for key, value in parse_qsl(query, keep_blank_values=True):
+        key = ALIASES.get(key, key)
+        if key == "tls":
+            raise ConfigurationError("tls= takes an ssl.SSLContext: give it as a keyword")
         if key not in known:
             options[key] = value  # reported below with the unknown keywords
             continue
@@ -117,14 +227,36 @@ def parse(url: str, keywords: dict[str, Any]) -> tuple[list[str], NatsOptions]:
             raise ConfigurationError(f"nats:// option {key}={value!r} is not a number") from exc
     unknown = sorted(set(options) - set(known))
     if unknown:
+        names = sorted([*known, *ALIASES])
         raise ConfigurationError(
-            f"unknown nats:// option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            f"unknown nats:// option(s) {', '.join(unknown)}; known: {', '.join(names)}"
         )
     result = NatsOptions(**options)
     result.check()
     urls = [s.strip() for s in servers.split(",") if s.strip()]
     if not urls:
-        raise ConfigurationError(f"{url!r} names no NATS server")
+        raise ConfigurationError(f"{security.redact(url)!r} names no NATS server")
     for server in urls:
         check_server(server)
+    if result.credentials() and any(security.has_userinfo(s) for s in urls):
+        raise ConfigurationError(
+            "credentials are given both in the URL and as options: give them once"
+        )
     return urls, result
+
+
+def _canonical(keywords: dict[str, Any]) -> dict[str, Any]:
+    """The keywords with pigeon's aliases (``ca_file``...) as nats-py's names.
+
+    Raises:
+        ConfigurationError: an option is given under both of its names.
+    """
+    options: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for key, value in keywords.items():
+        name = ALIASES.get(key, key)
+        if name in options:
+            raise ConfigurationError(f"{given[name]}= and {key}= are the same option: give one")
+        options[name] = value
+        given[name] = key
+    return options

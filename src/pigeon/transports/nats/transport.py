@@ -35,6 +35,7 @@ from .deadletter import DeadLetters
 from .options import parse as parse_options
 from .publisher import Publisher
 from .pull import PullConsumer
+from .security import redact
 from .stream import Stream
 
 log = logging.getLogger("pigeon.nats")
@@ -54,8 +55,9 @@ class NatsTransport:
     """The NATS transport; see the module docstring.
 
     Args:
-        url: ``nats://HOST:PORT`` (several servers separated by commas), with
-            options in the query string if wanted.
+        url: ``nats://HOST:PORT`` or ``tls://HOST:PORT`` (several servers
+            separated by commas), with ``user:password@`` or ``token@`` if
+            the server asks, and options in the query string if wanted.
         options: see :class:`~pigeon.transports.nats.options.NatsOptions`.
 
     Raises:
@@ -64,8 +66,10 @@ class NatsTransport:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.url = url
-        self.servers, self.options = parse_options(url, options)
+        # ``url`` is what messages, logs and repr show: credentials masked.
+        self.url = redact(url)
+        self._servers, self.options = parse_options(url, options)
+        self._tls = self.options.ssl_context()  # read now: a bad file is a ConfigurationError
         self.max_message_size = self.options.max_message_size or (1 << 20)
         self.counts: Counter[str] = Counter()
         self._connected: _Connected | None = None
@@ -86,8 +90,9 @@ class NatsTransport:
         options = self.options
         nc = await client.connect(
             self.url,
-            self.servers,
+            self._servers,
             options,
+            tls=self._tls,
             on_error=self._on_error,
             on_disconnected=self._on_disconnected,
             on_reconnected=self._on_reconnected,
@@ -106,6 +111,10 @@ class NatsTransport:
             publisher=Publisher(nc, js, options, self.counts),
             dead_letters=DeadLetters(js, options.stream, options.prefix, options.ack_timeout),
         )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "started" if self._connected else "not started"
+        return f"<NatsTransport {self.url} {state}>"
 
     def _check_payload_limit(self, limit: int) -> None:
         if self.max_message_size > limit:
