@@ -7,36 +7,40 @@ is compared with anything.
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
-from brokers import port_taken
 
 from pigeon.bench import main
 
-RESULT_KEYS = {"system", "variant", "msgs_per_s", "p50_us", "p99_us", "peak_rss_mb"}
+RESULT_KEYS = {
+    "system",
+    "variant",
+    "msgs_per_s",
+    "p50_us",
+    "p99_us",
+    "peak_rss_mb",
+    "note",
+    "pigeon_x",
+    "vs_plain",
+}
 SYSTEMS = {"pigeon", "pyzmq", "nats", "rabbitmq"}
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
-    """Run the command and return the JSON object on the last stdout line.
-
-    The benchmark picks its ports before binding them: a variant skipped
-    because someone else took one meanwhile is run again.
-    """
-    for attempt in range(3):
-        code = main([*argv, "--json"])
-        captured = capsys.readouterr()
-        report = f"exit code {code}\n--- stderr ---\n{captured.err}\n--- stdout ---\n{captured.out}"
-        assert code == 0, report
-        out = captured.out.strip().splitlines()
-        assert out, report
-        doc = json.loads(out[-1])
-        if attempt == 2 or not any(port_taken(s["reason"]) for s in doc["skipped"]):
-            break
+    """Run the command and return the JSON object on the last stdout line."""
+    code = main([*argv, "--json"])
+    captured = capsys.readouterr()
+    report = f"exit code {code}\n--- stderr ---\n{captured.err}\n--- stdout ---\n{captured.out}"
+    assert code == 0, report
+    out = captured.out.strip().splitlines()
+    assert out, report
+    doc = json.loads(out[-1])
     assert set(doc) == {"scenario", "results", "skipped"}
     assert doc["scenario"] == argv[0]
     for row in doc["results"]:
-        assert RESULT_KEYS <= set(row)
+        assert RESULT_KEYS <= set(row), row
         assert row["system"] in SYSTEMS
     for skip in doc["skipped"]:
         assert skip["system"] in SYSTEMS and skip["reason"]
@@ -51,7 +55,7 @@ def pyzmq_rows(doc: dict) -> list[dict]:
 
 @pytest.mark.timeout(240)
 def test_queue_reports_pyzmq_rows(capsys: pytest.CaptureFixture[str]) -> None:
-    doc = run_json(capsys, "queue", "--seconds", "1", "--peers", "pyzmq")
+    doc = run_json(capsys, "queue", "--seconds", "1", "--peers", "pyzmq", "--no-curve")
     rows = pyzmq_rows(doc)
     assert [r["variant"] for r in rows] == ["16B", "1KiB"], doc
     assert all(r["msgs_per_s"] > 0 and r["p50_us"] is None for r in rows)
@@ -59,7 +63,7 @@ def test_queue_reports_pyzmq_rows(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.timeout(240)
 def test_rpc_reports_latency_and_throughput(capsys: pytest.CaptureFixture[str]) -> None:
-    doc = run_json(capsys, "rpc", "--seconds", "1", "--peers", "pyzmq")
+    doc = run_json(capsys, "rpc", "--seconds", "1", "--peers", "pyzmq", "--no-curve")
     rows = {r["variant"]: r for r in pyzmq_rows(doc)}
     assert set(rows) == {"1 in flight", "100 in flight"}, doc
     one = rows["1 in flight"]
@@ -87,7 +91,7 @@ def test_backlog_reports_peak_rss(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unreachable_server_is_skipped(
     capsys: pytest.CaptureFixture[str], system: str, option: str
 ) -> None:
-    doc = run_json(capsys, "rpc", "--seconds", "1", "--peers", system, option)
+    doc = run_json(capsys, "rpc", "--seconds", "1", "--peers", system, option, "--no-curve")
     assert not [r for r in doc["results"] if r["system"] == system]
     (skip,) = [s for s in doc["skipped"] if s["system"] == system]
     assert "not reachable" in skip["reason"] and "127.0.0.1:1" in skip["reason"]
@@ -96,10 +100,40 @@ def test_unreachable_server_is_skipped(
 @pytest.mark.timeout(120)
 def test_table_is_printed_and_chart_written(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     chart = tmp_path / "rpc.png"
-    assert main(["rpc", "--seconds", "0.3", "--peers", "pyzmq", "--chart", str(chart)]) == 0
+    argv = ["rpc", "--seconds", "0.3", "--peers", "pyzmq", "--no-curve", "--chart", str(chart)]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "msgs/s" in out and "pyzmq" in out
+    assert "msgs/s" in out and "pyzmq" in out and "vs plain" not in out
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_has_a_vs_plain_column_for_curve_rows() -> None:
+    from pigeon.bench import report
+
+    def row(system: str, variant: str, rate: float) -> dict:
+        return dict.fromkeys(RESULT_KEYS) | {
+            "system": system,
+            "variant": variant,
+            "msgs_per_s": rate,
+        }
+
+    doc = {
+        "scenario": "queue",
+        "results": [
+            row("pigeon", "16B", 400.0),
+            row("pigeon", "16B curve", 300.0),
+            row("pyzmq", "16B curve", 600.0),
+        ],
+        "skipped": [],
+    }
+    report.add_ratios(doc, {("pigeon", "16B curve"): "16B", ("pyzmq", "16B curve"): "16B"})
+    pigeon_curve, pyzmq_curve = doc["results"][1:]
+    assert pigeon_curve["vs_plain"] == 0.75 and pigeon_curve["pigeon_x"] == 1.0
+    assert pyzmq_curve["pigeon_x"] == 0.5 and pyzmq_curve["vs_plain"] is None  # no plain row
+    lines = report.table(doc).splitlines()
+    assert "vs plain" in lines[1]
+    assert lines[4].split()[-2:] == ["1.00", "0.75"], lines
+    assert lines[5].split()[-2:] == ["0.50", "-"], lines
 
 
 def test_unknown_peer_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,3 +160,107 @@ def test_a_failing_variant_is_skipped_not_zero(
     assert doc["results"] == []
     (skip,) = [s for s in doc["skipped"] if s["system"] == "pyzmq"]
     assert skip["variant"] == "broken" and "peer exploded" in skip["reason"]
+
+
+def only(scenario: str, *wanted: tuple[str, str]) -> list:
+    """The registry entries of ``scenario`` for these (system, variant template)."""
+    from pigeon.bench import runner
+
+    entries = [e for e in runner.REGISTRY[scenario] if (e.system, e.variant) in wanted]
+    assert len(entries) == len(wanted)
+    return entries
+
+
+def check_curve_rows(doc: dict, plain: str, curve: str) -> None:
+    rows = {(r["system"], r["variant"]): r for r in doc["results"]}
+    assert {("pigeon", plain), ("pigeon", curve), ("pyzmq", curve)} <= set(rows), doc
+    mine, raw = rows["pigeon", curve], rows["pyzmq", curve]
+    assert mine["msgs_per_s"] > 0 and raw["msgs_per_s"] > 0
+    # pigeon with CURVE against pigeon without, and against raw pyzmq with CURVE.
+    assert mine["vs_plain"] == pytest.approx(
+        mine["msgs_per_s"] / rows["pigeon", plain]["msgs_per_s"]
+    )
+    assert raw["pigeon_x"] == pytest.approx(mine["msgs_per_s"] / raw["msgs_per_s"])
+    assert rows["pigeon", plain]["vs_plain"] is None
+
+
+@pytest.mark.timeout(120)
+def test_curve_queue_rows_report_both_ratios(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.bench import runner
+
+    entries = only(
+        "queue", ("pigeon", "{size}"), ("pigeon", "{size} curve"), ("pyzmq", "{size} curve")
+    )
+    monkeypatch.setitem(runner.REGISTRY, "queue", entries)
+    doc = run_json(capsys, "queue", "--seconds", "0.5", "--size", "16", "--peers", "pyzmq")
+    assert not doc["skipped"], doc
+    check_curve_rows(doc, "16B", "16B curve")
+
+
+@pytest.mark.timeout(120)
+def test_curve_rpc_rows_report_both_ratios(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.bench import runner
+
+    entries = only(
+        "rpc",
+        ("pigeon", "100 in flight"),
+        ("pigeon", "curve, 100 in flight"),
+        ("pyzmq", "curve, 100 in flight"),
+        ("pyzmq", "curve, 1 in flight"),
+    )
+    monkeypatch.setitem(runner.REGISTRY, "rpc", entries)
+    doc = run_json(capsys, "rpc", "--seconds", "0.3", "--peers", "pyzmq")
+    assert not doc["skipped"], doc
+    check_curve_rows(doc, "100 in flight", "curve, 100 in flight")
+    (latency,) = [r for r in doc["results"] if r["variant"] == "curve, 1 in flight"]
+    assert 0 < latency["p50_us"] <= latency["p99_us"]
+
+
+def test_no_curve_leaves_the_curve_rows_out() -> None:
+    from pigeon.bench import runner
+
+    opts = runner.parse_args(["rpc", "--peers", "pyzmq", "--no-curve"])
+    rows = runner._rows("rpc", ["pigeon", "pyzmq"], opts)
+    assert rows and all(r.curve_of is None and "curve" not in r.kwargs for r in rows)
+    opts = runner.parse_args(["queue", "--peers", "pyzmq", "--size", "16"])
+    variants = [(r.system, r.variant) for r in runner._rows("queue", ["pigeon", "pyzmq"], opts)]
+    assert variants == [
+        ("pigeon", "16B"),
+        ("pyzmq", "16B"),
+        ("pigeon", "16B curve"),
+        ("pyzmq", "16B curve"),
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_a_taken_port_fails_fast_with_the_childs_stderr_then_is_retried(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The raw backlog must pick its port before binding it. A child whose
+    bind is refused ends the attempt at once, quoting its stderr; the run is
+    tried again with another port, and gives up after three."""
+    from pigeon.bench import harness, peers_zmq
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([port])
+        monkeypatch.setattr(
+            peers_zmq, "free_port", lambda: next(picks, None) or harness.free_port()
+        )
+        doc = run_json(capsys, "backlog", "--count", "20000", "--peers", "pyzmq")
+        assert [r["system"] for r in doc["results"]] == ["pigeon", "pyzmq"], doc
+
+        monkeypatch.setattr(peers_zmq, "free_port", lambda: port)
+        t = time.monotonic()
+        doc = run_json(capsys, "backlog", "--count", "20000", "--peers", "pyzmq")
+        elapsed = time.monotonic() - t
+    (skip,) = [s for s in doc["skipped"] if s["system"] == "pyzmq"]
+    assert harness.port_clash(skip["reason"]), skip
+    assert "Traceback" in skip["reason"] or "ZMQError" in skip["reason"], skip
+    assert elapsed < 60, elapsed

@@ -10,15 +10,18 @@ method) and the shape functions here start, time, and clean them up.
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import socket
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import psutil
@@ -30,17 +33,52 @@ CTX = mp.get_context("spawn")
 # Seconds a child gets on top of the measuring time before it is killed.
 GRACE_S = 30.0
 
+T = TypeVar("T")
+
 
 class Skip(Exception):
     """Raised by a variant that cannot run; the message becomes the reason."""
 
 
+# Bind here and read the port back: nothing can take it between pick and bind.
+ANY_PORT = "tcp://127.0.0.1:0"
+_PORT_CLASH = (os.strerror(errno.EADDRINUSE), "EADDRINUSE")
+
+
+def port_of(endpoint: str) -> int:
+    """The port of a bound endpoint such as ``tcp://127.0.0.1:41234``."""
+    return int(endpoint.rpartition(":")[2])
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    Only for a port that must be known before anything binds it (the raw
+    backlog, whose sender connects before its receiver binds): someone else
+    may take it meanwhile, so such a run goes through :func:`retry_on_port_clash`.
+    Everything else binds :data:`ANY_PORT` and reads the port back.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def port_clash(text: object) -> bool:
+    """Does this error text say a bind was refused because the port was taken?"""
+    return any(mark in str(text) for mark in _PORT_CLASH)
+
+
+def retry_on_port_clash(run: Callable[[], T], attempts: int = 3) -> T:
+    """Call ``run`` (which picks its ports afresh each time) again while it is
+    skipped because a port picked ahead was taken before the bind."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run()
+        except Skip as exc:
+            if attempt == attempts or not port_clash(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 def probe(url: str, timeout: float = 1.0) -> None:
@@ -147,16 +185,41 @@ class Ctl:
             time.sleep(0.01)
 
 
+def _child_main(target: Callable[..., Any], stderr_path: str, *args: Any) -> None:
+    """Run ``target`` in a child with its stderr (fd 2) going to ``stderr_path``.
+
+    Everything the child writes there (the traceback of a crash, a libzmq
+    assertion) is read back by the parent, which reports it with the failure.
+    """
+    sys.stderr.flush()
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    target(*args)
+
+
 class Children:
-    """Starts child processes and guarantees each is joined or killed by pid."""
+    """Starts child processes and guarantees each is joined or killed by pid.
+
+    Each child's stderr goes to a file of its own: a child that fails is
+    reported with the end of what it wrote, and whatever any child wrote is
+    copied to the parent's stderr when the children are finished.
+    """
+
+    # Lines of a failed child's stderr quoted in the failure reason.
+    TAIL_LINES = 3
 
     def __init__(self, ctl: Ctl) -> None:
         self.ctl = ctl
         self.procs: list[mp.process.BaseProcess] = []
+        self._stderr: dict[int, str] = {}  # index in procs -> file
+        self._tmp = tempfile.TemporaryDirectory(prefix="pigeon-bench-")
 
     def start(self, target: Callable[..., Any], *args: Any) -> mp.process.BaseProcess:
-        proc = CTX.Process(target=target, args=args, daemon=True)
+        path = os.path.join(self._tmp.name, f"child-{len(self.procs)}.stderr")
+        proc = CTX.Process(target=_child_main, args=(target, path, *args), daemon=True)
         proc.start()
+        self._stderr[len(self.procs)] = path
         self.procs.append(proc)
         return proc
 
@@ -168,6 +231,10 @@ class Children:
         # stop, give them a moment, then terminate by pid.
         self.ctl.stop.set()
         self.finish(timeout=5.0)
+        for i, proc in enumerate(self.procs):
+            if text := self.stderr(i).strip():
+                print(f"\n[bench child pid {proc.pid}]\n{text}", file=sys.stderr)
+        self._tmp.cleanup()
 
     def finish(self, timeout: float) -> None:
         """Join every child; terminate, then kill, whoever overstays."""
@@ -182,10 +249,27 @@ class Children:
                 os.kill(proc.pid, 9)
                 proc.join(2.0)
 
+    def stderr(self, i: int) -> str:
+        """What child ``i`` (in start order) has written to its stderr so far."""
+        try:
+            with open(self._stderr[i], encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
     def failed(self) -> list[str]:
-        """Describe children that exited with an error, with their reported reason."""
-        bad = [f"pid {p.pid} exit {p.exitcode}" for p in self.procs if p.exitcode not in (0, None)]
-        if bad:
+        """Describe children that exited with an error: the end of their stderr,
+        or the reason they reported if they wrote nothing."""
+        bad = []
+        quoted = False
+        for i, proc in enumerate(self.procs):
+            if proc.exitcode in (0, None):
+                continue
+            lines = [line.strip() for line in self.stderr(i).splitlines() if line.strip()]
+            tail = " | ".join(lines[-self.TAIL_LINES :])
+            quoted = quoted or bool(tail)
+            bad.append(f"pid {proc.pid} exit {proc.exitcode}" + (f": {tail}" if tail else ""))
+        if bad and not quoted:
             try:
                 while True:
                     item = self.ctl.results.get_nowait()
@@ -194,6 +278,16 @@ class Children:
             except (queue_mod.Empty, OSError, ValueError):
                 pass
         return bad
+
+    def failure(self, reported: str, wait: float = 2.0) -> str:
+        """A child reported ``reported`` and is exiting: its description with
+        its stderr once it has exited (at most ``wait`` seconds), else ``reported``."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if bad := self.failed():
+                return ", ".join(bad)
+            time.sleep(0.01)
+        return reported
 
 
 @contextlib.contextmanager

@@ -4,27 +4,96 @@ These are the ceiling a Python library over ZeroMQ can reach, so they must not
 be handicapped: one ``send``/``recv`` of ``bytes`` per message (no multipart
 helpers, which cost several times more per call), plain-int flags, default
 HWM, blocking sync sockets, and every party in its own process.
+
+The CURVE rows are the same sockets with ``curve_server``/``curve_secretkey``
+on the side that binds and ``curve_serverkey``/``curve_publickey``/
+``curve_secretkey`` on the side that connects. The binding side runs pyzmq's
+own ZAP handler (:class:`zmq.auth.thread.ThreadAuthenticator`) letting in the
+client's key only, as a user who wants keys checked would; it is asked once
+per connection, at the handshake, so it costs nothing per message.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from pigeon.bench import curve as curve_mod
 from pigeon.bench.harness import (
     GRACE_S,
     Ctl,
     Tally,
     free_port,
     reporting,
+    retry_on_port_clash,
 )
 from pigeon.bench.shapes import run_backlog, run_queue, run_rpc
 
 # Plain ints: IntFlag arithmetic on every call is measurable at this rate.
 SNDMORE = int(zmq.SNDMORE)
 LOCAL = "tcp://127.0.0.1"
+
+
+class _OneKey:
+    """ZAP decision for :class:`ThreadAuthenticator`: only the bench's client key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key.encode("ascii")
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.key
+
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+def _server_socket(ctx: Context, kind: int, ctl: Ctl) -> tuple[zmq.Socket[bytes], Any]:
+    """A socket for the side that binds; with CURVE keys in ``cfg``, a CURVE
+    server, and the ZAP handler started on ``ctx`` (returned, to stop)."""
+    sock = ctx.socket(kind)
+    keys = ctl.cfg.get("curve")
+    if not keys:
+        return sock, None
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback("*", _OneKey(keys["client_public"]))
+    sock.curve_server = True
+    sock.curve_secretkey = keys["server_secret"].encode("ascii")
+    assert sock.mechanism == zmq.CURVE
+    return sock, auth
+
+
+def _client_socket(ctx: Context, kind: int, ctl: Ctl) -> zmq.Socket[bytes]:
+    """A socket for the side that connects; a CURVE client with keys in ``cfg``."""
+    sock = ctx.socket(kind)
+    if keys := ctl.cfg.get("curve"):
+        sock.curve_serverkey = keys["server_public"].encode("ascii")
+        sock.curve_publickey = keys["client_public"].encode("ascii")
+        sock.curve_secretkey = keys["client_secret"].encode("ascii")
+        assert sock.mechanism == zmq.CURVE
+    return sock
+
+
+def _close(sock: zmq.Socket[bytes], ctx: Context, auth: Any) -> None:
+    sock.close(linger=0)
+    if auth is not None:
+        auth.stop()
+    ctx.term()
+
+
+def _with_keys(
+    run: Callable[[dict[str, Any]], dict[str, Any]], cfg: dict[str, Any], curve: bool
+) -> dict[str, Any]:
+    """Call ``run(cfg)``, with fresh CURVE keys in ``cfg["curve"]`` if ``curve``."""
+    if not curve:
+        return run(cfg)
+    with curve_mod.curve_keys() as keys:
+        return run(dict(cfg, curve=keys))
 
 
 def _stop_wait(ctl: Ctl) -> None:
@@ -40,7 +109,7 @@ def queue_producer(ctl: Ctl) -> None:
     """PUSH bound on a random port; send for ``seconds``."""
     with reporting(ctl):
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUSH)
+        sock, auth = _server_socket(ctx, zmq.PUSH, ctl)
         ctl.port.value = sock.bind_to_random_port(LOCAL)
         ctl.bound.set()
         ctl.wait_workers()
@@ -60,15 +129,14 @@ def queue_producer(ctl: Ctl) -> None:
         ctl.sent.value = n
         ctl.done.set()
         _stop_wait(ctl)
-        sock.close(linger=0)
-        ctx.term()
+        _close(sock, ctx, auth)
 
 
 def queue_worker(ctl: Ctl, i: int) -> None:
     """PULL connected to the producer; count deliveries."""
     with reporting(ctl):
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.PULL)
+        sock = _client_socket(ctx, zmq.PULL, ctl)
         sock.rcvtimeo = 50  # wake up regularly to publish the tally and see stop
         sock.connect(f"{LOCAL}:{ctl.port.value}")
         ctl.worker_ready()
@@ -95,9 +163,13 @@ def queue_worker(ctl: Ctl, i: int) -> None:
         ctx.term()
 
 
-def queue(opts: Any, size: int) -> dict[str, Any]:
-    """pyzmq PUSH → 3 PULL, no acks."""
-    return run_queue(queue_producer, queue_worker, {"size": size}, opts.seconds)
+def queue(opts: Any, size: int, curve: bool = False) -> dict[str, Any]:
+    """pyzmq PUSH → 3 PULL, no acks (``curve``: encrypted, keys checked by ZAP)."""
+    return _with_keys(
+        lambda cfg: run_queue(queue_producer, queue_worker, cfg, opts.seconds),
+        {"size": size},
+        curve,
+    )
 
 
 # ----------------------------------------------------------------------- rpc
@@ -116,7 +188,7 @@ def router_server(ctl: Ctl) -> None:
 def _echo_server(ctl: Ctl, kind: int) -> None:
     with reporting(ctl):
         ctx = zmq.Context()
-        sock = ctx.socket(kind)
+        sock, auth = _server_socket(ctx, kind, ctl)
         sock.rcvtimeo = 100  # to notice stop
         ctl.port.value = sock.bind_to_random_port(LOCAL)
         ctl.bound.set()
@@ -134,15 +206,14 @@ def _echo_server(ctl: Ctl, kind: int) -> None:
                         send(recv())
             except zmq.Again:
                 pass
-        sock.close(linger=0)
-        ctx.term()
+        _close(sock, ctx, auth)
 
 
 def req_client(ctl: Ctl) -> None:
     """REQ client, one request in flight; records every round trip."""
     with reporting(ctl):
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.REQ)
+        sock = _client_socket(ctx, zmq.REQ, ctl)
         sock.connect(f"{LOCAL}:{ctl.port.value}")
         body = b"x" * 16
         send, recv, clock = sock.send, sock.recv, time.perf_counter_ns
@@ -167,7 +238,7 @@ def dealer_client(ctl: Ctl) -> None:
     """DEALER client keeping ``window`` requests in flight."""
     with reporting(ctl):
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
+        sock = _client_socket(ctx, zmq.DEALER, ctl)
         sock.connect(f"{LOCAL}:{ctl.port.value}")
         body = b"x" * 16
         send, recv = sock.send, sock.recv
@@ -192,14 +263,18 @@ def dealer_client(ctl: Ctl) -> None:
         ctx.term()
 
 
-def rpc_latency(opts: Any) -> dict[str, Any]:
-    """REQ/REP, one request in flight."""
-    return run_rpc(rep_server, req_client, {}, opts.seconds)
+def rpc_latency(opts: Any, curve: bool = False) -> dict[str, Any]:
+    """REQ/REP, one request in flight (``curve``: encrypted, keys checked by ZAP)."""
+    return _with_keys(lambda cfg: run_rpc(rep_server, req_client, cfg, opts.seconds), {}, curve)
 
 
-def rpc_throughput(opts: Any) -> dict[str, Any]:
-    """DEALER/ROUTER, 100 requests in flight."""
-    return run_rpc(router_server, dealer_client, {"window": 100}, opts.seconds)
+def rpc_throughput(opts: Any, curve: bool = False) -> dict[str, Any]:
+    """DEALER/ROUTER, 100 requests in flight (``curve``: encrypted, keys checked by ZAP)."""
+    return _with_keys(
+        lambda cfg: run_rpc(router_server, dealer_client, cfg, opts.seconds),
+        {"window": 100},
+        curve,
+    )
 
 
 # ------------------------------------------------------------------- backlog
@@ -242,6 +317,13 @@ def backlog_worker(ctl: Ctl, i: int) -> None:
 
 
 def backlog(opts: Any) -> dict[str, Any]:
-    """1 M messages queued in the sender's PUSH pipe, then drained."""
-    cfg = {"port": free_port(), "size": 100}
-    return run_backlog(backlog_holder, backlog_worker, cfg, opts.count)
+    """1 M messages queued in the sender's PUSH pipe, then drained.
+
+    The port is picked before the receiver binds it (the sender connects
+    first), so a run whose port was taken meanwhile is run again.
+    """
+    return retry_on_port_clash(
+        lambda: run_backlog(
+            backlog_holder, backlog_worker, {"port": free_port(), "size": 100}, opts.count
+        )
+    )

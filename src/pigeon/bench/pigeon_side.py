@@ -14,11 +14,13 @@ import tempfile
 import time
 from typing import Any
 
+from pigeon.bench import curve as curve_mod
 from pigeon.bench.harness import (
+    ANY_PORT,
     Ctl,
     Skip,
     Tally,
-    free_port,
+    port_of,
     publish_until_stop,
     reporting,
     wait_stop,
@@ -43,6 +45,19 @@ def available() -> None:
         pigeon.connect  # noqa: B018 - attribute access is the check
     except (ImportError, AttributeError) as exc:
         raise Skip(f"pigeon transport unavailable: {type(exc).__name__}: {exc}") from None
+
+
+def _bound_port(node: Any, kwargs: dict[str, Any]) -> int:
+    """The port a node that bound :data:`ANY_PORT` got, once it is checked to
+    use keys exactly when it was given them."""
+    _check_secure(node, kwargs)
+    return port_of(node.stats()["bound"][0])
+
+
+def _check_secure(conn: Any, kwargs: dict[str, Any]) -> None:
+    """A CURVE row must be encrypted, and a plain one must not be."""
+    if bool(conn.stats()["secure"]) != ("key" in kwargs):
+        raise RuntimeError(f"connect(**{kwargs}) gave secure={conn.stats()['secure']}")
 
 
 def _durable_kwargs(tmpdir: str) -> dict[str, Any]:
@@ -81,10 +96,9 @@ def queue_producer(ctl: Ctl) -> None:
 async def _queue_producer(ctl: Ctl) -> None:
     import pigeon
 
-    port = free_port()
-    kwargs = ctl.cfg.get("connect_kwargs", {})
-    async with pigeon.connect(bind=f"{LOCAL}:{port}", **kwargs) as node:
-        ctl.port.value = port
+    kwargs = ctl.cfg.get("node_kwargs", {})
+    async with pigeon.connect(bind=ANY_PORT, **kwargs) as node:
+        ctl.port.value = _bound_port(node, kwargs)
         ctl.bound.set()
         await wait_workers_async(ctl)
         body = b"x" * ctl.cfg["size"]
@@ -125,21 +139,32 @@ async def _queue_worker(ctl: Ctl, i: int) -> None:
         tally.n += 1
         tally.last = clock()
 
-    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}") as conn:
+    kwargs = ctl.cfg.get("client_kwargs", {})
+    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}", **kwargs) as conn:
+        _check_secure(conn, kwargs)
         await conn.consume(QUEUE, handle, prefetch=1000)
         ctl.worker_ready()
         await publish_until_stop(ctl, i, tally)
 
 
-def queue(opts: Any, size: int) -> dict[str, Any]:
-    """pigeon acked work queue: host+producer → 3 workers."""
-    return run_queue(queue_producer, queue_worker, {"size": size}, opts.seconds)
+def queue(opts: Any, size: int, curve: bool = False) -> dict[str, Any]:
+    """pigeon acked work queue: host+producer → 3 workers; with ``curve``, the
+    node binds with a key and an ACL and the workers connect with keys."""
+    if not curve:
+        return run_queue(queue_producer, queue_worker, {"size": size}, opts.seconds)
+    with curve_mod.curve_keys() as keys:
+        cfg = {
+            "size": size,
+            "node_kwargs": curve_mod.node_kwargs(keys),
+            "client_kwargs": curve_mod.client_kwargs(keys),
+        }
+        return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
 
 
 def queue_durable(opts: Any, size: int) -> dict[str, Any]:
     """pigeon work queue with an on-disk store (confirm = stored)."""
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
-        cfg = {"size": size, "connect_kwargs": _durable_kwargs(tmp)}
+        cfg = {"size": size, "node_kwargs": _durable_kwargs(tmp)}
         return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
 
 
@@ -158,10 +183,10 @@ async def _rpc_server(ctl: Ctl) -> None:
     async def echo(message: pigeon.Message) -> bytes:
         return message.body
 
-    port = free_port()
-    async with pigeon.connect(bind=f"{LOCAL}:{port}") as node:
+    kwargs = ctl.cfg.get("node_kwargs", {})
+    async with pigeon.connect(bind=ANY_PORT, **kwargs) as node:
         await node.serve(SERVICE, echo)
-        ctl.port.value = port
+        ctl.port.value = _bound_port(node, kwargs)
         ctl.bound.set()
         await wait_stop(ctl)
 
@@ -175,7 +200,9 @@ def rpc_client(ctl: Ctl) -> None:
 async def _rpc_client(ctl: Ctl) -> None:
     import pigeon
 
-    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}") as client:
+    kwargs = ctl.cfg.get("client_kwargs", {})
+    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}", **kwargs) as client:
+        _check_secure(client, kwargs)
 
         async def call(body: bytes) -> None:
             await client.request(SERVICE, body, timeout=5.0)
@@ -231,14 +258,26 @@ def rpc_sync_throughput(opts: Any) -> dict[str, Any]:
     return run_rpc(rpc_server, rpc_sync_client, {"window": 100}, opts.seconds)
 
 
-def rpc_latency(opts: Any) -> dict[str, Any]:
-    """pigeon request/serve, one request in flight."""
-    return run_rpc(rpc_server, rpc_client, {"window": 1}, opts.seconds)
+def _rpc(opts: Any, window: int, curve: bool) -> dict[str, Any]:
+    if not curve:
+        return run_rpc(rpc_server, rpc_client, {"window": window}, opts.seconds)
+    with curve_mod.curve_keys() as keys:
+        cfg = {
+            "window": window,
+            "node_kwargs": curve_mod.node_kwargs(keys),
+            "client_kwargs": curve_mod.client_kwargs(keys),
+        }
+        return run_rpc(rpc_server, rpc_client, cfg, opts.seconds)
 
 
-def rpc_throughput(opts: Any) -> dict[str, Any]:
-    """pigeon request/serve, 100 concurrent requests."""
-    return run_rpc(rpc_server, rpc_client, {"window": 100}, opts.seconds)
+def rpc_latency(opts: Any, curve: bool = False) -> dict[str, Any]:
+    """pigeon request/serve, one request in flight (``curve``: with keys and an ACL)."""
+    return _rpc(opts, 1, curve)
+
+
+def rpc_throughput(opts: Any, curve: bool = False) -> dict[str, Any]:
+    """pigeon request/serve, 100 concurrent requests (``curve``: with keys and an ACL)."""
+    return _rpc(opts, 100, curve)
 
 
 # ------------------------------------------------------------------- backlog
@@ -253,7 +292,8 @@ def backlog_holder(ctl: Ctl) -> None:
 async def _backlog_holder(ctl: Ctl) -> None:
     import pigeon
 
-    async with pigeon.connect(bind=f"{LOCAL}:{ctl.cfg['port']}") as node:
+    async with pigeon.connect(bind=ANY_PORT) as node:
+        ctl.port.value = _bound_port(node, {})
         ctl.bound.set()
         body = b"x" * ctl.cfg["size"]
         send = node.send_nowait
@@ -291,7 +331,7 @@ async def _backlog_worker(ctl: Ctl) -> None:
             times[1] = clock()
             finished.set()
 
-    async with pigeon.connect(f"{LOCAL}:{ctl.cfg['port']}") as conn:
+    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}") as conn:
         await conn.consume(QUEUE, handle, prefetch=1000)
         await finished.wait()
     ctl.results.put({"n": count - 1, "elapsed": times[1] - times[0]})
@@ -299,6 +339,4 @@ async def _backlog_worker(ctl: Ctl) -> None:
 
 def backlog(opts: Any) -> dict[str, Any]:
     """pigeon: the backlog lives in the host (producer) process."""
-    return run_backlog(
-        backlog_holder, backlog_worker, {"port": free_port(), "size": 100}, opts.count
-    )
+    return run_backlog(backlog_holder, backlog_worker, {"size": 100}, opts.count)

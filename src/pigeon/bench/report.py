@@ -42,11 +42,35 @@ def ratio(row: dict[str, Any], pigeon: dict[str, Any] | None) -> float | None:
     return None
 
 
+def add_ratios(doc: dict[str, Any], plain_of: dict[tuple[str, str], str]) -> None:
+    """Put the ratios into every result row of ``doc``.
+
+    ``pigeon_x``: the "pigeon ×" column, :func:`ratio` against pigeon's row of
+    the same variant. ``vs_plain``: for a CURVE row, how it compares with the
+    same system's row without CURVE (``plain_of[system, variant]`` names that
+    variant), as :func:`ratio` does it: its throughput ÷ the plain row's, or
+    the plain p50 ÷ its p50 for latency rows; < 1 means CURVE costs. Rows it
+    does not apply to get None.
+    """
+    results = doc["results"]
+    by_key = {(r["system"], r["variant"]): r for r in results}
+    for r in results:
+        r["pigeon_x"] = ratio(r, by_key.get(("pigeon", r["variant"])))
+        plain = plain_of.get((r["system"], r["variant"]))
+        base = by_key.get((r["system"], plain)) if plain is not None else None
+        r["vs_plain"] = ratio(base, r) if base is not None else None
+
+
 def table(doc: dict[str, Any]) -> str:
-    """Fixed-width table of results followed by the skipped systems."""
+    """Fixed-width table of results followed by the skipped systems.
+
+    The "vs plain" column is there when some row has ``vs_plain`` (CURVE rows).
+    """
     results = doc["results"]
     pigeon = {r["variant"]: r for r in results if r["system"] == "pigeon"}
-    head = ("system", "variant", "msgs/s", "p50 µs", "p99 µs", "peak RSS MB", "pigeon ×", "note")
+    curve = any(r.get("vs_plain") is not None for r in results)
+    head: tuple[str, ...] = ("system", "variant", "msgs/s", "p50 µs", "p99 µs", "peak RSS MB")
+    head += ("pigeon ×", "vs plain", "note") if curve else ("pigeon ×", "note")
     body = [
         (
             r["system"],
@@ -56,16 +80,18 @@ def table(doc: dict[str, Any]) -> str:
             _num(r["p99_us"]),
             _num(r["peak_rss_mb"]),
             _num(ratio(r, pigeon.get(r["variant"])), 2),
+            *((_num(r.get("vs_plain"), 2),) if curve else ()),
             r.get("note") or "",
         )
         for r in results
     ]
+    last_number = len(head) - 2
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     lines = [f"scenario: {doc['scenario']}"]
     for i, cells in enumerate([head, *body]):
         lines.append(
             "  ".join(
-                str(c).rjust(w) if 2 <= j <= 6 else str(c).ljust(w)
+                str(c).rjust(w) if 2 <= j <= last_number else str(c).ljust(w)
                 for j, (c, w) in enumerate(zip(cells, widths, strict=True))
             ).rstrip()
         )
@@ -79,6 +105,11 @@ def table(doc: dict[str, Any]) -> str:
     lines.append(
         "pigeon ×: > 1 means pigeon is better (throughput ratio, or p50 ratio for latency rows)"
     )
+    if curve:
+        lines.append(
+            "vs plain: a CURVE row against the same system without CURVE "
+            "(< 1 means CURVE costs; same ratios)"
+        )
     return "\n".join(lines)
 
 

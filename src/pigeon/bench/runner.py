@@ -2,9 +2,9 @@
 
 Adding a system or a variant is one function plus one :data:`REGISTRY` line.
 A variant function takes the parsed options (and ``size=`` for sized
-variants), runs its processes, and returns a dict with any of ``msgs_per_s``,
-``p50_us``, ``p99_us``, ``peak_rss_mb`` and ``note``; it raises
-:class:`~pigeon.bench.harness.Skip` when it cannot run.
+variants, ``curve=True`` for the CURVE rows), runs its processes, and returns
+a dict with any of ``msgs_per_s``, ``p50_us``, ``p99_us``, ``peak_rss_mb`` and
+``note``; it raises :class:`~pigeon.bench.harness.Skip` when it cannot run.
 """
 
 from __future__ import annotations
@@ -37,11 +37,16 @@ class Entry:
         variant: Row label; ``{size}`` is expanded once per ``--size`` value.
         func: ``"module:function"``, imported only when the row runs, so a
             missing client library only affects its own rows.
+        curve_of: For a CURVE row, the variant (of the same system) it is
+            the encrypted twin of: ``func`` is called with ``curve=True`` and
+            the row reports ``vs_plain`` against that one. ``--no-curve``
+            leaves these rows out.
     """
 
     system: str
     variant: str
     func: str
+    curve_of: str | None = None
 
     @property
     def sized(self) -> bool:
@@ -55,7 +60,9 @@ _Z, _N, _A, _P = (
 REGISTRY: dict[str, list[Entry]] = {
     "queue": [
         Entry("pigeon", "{size}", f"{_P}:queue"),
+        Entry("pigeon", "{size} curve", f"{_P}:queue", curve_of="{size}"),
         Entry("pyzmq", "{size}", f"{_Z}:queue"),
+        Entry("pyzmq", "{size} curve", f"{_Z}:queue", curve_of="{size}"),
         Entry("nats", "{size}", f"{_N}:queue"),
         Entry("rabbitmq", "{size}", f"{_A}:queue"),
     ],
@@ -66,11 +73,15 @@ REGISTRY: dict[str, list[Entry]] = {
     ],
     "rpc": [
         Entry("pigeon", "1 in flight", f"{_P}:rpc_latency"),
+        Entry("pigeon", "curve, 1 in flight", f"{_P}:rpc_latency", curve_of="1 in flight"),
         Entry("pigeon", "100 in flight", f"{_P}:rpc_throughput"),
+        Entry("pigeon", "curve, 100 in flight", f"{_P}:rpc_throughput", curve_of="100 in flight"),
         Entry("pigeon", "sync, 1 in flight", f"{_P}:rpc_sync_latency"),
         Entry("pigeon", "sync, 100 threads", f"{_P}:rpc_sync_throughput"),
         Entry("pyzmq", "1 in flight", f"{_Z}:rpc_latency"),
+        Entry("pyzmq", "curve, 1 in flight", f"{_Z}:rpc_latency", curve_of="1 in flight"),
         Entry("pyzmq", "100 in flight", f"{_Z}:rpc_throughput"),
+        Entry("pyzmq", "curve, 100 in flight", f"{_Z}:rpc_throughput", curve_of="100 in flight"),
         Entry("nats", "1 in flight", f"{_N}:rpc_latency"),
         Entry("nats", "100 in flight", f"{_N}:rpc_throughput"),
         Entry("rabbitmq", "1 in flight", f"{_A}:rpc_latency"),
@@ -122,6 +133,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--size", default="16,1024", help="body sizes in bytes for queue scenarios")
     p.add_argument("--count", type=int, default=1_000_000, help="backlog size (backlog only)")
+    p.add_argument(
+        "--curve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the CURVE-encrypted rows (pigeon and pyzmq; queue and rpc; default on)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--chart", metavar="PATH", help="write a PNG bar chart of the results")
     p.add_argument(
@@ -141,21 +158,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return opts
 
 
-Row = tuple[str, str, str, dict[str, Any]]
+@dataclass(frozen=True)
+class Row:
+    """One row to run: an :class:`Entry` with its size (if any) filled in."""
+
+    system: str
+    variant: str
+    func: str
+    kwargs: dict[str, Any]
+    curve_of: str | None  # the plain variant this CURVE row is compared with
 
 
 def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[Row]:
-    """Expand the registry into (system, variant, func, kwargs), pigeon first per variant."""
-    rows: list[Row] = []
-    for entry in REGISTRY[scenario]:
-        if entry.system not in systems:
-            continue
-        sizes = opts.sizes if entry.sized else [None]
-        for size in sizes:
-            label = entry.variant.format(size=size_label(size or 0), count=opts.count)
-            rows.append((entry.system, label, entry.func, {"size": size} if size else {}))
-    order = {label: i for i, label in enumerate(dict.fromkeys(r[1] for r in rows))}
-    return sorted(rows, key=lambda r: (order[r[1]], systems.index(r[0])))
+    """Expand the registry into rows: by size, then in registry order of the
+    variants (so a CURVE row follows its plain twin), pigeon first per variant."""
+    entries = [
+        e for e in REGISTRY[scenario] if e.system in systems and (opts.curve or e.curve_of is None)
+    ]
+    templates = list(dict.fromkeys(e.variant for e in entries))
+    keyed: list[tuple[tuple[int, int, int], Row]] = []
+    for entry in entries:
+        for n, size in enumerate(opts.sizes if entry.sized else [None]):
+
+            def fill(template: str, size: int | None = size) -> str:
+                return template.format(size=size_label(size or 0), count=opts.count)
+
+            kwargs: dict[str, Any] = {"size": size} if size else {}
+            if entry.curve_of is not None:
+                kwargs["curve"] = True
+            row = Row(
+                entry.system,
+                fill(entry.variant),
+                entry.func,
+                kwargs,
+                fill(entry.curve_of) if entry.curve_of is not None else None,
+            )
+            order = (n, templates.index(entry.variant), systems.index(entry.system))
+            keyed.append((order, row))
+    return [row for _, row in sorted(keyed, key=lambda k: k[0])]
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
@@ -171,9 +211,13 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         except Skip as exc:
             down.add(system)
             skipped.append({"system": system, "variant": None, "reason": str(exc)})
-    for system, variant, func, kwargs in _rows(opts.scenario, systems, opts):
+    plain_of: dict[tuple[str, str], str] = {}
+    for r in _rows(opts.scenario, systems, opts):
+        system, variant, func, kwargs = r.system, r.variant, r.func, r.kwargs
         if system in down:
             continue
+        if r.curve_of is not None:
+            plain_of[system, variant] = r.curve_of
         print(f"{opts.scenario}: {system} {variant} …", end="", file=sys.stderr, flush=True)
         t = time.monotonic()
         try:
@@ -193,7 +237,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         out["note"] = row.get("note")
         results.append(out)
         print(f" {report.short(out)} ({time.monotonic() - t:.1f} s)", file=sys.stderr)
-    return {"scenario": opts.scenario, "results": results, "skipped": skipped}
+    doc = {"scenario": opts.scenario, "results": results, "skipped": skipped}
+    report.add_ratios(doc, plain_of)
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def collect(ctl: Ctl, n: int, timeout: float, kids: Children) -> list[dict[str, 
                 raise Skip(f"child failed: {', '.join(bad)}") from None
             continue
         if "error" in item:
-            raise Skip(f"child error: {item['error']}")
+            raise Skip(f"child failed: {kids.failure(item['error'])}")
         out.append(item)
     return out
 
