@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import aiormq.exceptions as amqp_errors
 
 from ...errors import (
+    AuthenticationError,
     ConfigurationError,
     DeliveryError,
     NoResponders,
@@ -20,6 +21,7 @@ from ...errors import (
     Timeout,
     TransportError,
 )
+from .security import tls_problem
 
 # Errors meaning "the connection or channel is gone; retrying after the
 # reconnect may work". ChannelInvalidStateError is a RuntimeError in aiormq.
@@ -48,8 +50,10 @@ def map_exceptions(
         DeliveryError: the broker refused or could not route a message.
         ConfigurationError: the broker refused a declaration (different
             arguments on an existing queue, access refused).
+        AuthenticationError: the broker refused the login.
         Timeout: the broker did not answer in time.
-        TransportError: the connection or channel was lost or cannot be made.
+        TransportError: the connection or channel was lost or cannot be
+            made (a TLS certificate not accepted, for one: the message says).
     """
     try:
         yield
@@ -69,7 +73,7 @@ def map_exceptions(
     except amqp_errors.ChannelAccessRefused as exc:
         raise ConfigurationError(f"{action}: access refused by the broker ({exc})") from exc
     except (amqp_errors.AuthenticationError, amqp_errors.ProbableAuthenticationError) as exc:
-        raise TransportError(
+        raise AuthenticationError(
             f"{action}: the broker at {address} refused the credentials ({exc})", address=address
         ) from exc
     except amqp_errors.ChannelNotFoundEntity as exc:
@@ -77,4 +81,7 @@ def map_exceptions(
     except TimeoutError as exc:  # before OSError: TimeoutError is one
         raise Timeout(f"{action}: the broker at {address} did not answer in time") from exc
     except (*LOST, amqp_errors.AMQPError) as exc:
+        problem = tls_problem(exc)
+        if problem is not None:
+            raise TransportError(f"{action}: {problem}", address=address) from exc
         raise TransportError(f"{action}: {type(exc).__name__}: {exc}", address=address) from exc

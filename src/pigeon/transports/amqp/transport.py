@@ -9,6 +9,7 @@ those gets only the collaborators it uses, never the transport.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from typing import Any
 
@@ -16,6 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from ...errors import (
+    AuthenticationError,
     ClosedError,
     ConfigurationError,
     MessageTooLarge,
@@ -32,15 +34,30 @@ from .options import MAX_PREFETCH
 from .options import parse as parse_options
 from .publisher import Publisher
 from .rpc import Requester, ServiceRegistration
+from .security import LOST_AFTER_HANDSHAKE, connection_lost, tls_problem
 from .topology import Topology
+
+log = logging.getLogger("pigeon.amqp")
 
 
 class AmqpTransport:
     """pigeon on RabbitMQ through aio-pika's robust connection.
 
     Args:
-        url: ``amqp://user:password@host:port/vhost`` (``amqps://`` is not
-            a pigeon scheme; give TLS settings in the URL query instead).
+        url: ``amqp://user:password@host:port/vhost``, or ``amqps://`` for
+            TLS, with RabbitMQ's TLS query parameters if wanted
+            (``cacertfile``, ``certfile``, ``keyfile``, ``verify``,
+            ``server_name_indication``; aiormq's ``cafile`` and
+            ``no_verify_ssl`` too). Other query parameters go to aiormq.
+        user, password: the login, instead of in the URL.
+        ca_file: CA file (PEM) the broker's certificate must chain to
+            (``amqps://`` only; default: the system's CAs).
+        cert_file, key_file: client certificate and key (PEM), for brokers
+            that verify clients.
+        server_hostname: the name the broker's certificate must carry, when
+            it is not the URL's host.
+        verify: False skips checking the broker's certificate (tests only).
+        ssl_context: a ready :class:`ssl.SSLContext` instead of the files.
         max_message_size: largest body accepted, in bytes (16 MiB, which is
             also RabbitMQ 4.x's default limit).
         queue_type: ``quorum`` (default) or ``classic`` for work queues.
@@ -57,9 +74,12 @@ class AmqpTransport:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.options = parse_options(url, options)
-        self.url = url
+        self.options, self._client_url = parse_options(url, options)
         self.address = self.options.address  # for messages and errors: never the password
+        self.url = self.address
+        tls = self.options.tls
+        # Read the TLS files now: a bad one is a ConfigurationError here.
+        self._ssl_context = tls.ssl_context() if tls is not None else None
         self.max_message_size = self.options.max_message_size
         self.counts: Counter[str] = Counter()
         self._connection: AbstractRobustConnection | None = None
@@ -84,13 +104,32 @@ class AmqpTransport:
         options: dict[str, Any] = {"reconnect_interval": settings.reconnect_interval}
         if settings.heartbeat is not None:
             options["heartbeat"] = settings.heartbeat
-        with map_exceptions(f"connect to {self.address}", address=self.address):
-            connection = await aio_pika.connect_robust(
-                self.url,
-                timeout=settings.connect_timeout,
-                client_properties={"connection_name": "pigeon"},
-                **options,
-            )
+        if settings.tls is not None:
+            if not settings.tls.verify:
+                log.warning(
+                    "%s: the broker's TLS certificate is not checked (verify is off): "
+                    "anyone in the middle can read and change the traffic",
+                    self.address,
+                )
+            options["ssl_context"] = self._ssl_context
+        try:
+            with map_exceptions(f"connect to {self.address}", address=self.address):
+                connection = await aio_pika.connect_robust(
+                    self._client_url,
+                    timeout=settings.connect_timeout,
+                    client_properties={"connection_name": "pigeon"},
+                    **options,
+                )
+        except AuthenticationError:
+            raise
+        except TransportError as exc:
+            # With TLS 1.3 a refused client certificate often shows here as
+            # a plain reset, the broker's TLS alert lost on the way.
+            if settings.tls is None or tls_problem(exc) or not connection_lost(exc):
+                raise
+            raise TransportError(
+                f"connect to {self.address}: {LOST_AFTER_HANDSHAKE}", address=self.address
+            ) from exc.__cause__
         connection.reconnect_callbacks.add(self._on_reconnect)
         publisher = Publisher(
             connection,
@@ -107,6 +146,10 @@ class AmqpTransport:
         self._topology = Topology(connection, settings.queue_type, self.address)
         self._publisher = publisher
         self._requester = Requester(self._live_connection, self.address, self.counts)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "started" if self._connection else "not started"
+        return f"<AmqpTransport {self.address} {state}>"
 
     def _on_reconnect(self, *_: Any) -> None:
         self.counts["reconnects"] += 1
