@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import brokers
 import pytest
@@ -41,14 +42,14 @@ def users_server(
     tmp_path_factory: pytest.TempPathFactory, certs: tlsutil.Certs, nkey: tuple[str, str]
 ) -> Iterator[tlsutil.NatsServer]:
     """TLS without client certificates; a user with a password, and an nkey user."""
-    authorization = f"""
+    auth = f"""authorization {{
   users = [
     {{ user: "{USER}", password: "{PASSWORD}" }}
     {{ nkey: "{nkey[1]}" }}
   ]
-"""
+}}"""
     server = tlsutil.NatsServer(
-        tmp_path_factory.mktemp("nats-users"), certs, verify=False, authorization=authorization
+        tmp_path_factory.mktemp("nats-users"), certs, verify=False, auth=auth
     )
     server.start()
     yield server
@@ -64,10 +65,23 @@ def mtls_server(
         tmp_path_factory.mktemp("nats-mtls"),
         certs,
         verify=True,
-        authorization=f'  token: "{TOKEN}"',
+        auth=f'authorization {{ token: "{TOKEN}" }}',
     )
     server.start()
     yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def operator_server(
+    tmp_path_factory: pytest.TempPathFactory, certs: tlsutil.Certs
+) -> Iterator[tuple[tlsutil.NatsServer, str]]:
+    """TLS in operator mode (accounts and users are JWTs): a user's .creds file."""
+    directory = tmp_path_factory.mktemp("nats-operator")
+    config, creds = tlsutil.operator_mode(directory)
+    server = tlsutil.NatsServer(directory, certs, verify=False, auth=config)
+    server.start()
+    yield server, creds
     server.stop()
 
 
@@ -139,6 +153,25 @@ def test_nkey_seed_file(
             await _roundtrip(conn)
 
     asyncio.run(main())
+
+
+def test_creds_file(operator_server: tuple[tlsutil.NatsServer, str], certs: tlsutil.Certs) -> None:
+    server, creds = operator_server
+    url = _isolated(f"tls://127.0.0.1:{server.port}")
+
+    async def main() -> None:
+        async with pigeon.connect(url, ca_file=certs.ca, user_credentials=creds) as conn:
+            await _roundtrip(conn)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("scenario", conformance.SCENARIOS, ids=lambda s: s.__name__)
+def test_conformance_over_tls(
+    users_server: tlsutil.NatsServer, certs: tlsutil.Certs, scenario: Any
+) -> None:
+    url = _isolated(f"tls://{USER}:{PASSWORD}@127.0.0.1:{users_server.port}?tls_ca={certs.ca}")
+    conformance.run(scenario, conformance.BrokerSetup(url))
 
 
 def test_mutual_tls_with_token(mtls_server: tlsutil.NatsServer, certs: tlsutil.Certs) -> None:

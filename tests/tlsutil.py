@@ -9,6 +9,9 @@ CI must have everything.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import brokers
 import pytest
@@ -116,6 +120,74 @@ def nkey_pair(directory: Path) -> tuple[str, str]:
     return str(path), public
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(claims: dict[str, Any], signer: Any) -> str:
+    """A NATS JWT (v2) of ``claims``, signed by the nkey ``signer``."""
+    body = {"iat": int(time.time()), "iss": signer.public_key.decode(), **claims}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
+    body["jti"] = base64.b32encode(digest).rstrip(b"=").decode()
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    payload = _b64(json.dumps(body).encode())
+    signature = signer.sign(f"{head}.{payload}".encode())
+    return f"{head}.{payload}.{_b64(signature)}"
+
+
+def operator_mode(directory: Path) -> tuple[str, str]:
+    """A NATS operator, an account (with JetStream) and a user of it: the
+    server's config lines for them, and the path of the user's ``.creds``."""
+    nkeys = need_module("nkeys")
+
+    def pair(prefix: int) -> Any:
+        return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+    operator = pair(nkeys.PREFIX_BYTE_OPERATOR)
+    system = pair(nkeys.PREFIX_BYTE_ACCOUNT)  # JetStream needs a system account
+    account = pair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user = pair(nkeys.PREFIX_BYTE_USER)
+    unlimited = {"subs": -1, "conn": -1, "leaf": -1, "imports": -1, "exports": -1}
+    unlimited |= {"data": -1, "payload": -1, "wildcards": True}
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    operator_claims = {"type": "operator", "version": 2}
+    operator_claims["system_account"] = system.public_key.decode()
+    operator_jwt = _jwt(
+        {"sub": operator.public_key.decode(), "name": "pigeon-test", "nats": operator_claims},
+        operator,
+    )
+    accounts = {}
+    for key, name, limits in (
+        (system, "SYS", unlimited),
+        (account, "pigeon", {**unlimited, **jetstream}),
+    ):
+        claims = {"type": "account", "version": 2, "limits": limits}
+        accounts[key.public_key.decode()] = _jwt(
+            {"sub": key.public_key.decode(), "name": name, "nats": claims}, operator
+        )
+    user_claims = {"type": "user", "version": 2, "pub": {}, "sub": {}}
+    user_claims |= {"subs": -1, "data": -1, "payload": -1}
+    user_jwt = _jwt({"sub": user.public_key.decode(), "name": USER, "nats": user_claims}, account)
+    creds = directory / "user.creds"
+    creds.write_text(
+        "-----BEGIN NATS USER JWT-----\n"
+        f"{user_jwt}\n"
+        "------END NATS USER JWT------\n\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{user.seed.decode()}\n"
+        "------END USER NKEY SEED------\n"
+    )
+    os.chmod(creds, 0o600)
+    preload = "\n".join(f'  {key}: "{token}"' for key, token in accounts.items())
+    config = (
+        f'operator: "{operator_jwt}"\n'
+        f'system_account: "{system.public_key.decode()}"\n'
+        "resolver: MEMORY\n"
+        f"resolver_preload: {{\n{preload}\n}}\n"
+    )
+    return config, str(creds)
+
+
 # -- nats-server --------------------------------------------------------------
 
 
@@ -134,15 +206,16 @@ class NatsServer:
         directory: where its config, log and JetStream store go.
         certs: the server certificate, and the CA that verifies clients.
         verify: require a client certificate signed by ``certs.ca``.
-        authorization: the body of the config's ``authorization`` block.
+        auth: the config's lines for logins (an ``authorization`` block, or
+            ``operator`` and ``resolver`` lines).
     """
 
-    def __init__(self, directory: Path, certs: Certs, *, verify: bool, authorization: str) -> None:
+    def __init__(self, directory: Path, certs: Certs, *, verify: bool, auth: str) -> None:
         self.binary = nats_binary()
         self.directory = directory
         self.certs = certs
         self.verify = verify
-        self.authorization = authorization
+        self.auth = auth
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -158,9 +231,7 @@ tls {{
   verify: {"true" if self.verify else "false"}
   timeout: 2
 }}
-authorization {{
-{self.authorization}
-}}
+{self.auth}
 """
 
     def start(self) -> None:
