@@ -13,10 +13,11 @@ import itertools
 import os
 import time
 from collections.abc import Iterable
-from typing import Any, TypeVar, overload
+from typing import Annotated, Any, TypeVar, overload
 
 import msgspec
 
+from ._core import limits
 from .errors import DecodeError
 
 __all__ = [
@@ -91,6 +92,11 @@ def new_id() -> str:
     return _stamp()[0]
 
 
+_HeaderName = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.MAX_HEADER_NAME)]
+_HeaderValue = Annotated[str, msgspec.Meta(max_length=limits.MAX_HEADER_VALUE)]
+_Time = Annotated[float, msgspec.Meta(ge=0.0, le=limits.MAX_TIME)]
+
+
 class Message(msgspec.Struct, array_like=True, gc=False):
     """One message: the envelope every transport carries.
 
@@ -109,14 +115,18 @@ class Message(msgspec.Struct, array_like=True, gc=False):
         deadline: wall-clock seconds after which nobody should work on it.
     """
 
-    id: str
+    # The bounds apply when a message is decoded from the wire or a store
+    # (``pigeon._core.limits``); a value outside them is refused there.
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=limits.MAX_ID)]
     body: bytes
-    content_type: str = BYTES
-    headers: dict[str, str] = {}
-    attempt: int = 0
+    content_type: Annotated[str, msgspec.Meta(max_length=limits.MAX_NAME)] = BYTES
+    headers: Annotated[
+        dict[_HeaderName, _HeaderValue], msgspec.Meta(max_length=limits.MAX_HEADERS)
+    ] = {}
+    attempt: Annotated[int, msgspec.Meta(ge=0, le=limits.MAX_ATTEMPT)] = 0
     redelivered: bool = False
-    created_at: float = 0.0
-    deadline: float | None = None
+    created_at: _Time = 0.0
+    deadline: _Time | None = None
 
     @overload
     def decode(self) -> Any: ...
@@ -156,7 +166,19 @@ def make_message(
     deadline: float | None = None,
     message_id: str | None = None,
 ) -> Message:
-    """Build a new message from a Python value (see :func:`encode_body`)."""
+    """Build a new message from a Python value (see :func:`encode_body`).
+
+    Raises:
+        TypeError: the payload, headers or id have the wrong type.
+        ValueError: headers or id are out of bounds (``pigeon._core.limits``).
+    """
+    if message_id is not None:
+        if not isinstance(message_id, str):
+            raise TypeError(f"message_id must be a str, not {type(message_id).__name__}")
+        if not message_id or len(message_id) > limits.MAX_ID:
+            raise ValueError(
+                f"message_id is 1 to {limits.MAX_ID} characters, not {len(message_id)}"
+            )
     if headers is not None:
         _check_headers(headers)
         headers = dict(headers)
@@ -198,9 +220,17 @@ def make_messages(
 def _check_headers(headers: dict[str, str]) -> None:
     if not isinstance(headers, dict):
         raise TypeError(f"headers must be a dict of str to str, not {type(headers).__name__}")
+    if len(headers) > limits.MAX_HEADERS:
+        raise ValueError(f"a message has at most {limits.MAX_HEADERS} headers, not {len(headers)}")
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"headers must map str to str; got {key!r}: {value!r}")
+        if not key or len(key) > limits.MAX_HEADER_NAME:
+            raise ValueError(f"a header name is 1 to {limits.MAX_HEADER_NAME} characters: {key!r}")
+        if len(value) > limits.MAX_HEADER_VALUE:
+            raise ValueError(
+                f"header {key!r} is {len(value)} characters, over {limits.MAX_HEADER_VALUE}"
+            )
 
 
 def _to_builtins(payload: Any) -> Any:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._core.backoff import DeadLetter, RetryPolicy, on_failure
+from ._core.policy import attempt_limit_reason, over_attempt_limit
 from .errors import PigeonError
 from .message import Message, make_message
 from .transports import ConsumeOptions, Delivery, Subscription, Transport
@@ -94,8 +95,16 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         counts = self.counts
         counts["received"] += 1
-        if delivery.message.redelivered:
+        message = delivery.message
+        if message.redelivered:
             counts["redelivered"] += 1
+            if over_attempt_limit(message.attempt, self.policy.max_attempts):
+                # Workers before this one died holding it: this worker's
+                # policy says it has had its attempts (the host may have a
+                # limit of its own, too).
+                counts["dead_lettered"] += 1
+                await delivery.reject(attempt_limit_reason(self.queue, message.attempt - 1))
+                return
         try:
             if self._async_handler:
                 await self.handler(delivery)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pigeon._core import frames
+from pigeon._core import frames, limits
 from pigeon._core.frames import (
     VERSION,
     Cancel,
@@ -201,24 +201,64 @@ def test_mutated_frames_decode_or_raise_protocol_error(
         assert encode(decode(encode(result))) == encode(result)
 
 
+times = st.floats(min_value=0.0, max_value=limits.MAX_TIME)
 messages = st.builds(
     Message,
     id=st.text(min_size=1, max_size=30),
     body=st.binary(max_size=64),
     content_type=st.sampled_from([JSON, "application/msgpack", "text/plain; charset=utf-8"]),
-    headers=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
-    attempt=st.integers(0, 2**31),
+    headers=st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=8), max_size=3),
+    attempt=st.integers(0, limits.MAX_ATTEMPT),
     redelivered=st.booleans(),
-    created_at=st.floats(allow_nan=False, allow_infinity=False),
-    deadline=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+    created_at=times,
+    deadline=st.none() | times,
 )
+names = st.from_regex(limits.NAME_RE, fullmatch=True).filter(lambda n: len(n) <= limits.MAX_NAME)
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(messages, max_size=4), st.text(max_size=10))
+@given(st.lists(messages, max_size=4), names)
 def test_generated_batches_round_trip(batch: list[Message], queue: str) -> None:
     for frame in (Send(queue, batch), Deliver(queue, batch)):
         assert decode(encode(frame)) == frame
+
+
+OUT_OF_RANGE = {
+    "empty queue name": Send("", []),
+    "wildcard in a queue name": Send("orders.*", []),
+    "space in a queue name": Send("two words", []),
+    "long queue name": Send("q" * 256, []),
+    "attempt past the bound": Send("q", [Message(id="m", body=b"", attempt=2**63)]),
+    "negative time": Send("q", [Message(id="m", body=b"", created_at=-1.0)]),
+    "NaN deadline": Send("q", [Message(id="m", body=b"", deadline=float("nan"))]),
+    "infinite lease": Consume("q", 1, float("inf")),
+    "NaN lease": Consume("q", 1, float("nan")),
+    "prefetch 0": Consume("q", 0),
+    "huge prefetch": Consume("q", 2**62),
+    "negative timeout": Request("r", "svc", BARE, -1.0),
+    "too many headers": Send(
+        "q", [Message(id="m", body=b"", headers={str(i): "" for i in range(65)})]
+    ),
+    "huge header value": Send("q", [Message(id="m", body=b"", headers={"h": "x" * 9000})]),
+    "empty id": Confirm([""]),
+    "too many ids": Confirm(["a"] * (limits.MAX_FRAME_ITEMS + 1)),
+    "NaN nack delay": Settle("q", nacks=[("m", float("nan"), "")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUT_OF_RANGE))
+def test_out_of_range_fields_are_refused(name: str) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode(encode(OUT_OF_RANGE[name]))
+
+
+def test_a_batch_bomb_is_refused_whole() -> None:
+    one = encode(Confirm(["a"]))
+    with pytest.raises(RemoteProtocolError):
+        frames.decode_all(frames.encode_batch([one] * (limits.MAX_BATCH_FRAMES + 1)))
+    assert len(frames.decode_all(frames.encode_batch([one] * limits.MAX_BATCH_FRAMES))) == (
+        limits.MAX_BATCH_FRAMES
+    )
 
 
 def test_an_unknown_refusal_reason_is_refused() -> None:

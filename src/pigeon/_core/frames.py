@@ -12,11 +12,24 @@ Rule 2: a frame with another version byte is refused, never guessed at.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from ..errors import RemoteProtocolError
 from ..message import Message
+from . import limits as L
 from .policy import RefusalReason, ReplyErrorKind
+
+# Field bounds (``limits``): a decoded frame with a field outside them is
+# malformed (Rule 1), so nothing past here meets an absurd value.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=L.MAX_NAME, pattern=L.NAME_RE)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=L.MAX_ID)]
+Text = Annotated[str, msgspec.Meta(max_length=L.MAX_TEXT)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=L.MAX_SECONDS)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=L.MAX_ATTEMPT)]
+Messages = Annotated[list[Message], msgspec.Meta(max_length=L.MAX_FRAME_ITEMS)]
+Ids = Annotated[list[Id], msgspec.Meta(max_length=L.MAX_FRAME_ITEMS)]
 
 VERSION = 1
 _VERSION_BYTE = bytes([VERSION])
@@ -26,95 +39,101 @@ _PER_MESSAGE_OVERHEAD = 64  # bytes an envelope adds to its body, about
 class Hello(msgspec.Struct, array_like=True, tag=1, gc=False):
     """Heartbeat and advertisement; both sides send it every interval."""
 
-    node: str
-    session: str
-    services: list[str] = []
+    node: Id
+    session: Id
+    services: Annotated[list[Name], msgspec.Meta(max_length=L.MAX_SERVICES)] = []
     hosts_queues: bool = False
-    load: int = 0
+    load: Count = 0
 
 
 class Send(msgspec.Struct, array_like=True, tag=2, gc=False):
     """Producer → host: store these messages in ``queue``; confirm them."""
 
-    queue: str
-    messages: list[Message]
+    queue: Name
+    messages: Messages
 
 
 class Confirm(msgspec.Struct, array_like=True, tag=3, gc=False):
     """Host → producer: these ids are stored (or were already)."""
 
-    ids: list[str]
+    ids: Ids
 
 
 class Refuse(msgspec.Struct, array_like=True, tag=4, gc=False):
     """Host → producer: these ids were not accepted: [id, reason, detail] each."""
 
-    refusals: list[tuple[str, RefusalReason, str]]
+    refusals: Annotated[
+        list[tuple[Id, RefusalReason, Text]], msgspec.Meta(max_length=L.MAX_FRAME_ITEMS)
+    ]
 
 
 class Consume(msgspec.Struct, array_like=True, tag=5, gc=False):
     """Worker → host: deliver ``queue`` to me, up to ``prefetch`` unsettled."""
 
-    queue: str
-    prefetch: int
-    lease_ttl: float = 30.0
-    max_attempts: int = 0
+    queue: Name
+    prefetch: Annotated[int, msgspec.Meta(ge=1, le=L.MAX_PREFETCH)]
+    lease_ttl: Seconds = 30.0
+    max_attempts: Count = 0  # the worker's own limit; the host keeps its own
 
 
 class Cancel(msgspec.Struct, array_like=True, tag=6, gc=False):
     """Worker → host: stop delivering ``queue``; unsettled ones go back."""
 
-    queue: str
+    queue: Name
 
 
 class Deliver(msgspec.Struct, array_like=True, tag=7, gc=False):
     """Host → worker: messages leased to this worker."""
 
-    queue: str
-    messages: list[Message]
+    queue: Name
+    messages: Messages
 
 
 class Settle(msgspec.Struct, array_like=True, tag=8, gc=False):
     """Worker → host: outcomes of deliveries, batched."""
 
-    queue: str
-    acks: list[str] = []
-    nacks: list[tuple[str, float, str]] = []
-    rejects: list[tuple[str, str]] = []
-    extends: list[str] = []
+    queue: Name
+    acks: Ids = []
+    nacks: Annotated[
+        list[tuple[Id, Seconds, Text]], msgspec.Meta(max_length=L.MAX_FRAME_ITEMS)
+    ] = []
+    rejects: Annotated[list[tuple[Id, Text]], msgspec.Meta(max_length=L.MAX_FRAME_ITEMS)] = []
+    extends: Ids = []
 
 
 class Request(msgspec.Struct, array_like=True, tag=9, gc=False):
     """Client → server: run ``service`` on ``message``; ``timeout`` is what is left."""
 
-    request_id: str
-    service: str
+    request_id: Id
+    service: Name
     message: Message
-    timeout: float
+    timeout: Seconds
 
 
 class Reply(msgspec.Struct, array_like=True, tag=10, gc=False):
     """Server → client: the answer to ``request_id`` (or ``error``)."""
 
-    request_id: str
+    request_id: Id
     message: Message | None = None
-    error: str = ""
+    error: Text = ""
     error_kind: ReplyErrorKind = ReplyErrorKind.NONE
 
 
 class Error(msgspec.Struct, array_like=True, tag=11, gc=False):
     """Either way: the peer's last frame was refused, with why."""
 
-    reason: str
+    reason: Text
 
 
 class Verdict(msgspec.Struct, array_like=True, tag=13, gc=False):
     """Host → peer: the answer to a Consume (``allowed``), or, when the node's
     ACL changed, that a grant is gone. ``verb`` is an ``acl.Verb`` value."""
 
-    verb: str
-    name: str
+    verb: Annotated[str, msgspec.Meta(max_length=16)]
+    name: Name
     allowed: bool
+    prefetch: Count = 0  # what the host granted (0: refused)
+    lease_ttl: Seconds = 0.0
 
 
 class Batch(msgspec.Struct, array_like=True, tag=12, gc=False):
@@ -124,7 +143,7 @@ class Batch(msgspec.Struct, array_like=True, tag=12, gc=False):
     another Batch.
     """
 
-    frames: list[bytes]
+    frames: Annotated[list[bytes], msgspec.Meta(max_length=L.MAX_BATCH_FRAMES)]
 
 
 Frame = (
@@ -159,13 +178,14 @@ def encode_batch(encoded: list[bytes]) -> bytes:
 
 def chunks_by_size(messages: list[Message], limit: int) -> list[list[Message]]:
     """Split ``messages`` into runs whose bodies add up to about ``limit`` bytes
-    at most (a body over it travels alone), so no frame outgrows what the
-    peer's socket accepts. Never returns an empty run."""
+    at most (a body over it travels alone), and of at most
+    ``MAX_FRAME_ITEMS`` messages, so no frame outgrows what the peer's socket
+    and decoder accept. Never returns an empty run."""
     runs: list[list[Message]] = []
     start, size = 0, 0
     for index, message in enumerate(messages):
         size += len(message.body) + _PER_MESSAGE_OVERHEAD
-        if size > limit and index > start:
+        if (size > limit or index - start >= L.MAX_FRAME_ITEMS) and index > start:
             runs.append(messages[start:index])
             start, size = index, len(message.body) + _PER_MESSAGE_OVERHEAD
     if start < len(messages):

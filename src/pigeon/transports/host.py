@@ -10,12 +10,14 @@ queued and nothing waits for a batch to fill.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from .._core import persistence, policy
 from .._core.ledger import QueueLedger, dead_letter_queue
+from .._core.limits import QueuePolicy
 from ..errors import StoreError
 from ..message import Message
 from ..store import GroupCommitter, Op, Store
@@ -29,6 +31,8 @@ class QueueHost:
 
     Args:
         lease_ttl: default seconds a delivery stays leased.
+        policy: the host's rules for consumers (prefetch and lease bounds,
+            attempt limit); ``lease_ttl`` is its default lease.
         max_length: ready messages a queue may hold; a put beyond it is
             refused (``put`` returns None for it) instead of growing forever.
         store: where messages are kept until acked; with one, a put is
@@ -41,7 +45,13 @@ class QueueHost:
         lease_ttl: float = 30.0,
         max_length: int | None = None,
         store: Store | None = None,
+        policy: QueuePolicy | None = None,
     ) -> None:
+        self.policy = (
+            dataclasses.replace(policy, lease_ttl=lease_ttl)
+            if policy is not None
+            else QueuePolicy(lease_ttl=lease_ttl)
+        )
         self.lease_ttl = lease_ttl
         self.max_length = max_length
         self.store = store
@@ -66,7 +76,11 @@ class QueueHost:
     def ledger(self, queue: str) -> QueueLedger:
         ledger = self.queues.get(queue)
         if ledger is None:
-            ledger = self.queues[queue] = QueueLedger(queue, lease_ttl=self.lease_ttl)
+            ledger = self.queues[queue] = QueueLedger(
+                queue,
+                lease_ttl=self.lease_ttl,
+                max_attempts=self.policy.max_attempts or None,
+            )
         return ledger
 
     # -- producers -------------------------------------------------------
@@ -181,15 +195,20 @@ class QueueHost:
         *,
         prefetch: int,
         lease_ttl: float | None = None,
-        max_attempts: int = 0,
-    ) -> None:
+    ) -> tuple[int, float]:
+        """Deliver ``queue`` to ``consumer`` through ``sink``.
+
+        The consumer asks; the host's policy decides (``QueuePolicy``).
+        Returns the prefetch and lease ttl it got.
+        """
         ledger = self.ledger(queue)
-        if max_attempts:
-            ledger.max_attempts = max_attempts
-        ledger.add_consumer(consumer, prefetch, lease_ttl=lease_ttl)
+        prefetch = self.policy.prefetch(prefetch)
+        lease = self.policy.lease(lease_ttl)
+        ledger.add_consumer(consumer, prefetch, lease_ttl=lease)
         self._sinks[consumer] = sink
         self._subscriptions.setdefault(consumer, set()).add(queue)
         self._mark(queue)
+        return prefetch, lease
 
     def unsubscribe(self, queue: str, consumer: Hashable, *, lost: bool = False) -> None:
         ledger = self.queues.get(queue)

@@ -56,7 +56,6 @@ class LocalSubscription:
             deliver,
             prefetch=options.prefetch,
             lease_ttl=options.lease_ttl,
-            max_attempts=options.max_attempts,
         )
 
     async def cancel(self) -> None:

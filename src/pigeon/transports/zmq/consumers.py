@@ -40,6 +40,7 @@ class RemoteConsumers:
         self._changed = Waiters()
         self.forbidden = 0
         self.last_forbidden = ""
+        self.granted: dict[tuple[str, str], tuple[int, float]] = {}
 
     async def consume(
         self, queue: str, sink: DeliverySink, consume: frames.Consume
@@ -90,11 +91,15 @@ class RemoteConsumers:
         """A link went down: a verdict it owed is not coming."""
         self._changed.wake()
 
-    def verdict(self, link: Link, verb: str, name: str, allowed: bool) -> None:
-        if verb != Verb.CONSUME.value:
+    def verdict(self, link: Link, verdict: frames.Verdict) -> None:
+        if verdict.verb != Verb.CONSUME.value:
             return
+        name, allowed = verdict.name, verdict.allowed
         self._verdicts[(link, name)] = allowed
-        if not allowed:
+        if allowed:
+            # What the host granted may be less than we asked (its policy).
+            self.granted[(link.address, name)] = (verdict.prefetch, verdict.lease_ttl)
+        else:
             # Refused now, or a grant taken away by a reload: the host has
             # already put back what we held; stop asking it again.
             self.forbidden += 1

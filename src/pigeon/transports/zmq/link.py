@@ -45,7 +45,7 @@ class LinkEvents(Protocol):
     def went_down(self, link: Link) -> None:
         """The connection dropped or the remote stopped answering."""
 
-    def verdict(self, link: Link, verb: str, name: str, allowed: bool) -> None:
+    def verdict(self, link: Link, verdict: frames.Verdict) -> None:
         """The remote's answer to a Consume, or word that a grant is gone."""
 
 
@@ -106,15 +106,18 @@ class Link:
         config.tune(sock)
         if curve is not None:
             curve.apply(sock)
-        sock.connect(address)
-        self.pump = Pump(
-            sock, self._on_frame, router=False, max_batch_bytes=config.max_message_size
-        )
+        # Watch before connecting: libzmq does not retry after some handshake
+        # failures (a mechanism mismatch), so a missed first event is never
+        # seen again. Events are read on the loop, after this constructor.
         self._monitor = ConnectionMonitor(
             sock,
             on_lost=lambda: self.mark_down("connection lost"),
             on_ready=self._handshake_done,
             on_refused=self._handshake_refused,
+        )
+        sock.connect(address)
+        self.pump = Pump(
+            sock, self._on_frame, router=False, max_batch_bytes=config.max_message_size
         )
         self.settler = LinkSettler(self, "")
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -263,8 +266,8 @@ class Link:
                 self._refused(refusals)
             case frames.Reply():
                 self._events.replied(frame)
-            case frames.Verdict(verb, name, allowed):
-                self._events.verdict(self, verb, name, allowed)
+            case frames.Verdict():
+                self._events.verdict(self, frame)
             case frames.Hello():
                 self.heard(frame)
             case frames.Error(reason):

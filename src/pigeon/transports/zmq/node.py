@@ -15,7 +15,15 @@ from typing import Any
 
 import zmq
 
-from ..._core.frames import Consume, Hello, Reply
+from ..._core.frames import Consume, Hello, Reply, Verdict
+from ..._core.limits import (
+    DEFAULT_MAX_LEASE_TTL,
+    DEFAULT_MAX_PREFETCH,
+    MAX_FRAME_ITEMS,
+    MAX_SECONDS,
+    MAX_SERVICES,
+    QueuePolicy,
+)
 from ...errors import ClosedError, ConfigurationError, NotStartedError, Timeout, TransportError
 from ...message import Message, new_id
 from ...security.acl_file import load_acl
@@ -31,6 +39,31 @@ from .outbox import DurableOutbox
 from .router import RouterSide
 from .sender import Sender
 from .zap import Domain, ZapHandler
+
+
+def queue_policy(
+    lease_ttl: float, max_attempts: int, max_prefetch: int, max_lease_ttl: float
+) -> QueuePolicy:
+    """The node's queue policy from its options.
+
+    Raises:
+        ConfigurationError: a bound that is not a sane number.
+    """
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 0:
+        raise ConfigurationError(f"max_attempts must be an int >= 0, not {max_attempts!r}")
+    if isinstance(max_prefetch, bool) or not isinstance(max_prefetch, int):
+        raise ConfigurationError(f"max_prefetch must be an int, not {max_prefetch!r}")
+    if not 1 <= max_prefetch <= MAX_FRAME_ITEMS:
+        raise ConfigurationError(f"max_prefetch must be 1 to {MAX_FRAME_ITEMS}, not {max_prefetch}")
+    for name, value in (("lease_ttl", lease_ttl), ("max_lease_ttl", max_lease_ttl)):
+        if not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
+            raise ConfigurationError(f"{name} must be 0 to {MAX_SECONDS:g} seconds, not {value!r}")
+    return QueuePolicy(
+        lease_ttl=float(lease_ttl),
+        max_lease_ttl=max(float(max_lease_ttl), float(lease_ttl)),
+        max_prefetch=max_prefetch,
+        max_attempts=max_attempts,
+    )
 
 
 class ZmqTransport:
@@ -60,6 +93,10 @@ class ZmqTransport:
         allow: an ACL file: the client keys a binding node lets in, and what
             each may do (see docs/security.md).
         insecure: let a node bind an address other machines reach without keys.
+        lease_ttl, max_attempts, max_prefetch, max_lease_ttl: the policy of
+            the queues this node hosts (``QueuePolicy``): consumers ask for a
+            prefetch and a lease and get them clamped to these bounds; the
+            attempt limit (0: none) is the host's alone.
     """
 
     def __init__(
@@ -74,6 +111,9 @@ class ZmqTransport:
         connect_grace: float = 0.5,
         lease_ttl: float = 30.0,
         max_length: int | None = None,
+        max_attempts: int = 0,
+        max_prefetch: int = DEFAULT_MAX_PREFETCH,
+        max_lease_ttl: float = DEFAULT_MAX_LEASE_TTL,
         store: str | os.PathLike[str] | None = None,
         synchronous: str = "full",
         attempt_timeout: float | None = None,
@@ -122,7 +162,8 @@ class ZmqTransport:
         self.outbox_path = os.fspath(outbox) if outbox is not None else None
         self.store_path = os.fspath(store) if store is not None else None
         self.synchronous = synchronous
-        self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length)
+        self.policy = queue_policy(lease_ttl, max_attempts, max_prefetch, max_lease_ttl)
+        self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length, policy=self.policy)
         self.services = LocalServices()
         self.links: list[Link] = []
         # Woken when a send is confirmed or a Hello heard: waits on either are
@@ -171,7 +212,10 @@ class ZmqTransport:
                 SqliteStore, self.store_path, synchronous=self.synchronous
             )
             self.host = QueueHost(
-                lease_ttl=self.host.lease_ttl, max_length=self.host.max_length, store=store
+                lease_ttl=self.host.lease_ttl,
+                max_length=self.host.max_length,
+                store=store,
+                policy=self.policy,
             )
             self.sender = self._make_sender()
             self.restored = await asyncio.to_thread(self.host.restore)
@@ -329,8 +373,8 @@ class ZmqTransport:
     def delivered(self, link: Link, queue: str, messages: list[Message]) -> None:
         self.consumers.delivered(link, queue, messages)
 
-    def verdict(self, link: Link, verb: str, name: str, allowed: bool) -> None:
-        self.consumers.verdict(link, verb, name, allowed)
+    def verdict(self, link: Link, verdict: Verdict) -> None:
+        self.consumers.verdict(link, verdict)
 
     def replied(self, reply: Reply) -> None:
         self.caller.on_reply(reply)
@@ -346,6 +390,8 @@ class ZmqTransport:
 
     async def serve(self, service: str, handler: ServiceHandler) -> Subscription:
         self._check_open()
+        if service not in self.services.names() and len(self.services.names()) >= MAX_SERVICES:
+            raise ConfigurationError(f"a node serves at most {MAX_SERVICES} services")
         registration = self.services.add(service, handler)
         # Advertise at once rather than at the next heartbeat.
         for link in self.links:
@@ -435,6 +481,10 @@ def node_stats(node: ZmqTransport) -> dict[str, Any]:
         "forbidden": (guard.forbidden if guard else 0) + node.consumers.forbidden,
         "last_forbidden": guard.last_forbidden if guard else node.consumers.last_forbidden,
         "identity_conflicts": guard.identity_conflicts if guard else 0,
+        "granted": {
+            f"{queue}@{address}": {"prefetch": prefetch, "lease_ttl": lease}
+            for (address, queue), (prefetch, lease) in node.consumers.granted.items()
+        },
         "durable": node.store_path is not None,
         "restored": node.restored,
         "store_errors": node.host.store_errors,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import zmq
 
 from ..._core.frames import encode_batch
+from ..._core.limits import MAX_BATCH_FRAMES
 
 _NOBLOCK = zmq.NOBLOCK
 _SNDMORE = zmq.SNDMORE
@@ -147,7 +148,7 @@ class Pump:
         pending.append(data)
         size = self._burst_bytes.get(identity, 0) + len(data)
         self._burst_bytes[identity] = size
-        if size >= self.max_batch_bytes:
+        if size >= self.max_batch_bytes or len(pending) >= MAX_BATCH_FRAMES:
             self._flush_one(identity, pending)
             burst[identity] = []
             self._burst_bytes[identity] = 0

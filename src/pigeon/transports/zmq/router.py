@@ -15,6 +15,7 @@ import zmq
 
 from ..._core import frames
 from ..._core.acl import Acl, Verb
+from ..._core.limits import message_size
 from ..._core.liveness import Liveness
 from ..._core.policy import RefusalReason, ReplyErrorKind
 from ...errors import ProtocolError, RemoteProtocolError, StoreError
@@ -137,11 +138,14 @@ class RouterSide:
                 )
             case frames.Hello():
                 self._send(identity, self._hello())
-            case frames.Consume(queue, prefetch, lease_ttl, max_attempts):
-                allowed = guard is None or guard.allows(user, Verb.CONSUME, queue)
-                if allowed:
-                    self._on_consume(identity, queue, prefetch, lease_ttl, max_attempts)
-                self._send(identity, frames.Verdict(Verb.CONSUME.value, queue, allowed))
+            case frames.Consume(queue, prefetch, lease_ttl):
+                # The worker's max_attempts is its own business: the host's
+                # limit is the host's (QueuePolicy), whatever a peer asks.
+                verdict = frames.Verdict(Verb.CONSUME.value, queue, False)
+                if guard is None or guard.allows(user, Verb.CONSUME, queue):
+                    granted = self._on_consume(identity, queue, prefetch, lease_ttl)
+                    verdict = frames.Verdict(Verb.CONSUME.value, queue, True, *granted)
+                self._send(identity, verdict)
             case frames.Cancel(queue):
                 host.unsubscribe(queue, (identity, queue))
                 self._consumers.get(identity, set()).discard((identity, queue))
@@ -163,12 +167,14 @@ class RouterSide:
     def _on_send(self, identity: bytes, queue: str, messages: list[Message]) -> None:
         limit = self.config.max_message_size
         refused: list[Refusal] = [
-            (m.id, RefusalReason.TOO_LARGE, f"{len(m.body)} > {limit} bytes")
+            (m.id, RefusalReason.TOO_LARGE, f"{message_size(m.body, m.headers)} > {limit} bytes")
             for m in messages
-            if len(m.body) > limit
+            if message_size(m.body, m.headers) > limit
         ]
         if refused:
-            messages = [m for m in messages if len(m.body) <= limit]
+            messages = [m for m in messages if message_size(m.body, m.headers) <= limit]
+        for message in messages:
+            message.attempt = 0  # deliveries are counted here, not by the sender
         host = self.host
         if host.committer is None:
             self._answer_send(
@@ -212,11 +218,8 @@ class RouterSide:
             self._send(identity, frames.Refuse(refused))
 
     def _on_consume(
-        self, identity: bytes, queue: str, prefetch: int, lease_ttl: float, max_attempts: int
-    ) -> None:
-        if prefetch < 1:
-            self._refuse_peer(identity, f"prefetch must be >= 1, not {prefetch}")
-            return
+        self, identity: bytes, queue: str, prefetch: int, lease_ttl: float
+    ) -> tuple[int, float]:
         consumer = (identity, queue)
 
         limit = self.config.max_message_size
@@ -225,15 +228,11 @@ class RouterSide:
             for run in frames.chunks_by_size(messages, limit):
                 self._send(identity, frames.Deliver(queue, run))
 
-        self.host.subscribe(
-            queue,
-            consumer,
-            deliver,
-            prefetch=prefetch,
-            lease_ttl=lease_ttl,
-            max_attempts=max_attempts,
+        granted = self.host.subscribe(
+            queue, consumer, deliver, prefetch=prefetch, lease_ttl=lease_ttl
         )
         self._consumers.setdefault(identity, set()).add(consumer)
+        return granted
 
     # -- outgoing and liveness -----------------------------------------------
 

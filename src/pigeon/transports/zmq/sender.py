@@ -17,6 +17,7 @@ import asyncio
 import enum
 from collections.abc import Callable
 
+from ..._core.limits import message_size
 from ...errors import (
     Backpressure,
     MessageTooLarge,
@@ -83,8 +84,9 @@ class Sender:
     def _check_sizes(self, messages: list[Message]) -> None:
         limit = self.max_message_size
         for message in messages:
-            if len(message.body) > limit:
-                raise MessageTooLarge(len(message.body), limit)
+            size = message_size(message.body, message.headers)
+            if size > limit:
+                raise MessageTooLarge(size, limit)
 
     def send_nowait(self, queue: str, message: Message, *, fresh: bool) -> asyncio.Future[None]:
         self._check_sizes([message])

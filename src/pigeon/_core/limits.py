@@ -1,0 +1,87 @@
+"""Every bound on what a peer may send, in one place.
+
+The wire decoder refuses a frame with any field outside these bounds (as a
+malformed frame), and the API refuses the same values before anything is
+sent, so a bound is never met for the first time at a remote node. The
+reasons are in docs/protocol.md; the node-level budgets (queue count, reply
+cache, memory) are in ``QueuePolicy`` and the node's options.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+MAX_NAME = 255  # characters in a queue, service or topic name
+# A name is dot-separated segments of anything but white space, control
+# characters, the wildcards and the dot itself (brokers refuse the rest).
+NAME_RE = r"^[^\s\x00-\x1f\x7f*>.]+(\.[^\s\x00-\x1f\x7f*>.]+)*$"
+_NAME = re.compile(NAME_RE)
+MAX_ID = 255  # characters in a message or request id
+MAX_HEADERS = 64  # headers per message
+MAX_HEADER_NAME = 255  # characters
+MAX_HEADER_VALUE = 8192  # characters
+MAX_TEXT = 8192  # characters of a reason, error or detail
+MAX_ATTEMPT = 2**31 - 1
+MAX_TIME = 1e11  # wall-clock seconds (the year 5138): a timestamp beyond is garbage
+MAX_SECONDS = 1e9  # a duration (timeout, lease, delay) beyond is garbage
+MAX_FRAME_ITEMS = 10_000  # messages, ids or settles in one frame
+MAX_BATCH_FRAMES = 1024  # frames in one Batch
+MAX_SERVICES = 1024  # services one node may advertise
+MAX_PREFETCH = 100_000  # what a consumer may ask; the host clamps lower
+DEFAULT_MAX_PREFETCH = 1000
+DEFAULT_MAX_LEASE_TTL = 3600.0
+
+
+def check_name(name: object, what: str) -> str:
+    """``name`` if it is a valid queue or service name.
+
+    Raises:
+        TypeError: not a str.
+        ValueError: empty, too long, or with a character names may not hold.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a {what} name must be a str, not {type(name).__name__}")
+    if not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise ValueError(f"a {what} name is 1 to {MAX_NAME} bytes, not {len(name)}: {name!r}")
+    if not _NAME.match(name):
+        raise ValueError(
+            f"{what} name {name!r}: dot-separated non-empty segments without white space, "
+            "control characters, '*' or '>'"
+        )
+    return name
+
+
+def message_size(body: bytes, headers: dict[str, str]) -> int:
+    """What a message counts against a size limit: its body and its headers."""
+    if not headers:
+        return len(body)
+    return len(body) + sum(len(k) + len(v) for k, v in headers.items())
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    """What a host decides for the queues it holds; consumers ask, the host clamps.
+
+    Rule 1: a consumer's prefetch is clamped to ``1..max_prefetch`` and its
+    lease to ``min_lease_ttl..max_lease_ttl`` (no lease, or one that is not
+    a finite number, gets ``lease_ttl``); the consumer is told what it got.
+    Rule 2: ``max_attempts`` is the host's: no consumer changes it. 0 means
+    the host sets no limit (each worker's ``RetryPolicy`` still applies to
+    what it receives).
+    """
+
+    lease_ttl: float = 30.0
+    min_lease_ttl: float = 0.05
+    max_lease_ttl: float = DEFAULT_MAX_LEASE_TTL
+    max_prefetch: int = DEFAULT_MAX_PREFETCH
+    max_attempts: int = 0
+
+    def prefetch(self, asked: int) -> int:
+        return max(1, min(int(asked), self.max_prefetch))
+
+    def lease(self, asked: float | None) -> float:
+        if asked is None or not math.isfinite(asked) or asked <= 0:
+            return self.lease_ttl
+        return max(self.min_lease_ttl, min(float(asked), self.max_lease_ttl))
