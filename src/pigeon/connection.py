@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Generator, Iterable
 from typing import Any
 
+from ._core import limits
 from ._core.backoff import RetryPolicy
 from .errors import Backpressure, ClosedError, ConfigurationError, NotStartedError, Timeout
 from .message import Message, make_message, make_messages
@@ -36,20 +37,25 @@ _good_names: set[str] = set()  # names already checked: the hot path skips the s
 def _check_name(name: object, what: str) -> str:
     if name in _good_names:
         return name
-    if not isinstance(name, str):
-        raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
-    if not name or len(name) > 255 or any(c.isspace() for c in name):
-        raise ConfigurationError(
-            f"{what} name must be 1-255 characters without spaces, not {name!r}"
-        )
+    try:
+        checked = limits.check_name(name, what)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     if len(_good_names) < 10_000:
-        _good_names.add(name)
-    return name
+        _good_names.add(checked)
+    return checked
 
 
 def _positive(value: float, what: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ConfigurationError(f"{what} must be a positive number of seconds, not {value!r}")
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not 0 < value <= limits.MAX_SECONDS
+    ):
+        raise ConfigurationError(
+            f"{what} must be a number of seconds above 0 and at most "
+            f"{limits.MAX_SECONDS:g}, not {value!r}"
+        )
     return float(value)
 
 
@@ -276,6 +282,10 @@ class Connection:
         for value, what in ((prefetch, "prefetch"), (concurrency, "concurrency")):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{what} must be an int >= 1, not {value!r}")
+            if value > limits.MAX_PREFETCH:
+                raise ConfigurationError(
+                    f"{what} must be at most {limits.MAX_PREFETCH}, not {value}"
+                )
         policy = retry or RetryPolicy()
         if not isinstance(policy, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, not {type(policy).__name__}")
