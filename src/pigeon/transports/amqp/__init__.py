@@ -22,8 +22,9 @@ class _AmqpMissing:
     import_error: ClassVar[ImportError | None] = None
 
     def __init__(self, url: str, **options: object) -> None:
-        raise ConfigurationError(
-            f"{url!r} needs the RabbitMQ client aio-pika, which is not installed: "
+        scheme = url.partition("://")[0] if isinstance(url, str) else "amqp"
+        raise ConfigurationError(  # the scheme only: the URL may hold a password
+            f"{scheme}:// needs the RabbitMQ client aio-pika, which is not installed: "
             f"{install_hint('amqp')}"
         ) from self.import_error
 

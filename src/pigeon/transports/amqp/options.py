@@ -147,8 +147,9 @@ def _with_login(parsed: URL, login: dict[str, Any]) -> URL:
     user, password = login.get("user"), login.get("password")
     for name, value in (("user", user), ("password", password)):
         if not isinstance(value, str) or not value:
-            shown = repr(value) if name == "user" else "a value that is not"
-            raise ConfigurationError(f"{name} must be a non-empty str, not {shown}")
+            # A password's value is not shown, even a wrong one.
+            shown = f", not {value!r}" if name == "user" else ""
+            raise ConfigurationError(f"{name} must be a non-empty str{shown}")
     if parsed.user is not None or parsed.password is not None:
         raise ConfigurationError(
             "credentials are given both in the URL and as options: give them once"

@@ -146,8 +146,9 @@ class NatsOptions:
         for name in _STRINGS:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                shown = "a value that is not" if name in ("password", "token") else repr(value)
-                raise ConfigurationError(f"{name} must be a non-empty str, not {shown}")
+                # A secret's value is not shown, even a wrong one.
+                shown = "" if name in ("password", "token") else f", not {value!r}"
+                raise ConfigurationError(f"{name} must be a non-empty str{shown}")
         if self.tls is not None:
             if not isinstance(self.tls, ssl.SSLContext):
                 raise ConfigurationError(f"tls must be an ssl.SSLContext, not {type(self.tls)}")
