@@ -44,6 +44,9 @@ class Hello(msgspec.Struct, array_like=True, tag=1, gc=False):
     services: Annotated[list[Name], msgspec.Meta(max_length=L.MAX_SERVICES)] = []
     hosts_queues: bool = False
     load: Count = 0
+    # False in a host's Hello to a peer it does not know (new, or given up
+    # on after missed heartbeats): the peer registers its consumers again.
+    knows_you: bool = True
 
 
 class Send(msgspec.Struct, array_like=True, tag=2, gc=False):
@@ -134,6 +137,7 @@ class Verdict(msgspec.Struct, array_like=True, tag=13, gc=False):
     allowed: bool
     prefetch: Count = 0  # what the host granted (0: refused)
     lease_ttl: Seconds = 0.0
+    reason: Text = ""  # why not, when it is not the ACL (e.g. the queue cap)
 
 
 class Batch(msgspec.Struct, array_like=True, tag=12, gc=False):

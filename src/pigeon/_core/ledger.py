@@ -441,6 +441,11 @@ class QueueLedger:
     def in_flight_count(self) -> int:
         return sum(len(owner.leases) for owner in self._consumers.values())
 
+    def is_idle(self) -> bool:
+        """Nothing held and nobody consuming: forgetting the queue loses
+        only the ids remembered for de-duplicating resends."""
+        return not self._ready and not self._delayed and not self._consumers
+
     def has_work(self) -> bool:
         return bool(self._ready) or bool(self._delayed)
 

@@ -145,12 +145,22 @@ class CacheState(Enum):
 
 
 class ReplyCache:
-    """The server side of Rule 4: remembers recent request ids and replies."""
+    """The server side of Rule 4: remembers recent request ids and replies.
 
-    def __init__(self, *, max_entries: int = 10_000, ttl: float = 300.0) -> None:
+    Bounded by count and by the bytes of the replies it holds: past either,
+    the oldest finished entries go first (a request still running is kept,
+    so its retry waits rather than runs twice).
+    """
+
+    def __init__(
+        self, *, max_entries: int = 10_000, ttl: float = 300.0, max_bytes: int = 32 << 20
+    ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.ttl = ttl
         self._entries: OrderedDict[str, tuple[float, object | None]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self.bytes = 0
         self.hits = 0
 
     def begin(self, request_id: str, now: float) -> tuple[CacheState, object | None]:
@@ -164,17 +174,21 @@ class ReplyCache:
         reply = entry[1]
         return (CacheState.RUNNING, None) if reply is None else (CacheState.DONE, reply)
 
-    def finish(self, request_id: str, reply: object, now: float) -> None:
+    def finish(self, request_id: str, reply: object, now: float, size: int = 0) -> None:
         self._entries[request_id] = (now, reply)
         self._entries.move_to_end(request_id)
+        self.bytes += size - self._sizes.get(request_id, 0)
+        self._sizes[request_id] = size
+        self._prune(now)
 
     def _prune(self, now: float) -> None:
         entries = self._entries
         while entries:
             oldest_id, (stamp, reply) = next(iter(entries.items()))
-            too_many = len(entries) > self.max_entries
+            too_many = len(entries) > self.max_entries or self.bytes > self.max_bytes
             if not too_many and now - stamp <= self.ttl:
                 break
             if reply is None and not too_many:
                 break  # still running: keep it so a retry does not run it twice
             entries.popitem(last=False)
+            self.bytes -= self._sizes.pop(oldest_id, 0)

@@ -32,6 +32,18 @@ def add_parsers(subparsers: Any) -> None:
         help="full: every confirm is fsynced (default); normal: faster, "
         "may lose the last confirms on power loss",
     )
+    node.add_argument(
+        "--min-free-disk",
+        type=_size,
+        metavar="BYTES",
+        help="refuse new messages while less than this is free on the store's "
+        "filesystem (default 64M; 0 turns it off; K, M, G suffixes)",
+    )
+    node.add_argument(
+        "--salvage",
+        action="store_true",
+        help="open a damaged store anyway: keep what checks out, quarantine the rest",
+    )
     node.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     node.add_argument(
         "--key", metavar="PATH.key_secret", help="this node's secret key (or PIGEON_KEY)"
@@ -71,6 +83,15 @@ def add_parsers(subparsers: Any) -> None:
     replay.set_defaults(func=run_replay)
 
 
+def _size(text: str) -> int:
+    """A byte count: digits, with an optional K, M or G (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
+    return int(digits) * scale
+
+
 def _add_key_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--key", metavar="PATH.key_secret", help="this client's secret key (or PIGEON_KEY)"
@@ -100,7 +121,9 @@ def run_node(args: argparse.Namespace) -> int:
     if args.insecure:
         options["insecure"] = True
     if args.store:
-        options.update(store=args.store, synchronous=args.synchronous)
+        options.update(store=args.store, synchronous=args.synchronous, salvage=args.salvage)
+        if args.min_free_disk is not None:
+            options["min_free_disk"] = args.min_free_disk
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -119,6 +142,16 @@ def run_node(args: argparse.Namespace) -> int:
             )
             keys = f"; keys on, ACL {args.allow}" if args.allow else ""
             print(f"pigeon node: serving {where}; queues {kept}{keys}", flush=True)
+            report = (stats.get("store") or {}).get("salvage")
+            if report:
+                print(
+                    f"pigeon node: store salvaged: {report['damage']}; kept "
+                    f"{report['rows_kept']} rows, quarantined {report['quarantined']}, "
+                    f"brought back {report['recovered_commits']} of "
+                    f"{report['missing_commits']} missing commits; the damaged files "
+                    f"are kept as {report['kept_as']}",
+                    flush=True,
+                )
             await stop.wait()
             print("pigeon node: stopping (committing what is pending)", flush=True)
         print("pigeon node: stopped", flush=True)
@@ -149,8 +182,28 @@ def _ask(args: argparse.Namespace, service: str, payload: Any) -> Any:
     return asyncio.run(main())
 
 
+def _all_pages(args: argparse.Namespace) -> dict[str, Any]:
+    """pigeon.info answers a page of queues at a time; gather them all."""
+    url, timeout = args.url, args.timeout
+
+    async def main() -> dict[str, Any]:
+        async with pigeon.connect(url, connect_grace=timeout, **_key_options(args)) as conn:
+            info: dict[str, Any] = {}
+            queues: dict[str, Any] = {}
+            after: str | None = ""
+            while after is not None:
+                reply = await conn.request(INFO_SERVICE, {"after": after}, timeout=timeout)
+                info = reply.decode()
+                queues.update(info["queues"])
+                after = info.get("next")
+            info["queues"] = queues
+            return info
+
+    return asyncio.run(main())
+
+
 def run_queues(args: argparse.Namespace) -> int:
-    info: dict[str, Any] = _ask(args, INFO_SERVICE, b"")
+    info = _all_pages(args)
     if args.json:
         print(json.dumps(info))
         return 0

@@ -18,10 +18,11 @@ from typing import Any
 from .._core import persistence, policy
 from .._core.ledger import QueueLedger, dead_letter_queue
 from .._core.limits import QueuePolicy
-from ..errors import StoreError
+from ..errors import Backpressure, StoreError
 from ..message import Message
 from ..store import GroupCommitter, Op, Store
 
+IDLE_SCAN_INTERVAL = 0.5  # seconds between scans for idle queues at the queue cap
 # A sink takes (queue, messages leased to that consumer).
 BatchSink = Callable[[str, list[Message]], None]
 
@@ -46,6 +47,7 @@ class QueueHost:
         max_length: int | None = None,
         store: Store | None = None,
         policy: QueuePolicy | None = None,
+        max_queues: int = 10_000,
     ) -> None:
         self.policy = (
             dataclasses.replace(policy, lease_ttl=lease_ttl)
@@ -54,6 +56,10 @@ class QueueHost:
         )
         self.lease_ttl = lease_ttl
         self.max_length = max_length
+        self.max_queues = max_queues
+        self.queues_forgotten = 0
+        self.queues_refused = 0
+        self._next_idle_scan = 0.0
         self.store = store
         self.committer = GroupCommitter(store) if store is not None else None
         self.store_errors = 0
@@ -73,15 +79,46 @@ class QueueHost:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def ledger(self, queue: str) -> QueueLedger:
+    def ledger(self, queue: str, *, over_cap: bool = False) -> QueueLedger:
+        """The ledger of ``queue``, made if new.
+
+        Raises:
+            Backpressure: the node holds ``max_queues`` queues and none is
+                idle (``over_cap`` lets a dead-letter queue past the cap).
+        """
         ledger = self.queues.get(queue)
         if ledger is None:
+            if len(self.queues) >= self.max_queues and not over_cap:
+                now = time.monotonic()
+                if now >= self._next_idle_scan:
+                    # One scan per interval: a flood of new names must not
+                    # cost a scan each.
+                    self._next_idle_scan = now + IDLE_SCAN_INTERVAL
+                    self._forget_idle()
+                if len(self.queues) >= self.max_queues:
+                    self.queues_refused += 1
+                    raise Backpressure("queues on this node", self.max_queues)
             ledger = self.queues[queue] = QueueLedger(
                 queue,
                 lease_ttl=self.lease_ttl,
                 max_attempts=self.policy.max_attempts or None,
             )
         return ledger
+
+    def _new_ledger(self, queue: str) -> QueueLedger | None:
+        try:
+            return self.ledger(queue)
+        except Backpressure:
+            return None  # refused like a full queue
+
+    def _forget_idle(self) -> None:
+        # At the cap (a flood of new names, most likely), idle queues go;
+        # a durable store still de-duplicates resends by its tombstones.
+        idle = [name for name, ledger in self.queues.items() if ledger.is_idle()]
+        for name in idle:
+            del self.queues[name]
+            self._dirty.discard(name)
+        self.queues_forgotten += len(idle)
 
     # -- producers -------------------------------------------------------
 
@@ -91,8 +128,10 @@ class QueueHost:
         ``fresh``: the id was minted in this process just now, so it cannot be
         a resend and is not tracked for de-duplication.
         """
-        ledger = self.queues.get(queue) or self.ledger(queue)
-        if self.max_length is not None and ledger.ready_count >= self.max_length:
+        ledger = self.queues.get(queue) or self._new_ledger(queue)
+        if ledger is None or (
+            self.max_length is not None and ledger.ready_count >= self.max_length
+        ):
             self.refused += 1
             return None
         added = ledger.put(message, fresh=fresh)
@@ -105,7 +144,10 @@ class QueueHost:
     def put_fresh(self, queue: str, messages: list[Message]) -> int:
         """Enqueue fresh messages (ids just minted here) of a non-durable
         queue, as many as ``max_length`` allows; returns how many."""
-        ledger = self.queues.get(queue) or self.ledger(queue)
+        ledger = self.queues.get(queue) or self._new_ledger(queue)
+        if ledger is None:
+            self.refused += len(messages)
+            return 0
         if self.max_length is not None:
             room = max(0, self.max_length - ledger.ready_count)
             self.refused += max(0, len(messages) - room)
@@ -124,16 +166,23 @@ class QueueHost:
         Raises:
             StoreError: the store failed; nothing of this batch is confirmed.
         """
-        ledger = self.queues.get(queue) or self.ledger(queue)
+        ledger = self.queues.get(queue) or self._new_ledger(queue)
+        if ledger is None:
+            self.refused += len(messages)
+            return [None] * len(messages)
         room = len(messages)
         if self.max_length is not None:
             room = max(0, min(room, self.max_length - ledger.ready_count))
             self.refused += len(messages) - room
         accepted = messages[:room]
         if self.committer is not None and accepted:
-            stored = await self.committer.submit_many(
-                [persistence.put_op(queue, m) for m in accepted]
-            )
+            try:
+                stored = await self.committer.submit_many(
+                    [persistence.put_op(queue, m) for m in accepted]
+                )
+            except StoreError:
+                self.store_errors += 1  # a refused send counts, like a failed write behind
+                raise
         else:
             stored = [True] * len(accepted)
         results: list[bool | None] = []
@@ -155,12 +204,12 @@ class QueueHost:
         count = 0
         for stored in self.store.load():
             ready_at = mono + (stored.ready_at - wall) if stored.ready_at > wall else 0.0
-            self.ledger(stored.queue).restore(stored.message, ready_at)
+            self.ledger(stored.queue, over_cap=True).restore(stored.message, ready_at)
             self._dirty.add(stored.queue)
             count += 1
         for letter in self.store.dead_letters():
             name = dead_letter_queue(letter.queue)
-            self.ledger(name).restore(letter.message)
+            self.ledger(name, over_cap=True).restore(letter.message)
             self._dirty.add(name)
             count += 1
         return count
@@ -264,7 +313,7 @@ class QueueHost:
             self._write(
                 [persistence.dead_op(queue, m, policy.dead_reason(m.headers)) for m in dead]
             )
-        target = self.ledger(dead_letter_queue(queue))
+        target = self.ledger(dead_letter_queue(queue), over_cap=True)
         for message in dead:
             # A dead letter starts a new life in its own queue: fresh attempts,
             # but it keeps the redelivered mark, since it was seen.

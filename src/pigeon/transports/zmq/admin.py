@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -21,9 +21,39 @@ DEAD_SERVICE = "pigeon.dead"
 REPLAY_SERVICE = "pigeon.replay"
 
 
+PAGE = 1000  # queues per pigeon.info answer
+
+
 class _QueueRequest(msgspec.Struct):
     queue: str
-    limit: int | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+
+
+class _InfoRequest(msgspec.Struct):
+    after: str = ""  # the page starts after this queue name
+    limit: Annotated[int, msgspec.Meta(ge=1, le=PAGE)] = PAGE
+
+
+def _info_request(message: Message) -> _InfoRequest:
+    if not message.body:
+        return _InfoRequest()
+    try:
+        return message.decode(_InfoRequest)
+    except DecodeError as exc:
+        raise DecodeError(f"expected {{'after': str, 'limit': int}}: {exc}") from exc
+
+
+def page_of(info: dict[str, Any], after: str, limit: int) -> dict[str, Any]:
+    """``info`` with at most ``limit`` of its queues, those named after
+    ``after``; ``next`` names where the following page starts (or None)."""
+    names = sorted(name for name in info["queues"] if name > after)
+    page = names[:limit]
+    return {
+        **info,
+        "queues": {name: info["queues"][name] for name in page},
+        "queue_count": len(info["queues"]),
+        "next": page[-1] if len(names) > limit else None,
+    }
 
 
 def _queue_request(message: Message) -> _QueueRequest:
@@ -37,7 +67,8 @@ def register(services: LocalServices, host: QueueHost, stats: Callable[[], dict[
     """Serve the admin services of a node whose queues ``host`` holds."""
 
     async def info(message: Message) -> Message:
-        return make_message(stats())
+        request = _info_request(message)
+        return make_message(page_of(stats(), request.after, request.limit))
 
     async def dead(message: Message) -> Message:
         request = _queue_request(message)

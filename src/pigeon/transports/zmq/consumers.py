@@ -13,7 +13,7 @@ import time
 
 from ..._core import frames
 from ..._core.acl import Verb
-from ...errors import Forbidden
+from ...errors import DeliveryError, Forbidden
 from ...message import Message
 from ..base import Delivery, DeliverySink
 from .config import Waiters
@@ -37,6 +37,7 @@ class RemoteConsumers:
         self.verdict_timeout = verdict_timeout
         self._sinks: dict[str, DeliverySink] = {}
         self._verdicts: dict[tuple[Link, str], bool] = {}
+        self._reasons: dict[tuple[Link, str], str] = {}
         self._changed = Waiters()
         self.forbidden = 0
         self.last_forbidden = ""
@@ -64,7 +65,11 @@ class RemoteConsumers:
         refused = [link for link in asking if self._verdicts.get((link, queue)) is False]
         if refused:
             self.cancel(queue)
-            raise Forbidden(Verb.CONSUME.value, queue, address=refused[0].address)
+            address = refused[0].address
+            reason = self._reasons.get((refused[0], queue))
+            if reason:
+                raise DeliveryError(f"the node at {address} refused to deliver {queue!r}: {reason}")
+            raise Forbidden(Verb.CONSUME.value, queue, address=address)
         return RemoteSubscription(self, queue)
 
     def cancel(self, queue: str) -> None:
@@ -96,6 +101,7 @@ class RemoteConsumers:
             return
         name, allowed = verdict.name, verdict.allowed
         self._verdicts[(link, name)] = allowed
+        self._reasons[(link, name)] = verdict.reason
         if allowed:
             # What the host granted may be less than we asked (its policy).
             self.granted[(link.address, name)] = (verdict.prefetch, verdict.lease_ttl)

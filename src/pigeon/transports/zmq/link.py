@@ -183,7 +183,7 @@ class Link:
             self._settles.clear()
         was_up, self.up = self.up, True
         self._heard.wake()
-        if restarted or not was_up:
+        if restarted or not was_up or not hello.knows_you:
             # A new remote (or a dropped connection): frames may have been
             # lost, so re-register consumers and resend what is unconfirmed.
             for consume in self.consumers.values():

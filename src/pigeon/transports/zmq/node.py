@@ -86,6 +86,11 @@ class ZmqTransport:
         attempt_timeout: seconds after which a call whose server has not
             answered is also sent to another server, with the same request id.
         synchronous: ``"full"`` (default: every confirm is fsynced) or ``"normal"``.
+        min_free_disk: bytes that must stay free on the filesystem of
+            ``store``; below it new messages are refused with ``StoreError``
+            (docs/durability.md). None: the store's default, 64 MiB; 0: off.
+        salvage: open a damaged ``store`` anyway, keeping every row that
+            checks out and quarantining the rest (docs/durability.md).
         key: this node's ``.key_secret`` file (or ``PIGEON_KEY``): CURVE on
             every tcp and ipc link.
         server_key: the public key (``.key`` file or Z85 text) of the nodes
@@ -114,8 +119,11 @@ class ZmqTransport:
         max_attempts: int = 0,
         max_prefetch: int = DEFAULT_MAX_PREFETCH,
         max_lease_ttl: float = DEFAULT_MAX_LEASE_TTL,
+        max_queues: int = 10_000,
         store: str | os.PathLike[str] | None = None,
         synchronous: str = "full",
+        min_free_disk: int | None = None,
+        salvage: bool = False,
         attempt_timeout: float | None = None,
         outbox: str | os.PathLike[str] | None = None,
         key: str | os.PathLike[str] | None = None,
@@ -162,8 +170,14 @@ class ZmqTransport:
         self.outbox_path = os.fspath(outbox) if outbox is not None else None
         self.store_path = os.fspath(store) if store is not None else None
         self.synchronous = synchronous
+        # Options of the SqliteStore behind store= (docs/durability.md).
+        self.store_options: dict[str, Any] = {"salvage": salvage}
+        if min_free_disk is not None:
+            self.store_options["min_free_disk"] = min_free_disk
         self.policy = queue_policy(lease_ttl, max_attempts, max_prefetch, max_lease_ttl)
-        self.host = QueueHost(lease_ttl=lease_ttl, max_length=max_length, policy=self.policy)
+        self.host = QueueHost(
+            lease_ttl=lease_ttl, max_length=max_length, policy=self.policy, max_queues=max_queues
+        )
         self.services = LocalServices()
         self.links: list[Link] = []
         # Woken when a send is confirmed or a Hello heard: waits on either are
@@ -209,13 +223,14 @@ class ZmqTransport:
             from ...store import SqliteStore
 
             store = await asyncio.to_thread(
-                SqliteStore, self.store_path, synchronous=self.synchronous
+                SqliteStore, self.store_path, synchronous=self.synchronous, **self.store_options
             )
             self.host = QueueHost(
                 lease_ttl=self.host.lease_ttl,
                 max_length=self.host.max_length,
                 store=store,
                 policy=self.policy,
+                max_queues=self.host.max_queues,
             )
             self.sender = self._make_sender()
             self.restored = await asyncio.to_thread(self.host.restore)
@@ -488,6 +503,9 @@ def node_stats(node: ZmqTransport) -> dict[str, Any]:
         "durable": node.store_path is not None,
         "restored": node.restored,
         "store_errors": node.host.store_errors,
+        "store": node.host.store.stats() if node.host.store is not None else None,
         "outbox": sender.outbox.stats() if sender.outbox is not None else None,
+        "queues_forgotten": node.host.queues_forgotten,
+        "queues_refused": node.host.queues_refused,
         "queues": node.host.stats(),
     }

@@ -14,6 +14,9 @@ from ..._core.rpc import CacheState, ReplyCache
 from ...errors import DeliveryError, Rejected, Timeout
 from ..local import LocalServices
 
+# Read-only admin answers: cheap to make again, large to keep (replay is not
+# read-only: a retried replay must get the first one's answer).
+UNCACHED = frozenset({"pigeon.info", "pigeon.dead"})
 _SWEEP = 0.01  # seconds between checks of running requests' deadlines
 Send = Callable[[bytes, frames.Frame], None]
 
@@ -31,6 +34,10 @@ class Responder:
 
     def on_request(self, identity: bytes, request: frames.Request) -> None:
         rid = request.request_id
+        if request.service in UNCACHED:
+            # A flood of stats requests must not fill the cache.
+            self._start(request, [identity], cache=False)
+            return
         state, cached = self.replies.begin(rid, time.monotonic())
         if state is CacheState.DONE:
             assert isinstance(cached, frames.Reply)
@@ -39,13 +46,16 @@ class Responder:
         waiting = self._running.setdefault(rid, [])
         waiting.append(identity)
         if state is CacheState.NEW:
-            task = asyncio.get_running_loop().create_task(self._run(request))
-            # One sweep timer cuts handlers at their deadlines: cheaper than a
-            # timeout scope per request.
-            self._deadlines[task] = time.monotonic() + max(0.0, request.timeout)
-            task.add_done_callback(self._deadlines.pop)
-            if self._sweeper is None:
-                self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+            self._start(request, waiting, cache=True)
+
+    def _start(self, request: frames.Request, waiting: list[bytes], *, cache: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(request, waiting, cache))
+        # One sweep timer cuts handlers at their deadlines: cheaper than a
+        # timeout scope per request.
+        self._deadlines[task] = time.monotonic() + max(0.0, request.timeout)
+        task.add_done_callback(self._deadlines.pop)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -56,7 +66,7 @@ class Responder:
         if self._deadlines:
             self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
-    async def _run(self, request: frames.Request) -> None:
+    async def _run(self, request: frames.Request, waiting: list[bytes], cache: bool) -> None:
         rid = request.request_id
         try:
             reply = await self.services.call(request.service, request.message, timeout=None)
@@ -67,8 +77,11 @@ class Responder:
         except (Timeout, DeliveryError) as exc:  # NoResponders, Rejected, Timeout
             why = exc.reason if isinstance(exc, Rejected) else str(exc)
             answer = frames.Reply(rid, None, why, reply_kind(exc))
-        self.replies.finish(rid, answer, time.monotonic())
-        for identity in self._running.pop(rid, []):
+        if cache:
+            size = len(answer.message.body) if answer.message is not None else len(answer.error)
+            self.replies.finish(rid, answer, time.monotonic(), size)
+            waiting = self._running.pop(rid, waiting)
+        for identity in waiting:
             self._send(identity, answer)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Hashable
 
+import msgspec
 import zmq
 
 from ..._core import frames
@@ -18,7 +19,7 @@ from ..._core.acl import Acl, Verb
 from ..._core.limits import message_size
 from ..._core.liveness import Liveness
 from ..._core.policy import RefusalReason, ReplyErrorKind
-from ...errors import ProtocolError, RemoteProtocolError, StoreError
+from ...errors import Backpressure, ProtocolError, RemoteProtocolError, StoreError
 from ...message import Message
 from ..host import QueueHost
 from ..local import LocalServices
@@ -28,6 +29,7 @@ from .responder import Responder
 from .security import CurveServer, Guard, service_verb
 
 Refusal = tuple[str, RefusalReason, str]
+MAX_QUEUES_PER_PEER = 1000
 
 
 class RouterSide:
@@ -100,12 +102,10 @@ class RouterSide:
         except RemoteProtocolError as exc:
             self._refuse_peer(identity, str(exc))
             return
-        if self.liveness.heard(identity, time.monotonic()) and not isinstance(
-            received[0], frames.Hello
-        ):
-            # A peer we did not know (or had given up on) speaks first with
-            # data: tell it who we are so it re-registers what it needs.
-            self._send(identity, self._hello())
+        if self.liveness.heard(identity, time.monotonic()):
+            # A peer we did not know (or had given up on, its consumers
+            # dropped): tell it so, and it registers what it needs again.
+            self._send(identity, msgspec.structs.replace(self._hello(), knows_you=False))
         for frame in received:
             try:
                 self._dispatch(identity, frame, user)
@@ -142,9 +142,17 @@ class RouterSide:
                 # The worker's max_attempts is its own business: the host's
                 # limit is the host's (QueuePolicy), whatever a peer asks.
                 verdict = frames.Verdict(Verb.CONSUME.value, queue, False)
-                if guard is None or guard.allows(user, Verb.CONSUME, queue):
-                    granted = self._on_consume(identity, queue, prefetch, lease_ttl)
-                    verdict = frames.Verdict(Verb.CONSUME.value, queue, True, *granted)
+                held = self._consumers.get(identity, ())
+                if len(held) >= MAX_QUEUES_PER_PEER and (identity, queue) not in held:
+                    # One peer may not take the whole queue table for itself.
+                    why = f"a peer consumes at most {MAX_QUEUES_PER_PEER} queues"
+                    verdict = frames.Verdict(Verb.CONSUME.value, queue, False, reason=why)
+                elif guard is None or guard.allows(user, Verb.CONSUME, queue):
+                    try:
+                        granted = self._on_consume(identity, queue, prefetch, lease_ttl)
+                        verdict = frames.Verdict(Verb.CONSUME.value, queue, True, *granted)
+                    except Backpressure as exc:  # the node's queue cap
+                        verdict = frames.Verdict(Verb.CONSUME.value, queue, False, reason=str(exc))
                 self._send(identity, verdict)
             case frames.Cancel(queue):
                 host.unsubscribe(queue, (identity, queue))
