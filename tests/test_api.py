@@ -272,3 +272,14 @@ def test_a_failed_bind_says_where_and_releases_the_store(tmp_path) -> None:
             assert node.stats()["durable"]
 
     asyncio.run(scenario())
+
+
+def test_a_bad_url_never_shows_its_password() -> None:
+    for url in (
+        "nats2://user:s3cret@host:4222",
+        "s3cret-token@host",
+        "amqq://u:s3cret@h/?x=s3cret",
+    ):
+        with pytest.raises(pigeon.ConfigurationError) as caught:
+            pigeon.connect(url)
+        assert "s3cret" not in str(caught.value)

@@ -9,7 +9,7 @@ Every error pigeon raises on purpose derives from :class:`PigeonError`::
      ├── NotStartedError                    used before it was started (connect or start it first)
      ├── ClosedError                        you closed the object you used
      ├── TransportError                     connect failed / connection lost (retryable)
-     │    └── AuthenticationError           the peer refused our key, or we its (at the handshake)
+     │    └── AuthenticationError           our key or login was refused, or the peer's key is wrong
      ├── Timeout (TimeoutError)             a deadline passed
      ├── ProtocolError
      │    ├── LocalProtocolError            we were asked to do something illegal
@@ -136,7 +136,7 @@ class AclError(ConfigurationError):
 
 
 class AuthenticationError(TransportError):
-    """Raised when a CURVE handshake with ``address`` failed: a key was refused or is wrong."""
+    """Raised when ``address`` refused our key or login, or its CURVE key is not the one given."""
 
 
 class Forbidden(PigeonError):

@@ -14,18 +14,30 @@ SCHEMES = ("memory", *ZMQ_SCHEMES, "nats", "tls", "amqp", "amqps")
 _FAMILIES = {"tls": "nats", "amqps": "amqp"}  # over TLS, the same transport
 
 
+def masked(url: str) -> str:
+    """``url`` without the secrets it may carry (``user:password@``, ``token@``,
+    and the query string), for messages."""
+    scheme, sep, rest = url.partition("://")
+    where, _, _query = rest.partition("?")
+    login, at, host = where.rpartition("@")
+    if at:
+        user = login.partition(":")[0] if ":" in login else ""
+        where = f"{user + ':' if user else ''}***@{host}"
+    return f"{scheme}{sep}{where}" if sep else "***"
+
+
 def _scheme(url: str) -> str:
     if not isinstance(url, str):
         raise TypeError(f"a URL must be a str, not {type(url).__name__}")
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ConfigurationError(
-            f"{url!r} is not a URL; expected SCHEME://ADDRESS with SCHEME one of "
+            f"{masked(url)!r} is not a URL; expected SCHEME://ADDRESS with SCHEME one of "
             f"{', '.join(SCHEMES)}"
         )
     if scheme not in SCHEMES:
         raise ConfigurationError(
-            f"unknown URL scheme {scheme!r} in {url!r}; pigeon knows {', '.join(SCHEMES)}"
+            f"unknown URL scheme {scheme!r} in {masked(url)!r}; pigeon knows {', '.join(SCHEMES)}"
         )
     if scheme in ("tcp", "ipc", "inproc") and not rest:
         raise ConfigurationError(f"{url!r} has no address")
