@@ -211,3 +211,33 @@ def test_a_batch_bomb_and_a_header_bomb_are_refused() -> None:
         assert node.stats()["protocol_errors"] >= 1
 
     _scenario(attack, max_message_size=64 * 1024)
+
+
+def test_a_burst_with_no_reader_meets_the_memory_alarm() -> None:
+    async def scenario() -> None:
+        async with pigeon.connect(bind="tcp://127.0.0.1:0", max_memory=4 << 20) as node:
+            url = node.stats()["bound"][0]
+            async with pigeon.connect(url) as flooder:
+                body = b"x" * (256 << 10)
+                # 16 MiB offered at once, 4 MiB held at most.
+                sends = [flooder.send_nowait("burst", body) for _ in range(64)]
+                outcomes = await asyncio.gather(*sends, return_exceptions=True)
+                refused = [o for o in outcomes if isinstance(o, pigeon.Backpressure)]
+                assert refused and all(o is None or o in refused for o in outcomes)
+                stats = node.stats()
+                assert stats["bytes_held"] <= (4 << 20) + len(body)
+                assert stats["memory_refused"] > 0
+            # Nothing accepted is dropped: a consumer gets every stored one.
+            held = node.stats()["queues"]["burst"]["ready"]
+            got: list[int] = []
+            async with pigeon.connect(url) as reader:
+                await reader.consume("burst", lambda d: got.append(len(d.message.body)))
+                deadline = time.monotonic() + WAIT
+                while len(got) < held and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            assert len(got) == held
+            # With room again, sends are taken again.
+            async with pigeon.connect(url) as producer:
+                await producer.send("burst", body, timeout=WAIT)
+
+    asyncio.run(asyncio.wait_for(scenario(), 110))

@@ -252,6 +252,16 @@ class LedgerMachine(RuleBasedStateMachine):
         )
 
     @invariant()
+    def bytes_held_are_the_bodies_held(self) -> None:
+        led = self.ledger
+        held = [
+            *led._ready,
+            *(e[2] for e in led._delayed),
+            *(le.message for le in led._leases.values()),
+        ]
+        assert led.bytes_held == sum(len(m.body) for m in held)
+
+    @invariant()
     def leases_match_the_model(self) -> None:
         for mid, lease in self.ledger._leases.items():
             assert (lease.consumer, lease.expires_at) == self.lease[mid]

@@ -115,6 +115,7 @@ class QueueLedger:
     _ready: deque[Message] = field(default_factory=deque)
     _delayed: list[tuple[float, int, Message]] = field(default_factory=list)
     _consumers: dict[Hashable, _Consumer] = field(default_factory=dict)
+    bytes_held: int = 0  # bodies this queue holds: ready, delayed and in flight
     _held: set[str] = field(default_factory=set)
     _seen: dict[str, None] = field(default_factory=dict)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
@@ -129,12 +130,14 @@ class QueueLedger:
         """
         if fresh:
             self.stats.received += 1
+            self.bytes_held += len(message.body)
             self._ready.append(message)
             return True
         if not self.remember(message.id):
             self.stats.duplicates += 1
             return False
         self.stats.received += 1
+        self.bytes_held += len(message.body)
         self._ready.append(message)
         return True
 
@@ -151,12 +154,14 @@ class QueueLedger:
         self._seen.pop(message.id, None)
         self._held.add(message.id)
         self.stats.received += 1
+        self.bytes_held += len(message.body)
         self._ready.append(message)
         return True
 
     def put_fresh(self, messages: list[Message]) -> None:
         """Enqueue messages whose ids were minted just now (see ``put``)."""
         self.stats.received += len(messages)
+        self.bytes_held += sum(len(m.body) for m in messages)
         self._ready.extend(messages)
 
     def remember(self, message_id: str) -> bool:
@@ -186,6 +191,7 @@ class QueueLedger:
         redelivered (Rule 2 must hold across restarts).
         """
         self._held.add(message.id)
+        self.bytes_held += len(message.body)
         message.redelivered = True
         if ready_at > 0.0:
             heapq.heappush(self._delayed, (ready_at, next(self._seq), message))
@@ -297,8 +303,10 @@ class QueueLedger:
 
     def ack(self, message_id: str, consumer: Hashable) -> bool:
         """Settle a delivery as done; the message is forgotten (Rule 3)."""
-        if self._release(message_id, consumer) is None:
+        message = self._release(message_id, consumer)
+        if message is None:
             return False
+        self.bytes_held -= len(message.body)
         self._forget(message_id)
         self.stats.acked += 1
         return True
@@ -318,6 +326,7 @@ class QueueLedger:
             else:
                 self._forget(message_id)
                 acked.append(lease[0])
+                self.bytes_held -= len(lease[0].body)
         self.stats.acked += len(acked)
         return acked
 
@@ -354,6 +363,7 @@ class QueueLedger:
         return self._mark_dead(message, reason)
 
     def _mark_dead(self, message: Message, reason: str) -> Message:
+        self.bytes_held -= len(message.body)
         self._forget(message.id)
         self.stats.dead_lettered += 1
         # The dead-queue header names the first queue it died in, even when a
@@ -399,6 +409,7 @@ class QueueLedger:
         taken = [self._ready.popleft() for _ in range(count)]
         for message in taken:
             self._held.discard(message.id)
+            self.bytes_held -= len(message.body)
         return taken
 
     def peek_ready(self, limit: int) -> list[Message]:

@@ -56,6 +56,22 @@ def add_parsers(subparsers: Any) -> None:
         action="store_true",
         help="serve an address other machines reach without keys",
     )
+    node.add_argument(
+        "--max-attempts",
+        type=int,
+        default=0,
+        help="deliveries after which a message is dead-lettered (default 0: no host limit)",
+    )
+    node.add_argument(
+        "--max-queues", type=int, default=10_000, help="queues held at most (default 10000)"
+    )
+    node.add_argument(
+        "--max-memory",
+        type=int,
+        default=256 << 20,
+        metavar="BYTES",
+        help="bytes of bodies held before sends are refused (default 256 MiB)",
+    )
     node.set_defaults(func=run_node)
 
     queues = subparsers.add_parser("queues", help="show the queues a node hosts")
@@ -113,7 +129,12 @@ def _key_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {"heartbeat": args.heartbeat}
+    options: dict[str, Any] = {
+        "heartbeat": args.heartbeat,
+        "max_attempts": args.max_attempts,
+        "max_queues": args.max_queues,
+        "max_memory": args.max_memory,
+    }
     if args.key:
         options["key"] = args.key
     if args.allow:
@@ -141,7 +162,6 @@ def run_node(args: argparse.Namespace) -> int:
                 else "in memory"
             )
             keys = f"; keys on, ACL {args.allow}" if args.allow else ""
-            print(f"pigeon node: serving {where}; queues {kept}{keys}", flush=True)
             report = (stats.get("store") or {}).get("salvage")
             if report:
                 print(
@@ -152,6 +172,7 @@ def run_node(args: argparse.Namespace) -> int:
                     f"are kept as {report['kept_as']}",
                     flush=True,
                 )
+            print(f"pigeon node: serving {where}; queues {kept}{keys}", flush=True)
             await stop.wait()
             print("pigeon node: stopping (committing what is pending)", flush=True)
         print("pigeon node: stopped", flush=True)

@@ -22,6 +22,8 @@ from ..errors import Backpressure, StoreError
 from ..message import Message
 from ..store import GroupCommitter, Op, Store
 
+DEFAULT_MAX_MEMORY = 256 << 20  # bytes of bodies a node holds before refusing sends
+MEMORY_RECOUNT = 0.01  # seconds between sums of the bytes held
 IDLE_SCAN_INTERVAL = 0.5  # seconds between scans for idle queues at the queue cap
 # A sink takes (queue, messages leased to that consumer).
 BatchSink = Callable[[str, list[Message]], None]
@@ -48,6 +50,7 @@ class QueueHost:
         store: Store | None = None,
         policy: QueuePolicy | None = None,
         max_queues: int = 10_000,
+        max_memory: int | None = DEFAULT_MAX_MEMORY,
     ) -> None:
         self.policy = (
             dataclasses.replace(policy, lease_ttl=lease_ttl)
@@ -57,6 +60,10 @@ class QueueHost:
         self.lease_ttl = lease_ttl
         self.max_length = max_length
         self.max_queues = max_queues
+        self.max_memory = max_memory
+        self.memory_refused = 0
+        self._bytes_held = 0
+        self._bytes_counted_at = -1.0
         self.queues_forgotten = 0
         self.queues_refused = 0
         self._next_idle_scan = 0.0
@@ -105,6 +112,26 @@ class QueueHost:
             )
         return ledger
 
+    def bytes_held(self) -> int:
+        """Bodies held by every queue (ready, delayed, in flight)."""
+        return sum(ledger.bytes_held for ledger in self.queues.values())
+
+    def _memory_full(self) -> bool:
+        # The node's memory alarm: past max_memory of bodies, sends are
+        # refused (producers see Backpressure) until consumers catch up.
+        # Puts add to the running figure at once; the true sum (which also
+        # sees acks) is taken again at most every MEMORY_RECOUNT seconds.
+        if self.max_memory is None:
+            return False
+        now = time.monotonic()
+        if now - self._bytes_counted_at >= MEMORY_RECOUNT:
+            self._bytes_counted_at = now
+            self._bytes_held = self.bytes_held()
+        if self._bytes_held < self.max_memory:
+            return False
+        self.memory_refused += 1
+        return True
+
     def _new_ledger(self, queue: str) -> QueueLedger | None:
         try:
             return self.ledger(queue)
@@ -129,12 +156,15 @@ class QueueHost:
         a resend and is not tracked for de-duplication.
         """
         ledger = self.queues.get(queue) or self._new_ledger(queue)
-        if ledger is None or (
-            self.max_length is not None and ledger.ready_count >= self.max_length
+        if (
+            ledger is None
+            or (self.max_length is not None and ledger.ready_count >= self.max_length)
+            or self._memory_full()
         ):
             self.refused += 1
             return None
         added = ledger.put(message, fresh=fresh)
+        self._bytes_held += len(message.body) if added else 0
         if added and not self._scheduled:
             self._mark(queue)
         elif added:
@@ -145,7 +175,7 @@ class QueueHost:
         """Enqueue fresh messages (ids just minted here) of a non-durable
         queue, as many as ``max_length`` allows; returns how many."""
         ledger = self.queues.get(queue) or self._new_ledger(queue)
-        if ledger is None:
+        if ledger is None or self._memory_full():
             self.refused += len(messages)
             return 0
         if self.max_length is not None:
@@ -153,6 +183,7 @@ class QueueHost:
             self.refused += max(0, len(messages) - room)
             messages = messages[:room]
         ledger.put_fresh(messages)
+        self._bytes_held += sum(len(m.body) for m in messages)
         if messages:
             self._mark(queue)
         return len(messages)
@@ -167,7 +198,7 @@ class QueueHost:
             StoreError: the store failed; nothing of this batch is confirmed.
         """
         ledger = self.queues.get(queue) or self._new_ledger(queue)
-        if ledger is None:
+        if ledger is None or self._memory_full():
             self.refused += len(messages)
             return [None] * len(messages)
         room = len(messages)
@@ -175,6 +206,7 @@ class QueueHost:
             room = max(0, min(room, self.max_length - ledger.ready_count))
             self.refused += len(messages) - room
         accepted = messages[:room]
+        self._bytes_held += sum(len(m.body) for m in accepted)
         if self.committer is not None and accepted:
             try:
                 stored = await self.committer.submit_many(

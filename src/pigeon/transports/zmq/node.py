@@ -28,7 +28,7 @@ from ...errors import ClosedError, ConfigurationError, NotStartedError, Timeout,
 from ...message import Message, new_id
 from ...security.acl_file import load_acl
 from ..base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
-from ..host import QueueHost
+from ..host import DEFAULT_MAX_MEMORY, QueueHost
 from ..local import LocalServices, LocalSubscription
 from . import admin, security
 from .caller import Caller
@@ -102,6 +102,11 @@ class ZmqTransport:
             the queues this node hosts (``QueuePolicy``): consumers ask for a
             prefetch and a lease and get them clamped to these bounds; the
             attempt limit (0: none) is the host's alone.
+        max_queues: queues this node holds at most; at the cap idle ones are
+            forgotten, then new ones refused.
+        max_memory: bytes of message bodies this node holds at most (None:
+            no bound); past it, sends are refused and producers see
+            ``Backpressure`` until consumers catch up. Nothing is dropped.
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class ZmqTransport:
         max_prefetch: int = DEFAULT_MAX_PREFETCH,
         max_lease_ttl: float = DEFAULT_MAX_LEASE_TTL,
         max_queues: int = 10_000,
+        max_memory: int | None = DEFAULT_MAX_MEMORY,
         store: str | os.PathLike[str] | None = None,
         synchronous: str = "full",
         min_free_disk: int | None = None,
@@ -176,7 +182,11 @@ class ZmqTransport:
             self.store_options["min_free_disk"] = min_free_disk
         self.policy = queue_policy(lease_ttl, max_attempts, max_prefetch, max_lease_ttl)
         self.host = QueueHost(
-            lease_ttl=lease_ttl, max_length=max_length, policy=self.policy, max_queues=max_queues
+            lease_ttl=lease_ttl,
+            max_length=max_length,
+            policy=self.policy,
+            max_queues=max_queues,
+            max_memory=max_memory,
         )
         self.services = LocalServices()
         self.links: list[Link] = []
@@ -231,6 +241,7 @@ class ZmqTransport:
                 store=store,
                 policy=self.policy,
                 max_queues=self.host.max_queues,
+                max_memory=self.host.max_memory,
             )
             self.sender = self._make_sender()
             self.restored = await asyncio.to_thread(self.host.restore)
@@ -507,5 +518,7 @@ def node_stats(node: ZmqTransport) -> dict[str, Any]:
         "outbox": sender.outbox.stats() if sender.outbox is not None else None,
         "queues_forgotten": node.host.queues_forgotten,
         "queues_refused": node.host.queues_refused,
+        "bytes_held": node.host.bytes_held(),
+        "memory_refused": node.host.memory_refused,
         "queues": node.host.stats(),
     }
