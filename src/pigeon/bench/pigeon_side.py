@@ -3,6 +3,10 @@
 The producer's process hosts the queue (binds); workers connect.  Children
 import :mod:`pigeon` themselves, so if the public API is missing the rows are
 reported as skipped by :func:`available` before any process starts.
+
+With ``curve=True`` the node that binds gets ``key=`` and ``allow=`` and the
+others ``key=`` and ``server_key=`` (fresh keys from :mod:`pigeon.bench.curve`);
+every node checks that it is secure exactly when it was given keys.
 """
 
 from __future__ import annotations
