@@ -115,7 +115,13 @@ async def _queue_producer(ctl: Ctl) -> None:
         while time.perf_counter() < end:
             # send_many: each message is its own envelope, leased and acked one
             # by one; the batch only shares the hand-over and one confirm future.
-            pending.append(node.send_many(QUEUE, batch))
+            try:
+                pending.append(node.send_many(QUEUE, batch))
+            except pigeon.Backpressure:
+                # The host holds all the bodies it may (max_memory); nothing of
+                # this batch was queued. Wait for the workers, as a producer must.
+                await asyncio.sleep(0.001)
+                continue
             n += BATCH
             if len(pending) * BATCH > WINDOW:
                 await pending.pop(0)  # bound what is unconfirmed
