@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from pigeon.errors import ClosedError, ConfigurationError, StoreError, Timeout
-from pigeon.store import Ack, GroupCommitter, MemoryStore, Op, Put, SqliteStore
+from pigeon.store import Ack, GroupCommitter, MemoryStore, Op, Put, Requeue, SqliteStore
 
 from .conftest import msg
 
@@ -23,20 +23,44 @@ class RecordingStore(MemoryStore):
         self.gate = threading.Event()
         self.gate.set()
 
-    def apply(self, ops: Sequence[Op]) -> list[bool]:
+    def apply_many(self, requests: Sequence[Sequence[Op]]) -> list[list[bool] | StoreError]:
         self.gate.wait(10)  # lets a test hold the writer inside a commit
-        self.batches.append(len(ops))
-        return super().apply(ops)
+        self.batches.append(sum(len(ops) for ops in requests))
+        return super().apply_many(requests)
 
 
 class FailingStore(RecordingStore):
-    def apply(self, ops: Sequence[Op]) -> list[bool]:
-        raise StoreError("disk on fire", path="/x.db")
+    """Fails ``failures`` batches, then works."""
+
+    def __init__(self, failures: int = 1_000_000) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def apply_many(self, requests: Sequence[Sequence[Op]]) -> list[list[bool] | StoreError]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreError("disk on fire", path="/x.db")
+        return super().apply_many(requests)
 
 
 class BuggyStore(RecordingStore):
-    def apply(self, ops: Sequence[Op]) -> list[bool]:
-        raise KeyError("a bug")
+    def __init__(self, failures: int = 1_000_000, error: BaseException | None = None) -> None:
+        super().__init__()
+        self.failures = failures
+        self.error = error or KeyError("a bug")
+
+    def apply_many(self, requests: Sequence[Sequence[Op]]) -> list[list[bool] | StoreError]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise self.error
+        return super().apply_many(requests)
+
+
+class ShortStore(RecordingStore):
+    """Answers one request too few: a broken store must not leave callers waiting."""
+
+    def apply_many(self, requests: Sequence[Sequence[Op]]) -> list[list[bool] | StoreError]:
+        return super().apply_many(requests)[:-1]
 
 
 def puts(n: int, prefix: str = "m") -> list[Put]:
@@ -89,28 +113,63 @@ def test_submit_many_is_never_split():
     assert store.batches == [25]
 
 
-def test_a_failed_batch_fails_its_callers_and_every_later_submit():
-    store = FailingStore()
+def test_a_failed_batch_fails_its_callers_and_the_next_batch_is_tried_again():
+    store = FailingStore(failures=1)
 
     async def main():
         committer = GroupCommitter(store)
         try:
-            results = await asyncio.gather(
-                *(committer.submit(op) for op in puts(20)), return_exceptions=True
-            )
+            store.gate.clear()  # the 20 submits pile up into one batch
+            tasks = [asyncio.ensure_future(committer.submit(op)) for op in puts(20)]
+            await asyncio.sleep(0)
+            store.gate.set()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
             assert all(isinstance(r, StoreError) for r in results)
             assert "disk on fire" in str(results[0])
             assert results[0].path == "/x.db"
             assert results[0] is not results[1]
-            with pytest.raises(StoreError, match="refuses writes"):
-                await committer.submit(Put("q", msg("later")))
+            assert committer.errors == 20
+            assert "disk on fire" in committer.last_error
+            # no sticky state: the next batch goes to the store again
+            assert await committer.submit(Put("q", msg("later"))) is True
         finally:
             await committer.aclose()
 
     asyncio.run(main())
+    assert [s.message.id for s in store.load()] == ["later"]
 
 
-def test_disk_full_through_the_committer(tmp_path):
+def test_a_poison_op_is_refused_alone_and_the_writer_goes_on(tmp_path):
+    poison = msg("poison", attempt=2**64)  # msgpack cannot hold it
+
+    async def main(store):
+        async with GroupCommitter(store) as committer:
+            assert await committer.submit(Put("q", msg("a"))) is True
+            results = asyncio.gather(
+                committer.submit_many([Put("q", msg("b")), Put("q", msg("c"))]),
+                committer.submit(Requeue("q", poison, 0.0)),
+                committer.submit(Ack("q", "a")),
+                return_exceptions=True,
+            )
+            good, bad, ack = await results
+            assert good == [True, True]
+            assert ack is True
+            assert isinstance(bad, StoreError)
+            assert "poison" in str(bad) and "OverflowError" in str(bad)
+            assert committer.errors == 1
+            # later batches are not touched by it
+            for i in range(5):
+                assert await committer.submit(Put("q", msg(f"later{i}"))) is True
+
+    for store in (MemoryStore(), SqliteStore(tmp_path / "q.db")):
+        with store:
+            asyncio.run(main(store))
+            ids = [s.message.id for s in store.load()]
+            assert ids == ["b", "c", *(f"later{i}" for i in range(5))]
+            assert store.stats()["refused_ops"] == 1
+
+
+def test_disk_full_through_the_committer_and_back(tmp_path):
     path = tmp_path / "q.db"
 
     async def main(store):
@@ -119,25 +178,43 @@ def test_disk_full_through_the_committer(tmp_path):
             pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
             store._conn.execute(f"PRAGMA max_page_count = {pages}")
             big = [Put("q", msg(f"big{i}", b"x" * 2000)) for i in range(100)]
-            with pytest.raises(StoreError, match="full"):
+            with pytest.raises(StoreError, match="disk is full"):
                 await committer.submit_many(big)
-            with pytest.raises(StoreError):
-                await committer.submit(Put("q", msg("small")))
+            assert committer.errors == 1
+            store._conn.execute("PRAGMA max_page_count = 1073741823")  # space came back
+            assert await committer.submit_many(big) == [True] * 100
 
     with SqliteStore(path) as store:
         asyncio.run(main(store))
     with SqliteStore(path) as store:
-        assert len(store.load()) == 5
+        assert len(store.load()) == 105
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_an_unexpected_error_in_apply_never_leaves_a_caller_waiting():
+@pytest.mark.parametrize("error", [KeyError("a bug"), OverflowError("too big"), MemoryError()])
+def test_an_unexpected_error_in_apply_never_leaves_a_caller_waiting(error):
     async def main():
-        committer = GroupCommitter(BuggyStore())
+        committer = GroupCommitter(BuggyStore(failures=2, error=error))
         try:
             with pytest.raises(StoreError, match="unexpectedly"):
                 await committer.submit(Put("q", msg("a")))
-            with pytest.raises(StoreError):
+            with pytest.raises(StoreError, match=type(error).__name__):
+                await committer.submit(Put("q", msg("b")))
+            # the writer thread is alive and serves the next batch
+            assert await committer.submit(Put("q", msg("c"))) is True
+            assert committer.errors == 2
+        finally:
+            await committer.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_store_answering_too_few_results_fails_the_batch_not_the_writer():
+    async def main():
+        committer = GroupCommitter(ShortStore())
+        try:
+            with pytest.raises(StoreError, match="unexpectedly"):
+                await committer.submit(Put("q", msg("a")))
+            with pytest.raises(StoreError, match="unexpectedly"):
                 await committer.submit(Put("q", msg("b")))
         finally:
             await committer.aclose()

@@ -128,16 +128,34 @@ def test_another_applications_database_is_refused(tmp_path):
         SqliteStore(path)
 
 
-def test_a_corrupt_row_fails_load_with_store_error(tmp_path):
+def test_a_row_changed_behind_the_stores_back_is_refused_at_open(tmp_path):
     path = tmp_path / "q.db"
     with SqliteStore(path) as store:
-        store.apply([Put("q", msg("a"))])
+        store.apply([Put("q", msg("a")), Put("q", msg("b"))])
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("UPDATE messages SET message = x'c1c2c3'")
+        conn.execute("UPDATE messages SET message = x'c1c2c3' WHERE id = 'b'")
         conn.commit()
-    with SqliteStore(path) as store, pytest.raises(StoreError, match="load failed") as info:
-        store.load()
-    assert info.value.__cause__ is not None
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=r"1 row\(s\) fail their checksum") as info:
+        SqliteStore(path)
+    assert "salvage=True" in str(info.value)
+    assert path.read_bytes() == before
+
+
+def test_a_row_damaged_while_open_fails_load_and_dead_letters(tmp_path):
+    path = tmp_path / "q.db"
+    with SqliteStore(path) as store:
+        store.apply([Put("q", msg("a")), Put("q", msg("d")), Dead("q", msg("d"), "x")])
+        # bytes changing under the store (its connection holds the file locks)
+        store._conn.execute("UPDATE messages SET message = x'c1c2c3'")
+        with pytest.raises(StoreError, match=r"1 stored row\(s\) fail their checksum.*'a'"):
+            store.load()
+        with pytest.raises(StoreError, match=r"fail their checksum.*'d'"):
+            store.dead_letters()
+        # a replay of the damaged dead letter is refused alone; the rest commits
+        results = store.apply_many([[Replay("q", "d")], [Put("q", msg("e"))]])
+        assert isinstance(results[0], StoreError) and "checksum" in str(results[0])
+        assert results[1] == [True]
 
 
 def test_a_missing_directory_is_a_store_error_naming_the_path(tmp_path):
@@ -187,7 +205,7 @@ def test_a_second_open_in_the_same_process_is_refused(tmp_path):
     SqliteStore(tmp_path / "q.db").close()
 
 
-def test_disk_full_fails_the_batch_and_keeps_what_was_committed(tmp_path):
+def test_disk_full_fails_the_batch_keeps_what_was_committed_and_recovers(tmp_path):
     path = tmp_path / "q.db"
     store = SqliteStore(path)
     try:
@@ -195,18 +213,21 @@ def test_disk_full_fails_the_batch_and_keeps_what_was_committed(tmp_path):
         # Simulate a full disk: SQLite may not grow the file any further.
         pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
         store._conn.execute(f"PRAGMA max_page_count = {pages}")
-        big = [Put("q", msg(f"lost-{i}", b"x" * 1000)) for i in range(200)]
-        with pytest.raises(StoreError, match="full") as info:
+        big = [Put("q", msg(f"big-{i}", b"x" * 1000)) for i in range(200)]
+        with pytest.raises(StoreError, match="disk is full") as info:
             store.apply(big)
         assert isinstance(info.value.__cause__, sqlite3.OperationalError)
-        # a failed write is never retried: the store refuses until reopened
-        with pytest.raises(StoreError, match="reopen"):
-            store.apply([Put("q", msg("tiny"))])
+        assert store.stats()["write_errors"] == 1
+        # no sticky state: acks and small writes that fit still go through...
+        assert store.apply([Ack("q", "kept-0")]) == [True]
+        # ...and once there is room again, so does the batch that failed
+        store._conn.execute("PRAGMA max_page_count = 1073741823")
+        assert store.apply(big) == [True] * 200
     finally:
         store.close()
     with SqliteStore(path) as store:
-        assert [s.message.id for s in store.load()] == [f"kept-{i}" for i in range(10)]
-        assert store.apply([Put("q", msg("after"))]) == [True]
+        ids = [s.message.id for s in store.load()]
+        assert ids == [f"kept-{i}" for i in range(1, 10)] + [f"big-{i}" for i in range(200)]
 
 
 def boundaries(seed: int, upto: int) -> set[int]:

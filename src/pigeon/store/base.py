@@ -18,24 +18,31 @@ Rules every store follows:
    a message's place; :class:`Dead` and :class:`Replay` move it to the end of
    the dead letters or the live messages.
 4. Ops in one batch apply in order, so a batch may put and ack the same id.
+5. A store never writes what it could not read back. Every op is encoded and
+   checked before the transaction; one that fails (an attempt count msgpack
+   cannot hold, a string that is not UTF-8, a message the decoder would
+   refuse) is refused with :class:`~pigeon.errors.StoreError` on its own, and
+   :meth:`Store.apply_many` still applies the other requests of the batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
 from .._core.ops import Ack, Dead, Op, Put, Replay, Requeue
-from ..errors import ClosedError
+from ..errors import ClosedError, StoreError
 from ..message import Message
 
 __all__ = [
     "Ack",
     "Dead",
     "DeadLetter",
+    "Encoded",
     "Op",
     "Put",
     "Replay",
@@ -43,6 +50,7 @@ __all__ = [
     "Store",
     "StoredMessage",
     "check_ops",
+    "encode_request",
 ]
 
 
@@ -118,6 +126,75 @@ def decode_message(data: bytes) -> Message:
     return _decoder.decode(data)
 
 
+class Encoded(NamedTuple):
+    """An op checked and encoded for a store, before any transaction.
+
+    Attributes:
+        op: the op.
+        blob: the stored form of its message (Put, Requeue, Dead); empty for
+            Ack and Replay.
+    """
+
+    op: Op
+    blob: bytes = b""
+
+
+def _op_key(op: Op) -> tuple[str, str]:
+    return op.queue, (op.message.id if isinstance(op, (Put, Requeue, Dead)) else op.id)
+
+
+# Queue names already known to be valid text: there are few, and every op has one.
+_good_names: set[str] = set()
+
+
+def _check_text(value: Any) -> None:
+    if value not in _good_names:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a str, not {type(value).__name__}")
+        value.encode()  # UnicodeEncodeError for a lone surrogate: SQLite cannot bind it
+        if len(_good_names) > 10_000:
+            _good_names.clear()
+        _good_names.add(value)
+
+
+def _encode_op(op: Op) -> Encoded:
+    _check_text(op.queue)
+    kind = type(op)
+    if kind is Ack or kind is Replay:
+        op.id.encode()  # type: ignore[union-attr]
+        return Encoded(op)
+    if kind is Dead:
+        op.reason.encode()  # type: ignore[union-attr]
+    elif kind is Requeue and not math.isfinite(op.ready_at):  # type: ignore[union-attr]
+        raise ValueError(f"ready_at must be a finite number, not {op.ready_at!r}")  # type: ignore[union-attr]
+    blob = _encoder.encode(op.message)  # type: ignore[union-attr]
+    # Rule 5: what the decoder would refuse (a bound the wire also checks)
+    # must not reach the disk, or every later load of the store would fail.
+    _decoder.decode(blob)
+    return Encoded(op, blob)
+
+
+def encode_request(ops: Sequence[Op]) -> list[Encoded]:
+    """Check and encode the ops of one request, before any transaction.
+
+    Raises:
+        StoreError: an op cannot be stored (its message does not encode, or
+            would not decode again, or a name is not valid text); the message
+            says which op and why.
+    """
+    encoded = []
+    for op in ops:
+        try:
+            encoded.append(_encode_op(op))
+        except Exception as exc:  # any value that cannot be stored refuses this op alone
+            queue, key = _op_key(op)
+            raise StoreError(
+                f"cannot store {type(op).__name__} of {key!r} in queue {queue!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    return encoded
+
+
 class Store(Protocol):
     """A durable (or, for tests, in-memory) store of queued messages."""
 
@@ -134,8 +211,29 @@ class Store(Protocol):
 
         Raises:
             TypeError: an item is not an op; nothing was applied.
-            StoreError: the batch could not be committed; nothing of it was
-                applied and the store refuses further writes until reopened.
+            StoreError: an op cannot be stored, or the batch could not be
+                committed; nothing of it was applied. A later call tries
+                again: a store has no broken state to reopen from.
+            ClosedError: the store was closed.
+        """
+        ...
+
+    def apply_many(self, requests: Sequence[Sequence[Op]]) -> list[list[bool] | StoreError]:
+        """Apply several requests in order, in one transaction with one commit.
+
+        Each request is all or nothing. A request that cannot be applied on
+        its own (an op that cannot be encoded, a put refused by a disk-free
+        floor) gets a :class:`~pigeon.errors.StoreError` in its place and
+        changes nothing; the other requests are applied.
+
+        Returns:
+            Per request: its results (as :meth:`apply` returns them), or the
+            error that refused it.
+
+        Raises:
+            TypeError: an item is not an op; nothing was applied.
+            StoreError: the transaction failed (disk full, I/O error, ...);
+                nothing of the batch was applied. Later calls try again.
             ClosedError: the store was closed.
         """
         ...
@@ -165,6 +263,10 @@ class Store(Protocol):
             StoreError: the store could not be read.
             ClosedError: the store was closed.
         """
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Return the store's counters (refused ops, write errors, quarantine, ...)."""
         ...
 
     def close(self) -> None:

@@ -2,18 +2,30 @@
 
 An fsync costs the same for one message as for a thousand, so one writer
 thread takes everything pending (up to ``max_batch`` ops) and commits it with
-a single :meth:`Store.apply`. Under light load a batch is one op and the
+a single :meth:`Store.apply_many`. Under light load a batch is one op and the
 latency is one commit; under heavy load batches grow and throughput follows,
 while every confirmed op is still on disk.
 
-Rule: a failed batch is never retried. Its callers and everyone still
-waiting get :class:`~pigeon.errors.StoreError`, and so does every later
-submit, until the store is reopened and a new committer made.
+Rules:
+
+- The writer thread never dies of a failure. Whatever goes wrong while a
+  batch is applied (disk full, a read-only file, an I/O error, a value that
+  cannot be encoded, a bug), the callers waiting on that batch get
+  :class:`~pigeon.errors.StoreError` at once, naming the reason, it is
+  counted in :attr:`GroupCommitter.errors`, and the next batch is tried
+  normally. A store has no broken state: when the disk has room again, the
+  next batch commits.
+- A request (one ``submit`` or ``submit_many``) is all or nothing. One that
+  cannot be stored on its own (an op that does not encode, a put below the
+  store's disk-free floor) fails alone; the other requests of its batch are
+  committed.
+- A failed batch is not retried by the committer: its callers decide.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -23,6 +35,8 @@ from ..errors import ClosedError, ConfigurationError, PigeonError, StoreError, T
 from .base import Op, Store, check_ops
 
 __all__ = ["GroupCommitter"]
+
+log = logging.getLogger("pigeon.store")
 
 
 class _Request:
@@ -77,8 +91,13 @@ class GroupCommitter:
 
     Args:
         store: where batches are applied.
-        max_batch: most ops per ``apply``; one ``submit_many`` is never split,
-            so a batch may be larger when a single call brings more.
+        max_batch: most ops per ``apply_many``; one ``submit_many`` is never
+            split, so a batch may be larger when a single call brings more.
+
+    Attributes:
+        errors: requests (``submit``/``submit_many`` calls) that failed with
+            StoreError, refused alone or with their whole batch.
+        last_error: the reason of the latest failure, or "".
 
     Raises:
         ConfigurationError: ``max_batch`` is less than 1.
@@ -92,7 +111,9 @@ class GroupCommitter:
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()
         self._closing = False
-        self._error: StoreError | None = None
+        self.errors = 0
+        self.last_error = ""
+        self._logged = ""
         self._thread = threading.Thread(target=self._run, name="pigeon-store-writer", daemon=True)
         self._thread.start()
 
@@ -103,31 +124,31 @@ class GroupCommitter:
 
         Raises:
             TypeError: ``op`` is not an op.
-            StoreError: the commit failed, or an earlier one did.
+            StoreError: the op cannot be stored, or its batch failed.
             ClosedError: the committer was closed.
         """
         return (await self.submit_many([op]))[0]
 
     async def submit_many(self, ops: Iterable[Op]) -> list[bool]:
-        """Commit ops together (same transaction) and return their results.
+        """Commit ops together (same transaction, all or nothing) and return
+        their results.
 
         Raises:
             TypeError: an item is not an op; nothing was submitted.
-            StoreError: the commit failed, or an earlier one did.
+            StoreError: an op cannot be stored (nothing of this call was
+                applied), or the batch holding them failed.
             ClosedError: the committer was closed.
         """
         batch = list(ops)
         check_ops(batch)
         loop = asyncio.get_running_loop()
         with self._cond:
-            if self._error is not None:
-                raise _copy_error(
-                    self._error, f"store refuses writes: {self._error}", self._error.path
-                )
             if self._closing:
                 raise ClosedError("group committer is closed")
             if not batch:
                 return []
+            if not self._thread.is_alive():  # cannot happen; never wait forever if it does
+                raise StoreError("store writer is not running")
             future: asyncio.Future[list[bool]] = loop.create_future()
             self._pending.append(_Request(batch, future))
             self._cond.notify()
@@ -141,8 +162,7 @@ class GroupCommitter:
                 if not self._pending:
                     return  # closing, and everything is committed
                 batch = self._take()
-            if not self._commit(batch):
-                return
+            self._commit(batch)
 
     def _take(self) -> list[_Request]:
         batch = [self._pending.popleft()]
@@ -153,38 +173,52 @@ class GroupCommitter:
             size += len(request.ops)
         return batch
 
-    def _commit(self, batch: list[_Request]) -> bool:
-        """Apply one batch and resolve its futures; False once the store failed."""
-        ops = [op for request in batch for op in request.ops]
-        settled = False
+    def _commit(self, batch: list[_Request]) -> None:
+        """Apply one batch and resolve every future of it; never raises."""
+        outcomes: list[Outcome] = []
         try:
             try:
-                results = self._store.apply(ops)
+                results = self._store.apply_many([request.ops for request in batch])
             except PigeonError as exc:  # StoreError, or ClosedError if the store was closed
-                self._fail(batch, exc)
-                settled = True
-                return False
-            outcomes: list[Outcome] = []
-            start = 0
-            for request in batch:
-                outcomes.append((request.future, results[start : start + len(request.ops)], None))
-                start += len(request.ops)
-            _resolve(outcomes)
-            settled = True
-            return True
+                message = str(exc) if isinstance(exc, StoreError) else f"store write failed: {exc}"
+                self._fail(batch, exc, message)
+                return
+            except Exception as exc:  # a bug or an unforeseen error: fail the batch, go on
+                log.exception("store write failed unexpectedly")
+                message = f"store write failed unexpectedly: {type(exc).__name__}: {exc}"
+                self._fail(batch, exc, message)
+                return
+            for request, result in zip(batch, results, strict=True):
+                if isinstance(result, StoreError):
+                    self._count(result, str(result))
+                    error = _copy_error(result, str(result), result.path)
+                    outcomes.append((request.future, None, error))
+                else:
+                    self._logged = ""  # a write went through: the next failure is news
+                    outcomes.append((request.future, result, None))
+        except BaseException as exc:
+            # Even here (a wrong number of results, an error building them),
+            # nobody may be left waiting for an answer.
+            answered = {id(outcome[0]) for outcome in outcomes}
+            rest = [request for request in batch if id(request.future) not in answered]
+            self._fail(rest, exc, f"store write failed unexpectedly: {type(exc).__name__}")
+            if not isinstance(exc, Exception):
+                raise
         finally:
-            if not settled:
-                # apply raised something unexpected: it propagates and ends the
-                # thread, but nobody may be left waiting for an answer.
-                self._fail(batch, StoreError("store writer failed unexpectedly"))
+            _resolve(outcomes)
 
-    def _fail(self, batch: list[_Request], cause: BaseException) -> None:
-        path = getattr(cause, "path", None)
+    def _count(self, cause: BaseException, message: str) -> None:
         with self._cond:
-            self._error = _copy_error(cause, str(cause), path)
-            batch = batch + list(self._pending)
-            self._pending.clear()
-        message = f"store write failed: {cause}"
+            self.errors += 1
+            self.last_error = message
+        if message != self._logged:  # a failure that repeats is logged once per spell
+            self._logged = message
+            log.warning("%s", message)
+
+    def _fail(self, batch: list[_Request], cause: BaseException, message: str) -> None:
+        path = getattr(cause, "path", None)
+        for _ in batch:
+            self._count(cause, message)
         _resolve([(r.future, None, _copy_error(cause, message, path)) for r in batch])
 
     def close(self, *, timeout: float = 30.0) -> None:

@@ -11,12 +11,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Any
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StoreError
 from .base import (
     Ack,
     Dead,
     DeadLetter,
+    Encoded,
     Op,
     Put,
     Requeue,
@@ -25,6 +27,7 @@ from .base import (
     closed_error,
     decode_message,
     encode_message,
+    encode_request,
 )
 
 __all__ = ["MemoryStore"]
@@ -58,6 +61,7 @@ class MemoryStore:
         self._dead: dict[Key, tuple[bytes, str, float]] = {}
         self._tombstones: dict[Key, float] = {}
         self._last_prune = clock()
+        self.refused_ops = 0
 
     def apply(self, ops: Sequence[Op]) -> list[bool]:
         """Apply ``ops`` in order, all or nothing.
@@ -67,18 +71,51 @@ class MemoryStore:
 
         Raises:
             TypeError: an item is not an op; nothing was applied.
+            StoreError: an op cannot be stored; nothing was applied.
             ClosedError: the store was closed.
         """
-        check_ops(ops)
+        (result,) = self.apply_many([ops])
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    def apply_many(self, requests: Sequence[Sequence[Op]]) -> list[list[bool] | StoreError]:
+        """Apply requests in order; one that cannot be stored is refused alone.
+
+        Returns:
+            Per request, its results or the StoreError that refused it (see
+            :meth:`pigeon.store.base.Store.apply_many`).
+
+        Raises:
+            TypeError: an item is not an op; nothing was applied.
+            ClosedError: the store was closed.
+        """
+        for ops in requests:
+            check_ops(ops)
         with self._lock:
             if self._closed:
                 raise closed_error("memory store")
+            outcomes: list[list[bool] | StoreError] = []
+            encoded: list[list[Encoded] | None] = []
+            for ops in requests:
+                try:
+                    encoded.append(encode_request(ops))
+                except StoreError as exc:
+                    self.refused_ops += len(ops)
+                    encoded.append(None)
+                    outcomes.append(exc)
+                    continue
+                outcomes.append([])
             now = self._clock()
             self._prune(now)
-            return [self._apply_one(op, now) for op in ops]
+            for i, request in enumerate(encoded):
+                if request is not None:
+                    outcomes[i] = [self._apply_one(e, now) for e in request]
+            return outcomes
 
-    def _apply_one(self, op: Op, now: float) -> bool:
-        # Nothing below can fail once check_ops passed, so a batch is all or nothing.
+    def _apply_one(self, encoded: Encoded, now: float) -> bool:
+        # Nothing below can fail once the request encoded, so it is all or nothing.
+        op = encoded.op
         if isinstance(op, Put):
             key = (op.queue, op.message.id)
             if key in self._live or key in self._dead:
@@ -87,7 +124,7 @@ class MemoryStore:
             if acked_at is not None and now - acked_at <= self._window:
                 return False
             self._tombstones.pop(key, None)
-            self._live[key] = (encode_message(op.message), 0.0)
+            self._live[key] = (encoded.blob, 0.0)
             return True
         if isinstance(op, Ack):
             key = (op.queue, op.id)
@@ -100,13 +137,13 @@ class MemoryStore:
             key = (op.queue, op.message.id)
             if key not in self._live:
                 return False
-            self._live[key] = (encode_message(op.message), op.ready_at)
+            self._live[key] = (encoded.blob, op.ready_at)
             return True
         if isinstance(op, Dead):
             key = (op.queue, op.message.id)
             if self._live.pop(key, None) is None:
                 return False
-            self._dead[key] = (encode_message(op.message), op.reason, now)
+            self._dead[key] = (encoded.blob, op.reason, now)
             return True
         key = (op.queue, op.id)
         dead = self._dead.pop(key, None)
@@ -166,6 +203,10 @@ class MemoryStore:
                     entry = counts.setdefault(queue, {"ready": 0, "dead": 0})
                     entry[kind] += 1
             return counts
+
+    def stats(self) -> dict[str, Any]:
+        """Return ``{"refused_ops": n}``: ops refused because they could not be stored."""
+        return {"refused_ops": self.refused_ops}
 
     def close(self) -> None:
         """Close the store and drop its contents; closing twice is allowed.
