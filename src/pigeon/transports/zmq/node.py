@@ -498,6 +498,9 @@ def node_stats(node: ZmqTransport) -> dict[str, Any]:
         "malformed_frames": sum(link.pump.malformed for link in links)
         + (router.pump.malformed if router and router.pump else 0),
         "peers_lost": router.peers_lost if router else 0,
+        # Frames a peer's full pipe (it stopped reading) would not take; that
+        # peer is given up.
+        "send_failures": router.pump.send_failures if router and router.pump else 0,
         "reply_cache_hits": router.responder.replies.hits if router else 0,
         "links": {link.address: {"up": link.up} for link in links},
         "bound": list(node.bound),

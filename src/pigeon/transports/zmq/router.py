@@ -30,6 +30,7 @@ from .security import CurveServer, Guard, service_verb
 
 Refusal = tuple[str, RefusalReason, str]
 MAX_QUEUES_PER_PEER = 1000
+ROUTER_HWM = 1000  # frames queued per peer, each way
 
 
 class RouterSide:
@@ -61,6 +62,11 @@ class RouterSide:
             # peer's id is turned away by libzmq and gets nothing it holds.
             curve.apply(sock)
         config.tune(sock)
+        # Per-peer bounds: a peer that stops reading is given up (its
+        # leases go back) once its pipe holds ROUTER_HWM frames, and libzmq
+        # reads fairly from peers' pipes of at most ROUTER_HWM frames each.
+        sock.setsockopt(zmq.SNDHWM, ROUTER_HWM)
+        sock.setsockopt(zmq.RCVHWM, ROUTER_HWM)
         self.sock = sock
         self.guard = Guard(acl) if acl is not None else None
         self.liveness = Liveness(interval=config.heartbeat, misses=config.heartbeat_misses)
