@@ -14,6 +14,8 @@ import ssl
 from dataclasses import dataclass, field
 
 from ...errors import ConfigurationError
+from ..tls import TlsOptionNames, causes
+from ..tls import tls_problem as diagnose
 
 # URL query names for the TLS settings, as RabbitMQ's URI spec (cacertfile,
 # certfile, keyfile, verify, server_name_indication) and aiormq (cafile,
@@ -157,35 +159,18 @@ def verify_flag(name: str, value: str) -> bool:
     raise ConfigurationError(f"{name}={value!r} in the URL: expected {expected}")
 
 
+_NAMES = TlsOptionNames(
+    peer="broker",
+    ca="ca_file (cacertfile)",
+    hostname="server_hostname",
+    client_cert="cert_file (certfile) and key_file (keyfile)",
+    plain_port_hint="(RabbitMQ's is usually 5671; amqp:// is for the plain one)",
+)
+
+
 def tls_problem(exc: BaseException) -> str | None:
-    """What went wrong in a TLS handshake, in words and with what to check,
-    if ``exc`` (or its cause) is a TLS error; None otherwise."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, ssl.SSLCertVerificationError):
-            detail = error.verify_message or str(error)
-            return (
-                f"the broker's TLS certificate was not accepted ({detail}): check ca_file "
-                "(cacertfile) and the host name the certificate is for (server_hostname)"
-            )
-        if isinstance(error, ssl.SSLError):
-            reason = error.reason or str(error)
-            if "WRONG_VERSION_NUMBER" in reason.upper():
-                return (
-                    f"the TLS handshake failed ({reason}): is that port a TLS listener? "
-                    "(RabbitMQ's is usually 5671; amqp:// is for the plain one)"
-                )
-            if "ALERT" in reason.upper():
-                return (
-                    f"the broker refused the TLS handshake ({reason}), as brokers do with a "
-                    "client certificate they do not accept (or none, where they require one): "
-                    "check cert_file (certfile) and key_file (keyfile)"
-                )
-            return f"the TLS handshake failed ({reason})"
-        error = error.__cause__ or error.__context__
-    return None
+    """What went wrong in a TLS handshake with the broker (see ``transports.tls``)."""
+    return diagnose(exc, _NAMES)
 
 
 LOST_AFTER_HANDSHAKE = (
@@ -197,11 +182,4 @@ LOST_AFTER_HANDSHAKE = (
 
 def connection_lost(exc: BaseException) -> bool:
     """Is ``exc`` (or its cause) a connection closed or reset by the peer?"""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, (ConnectionError, EOFError)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(error, (ConnectionError, EOFError)) for error in causes(exc))

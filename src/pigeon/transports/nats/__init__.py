@@ -6,26 +6,9 @@ nats-py is optional; without it, asking for a ``nats://`` URL raises
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
-from ..._extras import install_hint
-from ...errors import ConfigurationError
-
-
-class _NatsMissing:
-    """Stands in for the transport when nats-py is missing, to say how to get it.
-
-    Raises:
-        ConfigurationError: always; nats-py is not installed.
-    """
-
-    import_error: ClassVar[ImportError | None] = None
-
-    def __init__(self, url: str, **options: object) -> None:
-        raise ConfigurationError(
-            f"the nats:// transport needs nats-py: {install_hint('nats')}"
-        ) from self.import_error
-
+from ..._extras import missing_transport
 
 if TYPE_CHECKING:
     from .transport import NatsTransport
@@ -35,8 +18,7 @@ else:
     except ImportError as exc:  # only nats-py is optional here
         if exc.name is None or not exc.name.startswith("nats"):
             raise
-        _NatsMissing.import_error = exc
-        NatsTransport = _NatsMissing
+        NatsTransport = missing_transport("nats-py", "nats", exc)
 
 
 __all__ = ["NatsTransport"]

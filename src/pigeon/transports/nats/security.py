@@ -16,6 +16,8 @@ import ssl
 from urllib.parse import urlsplit
 
 from ...errors import ConfigurationError
+from ..tls import TlsOptionNames
+from ..tls import tls_problem as diagnose
 
 MASK = "***"
 _SECRET_QUERY = re.compile(r"(?i)(^|[?&])(password|pass|token)=[^&]*")
@@ -102,27 +104,14 @@ def check_file(path: object, what: str) -> str:
     return _readable(path, what)
 
 
+_NAMES = TlsOptionNames(
+    peer="server",
+    ca="tls_ca (ca_file)",
+    hostname="tls_hostname",
+    client_cert="tls_cert (cert_file) and tls_key (key_file)",
+)
+
+
 def tls_problem(exc: BaseException) -> str | None:
-    """What went wrong in a TLS handshake, in words and with what to check,
-    if ``exc`` (or its cause) is a TLS error; None otherwise."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, ssl.SSLCertVerificationError):
-            detail = error.verify_message or str(error)
-            return (
-                f"the server's TLS certificate was not accepted ({detail}): check tls_ca "
-                "(ca_file) and the host name the certificate is for (tls_hostname)"
-            )
-        if isinstance(error, ssl.SSLError):
-            reason = error.reason or str(error)
-            if "ALERT" in reason.upper():
-                return (
-                    f"the server refused the TLS handshake ({reason}), as servers do with a "
-                    "client certificate they do not accept (or none, where they require one): "
-                    "check tls_cert (cert_file) and tls_key (key_file)"
-                )
-            return f"the TLS handshake failed ({reason})"
-        error = error.__cause__ or error.__context__
-    return None
+    """What went wrong in a TLS handshake with the server (see ``transports.tls``)."""
+    return diagnose(exc, _NAMES)
