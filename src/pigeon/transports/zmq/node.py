@@ -17,53 +17,25 @@ import zmq
 
 from ..._core.frames import Consume, Hello, Reply, Verdict
 from ..._core.limits import (
-    DEFAULT_MAX_LEASE_TTL,
-    DEFAULT_MAX_PREFETCH,
-    MAX_FRAME_ITEMS,
-    MAX_SECONDS,
     MAX_SERVICES,
-    QueuePolicy,
 )
 from ...errors import ClosedError, ConfigurationError, NotStartedError, Timeout, TransportError
 from ...message import Message, new_id
 from ...security.acl_file import load_acl
 from ..base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
-from ..host import DEFAULT_MAX_MEMORY, QueueHost
+from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription
 from . import admin, security
 from .caller import Caller
 from .config import NodeConfig, Waiters, shared_context
 from .consumers import RemoteConsumers
 from .link import Link
+from .options import NodeOptions
 from .outbox import DurableOutbox
 from .router import RouterSide
 from .sender import Sender
+from .stats import node_stats
 from .zap import Domain, ZapHandler
-
-
-def queue_policy(
-    lease_ttl: float, max_attempts: int, max_prefetch: int, max_lease_ttl: float
-) -> QueuePolicy:
-    """The node's queue policy from its options.
-
-    Raises:
-        ConfigurationError: a bound that is not a sane number.
-    """
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 0:
-        raise ConfigurationError(f"max_attempts must be an int >= 0, not {max_attempts!r}")
-    if isinstance(max_prefetch, bool) or not isinstance(max_prefetch, int):
-        raise ConfigurationError(f"max_prefetch must be an int, not {max_prefetch!r}")
-    if not 1 <= max_prefetch <= MAX_FRAME_ITEMS:
-        raise ConfigurationError(f"max_prefetch must be 1 to {MAX_FRAME_ITEMS}, not {max_prefetch}")
-    for name, value in (("lease_ttl", lease_ttl), ("max_lease_ttl", max_lease_ttl)):
-        if not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
-            raise ConfigurationError(f"{name} must be 0 to {MAX_SECONDS:g} seconds, not {value!r}")
-    return QueuePolicy(
-        lease_ttl=float(lease_ttl),
-        max_lease_ttl=max(float(max_lease_ttl), float(lease_ttl)),
-        max_prefetch=max_prefetch,
-        max_attempts=max_attempts,
-    )
 
 
 class ZmqTransport:
@@ -72,121 +44,48 @@ class ZmqTransport:
     Args:
         connect: addresses of nodes to reach.
         bind: addresses to serve on (this node then hosts queues).
-        heartbeat: seconds between heartbeats; a peer is dead after
-            ``heartbeat_misses`` of them pass in silence.
-        max_message_size: largest body accepted, in bytes.
-        outbox_limit: sends awaiting confirmation per link before ``send``
-            raises :class:`~pigeon.errors.Backpressure`.
-        connect_grace: how long a request waits for a new link's handshake
-            before deciding that nobody offers the service.
-        store: path of a SQLite file: the queues this node hosts become
-            durable. Needs ``bind``.
-        outbox: path of a SQLite file that makes this producer's outbox
-            durable (see docs/durability.md).
-        attempt_timeout: seconds after which a call whose server has not
-            answered is also sent to another server, with the same request id.
-        synchronous: ``"full"`` (default: every confirm is fsynced) or ``"normal"``.
-        min_free_disk: bytes that must stay free on the filesystem of
-            ``store``; below it new messages are refused with ``StoreError``
-            (docs/durability.md). None: the store's default, 64 MiB; 0: off.
-        salvage: open a damaged ``store`` anyway, keeping every row that
-            checks out and quarantining the rest (docs/durability.md).
-        key: this node's ``.key_secret`` file (or ``PIGEON_KEY``): CURVE on
-            every tcp and ipc link.
-        server_key: the public key (``.key`` file or Z85 text) of the nodes
-            this one connects to (or ``PIGEON_SERVER_KEY``).
-        allow: an ACL file: the client keys a binding node lets in, and what
-            each may do (see docs/security.md).
-        insecure: let a node bind an address other machines reach without keys.
-        lease_ttl, max_attempts, max_prefetch, max_lease_ttl: the policy of
-            the queues this node hosts (``QueuePolicy``): consumers ask for a
-            prefetch and a lease and get them clamped to these bounds; the
-            attempt limit (0: none) is the host's alone.
-        max_queues: queues this node holds at most; at the cap idle ones are
-            forgotten, then new ones refused.
-        max_memory: bytes of message bodies this node holds at most (None:
-            no bound); past it, sends are refused and producers see
-            ``Backpressure`` until consumers catch up. Nothing is dropped.
+        options: see :class:`NodeOptions`.
+
+    Raises:
+        ConfigurationError: options that do not go together or are out of range.
+        TypeError: an option this transport does not know.
     """
 
-    def __init__(
-        self,
-        connect: list[str],
-        bind: list[str],
-        *,
-        heartbeat: float = 1.0,
-        heartbeat_misses: int = 3,
-        max_message_size: int = 4 << 20,
-        outbox_limit: int = 100_000,
-        connect_grace: float = 0.5,
-        lease_ttl: float = 30.0,
-        max_length: int | None = None,
-        max_attempts: int = 0,
-        max_prefetch: int = DEFAULT_MAX_PREFETCH,
-        max_lease_ttl: float = DEFAULT_MAX_LEASE_TTL,
-        max_queues: int = 10_000,
-        max_memory: int | None = DEFAULT_MAX_MEMORY,
-        store: str | os.PathLike[str] | None = None,
-        synchronous: str = "full",
-        min_free_disk: int | None = None,
-        salvage: bool = False,
-        attempt_timeout: float | None = None,
-        outbox: str | os.PathLike[str] | None = None,
-        key: str | os.PathLike[str] | None = None,
-        server_key: str | os.PathLike[str] | None = None,
-        allow: str | os.PathLike[str] | None = None,
-        insecure: bool = False,
-    ) -> None:
-        if outbox is not None and bind:
-            raise ConfigurationError(
-                "outbox= is for a node that sends to others; a node with bind= stores "
-                "what it is sent with store="
-            )
-        if store is not None and not bind:
-            raise ConfigurationError(
-                "store= makes the queues a node hosts durable; give it bind= addresses too"
-            )
-        if synchronous not in ("full", "normal"):
-            raise ConfigurationError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
-        if attempt_timeout is not None and not attempt_timeout > 0:
-            raise ConfigurationError(
-                f"attempt_timeout must be > 0 seconds, not {attempt_timeout!r}"
-            )
+    def __init__(self, connect: list[str], bind: list[str], **options: Any) -> None:
+        opts = NodeOptions(**options)
+        opts.check(bind)
         self.url = " ".join([*connect, *(f"bind:{b}" for b in bind)])
         self.connect_addresses = list(connect)
         self.bind_addresses = list(bind)
         self.config = NodeConfig(
             node_id=f"{os.getpid()}-{new_id()}",
-            heartbeat=heartbeat,
-            heartbeat_misses=heartbeat_misses,
-            max_message_size=max_message_size,
-            outbox_limit=outbox_limit,
-            connect_grace=connect_grace,
+            heartbeat=opts.heartbeat,
+            heartbeat_misses=opts.heartbeat_misses,
+            max_message_size=opts.max_message_size,
+            outbox_limit=opts.outbox_limit,
+            connect_grace=opts.connect_grace,
         )
         self.security = security.resolve(
             connect,
             bind,
             node_id=self.config.node_id,
-            key=key,
-            server_key=server_key,
-            allow=allow,
-            insecure=insecure,
+            key=opts.key,
+            server_key=opts.server_key,
+            allow=opts.allow,
+            insecure=opts.insecure,
         )
         self.session = new_id()
-        self.outbox_path = os.fspath(outbox) if outbox is not None else None
-        self.store_path = os.fspath(store) if store is not None else None
-        self.synchronous = synchronous
-        # Options of the SqliteStore behind store= (docs/durability.md).
-        self.store_options: dict[str, Any] = {"salvage": salvage}
-        if min_free_disk is not None:
-            self.store_options["min_free_disk"] = min_free_disk
-        self.policy = queue_policy(lease_ttl, max_attempts, max_prefetch, max_lease_ttl)
+        self.outbox_path = os.fspath(opts.outbox) if opts.outbox is not None else None
+        self.store_path = os.fspath(opts.store) if opts.store is not None else None
+        self.synchronous = opts.synchronous
+        self.store_options = opts.store_options()
+        self.policy = opts.queue_policy()
         self.host = QueueHost(
-            lease_ttl=lease_ttl,
-            max_length=max_length,
+            lease_ttl=opts.lease_ttl,
+            max_length=opts.max_length,
             policy=self.policy,
-            max_queues=max_queues,
-            max_memory=max_memory,
+            max_queues=opts.max_queues,
+            max_memory=opts.max_memory,
         )
         self.services = LocalServices()
         self.links: list[Link] = []
@@ -196,9 +95,10 @@ class ZmqTransport:
         self._heard = Waiters()
         self.sender = self._make_sender()
         self.caller = Caller(
-            self.links, self.services, attempt_timeout=attempt_timeout, heard=self._heard
+            self.links, self.services, attempt_timeout=opts.attempt_timeout, heard=self._heard
         )
-        self.consumers = RemoteConsumers(self.links, verdict_timeout=heartbeat * heartbeat_misses)
+        verdict_timeout = opts.heartbeat * opts.heartbeat_misses
+        self.consumers = RemoteConsumers(self.links, verdict_timeout=verdict_timeout)
         self.last_remote_error = ""
         self.router: RouterSide | None = None
         self.zap: Domain | None = None
@@ -478,50 +378,3 @@ class ZmqTransport:
 
     def stats(self) -> dict[str, Any]:
         return node_stats(self)
-
-
-def node_stats(node: ZmqTransport) -> dict[str, Any]:
-    """Everything a node counts (``pigeon.info`` serves this)."""
-    router, sender, links = node.router, node.sender, node.links
-    guard = router.guard if router is not None else None
-    return {
-        "sent": sender.sent,
-        "unconfirmed": sum(len(link.outbox) for link in links),
-        "unconfirmed_at_close": sender.unconfirmed_at_close,
-        "withdrawn": sender.withdrawn,
-        "request_retries": node.caller.correlator.retries,
-        "late_replies": node.caller.correlator.late_replies,
-        "last_remote_error": node.last_remote_error,
-        "stale_settles": sum(link.stale_settles for link in links),
-        "protocol_errors": sum(link.protocol_errors for link in links)
-        + (router.protocol_errors if router else 0),
-        "malformed_frames": sum(link.pump.malformed for link in links)
-        + (router.pump.malformed if router and router.pump else 0),
-        "peers_lost": router.peers_lost if router else 0,
-        # Frames a peer's full pipe (it stopped reading) would not take; that
-        # peer is given up.
-        "send_failures": router.pump.send_failures if router and router.pump else 0,
-        "reply_cache_hits": router.responder.replies.hits if router else 0,
-        "links": {link.address: {"up": link.up} for link in links},
-        "bound": list(node.bound),
-        "secure": node.security.server is not None or node.security.client is not None,
-        "auth_failures": (node.zap.refused if node.zap else 0)
-        + sum(link.auth_failures for link in links),
-        "forbidden": (guard.forbidden if guard else 0) + node.consumers.forbidden,
-        "last_forbidden": guard.last_forbidden if guard else node.consumers.last_forbidden,
-        "identity_conflicts": guard.identity_conflicts if guard else 0,
-        "granted": {
-            f"{queue}@{address}": {"prefetch": prefetch, "lease_ttl": lease}
-            for (address, queue), (prefetch, lease) in node.consumers.granted.items()
-        },
-        "durable": node.store_path is not None,
-        "restored": node.restored,
-        "store_errors": node.host.store_errors,
-        "store": node.host.store.stats() if node.host.store is not None else None,
-        "outbox": sender.outbox.stats() if sender.outbox is not None else None,
-        "queues_forgotten": node.host.queues_forgotten,
-        "queues_refused": node.host.queues_refused,
-        "bytes_held": node.host.bytes_held(),
-        "memory_refused": node.host.memory_refused,
-        "queues": node.host.stats(),
-    }

@@ -1,0 +1,78 @@
+"""What a ZeroMQ node counts (``stats()``, and ``pigeon.info`` for others)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..host import QueueHost
+from .caller import Caller
+from .consumers import RemoteConsumers
+from .link import Link
+from .router import RouterSide
+from .security import Security
+from .sender import Sender
+from .zap import Domain
+
+
+class CountedNode(Protocol):
+    """The parts of a node its stats read."""
+
+    router: RouterSide | None
+    sender: Sender
+    links: list[Link]
+    caller: Caller
+    consumers: RemoteConsumers
+    zap: Domain | None
+    security: Security
+    host: QueueHost
+    bound: list[str]
+    restored: int
+    store_path: str | None
+    last_remote_error: str
+
+
+def node_stats(node: CountedNode) -> dict[str, Any]:
+    """Everything a node counts (``pigeon.info`` serves this)."""
+    router, sender, links = node.router, node.sender, node.links
+    guard = router.guard if router is not None else None
+    return {
+        "sent": sender.sent,
+        "unconfirmed": sum(len(link.outbox) for link in links),
+        "unconfirmed_at_close": sender.unconfirmed_at_close,
+        "withdrawn": sender.withdrawn,
+        "request_retries": node.caller.correlator.retries,
+        "late_replies": node.caller.correlator.late_replies,
+        "last_remote_error": node.last_remote_error,
+        "stale_settles": sum(link.stale_settles for link in links),
+        "protocol_errors": sum(link.protocol_errors for link in links)
+        + (router.protocol_errors if router else 0),
+        "malformed_frames": sum(link.pump.malformed for link in links)
+        + (router.pump.malformed if router and router.pump else 0),
+        "peers_lost": router.peers_lost if router else 0,
+        # Frames a peer's full pipe (it stopped reading) would not take; that
+        # peer is given up.
+        "send_failures": router.pump.send_failures if router and router.pump else 0,
+        "reply_cache_hits": router.responder.replies.hits if router else 0,
+        "links": {link.address: {"up": link.up} for link in links},
+        "bound": list(node.bound),
+        "secure": node.security.server is not None or node.security.client is not None,
+        "auth_failures": (node.zap.refused if node.zap else 0)
+        + sum(link.auth_failures for link in links),
+        "forbidden": (guard.forbidden if guard else 0) + node.consumers.forbidden,
+        "last_forbidden": guard.last_forbidden if guard else node.consumers.last_forbidden,
+        "identity_conflicts": guard.identity_conflicts if guard else 0,
+        "granted": {
+            f"{queue}@{address}": {"prefetch": prefetch, "lease_ttl": lease}
+            for (address, queue), (prefetch, lease) in node.consumers.granted.items()
+        },
+        "durable": node.store_path is not None,
+        "restored": node.restored,
+        "store_errors": node.host.store_errors,
+        "store": node.host.store.stats() if node.host.store is not None else None,
+        "outbox": sender.outbox.stats() if sender.outbox is not None else None,
+        "queues_forgotten": node.host.queues_forgotten,
+        "queues_refused": node.host.queues_refused,
+        "bytes_held": node.host.bytes_held(),
+        "memory_refused": node.host.memory_refused,
+        "queues": node.host.stats(),
+    }
