@@ -29,7 +29,7 @@ import pytest
 import pigeon
 from pigeon.errors import StoreError
 from pigeon.message import Message
-from pigeon.store import SqliteStore
+from pigeon.store import Put, SqliteStore
 from pigeon.transports.host import QueueHost
 
 PIGEON = [sys.executable, "-m", "pigeon.cli.main"]
@@ -282,6 +282,59 @@ def test_a_restart_on_a_full_disk_refuses_sends_rather_than_looking_healthy(smal
     asyncio.run(second_life())
 
 
+WRITER = Path(__file__).parent / "store" / "writer_child.py"
+
+
+def write_then_kill(path: Path, lines: int = 20) -> list[str]:
+    """tests/store/writer_child.py writing ``path`` until SIGKILL; the ids
+    of the batches it confirmed."""
+    proc = subprocess.Popen(
+        [sys.executable, str(WRITER), str(path), "1", "0"],  # no floor on a small disk
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        out = [proc.stdout.readline() for _ in range(lines)]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        out += proc.stdout.read().splitlines(keepends=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    return [i for line in out if line.endswith("\n") for i in line.split()]
+
+
+def test_a_store_killed_mid_write_opens_on_a_full_disk_and_its_wal_is_kept(small_disk):
+    """On a full disk the check cannot make SQLite's WAL index beside a
+    read-only connection: it runs in a child that never closes (closing
+    would checkpoint the WAL), so a damaged store is still left as it was."""
+    disk = small_disk("8m")
+    path = disk / "q.db"
+    wal = Path(f"{path}-wal")
+    confirmed = write_then_kill(path)
+    garble_wal_frame(wal, 5)
+    before = (path.read_bytes(), wal.read_bytes())
+    filler = fill(disk)
+    with pytest.raises(StoreError, match=r"committed write\(s\) are missing"):
+        SqliteStore(path)
+    assert (path.read_bytes(), wal.read_bytes()) == before
+    filler.unlink()  # salvage needs room for its copies
+    with SqliteStore(path, salvage=True, min_free_disk=0) as store:
+        assert {s.message.id for s in store.load()} >= set(confirmed)
+    # and a store that is intact opens on a full disk, then refuses writes
+    filler = fill(disk)
+    with SqliteStore(path, min_free_disk=0) as store:
+        assert len(store.load()) >= len(confirmed)
+        with pytest.raises(StoreError, match="disk is full"):
+            store.apply([Put("q", Message(id="x", body=b"y" * 100_000))])
+
+
 def test_below_the_disk_free_floor_new_messages_are_refused_and_acks_still_go_through(
     small_disk,
 ):
@@ -363,9 +416,16 @@ class NodeProcess:
             self._lines.put(line)
         self._lines.put(None)
 
+    def more(self, timeout: float = WAIT) -> str:
+        """The next line of output ("" if none comes within ``timeout``)."""
+        try:
+            return self._lines.get(timeout=timeout) or ""
+        except queue.Empty:
+            return ""
+
     def _banner(self) -> list[str]:
-        """Lines up to the "serving" banner (a salvage report comes before
-        it), or up to the end if the node exits first."""
+        """Lines up to the "serving" banner, or up to the end if the node
+        exits first."""
         lines: list[str] = []
         deadline = time.monotonic() + WAIT
         while True:
@@ -442,7 +502,8 @@ def test_garbage_in_the_wal_after_kill_9_is_found_not_dropped_and_salvage_brings
         banner = "".join(salvaged.lines)
         assert salvaged.url, f"{banner}\n{salvaged.stderr()}"
         assert "500 messages restored" in banner
-        assert "store salvaged" in banner and "damaged files are kept" in banner
+        report = salvaged.more()  # the salvage report follows the banner
+        assert "store salvaged" in report and "damaged files are kept" in report
 
         async def consume() -> list[str]:
             texts: list[str] = []

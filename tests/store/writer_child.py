@@ -1,6 +1,6 @@
 """Run as a separate process by the crash test: write batches until killed.
 
-Usage: python writer_child.py DB_PATH SEED
+Usage: python writer_child.py DB_PATH SEED [MIN_FREE_DISK]
 
 Prints ``ready`` once the store is open, then, after each ``apply`` has
 returned, the ids of that batch on one line. Batch sizes come from
@@ -17,8 +17,9 @@ from pigeon.store import Put, SqliteStore
 
 def main() -> None:
     path, seed = sys.argv[1], int(sys.argv[2])
+    floor = {"min_free_disk": int(sys.argv[3])} if len(sys.argv) > 3 else {}
     sizes = random.Random(seed)
-    with SqliteStore(path) as store:
+    with SqliteStore(path, **floor) as store:
         print("ready", flush=True)
         n = 0
         while True:

@@ -136,15 +136,21 @@ class _NoWalIndex(Exception):
     """A read-only connection could not read the WAL (no room for its index)."""
 
 
+# A connection the child process must never close (see _child).
+_kept: list[sqlite3.Connection] = []
+
+
 def _inspect(
-    path: str, record: CommitRecord | None, truncated: str, *, read_only: bool
+    path: str, record: CommitRecord | None, truncated: str, *, read_only: bool, keep: bool = False
 ) -> Findings:
     findings = Findings(path, truncated=truncated)
     try:
         conn = connect(path, read_only=read_only)
     except sqlite3.Error as exc:
         raise StoreError(f"store {path}: open failed: {exc}", path=path) from exc
-    with contextlib.closing(conn):
+    if keep:
+        _kept.append(conn)  # not even garbage collection may close it
+    with contextlib.nullcontext() if keep else contextlib.closing(conn):
         try:
             problems = [
                 line.strip()
@@ -208,7 +214,8 @@ def _child() -> None:
     args = json.loads(sys.argv[1])
     record = CommitRecord(*args["record"]) if args["record"] else None
     try:
-        answer = asdict(_inspect(args["path"], record, args["truncated"], read_only=False))
+        findings = _inspect(args["path"], record, args["truncated"], read_only=False, keep=True)
+        answer = asdict(findings)
     except StoreError as exc:
         answer = {"error": str(exc)}
     print(json.dumps(answer), flush=True)
