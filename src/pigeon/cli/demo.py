@@ -38,9 +38,11 @@ class Tally:
         self.kills: list[dict[str, Any]] = []
         self.producing_done = asyncio.Event()
         self.abort = asyncio.Event()  # a second Ctrl-C: stop waiting for the drain
+        self.progress = asyncio.Event()  # a word processed, or production ended
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("ev")
+        self.progress.set()
         if kind == "produced":
             self.produced.add(event["id"])
         elif kind == "processed":
@@ -67,11 +69,17 @@ class Tally:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
+        # Each event that may complete the drain sets ``progress``.
         deadline = asyncio.get_running_loop().time() + timeout
         while not self.all_processed() and not self.abort.is_set():
-            if asyncio.get_running_loop().time() > deadline:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
                 break
-            await asyncio.sleep(0.05)
+            self.progress.clear()
+            waiters = [asyncio.ensure_future(e.wait()) for e in (self.progress, self.abort)]
+            await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
         if not self.all_processed():
             self.note("drain: stopped before every word was processed")
 
