@@ -39,6 +39,8 @@ LOCAL = "tcp://127.0.0.1"
 # bounds the producer's memory the way HWM bounds raw pyzmq's.
 WINDOW = 10_000
 BATCH = 1000
+# Seconds the producer waits after the host refused a batch (Backpressure).
+BACKPRESSURE_WAIT = 0.02
 
 
 def available() -> None:
@@ -119,8 +121,11 @@ async def _queue_producer(ctl: Ctl) -> None:
                 pending.append(node.send_many(QUEUE, batch))
             except pigeon.Backpressure:
                 # The host holds all the bodies it may (max_memory); nothing of
-                # this batch was queued. Wait for the workers, as a producer must.
-                await asyncio.sleep(0.001)
+                # this batch was queued. Wait for the workers, as a producer
+                # must. A refused batch was built for nothing, so do not retry
+                # at once: 256 MiB of bodies is about a second of work for the
+                # workers, and 20 ms without sends cannot starve them.
+                await asyncio.sleep(BACKPRESSURE_WAIT)
                 continue
             n += BATCH
             if len(pending) * BATCH > WINDOW:
