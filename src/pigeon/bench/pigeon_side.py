@@ -39,8 +39,10 @@ LOCAL = "tcp://127.0.0.1"
 # bounds the producer's memory the way HWM bounds raw pyzmq's.
 WINDOW = 10_000
 BATCH = 1000
-# Seconds the producer waits after the host refused a batch (Backpressure).
+# Seconds the producer waits after the host refused a batch (Backpressure),
+# doubled after each refusal in a row up to the maximum.
 BACKPRESSURE_WAIT = 0.02
+BACKPRESSURE_MAX_WAIT = 0.32
 
 
 def available() -> None:
@@ -110,6 +112,7 @@ async def _queue_producer(ctl: Ctl) -> None:
         body = b"x" * ctl.cfg["size"]
         batch = [body] * BATCH
         pending: list[asyncio.Future[None]] = []
+        wait = BACKPRESSURE_WAIT
         n = 0
         t0 = time.perf_counter()
         end = t0 + ctl.cfg["seconds"]
@@ -122,11 +125,14 @@ async def _queue_producer(ctl: Ctl) -> None:
             except pigeon.Backpressure:
                 # The host holds all the bodies it may (max_memory); nothing of
                 # this batch was queued. Wait for the workers, as a producer
-                # must. A refused batch was built for nothing, so do not retry
-                # at once: 256 MiB of bodies is about a second of work for the
-                # workers, and 20 ms without sends cannot starve them.
-                await asyncio.sleep(BACKPRESSURE_WAIT)
+                # must. A refused batch was built for nothing (1,000 envelopes
+                # made in the host's thread), so back off: 256 MiB of bodies
+                # is about a second of work for the workers, and a pause of at
+                # most BACKPRESSURE_MAX_WAIT cannot starve them.
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, BACKPRESSURE_MAX_WAIT)
                 continue
+            wait = BACKPRESSURE_WAIT
             n += BATCH
             if len(pending) * BATCH > WINDOW:
                 await pending.pop(0)  # bound what is unconfirmed
