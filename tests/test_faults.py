@@ -170,9 +170,7 @@ def test_worker_killed_mid_message_is_redelivered_marked(children) -> None:
             assert message.id == first["id"] and message.text == "important"
             assert message.redelivered and message.attempt == 2
             # The survivor's ack left as it closed; the host reads it soon.
-            await wait_until(
-                lambda: host.stats()["queues"][queue]["acked"] == 1, WAIT, "the ack"
-            )
+            await wait_until(lambda: host.stats()["queues"][queue]["acked"] == 1, WAIT, "the ack")
             stats = host.stats()
             assert stats["peers_lost"] >= 1
             assert stats["queues"][queue]["consumers_lost"] == 1

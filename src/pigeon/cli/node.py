@@ -162,6 +162,7 @@ def run_node(args: argparse.Namespace) -> int:
                 else "in memory"
             )
             keys = f"; keys on, ACL {args.allow}" if args.allow else ""
+            print(f"pigeon node: serving {where}; queues {kept}{keys}", flush=True)
             report = (stats.get("store") or {}).get("salvage")
             if report:
                 print(
@@ -172,7 +173,6 @@ def run_node(args: argparse.Namespace) -> int:
                     f"are kept as {report['kept_as']}",
                     flush=True,
                 )
-            print(f"pigeon node: serving {where}; queues {kept}{keys}", flush=True)
             await stop.wait()
             print("pigeon node: stopping (committing what is pending)", flush=True)
         print("pigeon node: stopped", flush=True)
