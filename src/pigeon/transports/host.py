@@ -18,13 +18,11 @@ from typing import Any
 from .._core import persistence, policy
 from .._core.ledger import QueueLedger, dead_letter_queue
 from .._core.limits import QueuePolicy
-from ..errors import Backpressure, StoreError
+from ..errors import StoreError
 from ..message import Message
 from ..store import GroupCommitter, Op, Store
+from .queue_table import DEFAULT_MAX_MEMORY, QueueTable
 
-DEFAULT_MAX_MEMORY = 256 << 20  # bytes of bodies a node holds before refusing sends
-MEMORY_RECOUNT = 0.01  # seconds between sums of the bytes held
-IDLE_SCAN_INTERVAL = 0.5  # seconds between scans for idle queues at the queue cap
 # A sink takes (queue, messages leased to that consumer).
 BatchSink = Callable[[str, list[Message]], None]
 
@@ -59,19 +57,17 @@ class QueueHost:
         )
         self.lease_ttl = lease_ttl
         self.max_length = max_length
-        self.max_queues = max_queues
-        self.max_memory = max_memory
-        self.memory_refused = 0
-        self._bytes_held = 0
-        self._bytes_counted_at = -1.0
-        self.queues_forgotten = 0
-        self.queues_refused = 0
-        self._next_idle_scan = 0.0
+        self.table = QueueTable(
+            lease_ttl=lease_ttl,
+            max_attempts=self.policy.max_attempts,
+            max_queues=max_queues,
+            max_memory=max_memory,
+        )
         self.store = store
         self.committer = GroupCommitter(store) if store is not None else None
         self.store_errors = 0
         self._writes: set[asyncio.Future[list[bool]]] = set()
-        self.queues: dict[str, QueueLedger] = {}
+        self.queues = self.table.queues  # read-only outside the table
         self._sinks: dict[Hashable, BatchSink] = {}
         self._subscriptions: dict[Hashable, set[str]] = {}
         self._dirty: set[str] = set()
@@ -87,65 +83,15 @@ class QueueHost:
         return self._loop
 
     def ledger(self, queue: str, *, over_cap: bool = False) -> QueueLedger:
-        """The ledger of ``queue``, made if new.
+        """The ledger of ``queue``, made if new (see ``QueueTable.ledger``).
 
         Raises:
-            Backpressure: the node holds ``max_queues`` queues and none is
-                idle (``over_cap`` lets a dead-letter queue past the cap).
+            Backpressure: at the node's queue cap.
         """
-        ledger = self.queues.get(queue)
-        if ledger is None:
-            if len(self.queues) >= self.max_queues and not over_cap:
-                now = time.monotonic()
-                if now >= self._next_idle_scan:
-                    # One scan per interval: a flood of new names must not
-                    # cost a scan each.
-                    self._next_idle_scan = now + IDLE_SCAN_INTERVAL
-                    self._forget_idle()
-                if len(self.queues) >= self.max_queues:
-                    self.queues_refused += 1
-                    raise Backpressure("queues on this node", self.max_queues)
-            ledger = self.queues[queue] = QueueLedger(
-                queue,
-                lease_ttl=self.lease_ttl,
-                max_attempts=self.policy.max_attempts or None,
-            )
-        return ledger
+        return self.table.ledger(queue, over_cap=over_cap)
 
     def bytes_held(self) -> int:
-        """Bodies held by every queue (ready, delayed, in flight)."""
-        return sum(ledger.bytes_held for ledger in self.queues.values())
-
-    def _memory_full(self) -> bool:
-        # The node's memory alarm: past max_memory of bodies, sends are
-        # refused (producers see Backpressure) until consumers catch up.
-        # Puts add to the running figure at once; the true sum (which also
-        # sees acks) is taken again at most every MEMORY_RECOUNT seconds.
-        if self.max_memory is None:
-            return False
-        now = time.monotonic()
-        if now - self._bytes_counted_at >= MEMORY_RECOUNT:
-            self._bytes_counted_at = now
-            self._bytes_held = self.bytes_held()
-        if self._bytes_held < self.max_memory:
-            return False
-        self.memory_refused += 1
-        return True
-
-    def _new_ledger(self, queue: str) -> QueueLedger | None:
-        try:
-            return self.ledger(queue)
-        except Backpressure:
-            return None  # refused like a full queue
-
-    def _forget_idle(self) -> None:
-        # At the cap (a flood of new names, most likely), idle queues go;
-        # a durable store still de-duplicates resends by its tombstones.
-        idle = [name for name, ledger in self.queues.items() if ledger.is_idle()]
-        for name in idle:
-            del self.queues[name]
-            self._dirty.discard(name)
-        self.queues_forgotten += len(idle)
+        return self.table.bytes_held()
 
     # -- producers -------------------------------------------------------
 
@@ -155,16 +101,16 @@ class QueueHost:
         ``fresh``: the id was minted in this process just now, so it cannot be
         a resend and is not tracked for de-duplication.
         """
-        ledger = self.queues.get(queue) or self._new_ledger(queue)
+        ledger = self.queues.get(queue) or self.table.new_ledger(queue)
         if (
             ledger is None
             or (self.max_length is not None and ledger.ready_count >= self.max_length)
-            or self._memory_full()
+            or self.table.memory_full()
         ):
             self.refused += 1
             return None
         added = ledger.put(message, fresh=fresh)
-        self._bytes_held += len(message.body) if added else 0
+        self.table.added(len(message.body) if added else 0)
         if added and not self._scheduled:
             self._mark(queue)
         elif added:
@@ -174,8 +120,8 @@ class QueueHost:
     def put_fresh(self, queue: str, messages: list[Message]) -> int:
         """Enqueue fresh messages (ids just minted here) of a non-durable
         queue, as many as ``max_length`` allows; returns how many."""
-        ledger = self.queues.get(queue) or self._new_ledger(queue)
-        if ledger is None or self._memory_full():
+        ledger = self.queues.get(queue) or self.table.new_ledger(queue)
+        if ledger is None or self.table.memory_full():
             self.refused += len(messages)
             return 0
         if self.max_length is not None:
@@ -183,7 +129,7 @@ class QueueHost:
             self.refused += max(0, len(messages) - room)
             messages = messages[:room]
         ledger.put_fresh(messages)
-        self._bytes_held += sum(len(m.body) for m in messages)
+        self.table.added(sum(len(m.body) for m in messages))
         if messages:
             self._mark(queue)
         return len(messages)
@@ -197,8 +143,8 @@ class QueueHost:
         Raises:
             StoreError: the store failed; nothing of this batch is confirmed.
         """
-        ledger = self.queues.get(queue) or self._new_ledger(queue)
-        if ledger is None or self._memory_full():
+        ledger = self.queues.get(queue) or self.table.new_ledger(queue)
+        if ledger is None or self.table.memory_full():
             self.refused += len(messages)
             return [None] * len(messages)
         room = len(messages)
@@ -206,7 +152,7 @@ class QueueHost:
             room = max(0, min(room, self.max_length - ledger.ready_count))
             self.refused += len(messages) - room
         accepted = messages[:room]
-        self._bytes_held += sum(len(m.body) for m in accepted)
+        self.table.added(sum(len(m.body) for m in accepted))
         if self.committer is not None and accepted:
             try:
                 stored = await self.committer.submit_many(

@@ -140,8 +140,8 @@ class ZmqTransport:
                 max_length=self.host.max_length,
                 store=store,
                 policy=self.policy,
-                max_queues=self.host.max_queues,
-                max_memory=self.host.max_memory,
+                max_queues=self.host.table.max_queues,
+                max_memory=self.host.table.max_memory,
             )
             self.sender = self._make_sender()
             self.restored = await asyncio.to_thread(self.host.restore)

@@ -14,7 +14,7 @@ from ..._core.limits import (
     QueuePolicy,
 )
 from ...errors import ConfigurationError
-from ..host import DEFAULT_MAX_MEMORY
+from ..queue_table import DEFAULT_MAX_MEMORY
 
 PathLike = str | os.PathLike[str]
 

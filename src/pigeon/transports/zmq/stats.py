@@ -70,9 +70,9 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "store_errors": node.host.store_errors,
         "store": node.host.store.stats() if node.host.store is not None else None,
         "outbox": sender.outbox.stats() if sender.outbox is not None else None,
-        "queues_forgotten": node.host.queues_forgotten,
-        "queues_refused": node.host.queues_refused,
+        "queues_forgotten": node.host.table.forgotten,
+        "queues_refused": node.host.table.refused,
         "bytes_held": node.host.bytes_held(),
-        "memory_refused": node.host.memory_refused,
+        "memory_refused": node.host.table.memory_refused,
         "queues": node.host.stats(),
     }

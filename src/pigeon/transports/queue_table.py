@@ -1,0 +1,107 @@
+"""The queues a host holds, with the node's bounds on them: how many queues,
+and how many bytes of bodies (the memory alarm)."""
+
+from __future__ import annotations
+
+import time
+
+from .._core.ledger import QueueLedger
+from ..errors import Backpressure
+
+DEFAULT_MAX_MEMORY = 256 << 20  # bytes of bodies a node holds before refusing sends
+MEMORY_RECOUNT = 0.01  # seconds between sums of the bytes held
+IDLE_SCAN_INTERVAL = 0.5  # seconds between scans for idle queues at the queue cap
+
+
+class QueueTable:
+    """Named ledgers, made on first use, within ``max_queues`` and ``max_memory``.
+
+    ``queues`` is a plain dict that callers may read; only this table adds
+    to it or forgets from it.
+    """
+
+    def __init__(
+        self,
+        *,
+        lease_ttl: float,
+        max_attempts: int,
+        max_queues: int = 10_000,
+        max_memory: int | None = DEFAULT_MAX_MEMORY,
+    ) -> None:
+        self.lease_ttl = lease_ttl
+        self.max_attempts = max_attempts
+        self.max_queues = max_queues
+        self.max_memory = max_memory
+        self.queues: dict[str, QueueLedger] = {}
+        self.forgotten = 0
+        self.refused = 0
+        self.memory_refused = 0
+        self._bytes_held = 0
+        self._bytes_counted_at = -1.0
+        self._next_idle_scan = 0.0
+
+    def ledger(self, queue: str, *, over_cap: bool = False) -> QueueLedger:
+        """The ledger of ``queue``, made if new.
+
+        Raises:
+            Backpressure: the node holds ``max_queues`` queues and none is
+                idle (``over_cap`` lets a dead-letter queue past the cap).
+        """
+        ledger = self.queues.get(queue)
+        if ledger is None:
+            if len(self.queues) >= self.max_queues and not over_cap:
+                now = time.monotonic()
+                if now >= self._next_idle_scan:
+                    # One scan per interval: a flood of new names must not
+                    # cost a scan each.
+                    self._next_idle_scan = now + IDLE_SCAN_INTERVAL
+                    self._forget_idle()
+                if len(self.queues) >= self.max_queues:
+                    self.refused += 1
+                    raise Backpressure("queues on this node", self.max_queues)
+            ledger = self.queues[queue] = QueueLedger(
+                queue, lease_ttl=self.lease_ttl, max_attempts=self.max_attempts or None
+            )
+        return ledger
+
+    def new_ledger(self, queue: str) -> QueueLedger | None:
+        """Like ``ledger``, but None where that would raise (refused like a full queue)."""
+        try:
+            return self.ledger(queue)
+        except Backpressure:
+            return None
+
+    def _forget_idle(self) -> None:
+        # At the cap (a flood of new names, most likely), idle queues go;
+        # a durable store still de-duplicates resends by its tombstones.
+        idle = [name for name, ledger in self.queues.items() if ledger.is_idle()]
+        for name in idle:
+            del self.queues[name]
+        self.forgotten += len(idle)
+
+    def bytes_held(self) -> int:
+        """Bodies held by every queue (ready, delayed, in flight)."""
+        return sum(ledger.bytes_held for ledger in self.queues.values())
+
+    def added(self, size: int) -> None:
+        """``size`` bytes of bodies were just taken in."""
+        self._bytes_held += size
+
+    def memory_full(self) -> bool:
+        """The node's memory alarm: past ``max_memory`` of bodies, sends are
+        refused (producers see Backpressure) until consumers catch up.
+
+        Puts add to the running figure at once (``added``); the true sum,
+        which also sees acks, is taken again at most every MEMORY_RECOUNT
+        seconds.
+        """
+        if self.max_memory is None:
+            return False
+        now = time.monotonic()
+        if now - self._bytes_counted_at >= MEMORY_RECOUNT:
+            self._bytes_counted_at = now
+            self._bytes_held = self.bytes_held()
+        if self._bytes_held < self.max_memory:
+            return False
+        self.memory_refused += 1
+        return True
