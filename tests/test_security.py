@@ -435,3 +435,40 @@ def test_a_client_that_drops_mid_handshake_harms_nobody(keys: Keys) -> None:
             assert node.stats()["queues"]["words"]["ready"] == 1
 
     asyncio.run(scenario())
+
+
+def test_pigeon_node_reloads_its_acl_on_sighup(keys: Keys) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pigeon.cli.main",
+            "node",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--key",
+            keys.secret("node"),
+            "--allow",
+            str(keys.acl),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert node.stdout is not None
+        banner = node.stdout.readline()
+        assert "keys on" in banner, banner + (node.stderr.read() if node.poll() else "")
+        keys.acl.write_text("[clients.x]\nbogus = 1\n")
+        node.send_signal(signal.SIGHUP)
+        assert "ACL not reloaded" in node.stdout.readline()
+        keys.write_acl(worker_consume=[])
+        node.send_signal(signal.SIGHUP)
+        assert "ACL reloaded" in node.stdout.readline()
+    finally:
+        node.terminate()
+        node.communicate(timeout=30)  # reads and closes both pipes
