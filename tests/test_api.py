@@ -114,6 +114,14 @@ def test_sync_twin_not_started_and_closed() -> None:
         (lambda c: c.consume("q", lambda d: None, prefetch=0), "prefetch"),
         (lambda c: c.consume("q", lambda d: None, concurrency=True), "concurrency"),
         (lambda c: c.consume("q", lambda d: None, lease_ttl=0), "lease_ttl"),
+        (lambda c: c.consume("q", lambda d: None, lease_ttl=float("inf")), "lease_ttl"),
+        (lambda c: c.consume("q", lambda d: None, lease_ttl=float("nan")), "lease_ttl"),
+        (lambda c: c.consume("q", lambda d: None, prefetch=2**64), "prefetch"),
+        (lambda c: c.send_nowait("orders.*", "x"), "queue name"),
+        (lambda c: c.send_nowait("orders.>", "x"), "queue name"),
+        (lambda c: c.send_nowait("a\x00b", "x"), "queue name"),
+        (lambda c: c.send_nowait("a..b", "x"), "queue name"),
+        (lambda c: c.send_nowait("é" * 128, "x"), "queue name"),  # 256 bytes
     ],
 )
 def test_configuration_mistakes_raise_configuration_error(call, what: str) -> None:
@@ -283,3 +291,23 @@ def test_a_bad_url_never_shows_its_password() -> None:
         with pytest.raises(pigeon.ConfigurationError) as caught:
             pigeon.connect(url)
         assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"message_id": 123}, TypeError),
+        ({"message_id": "x" * 256}, ValueError),
+        ({"headers": {str(n): "" for n in range(65)}}, ValueError),
+        ({"headers": {"h": "x" * 9000}}, ValueError),
+        ({"headers": {"": "x"}}, ValueError),
+    ],
+)
+def test_bad_envelopes_are_refused_before_sending(kwargs: dict, error: type) -> None:
+    async def scenario() -> None:
+        async with pigeon.connect("memory://bad-envelopes") as conn:
+            with pytest.raises(error):
+                conn.send_nowait("q", "x", **kwargs)
+            assert conn.stats()["sent"] == 0
+
+    asyncio.run(scenario())
