@@ -264,3 +264,16 @@ def test_a_taken_port_fails_fast_with_the_childs_stderr_then_is_retried(
     assert harness.port_clash(skip["reason"]), skip
     assert "Traceback" in skip["reason"] or "ZMQError" in skip["reason"], skip
     assert elapsed < 60, elapsed
+
+
+@pytest.mark.timeout(120)
+def test_hostile_rows_report_what_was_kept() -> None:
+    import asyncio
+
+    from pigeon.bench import hostile
+
+    row = asyncio.run(hostile._row("batch bomb", 1.0))
+    assert row["node_alive"] and row["note"] == "", row
+    assert row["kept_pct"] > 0 and row["peak_rss_mb"] > 0
+    doc = {"results": [row]}
+    assert "batch bomb" in hostile.table(doc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from pigeon.bench.harness import Skip, probe
 
 SYSTEMS = ("pigeon", "pyzmq", "nats", "rabbitmq")
 PEERS = SYSTEMS[1:]
-SCENARIOS = ("queue", "queue-durable", "rpc", "backlog")
+SCENARIOS = ("queue", "queue-durable", "rpc", "backlog", "hostile")
 FIELDS = ("msgs_per_s", "p50_us", "p99_us", "peak_rss_mb")
 
 
@@ -248,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return int(exc.code or 0)
+    if opts.scenario == "hostile":
+        from pigeon.bench import hostile
+
+        doc = hostile.run(opts)
+        print(hostile.table(doc))
+        if opts.json:
+            print(json.dumps(doc))
+        return 0
     doc = run(opts)
     print(report.table(doc))
     if opts.chart:
