@@ -313,7 +313,11 @@ def backlog_holder(ctl: Ctl) -> None:
 async def _backlog_holder(ctl: Ctl) -> None:
     import pigeon
 
-    async with pigeon.connect(bind=ANY_PORT) as node:
+    # No memory alarm here: the row measures what holding the backlog costs.
+    options: dict[str, Any] = {"max_memory": None}
+    if ctl.cfg.get("store"):
+        options["store"] = ctl.cfg["store"]
+    async with pigeon.connect(bind=ANY_PORT, **options) as node:
         ctl.port.value = _bound_port(node, {})
         ctl.bound.set()
         body = b"x" * ctl.cfg["size"]
@@ -359,5 +363,10 @@ async def _backlog_worker(ctl: Ctl) -> None:
 
 
 def backlog(opts: Any) -> dict[str, Any]:
-    """pigeon: the backlog lives in the host (producer) process."""
-    return run_backlog(backlog_holder, backlog_worker, {"size": 100}, opts.count)
+    """pigeon: the backlog lives in the host (producer) process; with
+    ``--store``, in a durable node (SQLite, fsynced)."""
+    if not getattr(opts, "store", False):
+        return run_backlog(backlog_holder, backlog_worker, {"size": 100}, opts.count)
+    with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
+        cfg = {"size": 100, "store": os.path.join(tmp, "backlog.db")}
+        return run_backlog(backlog_holder, backlog_worker, cfg, opts.count)

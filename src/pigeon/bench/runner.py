@@ -135,6 +135,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", default="16,1024", help="body sizes in bytes for queue scenarios")
     p.add_argument("--count", type=int, default=1_000_000, help="backlog size (backlog only)")
     p.add_argument(
+        "--store",
+        action="store_true",
+        help="backlog: pigeon's node keeps the backlog in its durable store (SQLite)",
+    )
+    p.add_argument(
         "--curve",
         action=argparse.BooleanOptionalAction,
         default=True,
