@@ -16,6 +16,7 @@ import inspect
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pigeon.bench import curve as curve_mod
@@ -168,18 +169,31 @@ async def _queue_worker(ctl: Ctl, i: int) -> None:
         await publish_until_stop(ctl, i, tally)
 
 
-def queue(opts: Any, size: int, curve: bool = False) -> dict[str, Any]:
-    """pigeon acked work queue: host+producer → 3 workers; with ``curve``, the
-    node binds with a key and an ACL and the workers connect with keys."""
+def _maybe_curve(
+    shape: Callable[..., dict[str, Any]],
+    serving: Callable[..., None],
+    calling: Callable[..., None],
+    cfg: dict[str, Any],
+    opts: Any,
+    curve: bool,
+) -> dict[str, Any]:
+    """Run ``shape`` plain, or with fresh keys: the node binds with a key and
+    an ACL, and the other side connects with keys."""
     if not curve:
-        return run_queue(queue_producer, queue_worker, {"size": size}, opts.seconds)
+        return shape(serving, calling, cfg, opts.seconds)
     with curve_mod.curve_keys() as keys:
         cfg = {
-            "size": size,
+            **cfg,
             "node_kwargs": curve_mod.node_kwargs(keys),
             "client_kwargs": curve_mod.client_kwargs(keys),
         }
-        return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
+        return shape(serving, calling, cfg, opts.seconds)
+
+
+def queue(opts: Any, size: int, curve: bool = False) -> dict[str, Any]:
+    """pigeon acked work queue: host+producer → 3 workers; with ``curve``, the
+    node binds with a key and an ACL and the workers connect with keys."""
+    return _maybe_curve(run_queue, queue_producer, queue_worker, {"size": size}, opts, curve)
 
 
 def queue_durable(opts: Any, size: int) -> dict[str, Any]:
@@ -280,15 +294,7 @@ def rpc_sync_throughput(opts: Any) -> dict[str, Any]:
 
 
 def _rpc(opts: Any, window: int, curve: bool) -> dict[str, Any]:
-    if not curve:
-        return run_rpc(rpc_server, rpc_client, {"window": window}, opts.seconds)
-    with curve_mod.curve_keys() as keys:
-        cfg = {
-            "window": window,
-            "node_kwargs": curve_mod.node_kwargs(keys),
-            "client_kwargs": curve_mod.client_kwargs(keys),
-        }
-        return run_rpc(rpc_server, rpc_client, cfg, opts.seconds)
+    return _maybe_curve(run_rpc, rpc_server, rpc_client, {"window": window}, opts, curve)
 
 
 def rpc_latency(opts: Any, curve: bool = False) -> dict[str, Any]:
