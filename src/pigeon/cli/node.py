@@ -66,6 +66,19 @@ def add_parsers(subparsers: Any) -> None:
         "--max-queues", type=int, default=10_000, help="queues held at most (default 10000)"
     )
     node.add_argument(
+        "--max-prefetch",
+        type=int,
+        default=1000,
+        help="unsettled deliveries one consumer may hold (default 1000)",
+    )
+    node.add_argument(
+        "--max-lease-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="longest lease a consumer may ask for (default 3600)",
+    )
+    node.add_argument(
         "--max-memory",
         type=int,
         default=256 << 20,
@@ -133,6 +146,8 @@ def run_node(args: argparse.Namespace) -> int:
         "heartbeat": args.heartbeat,
         "max_attempts": args.max_attempts,
         "max_queues": args.max_queues,
+        "max_prefetch": args.max_prefetch,
+        "max_lease_ttl": args.max_lease_ttl,
         "max_memory": args.max_memory,
     }
     if args.key:
