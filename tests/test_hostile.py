@@ -227,6 +227,10 @@ def test_a_burst_with_no_reader_meets_the_memory_alarm() -> None:
                 stats = node.stats()
                 assert stats["bytes_held"] <= (4 << 20) + len(body)
                 assert stats["memory_refused"] > 0
+                # The queue that filled the node waits; another still takes sends.
+                await flooder.send("drained", b"small", timeout=WAIT)
+                with pytest.raises(pigeon.Backpressure):
+                    await flooder.send_nowait("burst", body)
             # Nothing accepted is dropped: a consumer gets every stored one.
             held = node.stats()["queues"]["burst"]["ready"]
             got: list[int] = []

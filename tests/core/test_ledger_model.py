@@ -22,6 +22,7 @@ from hypothesis.stateful import (
 )
 
 from pigeon._core.ledger import QueueLedger
+from pigeon._core.limits import message_size
 from pigeon.message import Message
 
 LEASE_TTL = 4.0
@@ -163,7 +164,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def nack(self, data: st.DataObject, wrong: bool, delay: float) -> None:
         mid, consumer = self._pick(data, wrong)
         ok = self._settle_ok(mid, consumer)
-        out = self.ledger.nack(mid, consumer, self.now, delay=delay)
+        out = self.ledger.nack(mid, consumer, self.now, delay=delay, reason="boom" if delay else "")
         assert (out is not None) is ok
         if ok:
             assert out is not None and out.id == mid and out.redelivered
@@ -259,7 +260,7 @@ class LedgerMachine(RuleBasedStateMachine):
             *(e[2] for e in led._delayed),
             *(le.message for le in led._leases.values()),
         ]
-        assert led.bytes_held == sum(len(m.body) for m in held)
+        assert led.bytes_held == sum(message_size(m.body, m.headers) for m in held)
 
     @invariant()
     def leases_match_the_model(self) -> None:

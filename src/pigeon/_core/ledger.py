@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from ..errors import LocalProtocolError
 from ..message import Message
 from . import headers
+from .limits import message_size
 from .policy import attempt_limit_reason, dead_letter_headers, over_attempt_limit
 
 DEAD_SUFFIX = ".dead"
@@ -115,7 +116,7 @@ class QueueLedger:
     _ready: deque[Message] = field(default_factory=deque)
     _delayed: list[tuple[float, int, Message]] = field(default_factory=list)
     _consumers: dict[Hashable, _Consumer] = field(default_factory=dict)
-    bytes_held: int = 0  # bodies this queue holds: ready, delayed and in flight
+    bytes_held: int = 0  # bodies and headers held: ready, delayed and in flight
     _held: set[str] = field(default_factory=set)
     _seen: dict[str, None] = field(default_factory=dict)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
@@ -130,14 +131,14 @@ class QueueLedger:
         """
         if fresh:
             self.stats.received += 1
-            self.bytes_held += len(message.body)
+            self.bytes_held += message_size(message.body, message.headers)
             self._ready.append(message)
             return True
         if not self.remember(message.id):
             self.stats.duplicates += 1
             return False
         self.stats.received += 1
-        self.bytes_held += len(message.body)
+        self.bytes_held += message_size(message.body, message.headers)
         self._ready.append(message)
         return True
 
@@ -154,14 +155,14 @@ class QueueLedger:
         self._seen.pop(message.id, None)
         self._held.add(message.id)
         self.stats.received += 1
-        self.bytes_held += len(message.body)
+        self.bytes_held += message_size(message.body, message.headers)
         self._ready.append(message)
         return True
 
     def put_fresh(self, messages: list[Message]) -> None:
         """Enqueue messages whose ids were minted just now (see ``put``)."""
         self.stats.received += len(messages)
-        self.bytes_held += sum(len(m.body) for m in messages)
+        self.bytes_held += sum(message_size(m.body, m.headers) for m in messages)
         self._ready.extend(messages)
 
     def remember(self, message_id: str) -> bool:
@@ -191,7 +192,7 @@ class QueueLedger:
         redelivered (Rule 2 must hold across restarts).
         """
         self._held.add(message.id)
-        self.bytes_held += len(message.body)
+        self.bytes_held += message_size(message.body, message.headers)
         message.redelivered = True
         if ready_at > 0.0:
             heapq.heappush(self._delayed, (ready_at, next(self._seq), message))
@@ -306,7 +307,7 @@ class QueueLedger:
         message = self._release(message_id, consumer)
         if message is None:
             return False
-        self.bytes_held -= len(message.body)
+        self.bytes_held -= message_size(message.body, message.headers)
         self._forget(message_id)
         self.stats.acked += 1
         return True
@@ -326,7 +327,7 @@ class QueueLedger:
             else:
                 self._forget(message_id)
                 acked.append(lease[0])
-                self.bytes_held -= len(lease[0].body)
+                self.bytes_held -= message_size(lease[0].body, lease[0].headers)
         self.stats.acked += len(acked)
         return acked
 
@@ -348,7 +349,9 @@ class QueueLedger:
         self.stats.nacked += 1
         message.redelivered = True
         if reason:
+            before = message_size(message.body, message.headers)
             message.headers = {**message.headers, headers.LAST_ERROR: reason}
+            self.bytes_held += message_size(message.body, message.headers) - before
         if delay > 0:
             heapq.heappush(self._delayed, (now + delay, next(self._seq), message))
         else:
@@ -363,7 +366,7 @@ class QueueLedger:
         return self._mark_dead(message, reason)
 
     def _mark_dead(self, message: Message, reason: str) -> Message:
-        self.bytes_held -= len(message.body)
+        self.bytes_held -= message_size(message.body, message.headers)
         self._forget(message.id)
         self.stats.dead_lettered += 1
         # The dead-queue header names the first queue it died in, even when a
@@ -409,7 +412,7 @@ class QueueLedger:
         taken = [self._ready.popleft() for _ in range(count)]
         for message in taken:
             self._held.discard(message.id)
-            self.bytes_held -= len(message.body)
+            self.bytes_held -= message_size(message.body, message.headers)
         return taken
 
     def peek_ready(self, limit: int) -> list[Message]:

@@ -81,9 +81,9 @@ def add_parsers(subparsers: Any) -> None:
     node.add_argument(
         "--max-memory",
         type=int,
-        default=256 << 20,
+        default=128 << 20,
         metavar="BYTES",
-        help="bytes of bodies held before sends are refused (default 256 MiB)",
+        help="bytes of bodies held before the fullest queues refuse sends (default 128 MiB)",
     )
     node.set_defaults(func=run_node)
 

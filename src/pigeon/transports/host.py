@@ -105,7 +105,7 @@ class QueueHost:
         if (
             ledger is None
             or (self.max_length is not None and ledger.ready_count >= self.max_length)
-            or self.table.memory_full()
+            or self.table.memory_full(ledger)
         ):
             self.refused += 1
             return None
@@ -121,7 +121,7 @@ class QueueHost:
         """Enqueue fresh messages (ids just minted here) of a non-durable
         queue, as many as ``max_length`` allows; returns how many."""
         ledger = self.queues.get(queue) or self.table.new_ledger(queue)
-        if ledger is None or self.table.memory_full():
+        if ledger is None or self.table.memory_full(ledger):
             self.refused += len(messages)
             return 0
         if self.max_length is not None:
@@ -144,7 +144,7 @@ class QueueHost:
             StoreError: the store failed; nothing of this batch is confirmed.
         """
         ledger = self.queues.get(queue) or self.table.new_ledger(queue)
-        if ledger is None or self.table.memory_full():
+        if ledger is None or self.table.memory_full(ledger):
             self.refused += len(messages)
             return [None] * len(messages)
         room = len(messages)

@@ -8,7 +8,8 @@ import time
 from .._core.ledger import QueueLedger
 from ..errors import Backpressure
 
-DEFAULT_MAX_MEMORY = 256 << 20  # bytes of bodies a node holds before refusing sends
+DEFAULT_MAX_MEMORY = 128 << 20  # bytes of bodies before the memory alarm
+FAIR_SHARE = 8  # past max_memory, a queue holding less than 1/8 of it still takes sends
 MEMORY_RECOUNT = 0.01  # seconds between sums of the bytes held
 IDLE_SCAN_INTERVAL = 0.5  # seconds between scans for idle queues at the queue cap
 
@@ -87,21 +88,29 @@ class QueueTable:
         """``size`` bytes of bodies were just taken in."""
         self._bytes_held += size
 
-    def memory_full(self) -> bool:
-        """The node's memory alarm: past ``max_memory`` of bodies, sends are
-        refused (producers see Backpressure) until consumers catch up.
+    def memory_full(self, ledger: QueueLedger) -> bool:
+        """The node's memory alarm, for a send to ``ledger``'s queue.
+
+        Rule 1: below ``max_memory`` of bodies held, every send is taken.
+        Rule 2: past it, a send is refused (producers see Backpressure)
+        if its queue holds at least 1/FAIR_SHARE of ``max_memory``: the
+        queues that filled the node wait for their consumers, while queues
+        that are kept drained go on.
+        Rule 3: past twice ``max_memory``, every send is refused.
 
         Puts add to the running figure at once (``added``); the true sum,
         which also sees acks, is taken again at most every MEMORY_RECOUNT
         seconds.
         """
-        if self.max_memory is None:
+        limit = self.max_memory
+        if limit is None:
             return False
         now = time.monotonic()
         if now - self._bytes_counted_at >= MEMORY_RECOUNT:
             self._bytes_counted_at = now
             self._bytes_held = self.bytes_held()
-        if self._bytes_held < self.max_memory:
+        held = self._bytes_held
+        if held < limit or (held < 2 * limit and ledger.bytes_held < limit // FAIR_SHARE):
             return False
         self.memory_refused += 1
         return True

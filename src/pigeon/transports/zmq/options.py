@@ -38,9 +38,10 @@ class NodeOptions:
         max_length: ready messages one queue may hold (None: no bound).
         max_queues: queues this node holds at most; at the cap idle ones are
             forgotten, then new ones refused.
-        max_memory: bytes of message bodies this node holds at most (None:
-            no bound); past it, sends are refused and producers see
-            ``Backpressure`` until consumers catch up. Nothing is dropped.
+        max_memory: the memory alarm, in bytes of message bodies held (None:
+            off; default 128 MiB): past it, sends to the queues holding the
+            most are refused and producers see ``Backpressure`` until
+            consumers catch up; past twice it, every send. Nothing is dropped.
         store: path of a SQLite file: the queues this node hosts become
             durable. Needs ``bind``.
         synchronous: ``"full"`` (default: every confirm is fsynced) or ``"normal"``.

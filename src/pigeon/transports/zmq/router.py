@@ -30,7 +30,11 @@ from .security import CurveServer, Guard, service_verb
 
 Refusal = tuple[str, RefusalReason, str]
 MAX_QUEUES_PER_PEER = 1000
-ROUTER_HWM = 1000  # frames queued per peer, each way
+ROUTER_HWM = 1000  # frames queued for one peer
+# Frames read ahead from one peer: libzmq stops reading its connection past
+# this, so a peer that sends faster than the node handles waits on TCP, and
+# at most this many frames of up to 2 x max_message_size are buffered for it.
+ROUTER_RCVHWM = 32
 
 
 class RouterSide:
@@ -64,9 +68,9 @@ class RouterSide:
         config.tune(sock)
         # Per-peer bounds: a peer that stops reading is given up (its
         # leases go back) once its pipe holds ROUTER_HWM frames, and libzmq
-        # reads fairly from peers' pipes of at most ROUTER_HWM frames each.
+        # reads fairly from peers' pipes of at most ROUTER_RCVHWM frames each.
         sock.setsockopt(zmq.SNDHWM, ROUTER_HWM)
-        sock.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+        sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
         self.sock = sock
         self.guard = Guard(acl) if acl is not None else None
         self.liveness = Liveness(interval=config.heartbeat, misses=config.heartbeat_misses)
