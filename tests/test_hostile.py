@@ -30,10 +30,16 @@ WAIT = 60.0  # upper bound for what takes a second or two when the machine is qu
 class Legit:
     """A producer and a worker doing honest work on ``jobs``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, fail_first: bool = False) -> None:
         self.url = url
+        self.fail_first = fail_first  # every job fails its first delivery
         self.got: set[str] = set()
         self.sent: list[str] = []
+
+    def handle(self, delivery: pigeon.Delivery) -> None:
+        if self.fail_first and delivery.message.attempt == 1:
+            raise RuntimeError("try me again")
+        self.got.add(delivery.message.text)
 
     async def run(self, attack: Callable[[], Awaitable[None]]) -> None:
         async with (
@@ -42,8 +48,8 @@ class Legit:
         ):
             await worker.consume(
                 "jobs",
-                lambda d: self.got.add(d.message.text),
-                retry=pigeon.RetryPolicy(max_attempts=5),
+                self.handle,
+                retry=pigeon.RetryPolicy(max_attempts=5, base_delay=0.01, jitter=0.0),
             )
             # The attack starts once the worker is registered at the node.
             deadline = time.monotonic() + WAIT
@@ -96,13 +102,18 @@ def _dead_letters(node: pigeon.Connection) -> int:
     return int(node.stats()["queues"].get("jobs.dead", {}).get("ready", 0))
 
 
-def _scenario(attack: Callable[[pigeon.Connection, str], Awaitable[None]], **node_options: object):
+def _scenario(
+    attack: Callable[[pigeon.Connection, str], Awaitable[None]],
+    *,
+    fail_first: bool = False,
+    **node_options: object,
+):
     async def scenario() -> pigeon.Connection:
         me = psutil.Process(os.getpid())
         before = me.memory_info().rss
         async with pigeon.connect(bind="tcp://127.0.0.1:0", **node_options) as node:
             url = node.stats()["bound"][0]
-            await Legit(url).run(lambda: attack(node, url))
+            await Legit(url, fail_first=fail_first).run(lambda: attack(node, url))
             assert _dead_letters(node) == 0, node.stats()["queues"]
             grown = me.memory_info().rss - before
             # Node, legit peers and attacker share this process.
@@ -144,7 +155,8 @@ def test_a_consumer_cannot_change_the_attempt_limit() -> None:
         await raw.collect(0.3)
         raw.close()
 
-    _scenario(attack)
+    # Every legit job is delivered twice: a queue limit of 1 would kill them all.
+    _scenario(attack, fail_first=True)
 
 
 def test_a_hostage_consumer_gets_the_hosts_bounds() -> None:

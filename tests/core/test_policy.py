@@ -74,3 +74,11 @@ def test_reply_error_kinds_round_trip(error: pigeon.PigeonError) -> None:
     text = error.reason if isinstance(error, pigeon.Rejected) else str(error)
     back = policy.reply_error("s", kind, text)
     assert type(back) is type(error)
+
+
+def test_a_producers_delivery_count_is_not_believed() -> None:
+    from pigeon.message import Message
+
+    sent = [Message(id="a", body=b"", attempt=7), Message(id="b", body=b"")]
+    policy.as_received(sent)
+    assert [m.attempt for m in sent] == [0, 0]

@@ -21,5 +21,3 @@ REDELIVERED = "x-pigeon-redelivered"  # "1": this copy may have been seen before
 CREATED_AT = "x-pigeon-created-at"  # float seconds since the epoch
 DEADLINE = "x-pigeon-deadline"  # float seconds since the epoch
 ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
-
-DEAD_LETTER_HEADERS = frozenset({DEAD_QUEUE, DEAD_REASON, ATTEMPTS})

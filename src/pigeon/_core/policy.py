@@ -10,6 +10,9 @@ Rule 3 (server choice): a call goes to the server with the fewest calls
 outstanding, servers not yet tried first; ties take turns.
 Rule 4: a host's refusal and a server's failed reply say why with an enum
 member, never with text to be parsed.
+Rule 5 (delivery count): deliveries are counted by the host that holds a
+message; one that arrives from a producer enters its queue with attempt 0,
+whatever the producer wrote.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..errors import (
     StoreError,
 )
 from ..errors import Timeout as PigeonTimeout
+from ..message import Message
 from . import headers
 
 S = TypeVar("S")
@@ -41,6 +45,12 @@ def over_attempt_limit(attempt: int, max_attempts: int) -> bool:
 def attempt_limit_reason(queue: str, delivered: int) -> str:
     """Rule 1: the dead-letter reason for a message over its queue's limit."""
     return f"delivered {delivered} times, the limit for queue {queue!r}"
+
+
+def as_received(messages: Iterable[Message]) -> None:
+    """Rule 5: set the delivery count of messages a producer sent to 0."""
+    for message in messages:
+        message.attempt = 0
 
 
 def dead_letter_headers(

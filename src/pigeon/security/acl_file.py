@@ -6,7 +6,7 @@ key = "fountain.key"      # a public key file (relative to this file) or the key
 send = ["words"]          # queue name patterns
 consume = []              # queue name patterns
 call = ["case.*"]         # service name patterns
-serve = []                # service name patterns
+serve = []                # service name patterns (reserved; see docs/security.md)
 admin = false             # stats, dead letters, replay
 ```
 

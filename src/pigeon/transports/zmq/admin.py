@@ -19,6 +19,10 @@ from ..local import LocalServices
 INFO_SERVICE = "pigeon.info"
 DEAD_SERVICE = "pigeon.dead"
 REPLAY_SERVICE = "pigeon.replay"
+ADMIN_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE, REPLAY_SERVICE})
+# Read-only answers: cheap to make again, large to keep, so never cached
+# (replay is not read-only: a retried replay must get the first answer).
+UNCACHED_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE})
 
 
 PAGE = 1000  # queues per pigeon.info answer

@@ -13,10 +13,8 @@ from ..._core.policy import ReplyErrorKind, reply_kind
 from ..._core.rpc import CacheState, ReplyCache
 from ...errors import DeliveryError, Rejected, Timeout
 from ..local import LocalServices
+from .admin import UNCACHED_SERVICES
 
-# Read-only admin answers: cheap to make again, large to keep (replay is not
-# read-only: a retried replay must get the first one's answer).
-UNCACHED = frozenset({"pigeon.info", "pigeon.dead"})
 _SWEEP = 0.01  # seconds between checks of running requests' deadlines
 Send = Callable[[bytes, frames.Frame], None]
 
@@ -34,7 +32,7 @@ class Responder:
 
     def on_request(self, identity: bytes, request: frames.Request) -> None:
         rid = request.request_id
-        if request.service in UNCACHED:
+        if request.service in UNCACHED_SERVICES:
             # A flood of stats requests must not fill the cache.
             self._start(request, [identity], cache=False)
             return

@@ -18,7 +18,7 @@ from ..._core import frames
 from ..._core.acl import Acl, Verb
 from ..._core.limits import message_size
 from ..._core.liveness import Liveness
-from ..._core.policy import RefusalReason, ReplyErrorKind
+from ..._core.policy import RefusalReason, ReplyErrorKind, as_received
 from ...errors import Backpressure, ProtocolError, RemoteProtocolError, StoreError
 from ...message import Message
 from ..host import QueueHost
@@ -191,8 +191,7 @@ class RouterSide:
         ]
         if refused:
             messages = [m for m in messages if message_size(m.body, m.headers) <= limit]
-        for message in messages:
-            message.attempt = 0  # deliveries are counted here, not by the sender
+        as_received(messages)
         host = self.host
         if host.committer is None:
             self._answer_send(

@@ -20,10 +20,10 @@ from ..._core.acl import Acl, Verb
 from ...errors import AuthenticationError, ConfigurationError
 from ...security.acl_file import load_acl
 from ...security.keys import KeyPair, load_public, load_secret
+from .admin import ADMIN_SERVICES
 
 KEY_ENV = "PIGEON_KEY"
 SERVER_KEY_ENV = "PIGEON_SERVER_KEY"
-ADMIN_SERVICES = frozenset({"pigeon.info", "pigeon.dead", "pigeon.replay"})
 _MAKE_KEYS = "make keys with 'pigeon keys new PATH' (see docs/security.md)"
 
 
