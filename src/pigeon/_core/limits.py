@@ -31,6 +31,7 @@ MAX_BATCH_FRAMES = 1024  # frames in one Batch
 MAX_SERVICES = 1024  # services one node may advertise
 MAX_PREFETCH = 100_000  # what a consumer may ask; the host clamps lower
 DEFAULT_MAX_PREFETCH = 1000
+MAX_QUEUES_PER_PEER = 1000  # queues one peer may consume on a node at once
 DEFAULT_MAX_LEASE_TTL = 3600.0
 
 

@@ -16,7 +16,7 @@ import zmq
 
 from ..._core import frames
 from ..._core.acl import Acl, Verb
-from ..._core.limits import message_size
+from ..._core.limits import MAX_QUEUES_PER_PEER, message_size
 from ..._core.liveness import Liveness
 from ..._core.policy import RefusalReason, ReplyErrorKind, as_received
 from ...errors import Backpressure, ProtocolError, RemoteProtocolError, StoreError
@@ -29,7 +29,6 @@ from .responder import Responder
 from .security import CurveServer, Guard, service_verb
 
 Refusal = tuple[str, RefusalReason, str]
-MAX_QUEUES_PER_PEER = 1000
 ROUTER_HWM = 1000  # frames queued for one peer
 # Frames read ahead from one peer: libzmq stops reading its connection past
 # this, so a peer that sends faster than the node handles waits on TCP, and
