@@ -257,3 +257,61 @@ def test_a_burst_with_no_reader_meets_the_memory_alarm() -> None:
                 await producer.send("burst", body, timeout=WAIT)
 
     asyncio.run(asyncio.wait_for(scenario(), 110))
+
+
+def test_a_consumer_that_never_settles_holds_only_its_first_window() -> None:
+    async def attack(node: pigeon.Connection, url: str) -> None:
+        raw = Raw(url)
+        await raw.send(frames.Consume("jobs", limits.MAX_PREFETCH, limits.MAX_SECONDS))
+        got = await raw.collect(1.5)  # takes, never settles
+        taken = [m for f in got if isinstance(f, frames.Deliver) for m in f.messages]
+        assert 0 < len(taken) <= limits.DEFAULT_INITIAL_CREDIT
+        raw.close()
+
+    _scenario(attack, heartbeat=0.5)
+
+
+def test_a_peer_that_never_reads_its_answers() -> None:
+    async def attack(node: pigeon.Connection, url: str) -> None:
+        raw = Raw(url)
+        raw.sock.rcvhwm = 1  # and it never calls recv: every answer piles up
+        body = b"u" * 1024
+        for _ in range(2_000):
+            await raw.send(frames.Send("unread", [Message(id=new_id(), body=body)]))
+        await asyncio.sleep(0.5)
+        raw.close()
+        assert node.stats()["queues"]["unread"]["ready"] > 0
+
+    _scenario(attack)
+
+
+def test_one_caller_cannot_take_every_handler() -> None:
+    from pigeon._core.budget import MAX_PEER_REQUESTS
+
+    release = asyncio.Event()
+
+    async def slow(message: pigeon.Message) -> bytes:
+        if message.body == b"block":
+            await release.wait()
+        return message.body
+
+    async def attack(node: pigeon.Connection, url: str) -> None:
+        await node.serve("slow", slow)
+        raw = Raw(url)
+        extra = 50
+        for _ in range(MAX_PEER_REQUESTS + extra):
+            request = frames.Request(new_id(), "slow", Message(id=new_id(), body=b"block"), 30.0)
+            await raw.send(request)
+        replies = [f for f in await raw.collect(1.0) if isinstance(f, frames.Reply)]
+        busy = [r for r in replies if r.error_kind == "Busy"]
+        assert len(busy) == extra and len(replies) == extra  # the rest still run
+        # Another caller is served meanwhile, and is told nothing about the first.
+        async with pigeon.connect(url) as caller:
+            assert (await caller.request("slow", b"hello", timeout=WAIT)).body == b"hello"
+        release.set()
+        answered = [f for f in await raw.collect(1.0) if isinstance(f, frames.Reply)]
+        assert len(answered) == MAX_PEER_REQUESTS and not any(r.error_kind for r in answered)
+        raw.close()
+        assert node.stats()["peer_busy"] == extra
+
+    _scenario(attack)

@@ -873,6 +873,7 @@ def test_snapshot_reports_depths_and_counters() -> None:
     snap = led.snapshot()
     assert snap == {
         "ready": 1,
+        "on_disk": 0,
         "delayed": 0,
         "in_flight": 1,
         "consumers": 1,
@@ -888,5 +889,40 @@ def test_snapshot_reports_depths_and_counters() -> None:
         "stale_settles": 0,
     }
     assert led.stats.as_dict() == {
-        k: v for k, v in snap.items() if k not in ("ready", "delayed", "in_flight", "consumers")
+        k: v
+        for k, v in snap.items()
+        if k not in ("ready", "on_disk", "delayed", "in_flight", "consumers")
     }
+
+
+def test_a_consumer_earns_its_prefetch_by_settling() -> None:
+    led = QueueLedger("q", initial_credit=4)
+    led.add_consumer("A", 100)
+    for i in range(50):
+        led.put(msg(f"m{i:02d}"))
+    first = delivered(led.dispatch(0.0)[0])["A"]
+    assert len(first) == 4  # only its first window before it settles anything
+    led.ack_many(first, "A")  # each settle lets it hold one more
+    assert len(delivered(led.dispatch(0.0)[0])["A"]) == 8
+    led.nack("m04", "A", 0.0)
+    led.reject("m05", "A", "bad")
+    assert len(delivered(led.dispatch(0.0)[0])["A"]) == 4  # window 10, 6 held
+
+
+def test_a_consumer_that_never_settles_holds_only_its_first_window() -> None:
+    led = QueueLedger("q", initial_credit=4, lease_ttl=10.0)
+    led.add_consumer("hostage", 1000)
+    led.add_consumer("worker", 10)
+    for i in range(100):
+        led.put(msg(f"m{i:02d}"))
+    held = 0
+    for _ in range(20):
+        got = delivered(led.dispatch(1.0)[0])
+        held += len(got.get("hostage", []))
+        led.ack_many(got.get("worker", []), "worker")
+    assert held == 4  # the worker took the rest
+    assert led.ready_count == 0 and led.in_flight_count == 4
+    # Its leases expire: they come back, and it starts from its first window again.
+    led.expire(100.0)
+    again = delivered(led.dispatch(100.0)[0])
+    assert len(again.get("hostage", [])) <= 4

@@ -208,3 +208,41 @@ def test_ack_without_tombstone_forgets_the_id(store) -> None:  # noqa: ANN001
     assert store.apply([Ack("q", "m1", tombstone=False)]) == [True]
     assert store.load() == []
     assert store.apply([Put("q", m)]) == [True]  # no tombstone: stored again
+
+
+def test_page_reads_one_queues_live_rows_in_order_from_a_position(store):
+    store.apply([Put(f"q{i % 2}", msg(f"m{i}")) for i in range(10)])
+    store.apply([Ack("q0", "m2"), Dead("q0", msg("m4"), "bad")])
+    first = store.page("q0", 0, limit=2, max_bytes=1 << 20)
+    assert [row.message.id for _, row in first.rows] == ["m0", "m6"]
+    assert first.more
+    after = first.rows[-1][0]
+    rest = store.page("q0", after, limit=10, max_bytes=1 << 20)
+    assert [row.message.id for _, row in rest.rows] == ["m8"]
+    assert not rest.more
+    assert store.page("empty", 0, limit=10, max_bytes=1).rows == []
+    positions = [p for p, _ in first.rows + rest.rows]
+    assert positions == sorted(positions) and positions[-1] <= store.position()
+
+
+def test_page_stops_at_its_byte_bound_but_returns_at_least_one_row(store):
+    store.apply([Put("q", msg(f"m{i}", body=b"x" * 1000)) for i in range(5)])
+    one = store.page("q", 0, limit=10, max_bytes=1)
+    assert [row.message.id for _, row in one.rows] == ["m0"] and one.more
+    some = store.page("q", 0, limit=10, max_bytes=2500)
+    assert len(some.rows) == 3 and some.more
+
+
+def test_page_keeps_a_requeued_rows_place_and_carries_ready_at(store):
+    store.apply([Put("q", msg("a")), Put("q", msg("b"))])
+    store.apply([Requeue("q", msg("a", attempt=2), T0 + 9)])
+    rows = store.page("q", 0, limit=10, max_bytes=1 << 20).rows
+    assert [(r.message.id, r.ready_at) for _, r in rows] == [("a", T0 + 9), ("b", 0.0)]
+
+
+def test_position_grows_with_every_row_written(store):
+    assert store.position() == 0
+    store.apply([Put("q", msg("a"))])
+    first = store.position()
+    store.apply([Put("q", msg("b"))])
+    assert store.position() > first

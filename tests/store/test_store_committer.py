@@ -289,3 +289,45 @@ def test_bad_arguments():
                 await committer.submit("not an op")  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_a_read_sees_the_writes_queued_before_it_and_answers_after_them():
+    store = RecordingStore()
+    order: list[str] = []
+
+    async def main():
+        async with GroupCommitter(store) as committer:
+            store.gate.clear()  # hold the writer so everything queues up
+            before = committer.enqueue([Put("q", msg("a")), Put("q", msg("b"))])
+            read = committer.read(
+                lambda s: [r.message.id for _, r in s.page("q", 0, limit=9, max_bytes=1 << 20).rows]
+            )
+            after = committer.enqueue([Put("q", msg("c"))])
+            before.add_done_callback(lambda _: order.append("before"))
+            read.add_done_callback(lambda _: order.append("read"))
+            after.add_done_callback(lambda _: order.append("after"))
+            store.gate.set()
+            assert await read == ["a", "b"]  # not "c": it was queued later
+            await after
+
+    asyncio.run(main())
+    assert order == ["before", "read", "after"]
+    assert store.batches == [2, 1]  # the read split the writes around it
+
+
+def test_a_failing_read_answers_store_error_and_the_writer_goes_on():
+    store = RecordingStore()
+
+    def broken(_store):
+        raise StoreError("bad page", path="/x.db")
+
+    async def main():
+        async with GroupCommitter(store) as committer:
+            with pytest.raises(StoreError, match="bad page"):
+                await committer.read(broken)
+            with pytest.raises(StoreError, match="unexpectedly"):
+                await committer.read(lambda _s: 1 / 0)
+            assert await committer.submit(Put("q", msg("a"))) is True
+            assert committer.errors == 2
+
+    asyncio.run(main())

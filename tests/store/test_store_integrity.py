@@ -332,9 +332,43 @@ def test_a_format_1_store_is_migrated(tmp_path):
         assert [s.message.id for s in store.load()] == ["a", "b"]
         assert store.apply([Ack("q", "a"), Put("q", msg("c"))]) == [True, True]
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     with SqliteStore(path) as store:
         assert [s.message.id for s in store.load()] == ["b", "c"]
+
+
+def test_a_format_2_store_gains_the_live_rows_index_in_one_counted_commit(tmp_path):
+    from pigeon.store import schema
+    from pigeon.store.base import encode_message
+
+    path = tmp_path / "q.db"
+    with contextlib.closing(schema.connect(str(path))) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(
+            f"BEGIN; {schema.MESSAGES} {schema.EXTRA}"
+            f" PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 2;"
+        )
+        schema._fill_meta(conn, None, 5)
+        blob = encode_message(msg("a"))
+        conn.execute(
+            "INSERT INTO messages (queue, id, state, message, crc) VALUES ('q', 'a', 0, ?, ?)",
+            (blob, integrity.row_crc("q", "a", 0, blob, 0.0, None, None)),
+        )
+        conn.execute("COMMIT")
+    with SqliteStore(path) as store:
+        assert store.stats()["commits"] == 6
+        assert [r.message.id for _, r in store.page("q", 0, limit=9, max_bytes=1 << 20).rows] == [
+            "a"
+        ]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT seq FROM messages"
+            " WHERE seq > 0 AND queue = 'q' AND state = 0 ORDER BY seq"
+        ).fetchall()
+        assert "live_rows" in str(plan)
+    with SqliteStore(path) as store:  # reopened cleanly: the commit was counted
+        assert len(store.load()) == 1
 
 
 def test_a_format_1_store_with_a_row_that_does_not_decode_is_refused(tmp_path):

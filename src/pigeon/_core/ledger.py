@@ -16,6 +16,12 @@ Rule 4: a settle for a lease the consumer no longer holds (expired, or
 already settled) changes nothing and is counted as stale.
 Rule 5: a message whose ``attempt`` would pass ``max_attempts`` (workers that
 keep dying on it) is dead-lettered instead of delivered again.
+Rule 6: a consumer earns its prefetch by settling. With ``initial_credit``
+set, a new consumer may hold that many deliveries at first, and each lease
+it settles lets it hold one more, up to its prefetch (the window doubles
+every round trip); a lease that expires unsettled sets it back to
+``initial_credit``. A consumer that takes and never settles holds only its
+first window, not a whole prefetch of the queue.
 
 The ledger does no I/O and reads no clock: callers pass ``now``.
 """
@@ -32,6 +38,7 @@ from ..errors import LocalProtocolError
 from ..message import Message
 from . import headers
 from .limits import message_size
+from .paging import DiskBacklog, PageRequest, Window
 from .policy import attempt_limit_reason, dead_letter_headers, over_attempt_limit
 
 DEAD_SUFFIX = ".dead"
@@ -63,6 +70,7 @@ class _Consumer:
 
     prefetch: int
     lease_ttl: float
+    window: int  # deliveries it may hold now (Rule 6); at most prefetch
     leases: dict[str, tuple[Message, float]] = field(default_factory=dict)
 
     @property
@@ -71,7 +79,10 @@ class _Consumer:
 
     @property
     def credit(self) -> int:
-        return self.prefetch - len(self.leases)
+        return self.window - len(self.leases)
+
+    def settled(self, count: int = 1) -> None:
+        self.window = min(self.prefetch, self.window + count)
 
 
 @dataclass(slots=True)
@@ -112,6 +123,7 @@ class QueueLedger:
     lease_ttl: float = 30.0
     max_attempts: int | None = None
     dedupe_size: int = 100_000
+    initial_credit: int | None = None
     stats: QueueStats = field(default_factory=QueueStats)
     _ready: deque[Message] = field(default_factory=deque)
     _delayed: list[tuple[float, int, Message]] = field(default_factory=list)
@@ -120,6 +132,8 @@ class QueueLedger:
     _held: set[str] = field(default_factory=set)
     _seen: dict[str, None] = field(default_factory=dict)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
+    window: Window = field(default_factory=Window)
+    backlog: DiskBacklog = field(default_factory=DiskBacklog)
 
     # -- producers -------------------------------------------------------
 
@@ -158,6 +172,57 @@ class QueueLedger:
         self.bytes_held += message_size(message.body, message.headers)
         self._ready.append(message)
         return True
+
+    def stored(self, message: Message) -> bool:
+        """A message the store has just committed as new: it joins the
+        window, or stays on disk (see :mod:`pigeon._core.paging`).
+
+        Always True: the store is the authority on what is new.
+        """
+        backlog = self.backlog
+        if message.id in self._held:
+            # The store answers "new" only for an id it did not hold live, so
+            # a held id was read back by a page read that came first (Rule 3).
+            self.stats.received += 1
+            return True
+        if backlog.paging or self._window_full():
+            self._seen.pop(message.id, None)
+            self.stats.received += 1
+            backlog.spill()
+            return True
+        return self.admit(message)
+
+    def _window_full(self) -> bool:
+        return len(self._ready) >= self.window.messages or self.bytes_held >= self.window.bytes
+
+    def page_request(self) -> PageRequest | None:
+        """The backlog read to make now, if any (paging Rule 2)."""
+        if not self._consumers:
+            return None
+        return self.backlog.request(len(self._ready), self.bytes_held, self.window)
+
+    def page_loaded(self, rows: list[tuple[int, Message, float]], more: bool, now: float) -> int:
+        """Take rows read back from the store: (position, message, ready_at
+        on the caller's clock, 0.0 for now). Returns how many joined."""
+        backlog = self.backlog
+        held, seen = self._held, self._seen
+        taken = 0
+        last = 0
+        for position, message, ready_at in rows:
+            last = position
+            if message.id in held or message.id in seen:
+                continue  # in memory, or settled while the read was on its way
+            if position <= backlog.seen_through:
+                message.redelivered = True
+            held.add(message.id)
+            self.bytes_held += message_size(message.body, message.headers)
+            if ready_at > now:
+                heapq.heappush(self._delayed, (ready_at, next(self._seq), message))
+            else:
+                self._ready.append(message)
+            taken += 1
+        backlog.loaded(last, taken, more)
+        return taken
 
     def put_fresh(self, messages: list[Message]) -> None:
         """Enqueue messages whose ids were minted just now (see ``put``)."""
@@ -212,9 +277,12 @@ class QueueLedger:
         existing = self._consumers.get(consumer)
         if existing is not None:
             existing.prefetch = prefetch
+            # Asking again keeps what was earned, within the new prefetch.
+            earned = prefetch if self.initial_credit is None else existing.window
+            existing.window = min(earned, prefetch)
             existing.lease_ttl = ttl
         else:
-            self._consumers[consumer] = _Consumer(prefetch, ttl)
+            self._consumers[consumer] = _Consumer(prefetch, ttl, self._first_window(prefetch))
 
     def remove_consumer(self, consumer: Hashable, *, lost: bool = False) -> int:
         """Drop a consumer; its unsettled deliveries go back to the front.
@@ -228,6 +296,9 @@ class QueueLedger:
             self.stats.consumers_lost += 1
         self._ready.extendleft(message for message, _ in reversed(gone.leases.values()))
         return len(gone.leases)
+
+    def _first_window(self, prefetch: int) -> int:
+        return prefetch if self.initial_credit is None else min(prefetch, self.initial_credit)
 
     @property
     def consumer_count(self) -> int:
@@ -297,9 +368,10 @@ class QueueLedger:
     def _release(self, message_id: str, consumer: Hashable) -> Message | None:
         owner = self._consumers.get(consumer)
         lease = owner.leases.pop(message_id, None) if owner is not None else None
-        if lease is None:
+        if owner is None or lease is None:
             self.stats.stale_settles += 1
             return None
+        owner.settled()
         return lease[0]
 
     def ack(self, message_id: str, consumer: Hashable) -> bool:
@@ -328,6 +400,7 @@ class QueueLedger:
                 self._forget(message_id)
                 acked.append(lease[0])
                 self.bytes_held -= message_size(lease[0].body, lease[0].headers)
+        owner.settled(len(acked))
         self.stats.acked += len(acked)
         return acked
 
@@ -398,6 +471,8 @@ class QueueLedger:
                 returned.append(message)
             for message_id in expired:
                 del leases[message_id]
+            if expired:
+                owner.window = self._first_window(owner.prefetch)
         self._ready.extendleft(reversed(returned))
         self.stats.expired += len(returned)
         return len(returned)
@@ -445,7 +520,8 @@ class QueueLedger:
 
     @property
     def ready_count(self) -> int:
-        return len(self._ready)
+        """Ready messages, in memory and on disk."""
+        return len(self._ready) + self.backlog.count
 
     @property
     def delayed_count(self) -> int:
@@ -458,7 +534,12 @@ class QueueLedger:
     def is_idle(self) -> bool:
         """Nothing held and nobody consuming: forgetting the queue loses
         only the ids remembered for de-duplicating resends."""
-        return not self._ready and not self._delayed and not self._consumers
+        return (
+            not self._ready
+            and not self._delayed
+            and not self._consumers
+            and not self.backlog.paging
+        )
 
     def has_work(self) -> bool:
         return bool(self._ready) or bool(self._delayed)
@@ -469,7 +550,8 @@ class QueueLedger:
     def snapshot(self) -> dict[str, int]:
         """Depths and counters, for ``pigeon queues`` and stats."""
         return {
-            "ready": len(self._ready),
+            "ready": self.ready_count,
+            "on_disk": self.backlog.count,
             "delayed": len(self._delayed),
             "in_flight": self.in_flight_count,
             "consumers": len(self._consumers),

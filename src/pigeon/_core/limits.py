@@ -33,6 +33,7 @@ MAX_PREFETCH = 100_000  # what a consumer may ask; the host clamps lower
 DEFAULT_MAX_PREFETCH = 1000
 MAX_QUEUES_PER_PEER = 1000  # queues one peer may consume on a node at once
 DEFAULT_MAX_LEASE_TTL = 3600.0
+DEFAULT_INITIAL_CREDIT = 32  # deliveries a new consumer may hold before it settles any
 
 
 def check_name(name: object, what: str) -> str:
@@ -71,6 +72,9 @@ class QueuePolicy:
     Rule 2: ``max_attempts`` is the host's: no consumer changes it. 0 means
     the host sets no limit (each worker's ``RetryPolicy`` still applies to
     what it receives).
+    Rule 3: a consumer starts with ``initial_credit`` deliveries in flight
+    and earns the rest of its prefetch by settling (the ledger's Rule 6), so
+    one that never settles holds a few messages, not a prefetch's worth.
     """
 
     lease_ttl: float = 30.0
@@ -78,6 +82,7 @@ class QueuePolicy:
     max_lease_ttl: float = DEFAULT_MAX_LEASE_TTL
     max_prefetch: int = DEFAULT_MAX_PREFETCH
     max_attempts: int = 0
+    initial_credit: int = DEFAULT_INITIAL_CREDIT
 
     def prefetch(self, asked: int) -> int:
         return max(1, min(int(asked), self.max_prefetch))

@@ -33,6 +33,7 @@ from ..errors import (
 from ..errors import Timeout as PigeonTimeout
 from ..message import Message
 from . import headers
+from .budget import MAX_PEER_REQUESTS
 
 S = TypeVar("S")
 
@@ -121,6 +122,7 @@ class ReplyErrorKind(StrEnum):
     NO_RESPONDERS = "NoResponders"  # the server no longer offers the service
     TIMEOUT = "Timeout"  # the handler ran past the request's deadline
     FORBIDDEN = "Forbidden"  # the caller's key may not call this service
+    BUSY = "Busy"  # the caller has too many requests running on that node
 
 
 def refusal_error(queue: str, reason: RefusalReason, detail: str) -> PigeonError:
@@ -142,6 +144,9 @@ def reply_error(service: str, kind: ReplyErrorKind, error: str) -> PigeonError:
         return PigeonTimeout(error)
     if kind is ReplyErrorKind.FORBIDDEN:
         return Forbidden("call", service)
+    if kind is ReplyErrorKind.BUSY:
+        what = f"requests this caller has running on the server of {service!r}"
+        return Backpressure(what, MAX_PEER_REQUESTS)
     return Rejected(service, error)
 
 

@@ -174,6 +174,11 @@ class ReplyCache:
         reply = entry[1]
         return (CacheState.RUNNING, None) if reply is None else (CacheState.DONE, reply)
 
+    def forget(self, request_id: str) -> None:
+        """A request noted by ``begin`` was not run after all (refused)."""
+        if self._entries.pop(request_id, None) is not None:
+            self.bytes -= self._sizes.pop(request_id, 0)
+
     def finish(self, request_id: str, reply: object, now: float, size: int = 0) -> None:
         self._entries[request_id] = (now, reply)
         self._entries.move_to_end(request_id)

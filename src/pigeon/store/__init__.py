@@ -5,7 +5,7 @@ See ``docs/durability.md`` for what each mode guarantees and can lose.
 
 from __future__ import annotations
 
-from .base import Ack, Dead, DeadLetter, Op, Put, Replay, Requeue, Store, StoredMessage
+from .base import Ack, Dead, DeadLetter, Op, Page, Put, Replay, Requeue, Store, StoredMessage
 from .committer import GroupCommitter
 from .memory import MemoryStore
 from .sqlite import SqliteStore
@@ -17,6 +17,7 @@ __all__ = [
     "GroupCommitter",
     "MemoryStore",
     "Op",
+    "Page",
     "Put",
     "Replay",
     "Requeue",

@@ -44,6 +44,7 @@ __all__ = [
     "DeadLetter",
     "Encoded",
     "Op",
+    "Page",
     "Put",
     "Replay",
     "Requeue",
@@ -85,6 +86,19 @@ class DeadLetter(msgspec.Struct, frozen=True):
     message: Message
     reason: str
     died_at: float
+
+
+class Page(NamedTuple):
+    """Live messages of one queue read back in insertion order (:meth:`Store.page`).
+
+    Attributes:
+        rows: ``(position, stored message)`` pairs; a position orders rows
+            in the whole store and only grows.
+        more: live rows of the queue lie past the last one returned.
+    """
+
+    rows: list[tuple[int, StoredMessage]]
+    more: bool
 
 
 def check_ops(ops: Sequence[Op]) -> None:
@@ -240,6 +254,30 @@ class Store(Protocol):
 
     def load(self) -> list[StoredMessage]:
         """Return every live (not dead) message, in insertion order.
+
+        Raises:
+            StoreError: the store could not be read.
+            ClosedError: the store was closed.
+        """
+        ...
+
+    def page(self, queue: str, after: int, *, limit: int, max_bytes: int) -> Page:
+        """Return live messages of ``queue`` placed after position ``after``.
+
+        A durable host reads its backlog back this way, a window at a time,
+        instead of holding every body in memory. At most ``limit`` rows come
+        back, and no more once their stored bytes reach ``max_bytes`` (at
+        least one row is always returned if any is there).
+
+        Raises:
+            StoreError: the store could not be read, or a row fails its
+                checksum or does not decode.
+            ClosedError: the store was closed.
+        """
+        ...
+
+    def position(self) -> int:
+        """The position of the latest row written (0 for an empty store).
 
         Raises:
             StoreError: the store could not be read.

@@ -20,6 +20,9 @@ Rules:
   store's disk-free floor) fails alone; the other requests of its batch are
   committed.
 - A failed batch is not retried by the committer: its callers decide.
+- Reads (``read``) run in line with writes: one sees every write enqueued
+  before it and none enqueued after, and its answer reaches the event loop
+  after theirs. A host reading its backlog back relies on that order.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Any, TypeVar
 
 from ..errors import ClosedError, ConfigurationError, PigeonError, StoreError, Timeout
 from .base import Op, Store, check_ops
@@ -39,18 +43,27 @@ __all__ = ["GroupCommitter"]
 log = logging.getLogger("pigeon.store")
 
 
+T = TypeVar("T")
+
+
 class _Request:
-    """One caller's ops and the future it awaits, on its own event loop."""
+    """One caller's ops (or read) and the future it awaits, on its own event loop."""
 
-    __slots__ = ("ops", "future")
+    __slots__ = ("ops", "read", "future")
 
-    def __init__(self, ops: list[Op], future: asyncio.Future[list[bool]]) -> None:
+    def __init__(
+        self,
+        ops: list[Op],
+        future: asyncio.Future[Any],
+        read: Callable[[Store], Any] | None = None,
+    ) -> None:
         self.ops = ops
+        self.read = read
         self.future = future
 
 
 # (future, result, error): what one caller gets once its batch is done.
-Outcome = tuple[asyncio.Future[list[bool]], list[bool] | None, StoreError | None]
+Outcome = tuple[asyncio.Future[Any], Any, StoreError | None]
 
 
 def _resolve(outcomes: list[Outcome]) -> None:
@@ -72,7 +85,7 @@ def _settle(outcomes: list[Outcome]) -> None:
         if error is not None:
             future.set_exception(error)
         else:
-            future.set_result(result or [])
+            future.set_result(result)
 
 
 def _copy_error(cause: BaseException, message: str, path: str | None) -> StoreError:
@@ -139,20 +152,50 @@ class GroupCommitter:
                 applied), or the batch holding them failed.
             ClosedError: the committer was closed.
         """
+        return await self.enqueue(ops)
+
+    def enqueue(self, ops: Iterable[Op]) -> asyncio.Future[list[bool]]:
+        """Like ``submit_many``, but queued at once, in the caller's order,
+        and answered through the returned future.
+
+        Cancelling the future does not withdraw the ops: they may still commit.
+
+        Raises:
+            TypeError: an item is not an op; nothing was submitted.
+            ClosedError: the committer was closed.
+            StoreError: the writer thread is not running.
+        """
         batch = list(ops)
         check_ops(batch)
+        future: asyncio.Future[list[bool]] = self._queue(batch, None)
+        return future
+
+    def read(self, read: Callable[[Store], T]) -> asyncio.Future[T]:
+        """Run ``read(store)`` on the writer thread, after every write
+        enqueued before it; its result (or StoreError) comes through the
+        returned future.
+
+        Raises:
+            ClosedError: the committer was closed.
+            StoreError: the writer thread is not running.
+        """
+        future: asyncio.Future[T] = self._queue([], read)
+        return future
+
+    def _queue(self, ops: list[Op], read: Callable[[Store], Any] | None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
             if self._closing:
                 raise ClosedError("group committer is closed")
-            if not batch:
-                return []
+            if not ops and read is None:
+                future.set_result([])
+                return future
             if not self._thread.is_alive():  # cannot happen; never wait forever if it does
                 raise StoreError("store writer is not running")
-            future: asyncio.Future[list[bool]] = loop.create_future()
-            self._pending.append(_Request(batch, future))
+            self._pending.append(_Request(ops, future, read))
             self._cond.notify()
-        return await future
+        return future
 
     def _run(self) -> None:
         while True:
@@ -162,16 +205,38 @@ class GroupCommitter:
                 if not self._pending:
                     return  # closing, and everything is committed
                 batch = self._take()
-            self._commit(batch)
+            if batch[0].read is not None:
+                self._read(batch[0])
+            else:
+                self._commit(batch)
 
     def _take(self) -> list[_Request]:
+        # A read goes alone, and a batch of writes stops before one: that
+        # keeps reads in line with the writes around them.
         batch = [self._pending.popleft()]
+        if batch[0].read is not None:
+            return batch
         size = len(batch[0].ops)
-        while self._pending and size + len(self._pending[0].ops) <= self._max_batch:
-            request = self._pending.popleft()
+        pending = self._pending
+        while pending and pending[0].read is None and size + len(pending[0].ops) <= self._max_batch:
+            request = pending.popleft()
             batch.append(request)
             size += len(request.ops)
         return batch
+
+    def _read(self, request: _Request) -> None:
+        """Run one read and resolve its future; never raises."""
+        assert request.read is not None
+        try:
+            result = request.read(self._store)
+        except PigeonError as exc:
+            message = str(exc) if isinstance(exc, StoreError) else f"store read failed: {exc}"
+            self._fail([request], exc, message)
+        except Exception as exc:  # a bug or an unforeseen error: fail the read, go on
+            log.exception("store read failed unexpectedly")
+            self._fail([request], exc, f"store read failed unexpectedly: {type(exc).__name__}")
+        else:
+            _resolve([(request.future, result, None)])
 
     def _commit(self, batch: list[_Request]) -> None:
         """Apply one batch and resolve every future of it; never raises."""

@@ -20,6 +20,7 @@ from .base import (
     DeadLetter,
     Encoded,
     Op,
+    Page,
     Put,
     Requeue,
     StoredMessage,
@@ -57,7 +58,9 @@ class MemoryStore:
         self._closed = False
         # dicts keep insertion order: updating a value keeps its place (Requeue),
         # deleting and re-adding moves it to the end (Dead, Replay).
-        self._live: dict[Key, tuple[bytes, float]] = {}
+        # A live entry is (position, blob, ready_at); positions only grow.
+        self._live: dict[Key, tuple[int, bytes, float]] = {}
+        self._position = 0
         self._dead: dict[Key, tuple[bytes, str, float]] = {}
         self._tombstones: dict[Key, float] = {}
         self._last_prune = clock()
@@ -124,7 +127,7 @@ class MemoryStore:
             if acked_at is not None and now - acked_at <= self._window:
                 return False
             self._tombstones.pop(key, None)
-            self._live[key] = (encoded.blob, 0.0)
+            self._live[key] = (self._next_position(), encoded.blob, 0.0)
             return True
         if isinstance(op, Ack):
             key = (op.queue, op.id)
@@ -135,9 +138,10 @@ class MemoryStore:
             return True
         if isinstance(op, Requeue):
             key = (op.queue, op.message.id)
-            if key not in self._live:
+            live = self._live.get(key)
+            if live is None:
                 return False
-            self._live[key] = (encoded.blob, op.ready_at)
+            self._live[key] = (live[0], encoded.blob, op.ready_at)
             return True
         if isinstance(op, Dead):
             key = (op.queue, op.message.id)
@@ -151,8 +155,12 @@ class MemoryStore:
             return False
         message = decode_message(dead[0])
         message.attempt = 0
-        self._live[key] = (encode_message(message), 0.0)
+        self._live[key] = (self._next_position(), encode_message(message), 0.0)
         return True
+
+    def _next_position(self) -> int:
+        self._position += 1
+        return self._position
 
     def _prune(self, now: float) -> None:
         # Lazy: a scan at most every half window keeps the cost per apply flat.
@@ -172,8 +180,39 @@ class MemoryStore:
             self._check_open()
             return [
                 StoredMessage(queue, decode_message(data), ready_at)
-                for (queue, _), (data, ready_at) in self._live.items()
+                for (queue, _), (_, data, ready_at) in self._live.items()
             ]
+
+    def page(self, queue: str, after: int, *, limit: int, max_bytes: int) -> Page:
+        """Return live messages of ``queue`` after position ``after``.
+
+        See :meth:`pigeon.store.base.Store.page` (this store scans them all).
+
+        Raises:
+            ClosedError: the store was closed.
+        """
+        rows: list[tuple[int, StoredMessage]] = []
+        size = 0
+        with self._lock:
+            self._check_open()
+            for (q, _), (position, data, ready_at) in self._live.items():
+                if q != queue or position <= after:
+                    continue
+                if len(rows) >= limit or (rows and size >= max_bytes):
+                    return Page(rows, True)
+                rows.append((position, StoredMessage(q, decode_message(data), ready_at)))
+                size += len(data)
+        return Page(rows, False)
+
+    def position(self) -> int:
+        """The position of the latest row written (0 for an empty store).
+
+        Raises:
+            ClosedError: the store was closed.
+        """
+        with self._lock:
+            self._check_open()
+            return self._position
 
     def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         """Return the dead letters, of one queue or all, in the order they died.

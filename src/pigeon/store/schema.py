@@ -1,11 +1,12 @@
 """The SQLite store's file format: tables, format versions, and how it is opened.
 
-Format 2 (this one) adds to format 1 a checksum per row (``messages.crc``),
-the ``meta`` table (the store's id), a commit count (in ``sqlite_sequence``)
-and the
-``quarantine`` table (rows salvage could not vouch for). A format-1 store is
-migrated in one transaction when it is opened, after it passed its checks:
-its rows get checksums of what they hold then.
+Format 2 adds to format 1 a checksum per row (``messages.crc``), the
+``meta`` table (the store's id), a commit count (in ``sqlite_sequence``)
+and the ``quarantine`` table (rows salvage could not vouch for). Format 3
+(this one) adds the ``live_rows`` index, so a host reads one queue's
+backlog back in order without scanning other queues' rows. An older store
+is migrated in one transaction when it is opened, after it passed its
+checks: a format-1 store's rows get checksums of what they hold then.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ LIVE, DEAD, ACKED = 0, 1, 2
 # Marks a file as a pigeon store, so opening some other SQLite file is refused
 # instead of adding tables to it.
 APPLICATION_ID = 0x5047_4E31  # "PGN1"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MESSAGES = """
 CREATE TABLE messages (
@@ -44,6 +45,9 @@ CREATE TABLE messages (
 -- Only tombstones are indexed by time, so pruning is cheap and puts pay nothing.
 CREATE INDEX tombstones ON messages (at) WHERE state = 2;
 """
+
+# What format 3 adds to format 2: a queue's live rows in insertion order.
+LIVE_ROWS = "CREATE INDEX live_rows ON messages (queue, seq) WHERE state = 0"
 
 # Tables format 2 adds to format 1.
 EXTRA = """
@@ -155,7 +159,7 @@ def create(conn: sqlite3.Connection, *, store_id: str | None = None, commits: in
     included: salvage relies on WAL commits and the count agreeing.
     """
     conn.executescript(
-        f"BEGIN IMMEDIATE; {MESSAGES} {EXTRA}"
+        f"BEGIN IMMEDIATE; {MESSAGES} {EXTRA} {LIVE_ROWS};"
         f" PRAGMA application_id={APPLICATION_ID};"
         f" PRAGMA user_version={SCHEMA_VERSION};"
     )
@@ -169,19 +173,23 @@ def create(conn: sqlite3.Connection, *, store_id: str | None = None, commits: in
 
 
 def migrate(conn: sqlite3.Connection, version: int) -> None:
-    """Bring an older format up to this one, in one transaction."""
+    """Bring an older format up to this one, in one transaction (one commit)."""
     if version == SCHEMA_VERSION:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        # version 1: no checksums, no meta, no quarantine
-        conn.execute("ALTER TABLE messages ADD COLUMN crc INTEGER NOT NULL DEFAULT 0")
-        conn.execute(f"UPDATE messages SET crc = {CRC_SQL}")
-        # one statement at a time: executescript would commit the transaction first
-        for statement in EXTRA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        _fill_meta(conn, None, 1)  # this transaction is the first commit counted
+        if version == 1:  # no checksums, no meta, no quarantine
+            conn.execute("ALTER TABLE messages ADD COLUMN crc INTEGER NOT NULL DEFAULT 0")
+            conn.execute(f"UPDATE messages SET crc = {CRC_SQL}")
+            # one statement at a time: executescript would commit the transaction first
+            for statement in EXTRA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            _fill_meta(conn, None, 1)  # this transaction is the first commit counted
+        else:  # format 2: this transaction is one more commit
+            _, commits = read_meta(conn)
+            set_sequence(conn, COMMITS_ROW, commits + 1)
+        conn.execute(LIVE_ROWS)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

@@ -37,6 +37,7 @@ from .base import (
     DeadLetter,
     Encoded,
     Op,
+    Page,
     Put,
     Requeue,
     StoredMessage,
@@ -734,6 +735,55 @@ class SqliteStore:
             self._check_open()
             rows = self._verified(self._conn.execute(sql).fetchall())
             return [StoredMessage(row[1], decode_message(row[4]), row[5]) for row in rows]
+
+    def page(self, queue: str, after: int, *, limit: int, max_bytes: int) -> Page:
+        """Return live messages of ``queue`` after position ``after``, each verified.
+
+        See :meth:`pigeon.store.base.Store.page`. The scan walks the rows in
+        insertion order from ``after`` (the primary key), so a host that
+        moves its position along reads each row once.
+
+        Raises:
+            StoreError: the store could not be read, or a row fails its
+                checksum or does not decode.
+            ClosedError: the store was closed.
+        """
+        sql = (
+            f"SELECT seq, {ROW_COLUMNS}, crc FROM messages"
+            " WHERE seq > ? AND queue = ? AND state = 0 ORDER BY seq"
+        )
+        rows: list[tuple[Any, ...]] = []
+        more = False
+        size = 0
+        with self._lock, translate(self.path, "page"):
+            self._check_open()
+            cursor = self._conn.execute(sql, (after, queue))
+            try:
+                for row in cursor:
+                    if len(rows) >= limit or (rows and size >= max_bytes):
+                        more = True
+                        break
+                    rows.append(row)
+                    size += len(row[4])
+            finally:
+                cursor.close()
+            found = [
+                (row[0], StoredMessage(row[1], decode_message(row[4]), row[5]))
+                for row in self._verified(rows)
+            ]
+        return Page(found, more)
+
+    def position(self) -> int:
+        """The position of the latest row written (0 for an empty store).
+
+        Raises:
+            StoreError: the store could not be read.
+            ClosedError: the store was closed.
+        """
+        with self._lock, translate(self.path, "read the position"):
+            self._check_open()
+            found = self._conn.execute("SELECT max(seq) FROM messages").fetchone()[0]
+        return int(found or 0)
 
     def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
         """Return the dead letters, of one queue or all, in the order they died.

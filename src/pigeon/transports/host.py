@@ -18,10 +18,13 @@ from typing import Any
 from .._core import persistence, policy
 from .._core.ledger import QueueLedger, dead_letter_queue
 from .._core.limits import QueuePolicy
-from ..errors import StoreError
+from .._core.paging import Window
+from ..errors import PigeonError, StoreError
 from ..message import Message
-from ..store import GroupCommitter, Op, Store
+from ..store import GroupCommitter, Op, Page, Store
 from .queue_table import DEFAULT_MAX_MEMORY, QueueTable
+
+BACKLOG_RETRY = 1.0  # seconds before a failed backlog read is tried again
 
 # A sink takes (queue, messages leased to that consumer).
 BatchSink = Callable[[str, list[Message]], None]
@@ -37,7 +40,9 @@ class QueueHost:
         max_length: ready messages a queue may hold; a put beyond it is
             refused (``put`` returns None for it) instead of growing forever.
         store: where messages are kept until acked; with one, a put is
-            confirmed only once it is committed (see ``put_many``).
+            confirmed only once it is committed (see ``put_many``), and a
+            queue's backlog past ``page_window`` stays on disk until
+            consumers reach it (see ``pigeon._core.paging``).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class QueueHost:
         policy: QueuePolicy | None = None,
         max_queues: int = 10_000,
         max_memory: int | None = DEFAULT_MAX_MEMORY,
+        page_window: Window | None = None,
     ) -> None:
         self.policy = (
             dataclasses.replace(policy, lease_ttl=lease_ttl)
@@ -62,6 +68,8 @@ class QueueHost:
             max_attempts=self.policy.max_attempts,
             max_queues=max_queues,
             max_memory=max_memory,
+            window=page_window or Window(),
+            initial_credit=self.policy.initial_credit,
         )
         self.store = store
         self.committer = GroupCommitter(store) if store is not None else None
@@ -76,6 +84,7 @@ class QueueHost:
         self._timer_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.refused = 0
+        self.backlog_errors = 0
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -153,38 +162,63 @@ class QueueHost:
             self.refused += len(messages) - room
         accepted = messages[:room]
         self.table.added(sum(len(m.body) for m in accepted))
-        if self.committer is not None and accepted:
-            try:
-                stored = await self.committer.submit_many(
-                    [persistence.put_op(queue, m) for m in accepted]
-                )
-            except StoreError:
-                self.store_errors += 1  # a refused send counts, like a failed write behind
-                raise
-        else:
-            stored = [True] * len(accepted)
-        results: list[bool | None] = []
-        for message, new in zip(accepted, stored, strict=True):
-            # A duplicate of a stored id is confirmed again, not enqueued again.
-            results.append(ledger.admit(message) if new else False)
-        self._mark(queue)
+        results: list[bool | None]
+        if self.committer is None or not accepted:
+            results = [ledger.admit(m) for m in accepted]
+            self._mark(queue)
+            return results + [None] * (len(messages) - room)
+        answer: asyncio.Future[list[bool]] = self._get_loop().create_future()
+        try:
+            committed = self.committer.enqueue([persistence.put_op(queue, m) for m in accepted])
+            # Queued in the store's order, taken in on its answer even if the
+            # caller gave up waiting: a committed message is never left unqueued.
+            committed.add_done_callback(lambda done: self._committed(queue, accepted, done, answer))
+            stored = await answer
+        except StoreError:
+            self.store_errors += 1  # a refused send counts, like a failed write behind
+            raise
+        # A duplicate of a stored id is confirmed again, not enqueued again.
+        results = list(stored)
         return results + [None] * (len(messages) - room)
 
-    def restore(self) -> int:
-        """Reload every stored message after a (re)start; returns how many.
+    def _committed(
+        self,
+        queue: str,
+        messages: list[Message],
+        done: asyncio.Future[list[bool]],
+        answer: asyncio.Future[list[bool]],
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            if not answer.done():
+                answer.set_exception(done.exception() or StoreError("store write was cancelled"))
+            return
+        # The queue may have been forgotten while idle: take the one there is now.
+        ledger = self.ledger(queue, over_cap=True)
+        results = [
+            ledger.stored(m) if new else False
+            for m, new in zip(messages, done.result(), strict=True)
+        ]
+        self._mark(queue)
+        if not answer.done():
+            answer.set_result(results)
 
-        All come back marked redelivered (they may have been seen); dead
-        letters come back in their ``.dead`` queues.
+    def restore(self) -> int:
+        """Take up the stored backlog after a (re)start; returns how many
+        messages the store holds.
+
+        Live messages stay on disk and are read back as consumers take
+        them, marked redelivered (they may have been seen); dead letters
+        come back in their ``.dead`` queues.
         """
         if self.store is None:
             return 0
-        wall, mono = time.time(), time.monotonic()
+        through = self.store.position()
         count = 0
-        for stored in self.store.load():
-            ready_at = mono + (stored.ready_at - wall) if stored.ready_at > wall else 0.0
-            self.ledger(stored.queue, over_cap=True).restore(stored.message, ready_at)
-            self._dirty.add(stored.queue)
-            count += 1
+        for queue, depth in self.store.counts().items():
+            if depth["ready"]:
+                self.ledger(queue, over_cap=True).backlog.restored(depth["ready"], through)
+                self._dirty.add(queue)
+                count += depth["ready"]
         for letter in self.store.dead_letters():
             name = dead_letter_queue(letter.queue)
             self.ledger(name, over_cap=True).restore(letter.message)
@@ -203,7 +237,8 @@ class QueueHost:
         real = [op for op in ops if op is not None]
         if not real:
             return
-        future = asyncio.ensure_future(self.committer.submit_many(real))
+        # Queued now, not from a task: a backlog read queued later must see it.
+        future = self.committer.enqueue(real)
         self._writes.add(future)
         future.add_done_callback(self._write_done)
 
@@ -336,7 +371,45 @@ class QueueHost:
                 self._sinks[consumer](queue, messages)
             if dead:
                 self._bury(queue, dead)
+            if ledger.backlog.paging:
+                self._read_backlog(queue, ledger)
         self._arm_timer()
+
+    def _read_backlog(self, queue: str, ledger: QueueLedger) -> None:
+        """Read a durable queue's next rows back from disk (see ``_core.paging``)."""
+        request = ledger.page_request()
+        if request is None or self.store is None or self.committer is None:
+            return
+        try:
+            read = self.committer.read(
+                lambda store: store.page(
+                    queue, request.after, limit=request.limit, max_bytes=request.max_bytes
+                )
+            )
+        except PigeonError:
+            ledger.backlog.failed()  # closing
+            return
+        read.add_done_callback(lambda done: self._backlog_read(queue, ledger, done))
+
+    def _backlog_read(self, queue: str, ledger: QueueLedger, done: asyncio.Future[Page]) -> None:
+        error = done.exception()
+        if error is not None:
+            self.store_errors += 1
+            self.backlog_errors += 1
+            ledger.backlog.failed()
+            # Try again after a pause, not in a tight loop of failing reads.
+            self._get_loop().call_later(BACKLOG_RETRY, self._mark, queue)
+            return
+        page = done.result()
+        wall, mono = time.time(), time.monotonic()
+        rows = [
+            (position, row.message, mono + (row.ready_at - wall) if row.ready_at > wall else 0.0)
+            for position, row in page.rows
+        ]
+        if ledger.page_loaded(rows, page.more, mono):
+            self._mark(queue)
+        elif ledger.backlog.paging:
+            self._mark(queue)  # only skipped rows: read on
 
     def _arm_timer(self) -> None:
         wakeups = [w for ledger in self.queues.values() if (w := ledger.next_wakeup()) is not None]

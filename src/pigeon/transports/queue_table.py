@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from .._core.ledger import QueueLedger
+from .._core.paging import Window
 from ..errors import Backpressure
 
 DEFAULT_MAX_MEMORY = 128 << 20  # bytes of bodies before the memory alarm
@@ -28,11 +29,15 @@ class QueueTable:
         max_attempts: int,
         max_queues: int = 10_000,
         max_memory: int | None = DEFAULT_MAX_MEMORY,
+        window: Window | None = None,
+        initial_credit: int | None = None,
     ) -> None:
         self.lease_ttl = lease_ttl
         self.max_attempts = max_attempts
         self.max_queues = max_queues
         self.max_memory = max_memory
+        self.window = window or Window()
+        self.initial_credit = initial_credit
         self.queues: dict[str, QueueLedger] = {}
         self.forgotten = 0
         self.refused = 0
@@ -61,7 +66,11 @@ class QueueTable:
                     self.refused += 1
                     raise Backpressure("queues on this node", self.max_queues)
             ledger = self.queues[queue] = QueueLedger(
-                queue, lease_ttl=self.lease_ttl, max_attempts=self.max_attempts or None
+                queue,
+                lease_ttl=self.lease_ttl,
+                max_attempts=self.max_attempts or None,
+                window=self.window,
+                initial_credit=self.initial_credit,
             )
         return ledger
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from ..._core import frames
+from ..._core.budget import MAX_PEER_REQUEST_BYTES, MAX_PEER_REQUESTS, PeerBudget
 from ..._core.policy import ReplyErrorKind, reply_kind
 from ..._core.rpc import CacheState, ReplyCache
 from ...errors import DeliveryError, Rejected, Timeout
@@ -29,25 +30,45 @@ class Responder:
         self._running: dict[str, list[bytes]] = {}
         self._deadlines: dict[asyncio.Task[None], float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Requests each peer has running: one peer may not take every handler.
+        self.budget = PeerBudget(MAX_PEER_REQUESTS, MAX_PEER_REQUEST_BYTES)
 
     def on_request(self, identity: bytes, request: frames.Request) -> None:
         rid = request.request_id
-        if request.service in UNCACHED_SERVICES:
-            # A flood of stats requests must not fill the cache.
-            self._start(request, [identity], cache=False)
-            return
-        state, cached = self.replies.begin(rid, time.monotonic())
+        state, cached = CacheState.NEW, None
+        if request.service not in UNCACHED_SERVICES:  # a flood of stats must not fill the cache
+            state, cached = self.replies.begin(rid, time.monotonic())
         if state is CacheState.DONE:
             assert isinstance(cached, frames.Reply)
             self._send(identity, cached)
             return
+        size = len(request.message.body)
+        if not self.budget.take(identity, 1, size):
+            if state is CacheState.NEW and request.service not in UNCACHED_SERVICES:
+                self.replies.forget(rid)
+            why = f"this caller has {MAX_PEER_REQUESTS} requests (or their bytes) running here"
+            self._send(identity, frames.Reply(rid, None, why, ReplyErrorKind.BUSY))
+            return
+        if request.service in UNCACHED_SERVICES:
+            self._start(request, [identity], (identity, size), cache=False)
+            return
         waiting = self._running.setdefault(rid, [])
         waiting.append(identity)
         if state is CacheState.NEW:
-            self._start(request, waiting, cache=True)
+            self._start(request, waiting, (identity, size), cache=True)
+        else:
+            self.budget.give(identity, 1, size)  # a repeat waits on the first, holds nothing
 
-    def _start(self, request: frames.Request, waiting: list[bytes], *, cache: bool) -> None:
+    def _start(
+        self,
+        request: frames.Request,
+        waiting: list[bytes],
+        held: tuple[bytes, int],
+        *,
+        cache: bool,
+    ) -> None:
         task = asyncio.get_running_loop().create_task(self._run(request, waiting, cache))
+        task.add_done_callback(lambda _: self.budget.give(held[0], 1, held[1]))
         # One sweep timer cuts handlers at their deadlines: cheaper than a
         # timeout scope per request.
         self._deadlines[task] = time.monotonic() + max(0.0, request.timeout)

@@ -16,6 +16,7 @@ import zmq
 
 from ..._core import frames
 from ..._core.acl import Acl, Verb
+from ..._core.budget import MAX_PEER_STORING, MAX_PEER_STORING_BYTES, PeerBudget
 from ..._core.limits import MAX_QUEUES_PER_PEER, message_size
 from ..._core.liveness import Liveness
 from ..._core.policy import RefusalReason, ReplyErrorKind, as_received
@@ -77,6 +78,8 @@ class RouterSide:
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self.protocol_errors = 0
+        # Messages each peer has waiting for the store (see _core.budget).
+        self.storing = PeerBudget(MAX_PEER_STORING, MAX_PEER_STORING_BYTES)
         self.peers_lost = 0
         self.pump: Pump | None = None
 
@@ -197,21 +200,38 @@ class RouterSide:
                 identity, queue, messages, [host.put(queue, m) for m in messages], refused
             )
             return
-        # Durable: confirm only after the group commit is on disk.
-        task = asyncio.ensure_future(self._store_then_answer(identity, queue, messages, refused))
+        # Durable: confirm only after the group commit is on disk. What a
+        # peer has waiting for the store is bounded (its producer backs off).
+        size = sum(message_size(m.body, m.headers) for m in messages)
+        if messages and not self.storing.take(identity, len(messages), size):
+            busy = f"this peer has {self.storing.held(identity)[0]} messages being stored here"
+            refused += [(m.id, RefusalReason.FULL, busy) for m in messages]
+            self._answer_send(identity, queue, [], [], refused)
+            return
+        task = asyncio.ensure_future(
+            self._store_then_answer(identity, queue, messages, refused, size)
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _store_then_answer(
-        self, identity: bytes, queue: str, messages: list[Message], refused: list[Refusal]
+        self,
+        identity: bytes,
+        queue: str,
+        messages: list[Message],
+        refused: list[Refusal],
+        size: int,
     ) -> None:
         results: list[bool | None]
+        count = len(messages)
         try:
             results = await self.host.put_many(queue, messages)
         except StoreError as exc:
             detail = str(exc)
             refused = refused + [(m.id, RefusalReason.STORE_FAILED, detail) for m in messages]
             messages, results = [], []
+        finally:
+            self.storing.give(identity, count, size)
         self._answer_send(identity, queue, messages, results, refused)
 
     def _answer_send(

@@ -22,7 +22,6 @@ from ...errors import (
     Backpressure,
     MessageTooLarge,
     PigeonError,
-    StoreError,
     Timeout,
     TransportError,
 )
@@ -66,6 +65,7 @@ class Sender:
         self.withdrawn = 0
         self.unconfirmed_at_close = 0
         self.kept_in_outbox = 0
+        self._storing = 0  # local durable sends not yet committed (flush waits for them)
 
     def sending_link(self) -> Link | None:
         """The link sends go to: the first that reaches a host, else the first."""
@@ -135,6 +135,7 @@ class Sender:
             self._local_batch_future = loop.create_future()
             loop.call_soon(self._commit_local_batch)
         self._local_batches.setdefault(queue, []).extend(messages)
+        self._storing += len(messages)
         return self._local_batch_future
 
     def _commit_local_batch(self) -> None:
@@ -148,10 +149,13 @@ class Sender:
                     results = await self.host.put_many(queue, messages)
                     if None in results:
                         raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
-            except (StoreError, Backpressure) as exc:
+            except PigeonError as exc:  # StoreError, Backpressure, or closed meanwhile
                 if not future.done():
                     future.set_exception(exc)
                 return
+            finally:
+                self._storing -= sum(len(m) for m in batches.values())
+                self._progress.wake()
             if not future.done():
                 future.set_result(None)
 
@@ -180,7 +184,7 @@ class Sender:
 
     def unconfirmed(self) -> int:
         waiting = self.outbox.waiting if self.outbox is not None else 0
-        return sum(len(link.outbox) for link in self.links) + waiting
+        return sum(len(link.outbox) for link in self.links) + waiting + self._storing
 
     async def flush(self, deadline: float, timeout: float) -> None:
         """Wait until every send is confirmed (``deadline`` on ``time.monotonic()``).
@@ -189,7 +193,7 @@ class Sender:
             Timeout: sends are still unconfirmed at the deadline.
         """
         if not await self._progress.wait_until(lambda: not self.unconfirmed(), deadline):
-            unconfirmed = sum(len(link.outbox) for link in self.links)
+            unconfirmed = self.unconfirmed()
             raise Timeout(f"{unconfirmed} sends still unconfirmed after {timeout} s")
 
     def withdraw(self, future: asyncio.Future[None]) -> bool:

@@ -53,6 +53,9 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         # peer is given up.
         "send_failures": router.pump.send_failures if router and router.pump else 0,
         "reply_cache_hits": router.responder.replies.hits if router else 0,
+        # Sends and requests refused because their peer was over its budget
+        # of work held for it (see pigeon._core.budget).
+        "peer_busy": (router.storing.refused + router.responder.budget.refused) if router else 0,
         "links": {link.address: {"up": link.up} for link in links},
         "bound": list(node.bound),
         "secure": node.security.server is not None or node.security.client is not None,
@@ -68,6 +71,7 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "durable": node.store_path is not None,
         "restored": node.restored,
         "store_errors": node.host.store_errors,
+        "backlog_errors": node.host.backlog_errors,
         "store": node.host.store.stats() if node.host.store is not None else None,
         "outbox": sender.outbox.stats() if sender.outbox is not None else None,
         "queues_forgotten": node.host.table.forgotten,
