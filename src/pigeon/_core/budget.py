@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 MAX_PEER_STORING = 10_000  # messages of one peer being stored at once
-MAX_PEER_STORING_BYTES = 64 << 20
+MAX_PEER_STORING_BYTES = 16 << 20
 MAX_PEER_REQUESTS = 1_000  # requests of one peer running at once
 MAX_PEER_REQUEST_BYTES = 64 << 20
 

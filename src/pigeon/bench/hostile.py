@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -146,6 +148,8 @@ ATTACKS: dict[str, Callable[[Raw], Awaitable[None]]] = {
     "burst, no reader": burst_no_reader,
     "never reads": never_reads,
 }
+# Rows that run an attack against a durable node (--store) instead.
+DURABLE_ROWS = {"burst, durable node": "burst, no reader"}
 
 
 async def _attack(name: str, url: str, seconds: float) -> None:
@@ -193,9 +197,13 @@ def _p99_us(latencies: list[float]) -> float | None:
 
 
 class _Node:
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        command = [sys.executable, "-m", "pigeon.cli.main", "node", "--bind", "tcp://127.0.0.1:0"]
+        self._tmp = tempfile.TemporaryDirectory(prefix="pigeon-hostile-") if durable else None
+        if self._tmp is not None:
+            command += ["--store", os.path.join(self._tmp.name, "node.db")]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pigeon.cli.main", "node", "--bind", "tcp://127.0.0.1:0"],
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -223,6 +231,8 @@ class _Node:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.communicate()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def _start_attacker(name: str, url: str, seconds: float) -> subprocess.Popen[str]:
@@ -234,10 +244,11 @@ def _start_attacker(name: str, url: str, seconds: float) -> subprocess.Popen[str
 
 
 async def _row(name: str, seconds: float) -> dict[str, Any]:
-    node = _Node()
+    attack = DURABLE_ROWS.get(name, name)
+    node = _Node(durable=name in DURABLE_ROWS)
     try:
         before, _ = await _legit_phase(node.url, seconds)
-        attacker = _start_attacker(name, node.url, seconds + 1)
+        attacker = _start_attacker(attack, node.url, seconds + 1)
         sampling = True
 
         async def sample() -> None:
@@ -271,7 +282,7 @@ async def _row(name: str, seconds: float) -> dict[str, Any]:
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Every attack in turn; the JSON-shaped document."""
     results = []
-    for name in ATTACKS:
+    for name in [*ATTACKS, *DURABLE_ROWS]:
         print(f"hostile: {name} …", end="", file=sys.stderr, flush=True)
         row = asyncio.run(_row(name, opts.seconds))
         print(f" kept {row['kept_pct']} %, peak RSS {row['peak_rss_mb']} MB", file=sys.stderr)

@@ -12,7 +12,6 @@ every node checks that it is secure exactly when it was given keys.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import tempfile
 import time
@@ -70,27 +69,8 @@ def _check_secure(conn: Any, kwargs: dict[str, Any]) -> None:
 
 
 def _durable_kwargs(tmpdir: str) -> dict[str, Any]:
-    """Keyword arguments asking ``pigeon.connect`` for an on-disk queue store.
-
-    Raises:
-        Skip: If ``connect`` offers no durability option.
-    """
-    import pigeon
-
-    # Durability options may be taken by connect() itself or passed through
-    # to the ZeroMQ transport; look at both.
-    params = dict(inspect.signature(pigeon.connect).parameters)
-    try:
-        from pigeon.transports.zmq import ZmqTransport
-
-        params.update(inspect.signature(ZmqTransport).parameters)
-    except ImportError:
-        pass
-    if "store" in params:
-        return {"store": os.path.join(tmpdir, "bench.db")}
-    if "durable" in params:
-        return {"durable": True}
-    raise Skip("pigeon durable queue: pigeon.connect has no store/durable option yet")
+    """Keyword arguments asking ``pigeon.connect`` for an on-disk queue store."""
+    return {"store": os.path.join(tmpdir, "bench.db")}
 
 
 # --------------------------------------------------------------------- queue

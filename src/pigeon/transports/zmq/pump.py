@@ -19,8 +19,11 @@ from ..._core.limits import MAX_BATCH_FRAMES
 
 _NOBLOCK = zmq.NOBLOCK
 _SNDMORE = zmq.SNDMORE
-# Frames handled per wake-up before yielding to the rest of the loop.
+# Frames, and bytes of them, handled per wake-up before yielding to the rest
+# of the loop: a peer sending megabyte frames must not hold the loop (and
+# every other peer's answers) for as long as it keeps sending.
 _BUDGET = 4096
+_BYTES_BUDGET = 1 << 20
 
 FrameHandler = Callable[[bytes | None, bytes], None]
 # For a CURVE server: (routing id, frame, the sender's key as its ZAP handler
@@ -83,6 +86,7 @@ class Pump:
         recv = sock.recv
         on_frame = self.on_frame
         router = self.router
+        taken = 0
         try:
             for _ in range(_BUDGET):
                 if router:
@@ -97,9 +101,11 @@ class Pump:
                 on_frame(identity, data)
                 if self._closed:
                     return
-            else:
-                # Budget spent with frames left: continue on the next iteration.
-                self._schedule_drain()
+                taken += len(data)
+                if taken >= _BYTES_BUDGET:
+                    break
+            # Budget spent (no zmq.Again yet): go on in the next iteration.
+            self._schedule_drain()
         except zmq.Again:
             pass
 
@@ -108,6 +114,7 @@ class Pump:
         # authenticated connection; reading it needs the frame object, so
         # this path does not take the copying fast path above.
         sock = self.sock
+        taken = 0
         try:
             for _ in range(_BUDGET):
                 head = sock.recv(_NOBLOCK, copy=False)
@@ -119,8 +126,10 @@ class Pump:
                 on_user_frame(head.bytes, data, user if isinstance(user, str) else "")
                 if self._closed:
                     return
-            else:
-                self._schedule_drain()
+                taken += len(data)
+                if taken >= _BYTES_BUDGET:
+                    break
+            self._schedule_drain()  # budget spent (no zmq.Again yet)
         except zmq.Again:
             pass
 
