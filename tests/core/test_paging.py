@@ -80,7 +80,7 @@ def test_a_read_that_stopped_early_keeps_paging_from_its_last_row() -> None:
     backlog.restored(count=10, through=10)
     request = backlog.request(ready=0, held_bytes=0, window=Window(4, 100))
     assert request == PageRequest(0, 4, 100)
-    backlog.loaded(last_position=4, taken=4, more=True)
+    backlog.loaded(last_position=4, taken=4, size=40, more=True)
     assert backlog.paging and backlog.count == 6
     assert backlog.request(0, 0, Window(4, 100)) == PageRequest(4, 4, 100)
     backlog.failed()

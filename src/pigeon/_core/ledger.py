@@ -188,7 +188,7 @@ class QueueLedger:
         if backlog.paging or self._window_full():
             self._seen.pop(message.id, None)
             self.stats.received += 1
-            backlog.spill()
+            backlog.spill(message_size(message.body, message.headers))
             return True
         return self.admit(message)
 
@@ -206,7 +206,7 @@ class QueueLedger:
         on the caller's clock, 0.0 for now). Returns how many joined."""
         backlog = self.backlog
         held, seen = self._held, self._seen
-        taken = 0
+        taken = size = 0
         last = 0
         for position, message, ready_at in rows:
             last = position
@@ -215,13 +215,15 @@ class QueueLedger:
             if position <= backlog.seen_through:
                 message.redelivered = True
             held.add(message.id)
-            self.bytes_held += message_size(message.body, message.headers)
+            one = message_size(message.body, message.headers)
+            self.bytes_held += one
+            size += one
             if ready_at > now:
                 heapq.heappush(self._delayed, (ready_at, next(self._seq), message))
             else:
                 self._ready.append(message)
             taken += 1
-        backlog.loaded(last, taken, more)
+        backlog.loaded(last, taken, size, more)
         return taken
 
     def put_fresh(self, messages: list[Message]) -> None:
@@ -517,6 +519,11 @@ class QueueLedger:
         }
 
     _leases = leases  # the name the model tests read
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes the queue holds: in memory (ready, delayed, in flight) and on disk."""
+        return self.bytes_held + self.backlog.bytes
 
     @property
     def ready_count(self) -> int:

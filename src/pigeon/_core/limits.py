@@ -75,6 +75,9 @@ class QueuePolicy:
     Rule 3: a consumer starts with ``initial_credit`` deliveries in flight
     and earns the rest of its prefetch by settling (the ledger's Rule 6), so
     one that never settles holds a few messages, not a prefetch's worth.
+    Rule 4: a send is refused (``full``) once the queue holds ``max_length``
+    ready messages or ``max_bytes`` bytes (ready, delayed, in flight and on
+    disk); None is no bound.
     """
 
     lease_ttl: float = 30.0
@@ -83,6 +86,8 @@ class QueuePolicy:
     max_prefetch: int = DEFAULT_MAX_PREFETCH
     max_attempts: int = 0
     initial_credit: int = DEFAULT_INITIAL_CREDIT
+    max_length: int | None = None
+    max_bytes: int | None = None
 
     def prefetch(self, asked: int) -> int:
         return max(1, min(int(asked), self.max_prefetch))

@@ -63,6 +63,8 @@ class DiskBacklog:
         paging: the store holds ready messages of the queue that are not in
             memory.
         count: about how many (for depth figures; exact after a restart).
+        bytes: about how many bytes they hold (counted as they are written;
+            after a restart, as they are read back).
         cursor: the store position of the last row read back.
         seen_through: rows at or before this position were in the store at
             a restart (Rule 5).
@@ -71,6 +73,7 @@ class DiskBacklog:
 
     paging: bool = False
     count: int = 0
+    bytes: int = 0
     cursor: int = 0
     seen_through: int = 0
     reading: bool = False
@@ -79,13 +82,15 @@ class DiskBacklog:
         """A restart found ``count`` live rows; every row up to ``through`` was there."""
         self.paging = count > 0
         self.count = count
+        self.bytes = 0
         self.cursor = 0
         self.seen_through = through
 
-    def spill(self) -> None:
-        """A committed message stays on disk (Rule 1)."""
+    def spill(self, size: int) -> None:
+        """A committed message of ``size`` bytes stays on disk (Rule 1)."""
         self.paging = True
         self.count += 1
+        self.bytes += size
 
     def request(self, ready: int, held_bytes: int, window: Window) -> PageRequest | None:
         """The read to make now (Rule 2), or None; marks it on its way."""
@@ -100,14 +105,17 @@ class DiskBacklog:
             max(window.bytes // 2, window.bytes - held_bytes),
         )
 
-    def loaded(self, last_position: int, taken: int, more: bool) -> None:
-        """A read came back: ``taken`` rows joined the window (Rules 3, 4)."""
+    def loaded(self, last_position: int, taken: int, size: int, more: bool) -> None:
+        """A read came back: ``taken`` rows of ``size`` bytes joined the
+        window (Rules 3, 4)."""
         self.reading = False
         self.cursor = max(self.cursor, last_position)
         self.count = max(0, self.count - taken)
+        self.bytes = max(0, self.bytes - size)
         if not more:
             self.paging = False
             self.count = 0
+            self.bytes = 0
 
     def failed(self) -> None:
         """A read failed; the next dispatch pass tries again."""

@@ -66,6 +66,12 @@ def add_parsers(subparsers: Any) -> None:
         "--max-queues", type=int, default=10_000, help="queues held at most (default 10000)"
     )
     node.add_argument(
+        "--queues",
+        metavar="FILE",
+        help='per-queue policies: a TOML file of [queue."NAME"] tables (names or patterns) '
+        "with max_attempts, max_length, max_bytes, max_prefetch, lease_ttl, max_lease_ttl",
+    )
+    node.add_argument(
         "--max-prefetch",
         type=int,
         default=1000,
@@ -154,6 +160,8 @@ def run_node(args: argparse.Namespace) -> int:
         options["key"] = args.key
     if args.allow:
         options["allow"] = args.allow
+    if args.queues:
+        options["queues"] = args.queues
     if args.insecure:
         options["insecure"] = True
     if args.store:

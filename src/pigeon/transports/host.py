@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from .._core import persistence, policy
 from .._core.ledger import QueueLedger, dead_letter_queue
-from .._core.limits import QueuePolicy
+from .._core.limits import QueuePolicy, message_size
 from .._core.paging import Window
+from .._core.queue_policies import QueuePolicies
 from ..errors import PigeonError, StoreError
 from ..message import Message
 from ..store import GroupCommitter, Op, Page, Store
@@ -39,6 +40,9 @@ class QueueHost:
             attempt limit); ``lease_ttl`` is its default lease.
         max_length: ready messages a queue may hold; a put beyond it is
             refused (``put`` returns None for it) instead of growing forever.
+        policies: the policy of each queue (defaults and overrides by name,
+            see ``pigeon._core.queue_policies``); when given, ``policy``,
+            ``lease_ttl`` and ``max_length`` are its defaults' instead.
         store: where messages are kept until acked; with one, a put is
             confirmed only once it is committed (see ``put_many``), and a
             queue's backlog past ``page_window`` stays on disk until
@@ -55,17 +59,19 @@ class QueueHost:
         max_queues: int = 10_000,
         max_memory: int | None = DEFAULT_MAX_MEMORY,
         page_window: Window | None = None,
+        policies: QueuePolicies | None = None,
     ) -> None:
-        self.policy = (
-            dataclasses.replace(policy, lease_ttl=lease_ttl)
-            if policy is not None
-            else QueuePolicy(lease_ttl=lease_ttl)
-        )
-        self.lease_ttl = lease_ttl
-        self.max_length = max_length
+        if policies is None:
+            default = dataclasses.replace(
+                policy or QueuePolicy(), lease_ttl=lease_ttl, max_length=max_length
+            )
+            policies = QueuePolicies(default)
+        self.policies = policies
+        self.policy = policies.default
+        self.lease_ttl = self.policy.lease_ttl
+        self.max_length = self.policy.max_length
         self.table = QueueTable(
-            lease_ttl=lease_ttl,
-            max_attempts=self.policy.max_attempts,
+            policy_for=policies.for_queue,
             max_queues=max_queues,
             max_memory=max_memory,
             window=page_window or Window(),
@@ -111,12 +117,10 @@ class QueueHost:
         a resend and is not tracked for de-duplication.
         """
         ledger = self.queues.get(queue) or self.table.new_ledger(queue)
-        if (
-            ledger is None
-            or (self.max_length is not None and ledger.ready_count >= self.max_length)
-            or self.table.memory_full(ledger)
-        ):
+        if ledger is None:
             self.refused += 1
+            return None
+        if not self._room(queue, ledger, [message]):
             return None
         added = ledger.put(message, fresh=fresh)
         self.table.added(len(message.body) if added else 0)
@@ -130,16 +134,13 @@ class QueueHost:
         """Enqueue fresh messages (ids just minted here) of a non-durable
         queue, as many as ``max_length`` allows; returns how many."""
         ledger = self.queues.get(queue) or self.table.new_ledger(queue)
-        if ledger is None or self.table.memory_full(ledger):
+        if ledger is None:
             self.refused += len(messages)
             return 0
-        if self.max_length is not None:
-            room = max(0, self.max_length - ledger.ready_count)
-            self.refused += max(0, len(messages) - room)
-            messages = messages[:room]
-        ledger.put_fresh(messages)
-        self.table.added(sum(len(m.body) for m in messages))
+        messages = messages[: self._room(queue, ledger, messages)]
         if messages:
+            ledger.put_fresh(messages)
+            self.table.added(sum(len(m.body) for m in messages))
             self._mark(queue)
         return len(messages)
 
@@ -153,13 +154,10 @@ class QueueHost:
             StoreError: the store failed; nothing of this batch is confirmed.
         """
         ledger = self.queues.get(queue) or self.table.new_ledger(queue)
-        if ledger is None or self.table.memory_full(ledger):
+        if ledger is None:
             self.refused += len(messages)
             return [None] * len(messages)
-        room = len(messages)
-        if self.max_length is not None:
-            room = max(0, min(room, self.max_length - ledger.ready_count))
-            self.refused += len(messages) - room
+        room = self._room(queue, ledger, messages)
         accepted = messages[:room]
         self.table.added(sum(len(m.body) for m in accepted))
         results: list[bool | None]
@@ -201,6 +199,39 @@ class QueueHost:
         self._mark(queue)
         if not answer.done():
             answer.set_result(results)
+
+    def _room(self, queue: str, ledger: QueueLedger, messages: list[Message]) -> int:
+        """How many of ``messages`` the queue takes now (the node's memory
+        alarm, then the queue's ``max_length`` and ``max_bytes``); the rest
+        are counted as refused."""
+        rules = self.policies.for_queue(queue)
+        room = 0 if self.table.memory_full(ledger) else len(messages)
+        if rules.max_length is not None:
+            room = max(0, min(room, rules.max_length - ledger.ready_count))
+        if rules.max_bytes is not None and room:
+            free = rules.max_bytes - ledger.total_bytes
+            taken = 0
+            while taken < room and free > 0:  # a message that crosses the line is still taken
+                free -= message_size(messages[taken].body, messages[taken].headers)
+                taken += 1
+            room = taken
+        self.refused += len(messages) - room
+        return room
+
+    def declare(self, pattern: str, fields: Mapping[str, object]) -> QueuePolicy:
+        """Set the policy override of a queue name or pattern (for the node's
+        operator: configuration or an admin peer); the queues it matches now
+        follow it. Returns the policy it makes.
+
+        Raises:
+            TypeError, ValueError: a bad pattern or field; nothing changed.
+        """
+        made = self.policies.declare(pattern, fields)
+        for name, ledger in self.queues.items():
+            rules = self.policies.for_queue(name)
+            ledger.max_attempts = rules.max_attempts or None
+            ledger.lease_ttl = rules.lease_ttl
+        return made
 
     def restore(self) -> int:
         """Take up the stored backlog after a (re)start; returns how many
@@ -264,8 +295,9 @@ class QueueHost:
         Returns the prefetch and lease ttl it got.
         """
         ledger = self.ledger(queue)
-        prefetch = self.policy.prefetch(prefetch)
-        lease = self.policy.lease(lease_ttl)
+        rules = self.policies.for_queue(queue)
+        prefetch = rules.prefetch(prefetch)
+        lease = rules.lease(lease_ttl)
         ledger.add_consumer(consumer, prefetch, lease_ttl=lease)
         self._sinks[consumer] = sink
         self._subscriptions.setdefault(consumer, set()).add(queue)

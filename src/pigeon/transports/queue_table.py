@@ -4,8 +4,10 @@ and how many bytes of bodies (the memory alarm)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from .._core.ledger import QueueLedger
+from .._core.limits import QueuePolicy
 from .._core.paging import Window
 from ..errors import Backpressure
 
@@ -25,15 +27,13 @@ class QueueTable:
     def __init__(
         self,
         *,
-        lease_ttl: float,
-        max_attempts: int,
+        policy_for: Callable[[str], QueuePolicy],
         max_queues: int = 10_000,
         max_memory: int | None = DEFAULT_MAX_MEMORY,
         window: Window | None = None,
         initial_credit: int | None = None,
     ) -> None:
-        self.lease_ttl = lease_ttl
-        self.max_attempts = max_attempts
+        self.policy_for = policy_for
         self.max_queues = max_queues
         self.max_memory = max_memory
         self.window = window or Window()
@@ -65,10 +65,11 @@ class QueueTable:
                 if len(self.queues) >= self.max_queues:
                     self.refused += 1
                     raise Backpressure("queues on this node", self.max_queues)
+            rules = self.policy_for(queue)
             ledger = self.queues[queue] = QueueLedger(
                 queue,
-                lease_ttl=self.lease_ttl,
-                max_attempts=self.max_attempts or None,
+                lease_ttl=rules.lease_ttl,
+                max_attempts=rules.max_attempts or None,
                 window=self.window,
                 initial_credit=self.initial_credit,
             )

@@ -1,6 +1,7 @@
 """Services every serving node answers, for the ``pigeon`` command:
-``pigeon.info`` (stats), ``pigeon.dead`` (list dead letters) and
-``pigeon.replay`` (move dead letters back to their queue)."""
+``pigeon.info`` (stats), ``pigeon.dead`` (list dead letters),
+``pigeon.replay`` (move dead letters back to their queue) and
+``pigeon.declare`` (set the policy of a queue name or pattern)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ..._core import headers, policy
+from ..._core import headers, policy, queue_policies
 from ..._core.ledger import dead_letter_queue
 from ...errors import DecodeError
 from ...message import Message, make_message
@@ -19,7 +20,8 @@ from ..local import LocalServices
 INFO_SERVICE = "pigeon.info"
 DEAD_SERVICE = "pigeon.dead"
 REPLAY_SERVICE = "pigeon.replay"
-ADMIN_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE, REPLAY_SERVICE})
+DECLARE_SERVICE = "pigeon.declare"
+ADMIN_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE, REPLAY_SERVICE, DECLARE_SERVICE})
 # Read-only answers: cheap to make again, large to keep, so never cached
 # (replay is not read-only: a retried replay must get the first answer).
 UNCACHED_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE})
@@ -60,6 +62,18 @@ def page_of(info: dict[str, Any], after: str, limit: int) -> dict[str, Any]:
     }
 
 
+class _DeclareRequest(msgspec.Struct):
+    queue: str  # a name or a pattern
+    policy: dict[str, int | float]
+
+
+def _declare_request(message: Message) -> _DeclareRequest:
+    try:
+        return message.decode(_DeclareRequest)
+    except DecodeError as exc:
+        raise DecodeError(f"expected {{'queue': str, 'policy': {{field: number}}}}: {exc}") from exc
+
+
 def _queue_request(message: Message) -> _QueueRequest:
     try:
         return message.decode(_QueueRequest)
@@ -95,6 +109,15 @@ def register(services: LocalServices, host: QueueHost, stats: Callable[[], dict[
         request = _queue_request(message)
         return make_message({"replayed": host.replay_dead(request.queue, request.limit)})
 
+    async def declare(message: Message) -> Message:
+        # Only a peer with admin rights gets here on a node with keys (the
+        # ACL's admin grant); the node's operator owns queue policy.
+        request = _declare_request(message)
+        made = host.declare(request.queue, request.policy)
+        fields = {f: getattr(made, f) for f in sorted(queue_policies.FIELDS)}
+        return make_message({"queue": request.queue, "policy": fields})
+
     services.add(INFO_SERVICE, info)
+    services.add(DECLARE_SERVICE, declare)
     services.add(DEAD_SERVICE, dead)
     services.add(REPLAY_SERVICE, replay)

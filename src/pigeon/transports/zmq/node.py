@@ -79,11 +79,9 @@ class ZmqTransport:
         self.store_path = os.fspath(opts.store) if opts.store is not None else None
         self.synchronous = opts.synchronous
         self.store_options = opts.store_options()
-        self.policy = opts.queue_policy()
+        self.policies = opts.queue_policies()
         self.host = QueueHost(
-            lease_ttl=opts.lease_ttl,
-            max_length=opts.max_length,
-            policy=self.policy,
+            policies=self.policies,
             max_queues=opts.max_queues,
             max_memory=opts.max_memory,
         )
@@ -136,10 +134,8 @@ class ZmqTransport:
                 SqliteStore, self.store_path, synchronous=self.synchronous, **self.store_options
             )
             self.host = QueueHost(
-                lease_ttl=self.host.lease_ttl,
-                max_length=self.host.max_length,
                 store=store,
-                policy=self.policy,
+                policies=self.policies,
                 max_queues=self.host.table.max_queues,
                 max_memory=self.host.table.max_memory,
             )

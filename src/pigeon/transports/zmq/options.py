@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +15,10 @@ from ..._core.limits import (
     MAX_SECONDS,
     QueuePolicy,
 )
+from ..._core.queue_policies import QueuePolicies
 from ...errors import ConfigurationError
 from ..queue_table import DEFAULT_MAX_MEMORY
+from .queue_file import load_queue_policies
 
 PathLike = str | os.PathLike[str]
 
@@ -36,6 +40,10 @@ class NodeOptions:
             prefetch and a lease and get them clamped to these bounds; the
             attempt limit (0: none) is the host's alone.
         max_length: ready messages one queue may hold (None: no bound).
+        queues: per-queue policies: a TOML file of ``[queue."NAME"]`` tables
+            (names or patterns), or the same as a mapping; each overrides
+            the node-wide policy above for the queues it names (see
+            ``pigeon.transports.zmq.queue_file``).
         max_queues: queues this node holds at most; at the cap idle ones are
             forgotten, then new ones refused.
         max_memory: the memory alarm, in bytes of message bodies held (None:
@@ -70,6 +78,7 @@ class NodeOptions:
     connect_grace: float = 0.5
     lease_ttl: float = 30.0
     max_length: int | None = None
+    queues: PathLike | Mapping[str, Mapping[str, object]] | None = None
     max_attempts: int = 0
     max_prefetch: int = DEFAULT_MAX_PREFETCH
     max_lease_ttl: float = DEFAULT_MAX_LEASE_TTL
@@ -113,7 +122,7 @@ class NodeOptions:
                 raise ConfigurationError(f"{name} must be an int, not {value!r}")
             if value is not None and value < 1:
                 raise ConfigurationError(f"{name} must be at least 1, not {value}")
-        self.queue_policy()
+        self.queue_policies()
 
     def store_options(self) -> dict[str, Any]:
         """Options of the SqliteStore behind ``store=`` (docs/durability.md)."""
@@ -121,6 +130,21 @@ class NodeOptions:
         if self.min_free_disk is not None:
             options["min_free_disk"] = self.min_free_disk
         return options
+
+    def queue_policies(self) -> QueuePolicies:
+        """The node-wide policy and the per-queue overrides of ``queues``.
+
+        Raises:
+            ConfigurationError: a bound out of range, or a bad ``queues`` file.
+        """
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool)
+            or not isinstance(self.max_length, int)
+            or self.max_length < 1
+        ):
+            raise ConfigurationError(f"max_length must be an int >= 1, not {self.max_length!r}")
+        default = dataclasses.replace(self.queue_policy(), max_length=self.max_length)
+        return load_queue_policies(default, self.queues)
 
     def queue_policy(self) -> QueuePolicy:
         """The policy of the queues this node hosts.

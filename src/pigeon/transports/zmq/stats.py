@@ -78,5 +78,6 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "queues_refused": node.host.table.refused,
         "bytes_held": node.host.bytes_held(),
         "memory_refused": node.host.table.memory_refused,
+        "queue_policies": node.host.policies.overrides(),
         "queues": node.host.stats(),
     }
