@@ -7,6 +7,7 @@ is compared with anything.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 
@@ -24,8 +25,10 @@ RESULT_KEYS = {
     "note",
     "pigeon_x",
     "vs_plain",
+    "floor",
+    "vs_floor",
 }
-SYSTEMS = {"pigeon", "pyzmq", "nats", "rabbitmq"}
+SYSTEMS = {"pigeon", "pyzmq", "nats", "rabbitmq", "redis", "disk"}
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
@@ -54,7 +57,13 @@ def pyzmq_rows(doc: dict) -> list[dict]:
 
 
 @pytest.mark.timeout(240)
-def test_queue_reports_pyzmq_rows(capsys: pytest.CaptureFixture[str]) -> None:
+def test_queue_reports_pyzmq_rows(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.bench import runner
+
+    entries = only("queue", ("pigeon", "{size}"), ("pyzmq", "{size}"))
+    monkeypatch.setitem(runner.REGISTRY, "queue", entries)
     doc = run_json(capsys, "queue", "--seconds", "1", "--peers", "pyzmq", "--no-curve")
     rows = pyzmq_rows(doc)
     assert [r["variant"] for r in rows] == ["16B", "1KiB"], doc
@@ -86,6 +95,7 @@ def test_backlog_reports_peak_rss(capsys: pytest.CaptureFixture[str]) -> None:
     [
         ("nats", "--nats-url=nats://127.0.0.1:1"),
         ("rabbitmq", "--amqp-url=amqp://guest:guest@127.0.0.1:1/"),
+        ("redis", "--redis-url=redis://127.0.0.1:1/0"),
     ],
 )
 def test_unreachable_server_is_skipped(
@@ -134,6 +144,47 @@ def test_table_has_a_vs_plain_column_for_curve_rows() -> None:
     assert "vs plain" in lines[1]
     assert lines[4].split()[-2:] == ["1.00", "0.75"], lines
     assert lines[5].split()[-2:] == ["0.50", "-"], lines
+
+
+def test_floor_and_versus_ratios_and_the_vs_floor_column() -> None:
+    from pigeon.bench import report
+
+    def row(system: str, variant: str, rate: float) -> dict:
+        return dict.fromkeys(RESULT_KEYS) | {
+            "system": system,
+            "variant": variant,
+            "msgs_per_s": rate,
+        }
+
+    doc = {
+        "scenario": "queue",
+        "results": [
+            row("pigeon", "node, await send 16B", 2_000.0),
+            row("pigeon", "node, send_many 16B", 100_000.0),
+            row("pyzmq", "REQ/REP round trips 16B", 20_000.0),
+            row("redis", "XADD one at a time 16B", 4_000.0),
+        ],
+        "skipped": [],
+    }
+    report.add_ratios(
+        doc,
+        {},
+        versus_of={("redis", "XADD one at a time 16B"): "node, await send 16B"},
+        floor_of={
+            ("pigeon", "node, await send 16B"): ("pyzmq", "REQ/REP round trips 16B"),
+            ("pigeon", "node, send_many 16B"): ("pyzmq", "16B"),  # not in this run
+        },
+    )
+    await_send, send_many, round_trips, redis = doc["results"]
+    assert await_send["floor"] == "pyzmq REQ/REP round trips 16B"
+    assert await_send["vs_floor"] == 0.1
+    assert send_many["floor"] == "pyzmq 16B" and send_many["vs_floor"] is None
+    assert round_trips["floor"] is None and round_trips["pigeon_x"] is None
+    assert redis["pigeon_x"] == 0.5 and redis["vs_floor"] is None
+    lines = report.table(doc).splitlines()
+    assert "vs floor" in lines[1]
+    assert "0.10 of pyzmq REQ/REP round trips 16B" in lines[3], lines
+    assert "0.50" in lines[6], lines
 
 
 def test_unknown_peer_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -233,6 +284,10 @@ def test_no_curve_leaves_the_curve_rows_out() -> None:
         ("pyzmq", "16B"),
         ("pigeon", "16B curve"),
         ("pyzmq", "16B curve"),
+        ("pigeon", "node, await send 16B"),
+        ("pigeon", "node, send_nowait 16B"),
+        ("pigeon", "node, send_many 16B"),
+        ("pyzmq", "REQ/REP round trips 16B"),
     ]
 
 
@@ -277,3 +332,77 @@ def test_hostile_rows_report_what_was_kept() -> None:
     assert row["kept_pct"] > 0 and row["peak_rss_mb"] > 0
     doc = {"results": [row]}
     assert "batch bomb" in hostile.table(doc)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "scenario,await_send_floor",
+    [("queue", "pyzmq REQ/REP round trips 16B"), ("queue-durable", "disk fsync per write")],
+)
+def test_node_rows_report_a_rate_against_their_floors(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    scenario: str,
+    await_send_floor: str,
+) -> None:
+    """A standalone `pigeon node`, a producer in each style and three
+    workers; each row against the raw floor of its style, run beside it."""
+    from pigeon.bench import runner
+
+    floors = {runner.PUSH_PULL, runner.ROUND_TRIPS, runner.FSYNC}
+    entries = [
+        e
+        for e in runner.REGISTRY[scenario]
+        if e.variant.startswith("node") or (e.system, e.variant) in floors
+    ]
+    monkeypatch.setitem(runner.REGISTRY, scenario, entries)
+    argv = [scenario, "--seconds", "1", "--size", "16", "--peers", "pyzmq,disk"]
+    doc = run_json(capsys, *argv)
+    assert not doc["skipped"], doc
+    rows = {r["variant"]: r for r in doc["results"]}
+    by_name = {f"{r['system']} {r['variant']}": r for r in doc["results"]}
+    expected = {
+        "node, await send 16B": await_send_floor,
+        "node, send_nowait 16B": "pyzmq 16B",
+        "node, send_many 16B": "pyzmq 16B",
+    }
+    for variant, floor in expected.items():
+        row = rows[variant]
+        assert row["system"] == "pigeon" and row["msgs_per_s"] > 0, row
+        assert row["peak_rss_mb"] > 0, row  # the node's
+        assert row["floor"] == floor, row
+        assert row["vs_floor"] == pytest.approx(row["msgs_per_s"] / by_name[floor]["msgs_per_s"])
+
+
+@pytest.mark.timeout(240)
+def test_redis_rows_run_or_skip_with_a_reason(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis Streams beside the durable node's awaited send. Where no Redis
+    server answers, the rows are skipped with the reason (and this test
+    fails when CI is set: CI must have Redis); a reachable Redis must run."""
+    from pigeon.bench import runner
+
+    entries = only(
+        "queue-durable",
+        ("pigeon", runner.AWAIT_SEND),
+        ("redis", "XADD one at a time {size}"),
+        ("redis", "XADD pipelined 1000 {size}"),
+    )
+    monkeypatch.setitem(runner.REGISTRY, "queue-durable", entries)
+    argv = ["queue-durable", "--seconds", "1", "--size", "16", "--peers", "redis"]
+    doc = run_json(capsys, *argv)
+    down = [s for s in doc["skipped"] if s["system"] == "redis" and s["variant"] is None]
+    if down:
+        reason = f"redis rows skipped: {down[0]['reason']}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: Redis must be there)")
+        pytest.skip(reason)
+    assert not doc["skipped"], doc
+    rows = {r["variant"]: r for r in doc["results"] if r["system"] == "redis"}
+    assert set(rows) == {"XADD one at a time 16B", "XADD pipelined 1000 16B"}, doc
+    for row in rows.values():
+        assert row["msgs_per_s"] > 0 and "appendonly" in row["note"], row
+    (node,) = [r for r in doc["results"] if r["system"] == "pigeon"]
+    one = rows["XADD one at a time 16B"]
+    assert one["pigeon_x"] == pytest.approx(node["msgs_per_s"] / one["msgs_per_s"])

@@ -14,7 +14,9 @@ import errno
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import re
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -85,19 +87,87 @@ def probe(url: str, timeout: float = 1.0) -> None:
     """Check that a server accepts TCP connections.
 
     Args:
-        url: A ``nats://`` or ``amqp://`` URL.
+        url: A ``nats://``, ``amqp://`` or ``redis://`` URL.
         timeout: Connect timeout in seconds.
 
     Raises:
         Skip: If the server is not reachable; the reason names the URL.
     """
     parts = urlsplit(url)
-    default = {"nats": 4222, "amqp": 5672}.get(parts.scheme, 0)
+    default = {"nats": 4222, "amqp": 5672, "redis": 6379}.get(parts.scheme, 0)
     host, port = parts.hostname or "127.0.0.1", parts.port or default
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
         raise Skip(f"server not reachable at {host}:{port}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class NodeProcess:
+    """A running standalone ``pigeon node``: where it serves, and its pid."""
+
+    url: str
+    pid: int
+
+
+_BANNER = re.compile(r"serving (tcp://\S+?)[;,]")
+
+
+@contextlib.contextmanager
+def pigeon_node(*options: str) -> Iterator[NodeProcess]:
+    """Run ``pigeon node --bind`` on a loopback port of its own for the block.
+
+    The node is the program a user starts (``python -m pigeon.cli.main
+    node``), not a function in a child: it is what the rows that use it
+    measure. Its banner says the port it got. Its stdout and stderr go to
+    files, so a node that does not start is skipped with the end of its
+    stderr; it is stopped by pid (SIGTERM, then SIGKILL) when the block ends.
+
+    Args:
+        options: More ``pigeon node`` options, such as ``--store PATH``.
+    """
+    command = [sys.executable, "-m", "pigeon.cli.main", "node", "--bind", ANY_PORT, *options]
+    with tempfile.TemporaryDirectory(prefix="pigeon-bench-node-") as tmp:
+        out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(command, stdout=out, stderr=err)
+        try:
+            yield NodeProcess(_node_url(proc, out_path, err_path), proc.pid)
+        finally:
+            _stop_node(proc)
+            if text := _read(err_path).strip():
+                print(f"\n[bench pigeon node pid {proc.pid}]\n{text}", file=sys.stderr)
+
+
+def _node_url(proc: subprocess.Popen[bytes], out_path: str, err_path: str) -> str:
+    """The URL in the node's banner, once it has printed it."""
+    deadline = time.monotonic() + GRACE_S
+    while not (found := _BANNER.search(_read(out_path))):
+        if proc.poll() is not None:
+            lines = [line.strip() for line in _read(err_path).splitlines() if line.strip()]
+            raise Skip(f"pigeon node exited {proc.returncode}: {' | '.join(lines[-3:])}")
+        if time.monotonic() > deadline:
+            raise Skip(f"pigeon node printed no banner within {GRACE_S:.0f} s")
+        time.sleep(0.01)
+    return found.group(1)
+
+
+def _stop_node(proc: subprocess.Popen[bytes]) -> None:
+    # SIGTERM lets a durable node commit what is pending and close its store.
+    proc.terminate()
+    try:
+        proc.wait(GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(GRACE_S)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

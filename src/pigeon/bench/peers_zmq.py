@@ -215,7 +215,7 @@ def req_client(ctl: Ctl) -> None:
         ctx = zmq.Context()
         sock = _client_socket(ctx, zmq.REQ, ctl)
         sock.connect(f"{LOCAL}:{ctl.port.value}")
-        body = b"x" * 16
+        body = b"x" * ctl.cfg.get("size", 16)
         send, recv, clock = sock.send, sock.recv, time.perf_counter_ns
         for _ in range(200):  # warm up connection and caches
             send(body)
@@ -266,6 +266,12 @@ def dealer_client(ctl: Ctl) -> None:
 def rpc_latency(opts: Any, curve: bool = False) -> dict[str, Any]:
     """REQ/REP, one request in flight (``curve``: encrypted, keys checked by ZAP)."""
     return _with_keys(lambda cfg: run_rpc(rep_server, req_client, cfg, opts.seconds), {}, curve)
+
+
+def req_rep_round_trips(opts: Any, size: int) -> dict[str, Any]:
+    """REQ/REP with ``size`` bytes each way, one request at a time: the floor
+    for a send that waits for its confirm (one round trip per message)."""
+    return run_rpc(rep_server, req_client, {"size": size}, opts.seconds)
 
 
 def rpc_throughput(opts: Any, curve: bool = False) -> dict[str, Any]:

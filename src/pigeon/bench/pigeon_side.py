@@ -1,6 +1,8 @@
 """The pigeon rows: the same shapes as the peers, through pigeon's public API.
 
-The producer's process hosts the queue (binds); workers connect.  Children
+In the ``{size}`` rows the producer's process hosts the queue (binds) and
+workers connect; in the ``node, …`` rows a standalone ``pigeon node`` process
+hosts it and a producer and workers connect to it.  Children
 import :mod:`pigeon` themselves, so if the public API is missing the rows are
 reported as skipped by :func:`available` before any process starts.
 
@@ -15,15 +17,17 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pigeon.bench import curve as curve_mod
 from pigeon.bench.harness import (
     ANY_PORT,
     Ctl,
+    RssSampler,
     Skip,
     Tally,
+    pigeon_node,
     port_of,
     publish_until_stop,
     reporting,
@@ -43,6 +47,10 @@ BATCH = 1000
 # doubled after each refusal in a row up to the maximum.
 BACKPRESSURE_WAIT = 0.02
 BACKPRESSURE_MAX_WAIT = 0.32
+# Node rows: send_nowait futures gathered at a time, and the workers'
+# prefetch (consume()'s default: what a user who sets nothing gets).
+NOWAIT_GATHER = 5000
+NODE_PREFETCH = 64
 
 
 def available() -> None:
@@ -126,7 +134,8 @@ async def _queue_producer(ctl: Ctl) -> None:
 
 
 def queue_worker(ctl: Ctl, i: int) -> None:
-    """Worker process: connects and consumes with prefetch 1000."""
+    """Worker process: connects (to the producer's port, or to ``url``) and
+    consumes with ``prefetch`` (default 1000)."""
     with reporting(ctl):
         asyncio.run(_queue_worker(ctl, i))
 
@@ -142,9 +151,10 @@ async def _queue_worker(ctl: Ctl, i: int) -> None:
         tally.last = clock()
 
     kwargs = ctl.cfg.get("client_kwargs", {})
-    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}", **kwargs) as conn:
+    url = ctl.cfg.get("url") or f"{LOCAL}:{ctl.port.value}"
+    async with pigeon.connect(url, **kwargs) as conn:
         _check_secure(conn, kwargs)
-        await conn.consume(QUEUE, handle, prefetch=1000)
+        await conn.consume(QUEUE, handle, prefetch=ctl.cfg.get("prefetch", 1000))
         ctl.worker_ready()
         await publish_until_stop(ctl, i, tally)
 
@@ -181,6 +191,160 @@ def queue_durable(opts: Any, size: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
         cfg = {"size": size, "node_kwargs": _durable_kwargs(tmp)}
         return run_queue(queue_producer, queue_worker, cfg, opts.seconds)
+
+
+# ---------------------------------------------------- queue, standalone node
+#
+# The shape a user writes: a `pigeon node` process hosts the queue, one
+# producer process connects and sends, three worker processes connect and
+# consume with consume()'s default prefetch.
+
+
+def node_producer(ctl: Ctl) -> None:
+    """Producer process: connects to the node, sends for ``seconds`` in the
+    style ``cfg["style"]`` names (a key of :data:`PRODUCER_STYLES`)."""
+    with reporting(ctl):
+        asyncio.run(_node_producer(ctl))
+
+
+async def _node_producer(ctl: Ctl) -> None:
+    import pigeon
+
+    async with pigeon.connect(ctl.cfg["url"]) as conn:
+        ctl.bound.set()
+        await wait_workers_async(ctl)
+        send_for = PRODUCER_STYLES[ctl.cfg["style"]]
+        body = b"x" * ctl.cfg["size"]
+        t0 = time.perf_counter()
+        ctl.t0.value = t0
+        confirmed = await send_for(conn, body, t0 + ctl.cfg["seconds"])
+        await conn.flush()
+        ctl.sent.value = confirmed
+        ctl.done.set()
+        await wait_stop(ctl)
+
+
+class _Backoff:
+    """A producer's pause after the node refused sends (its queue holds its
+    ``max_memory``): BACKPRESSURE_WAIT, doubled per refusal in a row up to
+    BACKPRESSURE_MAX_WAIT, as the host-producer rows wait."""
+
+    def __init__(self) -> None:
+        self.delay = BACKPRESSURE_WAIT
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(2 * self.delay, BACKPRESSURE_MAX_WAIT)
+
+    def reset(self) -> None:
+        self.delay = BACKPRESSURE_WAIT
+
+
+async def send_awaited(conn: Any, body: bytes, end: float) -> int:
+    """``await conn.send`` one message at a time: each waits for the node's
+    confirm (and, when the node is full, for room), like a plain loop."""
+    sent = 0
+    while time.perf_counter() < end:
+        await conn.send(QUEUE, body)
+        sent += 1
+    return sent
+
+
+async def send_nowait_gathered(conn: Any, body: bytes, end: float) -> int:
+    """``send_nowait`` NOWAIT_GATHER times, then gather those confirms.
+
+    The connection's outbox holds 100,000 unconfirmed sends, so these are
+    never refused locally; the node may refuse some (Backpressure), which
+    are not counted as sent.
+    """
+    import pigeon
+
+    backoff = _Backoff()
+    confirmed = 0
+    while time.perf_counter() < end:
+        futures = [conn.send_nowait(QUEUE, body) for _ in range(NOWAIT_GATHER)]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, pigeon.Backpressure):
+                raise outcome
+        stored = outcomes.count(None)
+        confirmed += stored
+        if stored < len(outcomes):
+            await backoff.wait()
+        else:
+            backoff.reset()
+    return confirmed
+
+
+async def send_many_awaited(conn: Any, body: bytes, end: float) -> int:
+    """``await conn.send_many`` of BATCH messages, one batch at a time."""
+    import pigeon
+
+    batch = [body] * BATCH
+    backoff = _Backoff()
+    confirmed = 0
+    while time.perf_counter() < end:
+        try:
+            await conn.send_many(QUEUE, batch)
+        except pigeon.Backpressure:
+            # Refused, maybe in part: not counted; the workers catch up.
+            await backoff.wait()
+            continue
+        backoff.reset()
+        confirmed += BATCH
+    return confirmed
+
+
+PRODUCER_STYLES: dict[str, Callable[[Any, bytes, float], Awaitable[int]]] = {
+    "await send": send_awaited,
+    "send_nowait": send_nowait_gathered,
+    "send_many": send_many_awaited,
+}
+
+
+def _node_queue(opts: Any, size: int, style: str, store_dir: str | None = None) -> dict[str, Any]:
+    """A `pigeon node` (durable when ``store_dir`` is given), a producer in
+    ``style`` and three workers; the peak RSS reported is the node's."""
+    options = ["--store", os.path.join(store_dir, "node.db")] if store_dir else []
+    with pigeon_node(*options) as node, RssSampler(node.pid) as rss:
+        cfg = {"size": size, "url": node.url, "style": style, "prefetch": NODE_PREFETCH}
+        row = run_queue(node_producer, queue_worker, cfg, opts.seconds)
+    return {**row, "peak_rss_mb": rss.peak / 1e6}
+
+
+def _durable_node_queue(opts: Any, size: int, style: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
+        return _node_queue(opts, size, style, store_dir=tmp)
+
+
+def node_await_send(opts: Any, size: int) -> dict[str, Any]:
+    """In-memory node; the producer awaits each ``send``."""
+    return _node_queue(opts, size, "await send")
+
+
+def node_send_nowait(opts: Any, size: int) -> dict[str, Any]:
+    """In-memory node; ``send_nowait``, confirms gathered every NOWAIT_GATHER."""
+    return _node_queue(opts, size, "send_nowait")
+
+
+def node_send_many(opts: Any, size: int) -> dict[str, Any]:
+    """In-memory node; ``send_many`` batches of BATCH, each awaited."""
+    return _node_queue(opts, size, "send_many")
+
+
+def durable_node_await_send(opts: Any, size: int) -> dict[str, Any]:
+    """Durable node (``--store``); the producer awaits each ``send``."""
+    return _durable_node_queue(opts, size, "await send")
+
+
+def durable_node_send_nowait(opts: Any, size: int) -> dict[str, Any]:
+    """Durable node; ``send_nowait``, confirms gathered every NOWAIT_GATHER."""
+    return _durable_node_queue(opts, size, "send_nowait")
+
+
+def durable_node_send_many(opts: Any, size: int) -> dict[str, Any]:
+    """Durable node; ``send_many`` batches of BATCH, each awaited."""
+    return _durable_node_queue(opts, size, "send_many")
 
 
 # ----------------------------------------------------------------------- rpc

@@ -42,35 +42,64 @@ def ratio(row: dict[str, Any], pigeon: dict[str, Any] | None) -> float | None:
     return None
 
 
-def add_ratios(doc: dict[str, Any], plain_of: dict[tuple[str, str], str]) -> None:
+Key = tuple[str, str]  # (system, variant)
+
+
+def add_ratios(
+    doc: dict[str, Any],
+    plain_of: dict[Key, str],
+    *,
+    versus_of: dict[Key, str] | None = None,
+    floor_of: dict[Key, Key] | None = None,
+) -> None:
     """Put the ratios into every result row of ``doc``.
 
     ``pigeon_x``: the "pigeon ×" column, :func:`ratio` against pigeon's row of
-    the same variant. ``vs_plain``: for a CURVE row, how it compares with the
+    the same variant, or of the variant ``versus_of[system, variant]`` names
+    (Redis's XADD rows against the node rows of the same producer style).
+    ``vs_plain``: for a CURVE row, how it compares with the
     same system's row without CURVE (``plain_of[system, variant]`` names that
     variant), as :func:`ratio` does it: its throughput ÷ the plain row's, or
-    the plain p50 ÷ its p50 for latency rows; < 1 means CURVE costs. Rows it
-    does not apply to get None.
+    the plain p50 ÷ its p50 for latency rows; < 1 means CURVE costs.
+    ``floor`` and ``vs_floor``: for a pigeon row measured against a raw
+    floor (``floor_of[system, variant]``, such as raw PUSH/PULL for the node's
+    send_many), the floor's ``"system variant"`` and this row's throughput ÷
+    the floor's; < 1 means below the floor. Rows these do not apply to get
+    None.
     """
     results = doc["results"]
     by_key = {(r["system"], r["variant"]): r for r in results}
+    versus_of, floor_of = versus_of or {}, floor_of or {}
     for r in results:
-        r["pigeon_x"] = ratio(r, by_key.get(("pigeon", r["variant"])))
-        plain = plain_of.get((r["system"], r["variant"]))
+        key = (r["system"], r["variant"])
+        r["pigeon_x"] = ratio(r, by_key.get(("pigeon", versus_of.get(key, r["variant"]))))
+        plain = plain_of.get(key)
         base = by_key.get((r["system"], plain)) if plain is not None else None
         r["vs_plain"] = ratio(base, r) if base is not None else None
+        floor = floor_of.get(key)
+        below = by_key.get(floor) if floor is not None else None
+        r["floor"] = " ".join(floor) if floor is not None else None
+        r["vs_floor"] = _throughput_ratio(r, below) if below is not None else None
+
+
+def _throughput_ratio(row: dict[str, Any], base: dict[str, Any]) -> float | None:
+    if row.get("msgs_per_s") and base.get("msgs_per_s"):
+        return float(row["msgs_per_s"] / base["msgs_per_s"])
+    return None
 
 
 def table(doc: dict[str, Any]) -> str:
     """Fixed-width table of results followed by the skipped systems.
 
-    The "vs plain" column is there when some row has ``vs_plain`` (CURVE rows).
+    The "vs plain" column is there when some row has ``vs_plain`` (CURVE
+    rows), the "vs floor" one when some row has ``vs_floor`` (node rows).
     """
     results = doc["results"]
-    pigeon = {r["variant"]: r for r in results if r["system"] == "pigeon"}
     curve = any(r.get("vs_plain") is not None for r in results)
+    floors = any(r.get("vs_floor") is not None for r in results)
     head: tuple[str, ...] = ("system", "variant", "msgs/s", "p50 µs", "p99 µs", "peak RSS MB")
-    head += ("pigeon ×", "vs plain", "note") if curve else ("pigeon ×", "note")
+    head += ("pigeon ×",) + (("vs plain",) if curve else ()) + (("vs floor",) if floors else ())
+    head += ("note",)
     body = [
         (
             r["system"],
@@ -79,8 +108,9 @@ def table(doc: dict[str, Any]) -> str:
             _num(r["p50_us"]),
             _num(r["p99_us"]),
             _num(r["peak_rss_mb"]),
-            _num(ratio(r, pigeon.get(r["variant"])), 2),
+            _num(r.get("pigeon_x"), 2),
             *((_num(r.get("vs_plain"), 2),) if curve else ()),
+            *((_floor_cell(r),) if floors else ()),
             r.get("note") or "",
         )
         for r in results
@@ -110,7 +140,18 @@ def table(doc: dict[str, Any]) -> str:
             "vs plain: a CURVE row against the same system without CURVE "
             "(< 1 means CURVE costs; same ratios)"
         )
+    if floors:
+        lines.append(
+            "vs floor: a node row's msgs/s ÷ that of the raw row named beside it "
+            "(< 1 means below that floor)"
+        )
     return "\n".join(lines)
+
+
+def _floor_cell(row: dict[str, Any]) -> str:
+    if row.get("vs_floor") is None:
+        return "-"
+    return f"{_num(row['vs_floor'], 2)} of {row['floor']}"
 
 
 def to_json(doc: dict[str, Any]) -> str:

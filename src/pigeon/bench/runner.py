@@ -23,7 +23,8 @@ from pigeon._extras import install_hint
 from pigeon.bench import report
 from pigeon.bench.harness import Skip, probe
 
-SYSTEMS = ("pigeon", "pyzmq", "nats", "rabbitmq")
+# "disk" is not a product but a floor: the disk's fsync rate (queue-durable).
+SYSTEMS = ("pigeon", "pyzmq", "nats", "rabbitmq", "redis", "disk")
 PEERS = SYSTEMS[1:]
 SCENARIOS = ("queue", "queue-durable", "rpc", "backlog", "hostile")
 FIELDS = ("msgs_per_s", "p50_us", "p99_us", "peak_rss_mb")
@@ -42,21 +43,58 @@ class Entry:
             the encrypted twin of: ``func`` is called with ``curve=True`` and
             the row reports ``vs_plain`` against that one. ``--no-curve``
             leaves these rows out.
+        versus: For a peer's row, the pigeon variant its "pigeon ×" is
+            taken against, when that is not the variant of the same name.
+        floor: For a pigeon row, the ``(system, variant)`` of the raw row
+            that bounds it (the same work without pigeon); the row reports
+            ``vs_floor`` against that one.
     """
 
     system: str
     variant: str
     func: str
     curve_of: str | None = None
+    versus: str | None = None
+    floor: tuple[str, str] | None = None
 
     @property
     def sized(self) -> bool:
         return "{size}" in self.variant
 
 
-_Z, _N, _A, _P = (
-    f"pigeon.bench.{m}" for m in ("peers_zmq", "peers_nats", "peers_amqp", "pigeon_side")
+_Z, _N, _A, _R, _D, _P = (
+    f"pigeon.bench.{m}"
+    for m in ("peers_zmq", "peers_nats", "peers_amqp", "peers_redis", "peers_disk", "pigeon_side")
 )
+
+# The shape a user writes: a standalone `pigeon node`, a producer in each of
+# three styles, three workers; each style against the raw floor for it.
+PUSH_PULL = ("pyzmq", "{size}")
+ROUND_TRIPS = ("pyzmq", "REQ/REP round trips {size}")
+FSYNC = ("disk", "fsync per write")
+AWAIT_SEND, SEND_NOWAIT, SEND_MANY = (
+    f"node, {style} {{size}}" for style in ("await send", "send_nowait", "send_many")
+)
+
+
+def _node_entries(prefix: str, await_send_floor: tuple[str, str]) -> list[Entry]:
+    """The node rows, whose functions are ``{prefix}await_send`` and so on."""
+    return [
+        Entry("pigeon", AWAIT_SEND, f"{_P}:{prefix}await_send", floor=await_send_floor),
+        Entry("pigeon", SEND_NOWAIT, f"{_P}:{prefix}send_nowait", floor=PUSH_PULL),
+        Entry("pigeon", SEND_MANY, f"{_P}:{prefix}send_many", floor=PUSH_PULL),
+    ]
+
+
+def _redis_entries(prefix: str) -> list[Entry]:
+    """Redis Streams, each producer style against the node row of its kind."""
+    return [
+        Entry(
+            "redis", "XADD one at a time {size}", f"{_R}:{prefix}one_at_a_time", versus=AWAIT_SEND
+        ),
+        Entry("redis", "XADD pipelined 1000 {size}", f"{_R}:{prefix}pipelined", versus=SEND_MANY),
+    ]
+
 
 REGISTRY: dict[str, list[Entry]] = {
     "queue": [
@@ -66,11 +104,19 @@ REGISTRY: dict[str, list[Entry]] = {
         Entry("pyzmq", "{size} curve", f"{_Z}:queue", curve_of="{size}"),
         Entry("nats", "{size}", f"{_N}:queue"),
         Entry("rabbitmq", "{size}", f"{_A}:queue"),
+        *_node_entries("node_", await_send_floor=ROUND_TRIPS),
+        Entry(*ROUND_TRIPS, f"{_Z}:req_rep_round_trips"),
+        *_redis_entries("queue_"),
     ],
     "queue-durable": [
         Entry("pigeon", "{size} durable", f"{_P}:queue_durable"),
         Entry("nats", "{size} durable", f"{_N}:queue_durable"),
         Entry("rabbitmq", "{size} durable", f"{_A}:queue_durable"),
+        *_node_entries("durable_node_", await_send_floor=FSYNC),
+        Entry(*PUSH_PULL, f"{_Z}:queue"),
+        Entry(*ROUND_TRIPS, f"{_Z}:req_rep_round_trips"),
+        Entry(*FSYNC, f"{_D}:fsync_per_write"),
+        *_redis_entries("queue_durable_"),
     ],
     "rpc": [
         Entry("pigeon", "1 in flight", f"{_P}:rpc_latency"),
@@ -106,7 +152,18 @@ def _availability(opts: argparse.Namespace) -> dict[str, Callable[[], None]]:
         "pyzmq": lambda: None,
         "nats": lambda: probe(opts.nats_url),
         "rabbitmq": lambda: probe(opts.amqp_url),
+        "redis": lambda: _redis_available(opts.redis_url),
+        "disk": lambda: None,
     }
+
+
+def _redis_available(url: str) -> None:
+    """Skip redis when redis-py is missing or the server does not answer."""
+    try:
+        import redis  # noqa: F401 - the import is the check
+    except ImportError:
+        raise Skip(f"redis-py is not installed: {install_hint('bench')}") from None
+    probe(url)
 
 
 def size_label(size: int) -> str:
@@ -121,7 +178,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``pigeon bench`` arguments."""
     p = argparse.ArgumentParser(
         prog="pigeon bench",
-        description="Compare pigeon with raw pyzmq, NATS and RabbitMQ on the same shapes of work.",
+        description=(
+            "Compare pigeon with raw pyzmq, NATS, RabbitMQ and Redis Streams "
+            "on the same shapes of work."
+        ),
     )
     p.add_argument("scenario", choices=SCENARIOS)
     p.add_argument(
@@ -130,7 +190,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--peers",
         default=",".join(PEERS),
-        help="comma-separated peers to compare with (pigeon always runs)",
+        help="comma-separated peers to compare with (pigeon always runs; "
+        "disk is the fsync floor of queue-durable)",
     )
     p.add_argument("--size", default="16,1024", help="body sizes in bytes for queue scenarios")
     p.add_argument("--count", type=int, default=1_000_000, help="backlog size (backlog only)")
@@ -154,6 +215,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--amqp-url",
         default=os.environ.get("PIGEON_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
     )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("PIGEON_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    )
     opts = p.parse_args(argv)
     opts.peers = [s.strip() for s in opts.peers.split(",") if s.strip()]
     if bad := [s for s in opts.peers if s not in SYSTEMS]:
@@ -173,6 +238,8 @@ class Row:
     func: str
     kwargs: dict[str, Any]
     curve_of: str | None  # the plain variant this CURVE row is compared with
+    versus: str | None  # the pigeon variant for "pigeon ×", if not its own
+    floor: tuple[str, str] | None  # the raw row a pigeon row is compared with
 
 
 def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[Row]:
@@ -198,6 +265,8 @@ def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[R
                 entry.func,
                 kwargs,
                 fill(entry.curve_of) if entry.curve_of is not None else None,
+                fill(entry.versus) if entry.versus is not None else None,
+                (entry.floor[0], fill(entry.floor[1])) if entry.floor is not None else None,
             )
             order = (n, templates.index(entry.variant), systems.index(entry.system))
             keyed.append((order, row))
@@ -218,12 +287,18 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             down.add(system)
             skipped.append({"system": system, "variant": None, "reason": str(exc)})
     plain_of: dict[tuple[str, str], str] = {}
+    versus_of: dict[tuple[str, str], str] = {}
+    floor_of: dict[tuple[str, str], tuple[str, str]] = {}
     for r in _rows(opts.scenario, systems, opts):
         system, variant, func, kwargs = r.system, r.variant, r.func, r.kwargs
         if system in down:
             continue
         if r.curve_of is not None:
             plain_of[system, variant] = r.curve_of
+        if r.versus is not None:
+            versus_of[system, variant] = r.versus
+        if r.floor is not None:
+            floor_of[system, variant] = r.floor
         print(f"{opts.scenario}: {system} {variant} …", end="", file=sys.stderr, flush=True)
         t = time.monotonic()
         try:
@@ -244,7 +319,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         results.append(out)
         print(f" {report.short(out)} ({time.monotonic() - t:.1f} s)", file=sys.stderr)
     doc = {"scenario": opts.scenario, "results": results, "skipped": skipped}
-    report.add_ratios(doc, plain_of)
+    report.add_ratios(doc, plain_of, versus_of=versus_of, floor_of=floor_of)
     return doc
 
 

@@ -1,4 +1,5 @@
-"""Benchmark shapes: queue, rpc and backlog, run identically for every system.
+"""Benchmark shapes: queue, rpc, backlog and a process alone, run identically
+for every system.
 
 Each shape starts the system's child functions as separate processes, waits on
 shared state with deadlines (a benchmark never hangs), and turns what the
@@ -104,6 +105,17 @@ def run_rpc(
         row["p50_us"] = percentile(lat, 50) / 1e3
         row["p99_us"] = percentile(lat, 99) / 1e3
     return row
+
+
+def run_alone(child: Callable[..., Any], cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One process that measures on its own for ``seconds`` (a floor such as
+    the disk's fsync rate); it reports ``{"n": operations, "elapsed": s}``."""
+    ctl = Ctl(0, dict(cfg, seconds=seconds))
+    with Children(ctl) as kids:
+        kids.start(child, ctl)
+        (res,) = collect(ctl, 1, GRACE_S + seconds, kids)
+        kids.finish(GRACE_S)
+    return {"msgs_per_s": res["n"] / res["elapsed"]}
 
 
 def run_backlog(
