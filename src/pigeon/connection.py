@@ -199,7 +199,9 @@ class Connection:
                     content_type=content_type,
                     message_id=message_id,
                 )
-                await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - loop.time()))
+                if not future.done() and not await _until_done(future, deadline):
+                    raise TimeoutError
+                future.result()  # the send's own error, if it failed
                 return
             except Backpressure as exc:
                 # Full here (outbox) or at the host (queue): wait for room.
@@ -374,6 +376,29 @@ class Connection:
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+async def _until_done(future: asyncio.Future[Any], deadline: float) -> bool:
+    """Wait until ``future`` is done or the loop's clock reaches ``deadline``;
+    True if it is done. Neither cancels ``future`` (it may be shared by
+    other sends): the same as ``wait_for(shield(future))``, with one wake-up
+    instead of three.
+    """
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    timer = loop.call_at(deadline, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
 
 
 async def _all_stored(futures: list[asyncio.Future[None]]) -> None:

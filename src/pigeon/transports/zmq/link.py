@@ -213,6 +213,12 @@ class Link:
             # (A durable outbox checks its limit when it accepts a send.)
             raise Backpressure(f"outbox to {self.address}", limit)
         self.outbox[message.id] = (queue, message, future)
+        if not self._flush_scheduled and self.up:
+            # The first send of a loop turn leaves at once (an awaited send
+            # never waits a turn); the rest of the turn's are batched by flush.
+            self._schedule_flush()
+            self.send_frame(Send(queue, [message]))
+            return
         self._sends.setdefault(queue, []).append(message)
         self._schedule_flush()
 

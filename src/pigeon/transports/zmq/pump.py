@@ -19,6 +19,9 @@ from ..._core.limits import MAX_BATCH_FRAMES
 
 _NOBLOCK = zmq.NOBLOCK
 _SNDMORE = zmq.SNDMORE
+_POLLIN = zmq.POLLIN
+_EVENTS = zmq.EVENTS
+_RCVMORE = zmq.RCVMORE  # (Socket.get skips the sugar of the .rcvmore attribute)
 # Frames, and bytes of them, handled per wake-up before yielding to the rest
 # of the loop: a peer sending megabyte frames must not hold the loop (and
 # every other peer's answers) for as long as it keeps sending.
@@ -95,7 +98,7 @@ class Pump:
                 else:
                     identity = None
                     data = recv(_NOBLOCK)
-                if sock.rcvmore:
+                if sock.get(_RCVMORE):
                     self._discard_rest()
                     continue
                 on_frame(identity, data)
@@ -119,7 +122,7 @@ class Pump:
             for _ in range(_BUDGET):
                 head = sock.recv(_NOBLOCK, copy=False)
                 data = sock.recv(_NOBLOCK)
-                if sock.rcvmore:
+                if sock.get(_RCVMORE):
                     self._discard_rest()
                     continue
                 user = head.get("User-Id")
@@ -135,7 +138,7 @@ class Pump:
 
     def _discard_rest(self) -> None:
         self.malformed += 1
-        while self.sock.rcvmore:
+        while self.sock.get(_RCVMORE):
             self.sock.recv(_NOBLOCK)
 
     def send(self, data: bytes, identity: bytes | None = None) -> bool:
@@ -189,7 +192,11 @@ class Pump:
             self.send_failures += 1
             return False
         finally:
-            self._schedule_drain()
+            # The socket's fd only signals edges, and a send may take the
+            # edge of a frame that arrived meanwhile: look, and drain if one
+            # is there (reading EVENTS is cheaper than a drain pass).
+            if not self._closed and int(self.sock.get(_EVENTS)) & _POLLIN:
+                self._schedule_drain()
         return True
 
     def flush(self) -> None:
