@@ -130,6 +130,22 @@ class QueueHost:
             self._dirty.add(queue)
         return added
 
+    def put_batch(self, queue: str, messages: list[Message]) -> list[bool | None]:
+        """``put`` for many messages of one queue (a non-durable host): one
+        room check and one dispatch for the batch; per message as ``put``
+        answers."""
+        ledger = self.queues.get(queue) or self.table.new_ledger(queue)
+        if ledger is None:
+            self.refused += len(messages)
+            return [None] * len(messages)
+        room = self._room(queue, ledger, messages)
+        put = ledger.put
+        results: list[bool | None] = [put(m) for m in messages[:room]]
+        if room:
+            self.table.added(sum(len(m.body) for m in messages[:room]))
+            self._mark(queue)
+        return results + [None] * (len(messages) - room)
+
     def put_fresh(self, queue: str, messages: list[Message]) -> int:
         """Enqueue fresh messages (ids just minted here) of a non-durable
         queue, as many as ``max_length`` allows; returns how many."""
@@ -205,7 +221,11 @@ class QueueHost:
         alarm, then the queue's ``max_length`` and ``max_bytes``); the rest
         are counted as refused."""
         rules = self.policies.for_queue(queue)
-        room = 0 if self.table.memory_full(ledger) else len(messages)
+        if len(messages) == 1:
+            room = 0 if self.table.memory_full(ledger) else 1
+        else:
+            sizes = [len(m.body) for m in messages]
+            room = self.table.memory_room(ledger, sizes)
         if rules.max_length is not None:
             room = max(0, min(room, rules.max_length - ledger.ready_count))
         if rules.max_bytes is not None and room:

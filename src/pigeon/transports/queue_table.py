@@ -112,15 +112,27 @@ class QueueTable:
         which also sees acks, is taken again at most every MEMORY_RECOUNT
         seconds.
         """
+        return self.memory_room(ledger, [0]) == 0
+
+    def memory_room(self, ledger: QueueLedger, sizes: list[int]) -> int:
+        """How many of a batch of sends (their ``sizes``, in order) to
+        ``ledger``'s queue the memory alarm takes: ``memory_full`` applied
+        to each in turn, as if the ones before it were taken. Counts each
+        refused one in ``memory_refused``."""
         limit = self.max_memory
         if limit is None:
-            return False
+            return len(sizes)
         now = time.monotonic()
         if now - self._bytes_counted_at >= MEMORY_RECOUNT:
             self._bytes_counted_at = now
             self._bytes_held = self.bytes_held()
-        held = self._bytes_held
-        if held < limit or (held < 2 * limit and ledger.bytes_held < limit // FAIR_SHARE):
-            return False
-        self.memory_refused += 1
-        return True
+        held, mine = self._bytes_held, ledger.bytes_held
+        taken = 0
+        for size in sizes:
+            if not (held < limit or (held < 2 * limit and mine < limit // FAIR_SHARE)):
+                break
+            held += size
+            mine += size
+            taken += 1
+        self.memory_refused += len(sizes) - taken
+        return taken

@@ -78,6 +78,7 @@ class RouterSide:
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self.protocol_errors = 0
+        self._frame_size = 0  # bytes of the frame being handled
         # Messages each peer has waiting for the store (see _core.budget).
         self.storing = PeerBudget(MAX_PEER_STORING, MAX_PEER_STORING_BYTES)
         self.peers_lost = 0
@@ -114,6 +115,9 @@ class RouterSide:
         except RemoteProtocolError as exc:
             self._refuse_peer(identity, str(exc))
             return
+        # No message of a frame can be larger than the frame: a small frame
+        # spares _on_send sizing each message against the limit.
+        self._frame_size = len(data)
         if self.liveness.heard(identity, time.monotonic()):
             # A peer we did not know (or had given up on, its consumers
             # dropped): tell it so, and it registers what it needs again.
@@ -186,19 +190,19 @@ class RouterSide:
 
     def _on_send(self, identity: bytes, queue: str, messages: list[Message]) -> None:
         limit = self.config.max_message_size
-        refused: list[Refusal] = [
-            (m.id, RefusalReason.TOO_LARGE, f"{message_size(m.body, m.headers)} > {limit} bytes")
-            for m in messages
-            if message_size(m.body, m.headers) > limit
-        ]
-        if refused:
-            messages = [m for m in messages if message_size(m.body, m.headers) <= limit]
+        refused: list[Refusal] = []
+        if self._frame_size > limit:
+            sizes = [message_size(m.body, m.headers) for m in messages]
+            refused = [
+                (m.id, RefusalReason.TOO_LARGE, f"{size} > {limit} bytes")
+                for m, size in zip(messages, sizes, strict=True)
+                if size > limit
+            ]
+            messages = [m for m, size in zip(messages, sizes, strict=True) if size <= limit]
         as_received(messages)
         host = self.host
         if host.committer is None:
-            self._answer_send(
-                identity, queue, messages, [host.put(queue, m) for m in messages], refused
-            )
+            self._answer_send(identity, queue, messages, host.put_batch(queue, messages), refused)
             return
         # Durable: confirm only after the group commit is on disk. What a
         # peer has waiting for the store is bounded (its producer backs off).
