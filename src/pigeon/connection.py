@@ -274,6 +274,12 @@ class Connection:
         handler may settle by hand with ``delivery.ack()``, ``nack()``,
         ``reject()`` or keep it with ``extend()``.
 
+        An ``async def`` handler runs on the event loop. A plain ``def``
+        handler runs in a worker thread, never on the loop: up to 64 waiting
+        deliveries per hand-off to the thread, one after another, each
+        settled on its own (a hand-off costs about as much as a small
+        handler). ``concurrency`` runners work side by side either way.
+
         Raises:
             ConfigurationError: prefetch or concurrency below 1, lease_ttl not
                 a positive number, or an option the transport cannot honour.

@@ -21,6 +21,23 @@ Handler = Callable[[Delivery], Awaitable[Any] | Any]
 ServiceFunction = Callable[[Message], Awaitable[Any] | Any]
 
 
+# Deliveries one thread hand-off runs a plain handler on, one after another:
+# a hand-off costs about as much as a small handler, so it is shared.
+PLAIN_BATCH = 64
+
+
+def _run_plain(handler: Callable[[Any], Any], arguments: list[Any]) -> list[tuple[bool, Any]]:
+    """Call ``handler`` on each argument in turn (in a worker thread);
+    (True, result) or (False, the exception) per argument."""
+    outcomes: list[tuple[bool, Any]] = []
+    for argument in arguments:
+        try:
+            outcomes.append((True, handler(argument)))
+        except Exception as exc:  # each delivery's failure is its own
+            outcomes.append((False, exc))
+    return outcomes
+
+
 async def call_handler(handler: Callable[[Any], Any], argument: Any) -> Any:
     """Await an async handler; run a plain function in a thread so it cannot
     block the event loop."""
@@ -82,6 +99,9 @@ class Worker:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if not self._async_handler:
+                await self._run_plain_batch()
+                continue
             delivery = pending.popleft()
             self._busy += 1
             in_progress.add(delivery)
@@ -92,7 +112,29 @@ class Worker:
                 if delivery.settled:  # a cancelled one stays, for close() to nack
                     in_progress.discard(delivery)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _run_plain_batch(self) -> None:
+        """Run a plain handler on a batch of waiting deliveries with one
+        thread hand-off; each is settled on its own, as ``_handle`` would."""
+        pending = self._pending
+        # An even share of what waits, so other runners (concurrency > 1) get some.
+        take = min(PLAIN_BATCH, max(1, len(pending) // self.concurrency))
+        batch = [pending.popleft() for _ in range(take)]
+        self._busy += len(batch)
+        self._in_progress.update(batch)
+        try:
+            runnable = [d for d in batch if not await self._over_attempts(d)]
+            outcomes = await asyncio.to_thread(_run_plain, self.handler, runnable)
+            for delivery, (ok, result) in zip(runnable, outcomes, strict=True):
+                await self._finish(delivery, ok, result)
+        finally:
+            self._busy -= len(batch)
+            for delivery in batch:
+                if delivery.settled:  # a cancelled one stays, for close() to nack
+                    self._in_progress.discard(delivery)
+
+    async def _over_attempts(self, delivery: Delivery) -> bool:
+        """Count a delivery in; True (and rejected) if workers before this
+        one used up its attempts."""
         counts = self.counts
         counts["received"] += 1
         message = delivery.message
@@ -104,24 +146,40 @@ class Worker:
                 # limit of its own, too).
                 counts["dead_lettered"] += 1
                 await delivery.reject(attempt_limit_reason(self.queue, message.attempt - 1))
-                return
-        try:
-            if self._async_handler:
-                await self.handler(delivery)
-            else:
-                await call_handler(self.handler, delivery)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a handler failure is data for the retry policy
-            await self._failed(delivery, exc)
+                return True
+        return False
+
+    async def _finish(self, delivery: Delivery, ok: bool, result: Any) -> None:
+        """Settle a delivery its handler has run on: ack, or the retry policy."""
+        if ok and inspect.isawaitable(result):
+            try:
+                await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                ok, result = False, exc
+        if not ok:
+            await self._failed(delivery, result)
             return
         if not delivery.settled:
-            counts["acked"] += 1
+            self.counts["acked"] += 1
             # The plain ack, without the coroutine Delivery.ack() would add.
             delivery.settled = True
             pending = delivery._settler.ack(delivery)
             if pending is not None:
                 await pending
+
+    async def _handle(self, delivery: Delivery) -> None:
+        if await self._over_attempts(delivery):
+            return
+        try:
+            result = await self.handler(delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a handler failure is data for the retry policy
+            await self._failed(delivery, exc)
+            return
+        await self._finish(delivery, True, result)
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         counts = self.counts
