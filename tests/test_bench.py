@@ -117,15 +117,13 @@ def test_table_is_printed_and_chart_written(capsys: pytest.CaptureFixture[str], 
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def row(system: str, variant: str, rate: float) -> dict:
+    """A result row as the bench reports it, with only these fields set."""
+    return dict.fromkeys(RESULT_KEYS) | {"system": system, "variant": variant, "msgs_per_s": rate}
+
+
 def test_table_has_a_vs_plain_column_for_curve_rows() -> None:
     from pigeon.bench import report
-
-    def row(system: str, variant: str, rate: float) -> dict:
-        return dict.fromkeys(RESULT_KEYS) | {
-            "system": system,
-            "variant": variant,
-            "msgs_per_s": rate,
-        }
 
     doc = {
         "scenario": "queue",
@@ -148,13 +146,6 @@ def test_table_has_a_vs_plain_column_for_curve_rows() -> None:
 
 def test_floor_and_versus_ratios_and_the_vs_floor_column() -> None:
     from pigeon.bench import report
-
-    def row(system: str, variant: str, rate: float) -> dict:
-        return dict.fromkeys(RESULT_KEYS) | {
-            "system": system,
-            "variant": variant,
-            "msgs_per_s": rate,
-        }
 
     doc = {
         "scenario": "queue",

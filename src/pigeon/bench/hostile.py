@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import zmq.asyncio
 
 import pigeon
 from pigeon._core import frames, limits
+from pigeon.bench.harness import pigeon_node
 from pigeon.message import Message, new_id
 
 RATE = 1000  # legit messages per second
@@ -196,27 +196,12 @@ def _p99_us(latencies: list[float]) -> float | None:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6
 
 
-class _Node:
-    def __init__(self, *, durable: bool = False) -> None:
-        command = [sys.executable, "-m", "pigeon.cli.main", "node", "--bind", "tcp://127.0.0.1:0"]
-        self._tmp = tempfile.TemporaryDirectory(prefix="pigeon-hostile-") if durable else None
-        if self._tmp is not None:
-            command += ["--store", os.path.join(self._tmp.name, "node.db")]
-        self.proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        banner = self.proc.stdout.readline()
-        found = re.search(r"serving (tcp://\S+?);", banner)
-        if found is None:
-            self.stop()
-            raise RuntimeError(f"pigeon node did not start: {banner}")
-        self.url = found.group(1)
+class _PeakRss:
+    """The peak RSS of a process, sampled while an attack runs."""
+
+    def __init__(self, pid: int) -> None:
         self.peak = 0
-        self._ps = psutil.Process(self.proc.pid)
+        self._ps = psutil.Process(pid)
 
     def sample(self) -> None:
         try:
@@ -224,15 +209,11 @@ class _Node:
         except psutil.Error:
             pass
 
-    def stop(self) -> None:
-        self.proc.terminate()
+    def alive(self) -> bool:
         try:
-            self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+            return bool(self._ps.status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
 
 
 def _start_attacker(name: str, url: str, seconds: float) -> subprocess.Popen[str]:
@@ -244,26 +225,30 @@ def _start_attacker(name: str, url: str, seconds: float) -> subprocess.Popen[str
 
 
 async def _row(name: str, seconds: float) -> dict[str, Any]:
-    attack = DURABLE_ROWS.get(name, name)
-    node = _Node(durable=name in DURABLE_ROWS)
+    with tempfile.TemporaryDirectory(prefix="pigeon-hostile-") as tmp:
+        store = ("--store", os.path.join(tmp, "node.db")) if name in DURABLE_ROWS else ()
+        with pigeon_node(*store) as node:
+            return await _attack_row(name, node.url, _PeakRss(node.pid), seconds)
+
+
+async def _attack_row(name: str, url: str, rss: _PeakRss, seconds: float) -> dict[str, Any]:
+    before, _ = await _legit_phase(url, seconds)
+    attacker = _start_attacker(DURABLE_ROWS.get(name, name), url, seconds + 1)
+    sampling = True
+
+    async def sample() -> None:
+        while sampling:
+            rss.sample()
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.ensure_future(sample())
     try:
-        before, _ = await _legit_phase(node.url, seconds)
-        attacker = _start_attacker(attack, node.url, seconds + 1)
-        sampling = True
-
-        async def sample() -> None:
-            while sampling:
-                node.sample()
-                await asyncio.sleep(0.05)
-
-        sampler = asyncio.ensure_future(sample())
-        during, latencies = await _legit_phase(node.url, seconds)
+        during, latencies = await _legit_phase(url, seconds)
+    finally:
         sampling = False
         await sampler
         _, err = attacker.communicate(timeout=60)
-        alive = node.proc.poll() is None
-    finally:
-        node.stop()
+    alive = rss.alive()
     kept = 100.0 * during / before if before else 0.0
     note = "" if alive else "node died"
     if attacker.returncode:
@@ -273,7 +258,7 @@ async def _row(name: str, seconds: float) -> dict[str, Any]:
         "attack": name,
         "kept_pct": round(kept, 1),
         "p99_us": _p99_us(latencies),
-        "peak_rss_mb": round(node.peak / 2**20, 1),
+        "peak_rss_mb": round(rss.peak / 2**20, 1),
         "node_alive": alive,
         "note": note,
     }
