@@ -74,10 +74,9 @@ def test_queue_reports_pyzmq_rows(
 def test_rpc_reports_latency_and_throughput(capsys: pytest.CaptureFixture[str]) -> None:
     doc = run_json(capsys, "rpc", "--seconds", "1", "--peers", "pyzmq", "--no-curve")
     rows = {r["variant"]: r for r in pyzmq_rows(doc)}
-    assert set(rows) == {"1 in flight", "100 in flight"}, doc
-    one = rows["1 in flight"]
-    assert 0 < one["p50_us"] <= one["p99_us"]
-    assert rows["100 in flight"]["msgs_per_s"] > 0
+    assert set(rows) == {"1 in flight", "10 in flight", "100 in flight"}, doc
+    for row in rows.values():  # latency and throughput at every depth
+        assert 0 < row["p50_us"] <= row["p99_us"] and row["msgs_per_s"] > 0
 
 
 @pytest.mark.timeout(240)

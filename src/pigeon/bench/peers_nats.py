@@ -225,6 +225,11 @@ def rpc_latency(opts: Any) -> dict[str, Any]:
     return run_rpc(rpc_server, rpc_client, _cfg(opts, window=1), opts.seconds)
 
 
+def rpc_ten_in_flight(opts: Any) -> dict[str, Any]:
+    """``nc.request`` from 10 concurrent callers."""
+    return run_rpc(rpc_server, rpc_client, _cfg(opts, window=10), opts.seconds)
+
+
 def rpc_throughput(opts: Any) -> dict[str, Any]:
     """nats-py request, 100 concurrent."""
     return run_rpc(rpc_server, rpc_client, _cfg(opts, window=100), opts.seconds)

@@ -16,6 +16,7 @@ per connection, at the handshake, so it costs nothing per message.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -241,24 +242,29 @@ def dealer_client(ctl: Ctl) -> None:
         sock = _client_socket(ctx, zmq.DEALER, ctl)
         sock.connect(f"{LOCAL}:{ctl.port.value}")
         body = b"x" * 16
-        send, recv = sock.send, sock.recv
+        send, recv, clock = sock.send, sock.recv, time.perf_counter_ns
         window = ctl.cfg["window"]
+        # The echo answers in order: each reply is the oldest request's.
+        sent: deque[int] = deque()
         for _ in range(window):
+            sent.append(clock())
             send(body)
-        n = 0
+        lat: list[int] = []
         t0 = time.perf_counter()
         end = t0 + ctl.cfg["seconds"]
         while True:
             for _ in range(100):
                 recv()
+                now = clock()
+                lat.append(now - sent.popleft())
+                sent.append(now)
                 send(body)
-            n += 100
             if time.perf_counter() >= end:
                 break
         elapsed = time.perf_counter() - t0
         for _ in range(window):  # take back what is still in flight
             recv()
-        ctl.results.put({"n": n, "elapsed": elapsed})
+        ctl.results.put({"n": len(lat), "elapsed": elapsed, "lat_ns": lat})
         sock.close(linger=0)
         ctx.term()
 
@@ -272,6 +278,11 @@ def req_rep_round_trips(opts: Any, size: int) -> dict[str, Any]:
     """REQ/REP with ``size`` bytes each way, one request at a time: the floor
     for a send that waits for its confirm (one round trip per message)."""
     return run_rpc(rep_server, req_client, {"size": size}, opts.seconds)
+
+
+def rpc_ten_in_flight(opts: Any) -> dict[str, Any]:
+    """DEALER/ROUTER, 10 requests in flight."""
+    return run_rpc(router_server, dealer_client, {"window": 10}, opts.seconds)
 
 
 def rpc_throughput(opts: Any, curve: bool = False) -> dict[str, Any]:

@@ -446,6 +446,11 @@ def rpc_latency(opts: Any, curve: bool = False) -> dict[str, Any]:
     return _rpc(opts, 1, curve)
 
 
+def rpc_ten_in_flight(opts: Any) -> dict[str, Any]:
+    """pigeon request/serve, 10 concurrent requests."""
+    return _rpc(opts, 10, False)
+
+
 def rpc_throughput(opts: Any, curve: bool = False) -> dict[str, Any]:
     """pigeon request/serve, 100 concurrent requests (``curve``: with keys and an ACL)."""
     return _rpc(opts, 100, curve)

@@ -30,12 +30,13 @@ def short(row: dict[str, Any]) -> str:
 def ratio(row: dict[str, Any], pigeon: dict[str, Any] | None) -> float | None:
     """How many times better pigeon is than ``row`` (> 1: pigeon better).
 
-    Latency-only variants (one request in flight) compare p50; all others
-    compare throughput.
+    Latency variants (one request in flight) compare p50; all others
+    compare throughput, even where they report latencies too.
     """
     if not pigeon:
         return None
-    if row.get("p50_us") and pigeon.get("p50_us"):
+    latency_row = str(row.get("variant", "")).endswith("1 in flight")
+    if latency_row and row.get("p50_us") and pigeon.get("p50_us"):
         return float(row["p50_us"] / pigeon["p50_us"])
     if row.get("msgs_per_s") and pigeon.get("msgs_per_s"):
         return float(pigeon["msgs_per_s"] / row["msgs_per_s"])
