@@ -209,3 +209,18 @@ def test_a_failed_backlog_read_is_counted_and_tried_again(
         await host.aclose()
 
     asyncio.run(main())
+
+
+def test_a_store_answer_that_never_comes_fails_the_send_with_store_error(tmp_path: Path) -> None:
+    async def main() -> None:
+        host = QueueHost(store=SqliteStore(tmp_path / "q.db"), page_window=WINDOW)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[bool]] = loop.create_future()
+        answer: asyncio.Future[list[bool]] = loop.create_future()
+        done.cancel()  # e.g. the loop closing under a pending commit
+        host._committed("q", [make_message(b"x")], done, answer)
+        with pytest.raises(StoreError, match="cancelled"):
+            await answer
+        await host.aclose()
+
+    asyncio.run(main())

@@ -202,9 +202,10 @@ class QueueHost:
         done: asyncio.Future[list[bool]],
         answer: asyncio.Future[list[bool]],
     ) -> None:
-        if done.cancelled() or done.exception() is not None:
+        error = StoreError("store write was cancelled") if done.cancelled() else done.exception()
+        if error is not None:
             if not answer.done():
-                answer.set_exception(done.exception() or StoreError("store write was cancelled"))
+                answer.set_exception(error)
             return
         # The queue may have been forgotten while idle: take the one there is now.
         ledger = self.ledger(queue, over_cap=True)
@@ -444,6 +445,9 @@ class QueueHost:
         read.add_done_callback(lambda done: self._backlog_read(queue, ledger, done))
 
     def _backlog_read(self, queue: str, ledger: QueueLedger, done: asyncio.Future[Page]) -> None:
+        if done.cancelled():  # the loop is closing: nobody reads on
+            ledger.backlog.failed()
+            return
         error = done.exception()
         if error is not None:
             self.store_errors += 1
