@@ -42,9 +42,12 @@ class Responder:
             assert isinstance(cached, frames.Reply)
             self._send(identity, cached)
             return
+        if state is CacheState.RUNNING:  # a repeat waits on the first, holds nothing
+            self._running.setdefault(rid, []).append(identity)
+            return
         size = len(request.message.body)
         if not self.budget.take(identity, 1, size):
-            if state is CacheState.NEW and request.service not in UNCACHED_SERVICES:
+            if request.service not in UNCACHED_SERVICES:
                 self.replies.forget(rid)
             why = f"this caller has {MAX_PEER_REQUESTS} requests (or their bytes) running here"
             self._send(identity, frames.Reply(rid, None, why, ReplyErrorKind.BUSY))
@@ -54,10 +57,7 @@ class Responder:
             return
         waiting = self._running.setdefault(rid, [])
         waiting.append(identity)
-        if state is CacheState.NEW:
-            self._start(request, waiting, (identity, size), cache=True)
-        else:
-            self.budget.give(identity, 1, size)  # a repeat waits on the first, holds nothing
+        self._start(request, waiting, (identity, size), cache=True)
 
     def _start(
         self,
