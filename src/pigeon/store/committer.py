@@ -108,8 +108,9 @@ class GroupCommitter:
             split, so a batch may be larger when a single call brings more.
 
     Attributes:
-        errors: requests (``submit``/``submit_many`` calls) that failed with
-            StoreError, refused alone or with their whole batch.
+        errors: requests (``submit``/``submit_many``/``enqueue`` calls, and
+            reads) that failed with StoreError, refused alone or with their
+            whole batch.
         last_error: the reason of the latest failure, or "".
 
     Raises:
