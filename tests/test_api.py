@@ -311,3 +311,14 @@ def test_bad_envelopes_are_refused_before_sending(kwargs: dict, error: type) -> 
             assert conn.stats()["sent"] == 0
 
     asyncio.run(scenario())
+
+
+def test_a_node_removes_its_ipc_socket_files_when_it_closes(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "node.sock"
+
+    async def main() -> None:
+        async with pigeon.connect(bind=f"ipc://{path}") as node:
+            assert path.is_socket() and node.stats()["bound"] == [f"ipc://{path}"]
+        assert not path.exists()  # libzmq itself leaves it behind
+
+    asyncio.run(main())

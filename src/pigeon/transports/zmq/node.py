@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 from typing import Any
 
@@ -367,6 +368,7 @@ class ZmqTransport:
             link.close()
         if self.router is not None:
             self.router.close()
+            _remove_ipc_files(self.bound)
         if self.security.server is not None:
             ZapHandler.of(shared_context()).unregister(self.security.server.domain)
         await self.sender.aclose(timeout)
@@ -374,3 +376,18 @@ class ZmqTransport:
 
     def stats(self) -> dict[str, Any]:
         return node_stats(self)
+
+
+def _remove_ipc_files(addresses: list[str]) -> None:
+    """Remove the socket files of the ipc:// addresses this node bound:
+    libzmq leaves them behind when the socket closes, and a directory such
+    as /tmp would fill with them."""
+    for address in addresses:
+        if not address.startswith("ipc://"):
+            continue
+        path = address.removeprefix("ipc://")
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):  # never a file someone else put there
+                os.unlink(path)
+        except OSError:
+            pass  # already gone, or not ours to remove
