@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from store.writer_child import write_then_kill
 
 import pigeon
 from pigeon.errors import StoreError
@@ -282,34 +283,6 @@ def test_a_restart_on_a_full_disk_refuses_sends_rather_than_looking_healthy(smal
     asyncio.run(second_life())
 
 
-WRITER = Path(__file__).parent / "store" / "writer_child.py"
-
-
-def write_then_kill(path: Path, lines: int = 20) -> list[str]:
-    """tests/store/writer_child.py writing ``path`` until SIGKILL; the ids
-    of the batches it confirmed."""
-    proc = subprocess.Popen(
-        [sys.executable, str(WRITER), str(path), "1", "0"],  # no floor on a small disk
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        out = [proc.stdout.readline() for _ in range(lines)]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(WAIT)
-        out += proc.stdout.read().splitlines(keepends=True)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(WAIT)
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
-    return [i for line in out if line.endswith("\n") for i in line.split()]
-
-
 def test_a_store_killed_mid_write_opens_on_a_full_disk_and_its_wal_is_kept(small_disk):
     """On a full disk the check cannot make SQLite's WAL index beside a
     read-only connection: it runs in a child that never closes (closing
@@ -317,7 +290,7 @@ def test_a_store_killed_mid_write_opens_on_a_full_disk_and_its_wal_is_kept(small
     disk = small_disk("8m")
     path = disk / "q.db"
     wal = Path(f"{path}-wal")
-    confirmed = write_then_kill(path)
+    confirmed = write_then_kill(path, seed=1, lines=20, min_free_disk=0)  # no floor on a small disk
     garble_wal_frame(wal, 5)
     before = (path.read_bytes(), wal.read_bytes())
     filler = fill(disk)
@@ -520,34 +493,26 @@ def test_garbage_in_the_wal_after_kill_9_is_found_not_dropped_and_salvage_brings
             return texts
 
         assert sorted(asyncio.run(consume())) == sorted(confirmed)
-        info = json.loads(
-            subprocess.run(
-                [*PIGEON, "queues", salvaged.url, "--json"],
-                capture_output=True,
-                text=True,
-                timeout=WAIT,
-                check=True,
-            ).stdout
-        )
+        info = queues_json(salvaged.url)
         assert info["store"]["salvage"]["missing_commits"] > 0
         assert info["store"]["min_free_disk"] == 64 << 20
     finally:
         salvaged.stop()
 
 
+def queues_json(url: str) -> dict:
+    """What ``pigeon queues URL --json`` says of a node."""
+    done = subprocess.run(
+        [*PIGEON, "queues", url, "--json"], capture_output=True, text=True, timeout=WAIT, check=True
+    )
+    return json.loads(done.stdout)
+
+
 def test_pigeon_node_takes_min_free_disk(tmp_path):
     node = NodeProcess(tmp_path / "q.db", tmp_path, "--min-free-disk", "1G")
     try:
         assert node.url, f"{node.lines}\n{node.stderr()}"
-        info = json.loads(
-            subprocess.run(
-                [*PIGEON, "queues", node.url, "--json"],
-                capture_output=True,
-                text=True,
-                timeout=WAIT,
-                check=True,
-            ).stdout
-        )
+        info = queues_json(node.url)
         assert info["store"]["min_free_disk"] == 1 << 30
     finally:
         node.stop()

@@ -8,11 +8,9 @@ import contextlib
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,35 +21,7 @@ from pigeon.store.integrity import CommitRecord, read_record, write_record
 from pigeon.store.schema import APPLICATION_ID
 
 from .conftest import msg
-
-CHILD = Path(__file__).with_name("writer_child.py")
-
-
-def write_then_kill(path: Path, seed: int, lines: int = 40) -> list[str]:
-    """Run the writer child, SIGKILL it after ``lines`` confirmed batches;
-    return every id it confirmed."""
-    proc = subprocess.Popen(
-        [sys.executable, str(CHILD), str(path), str(seed)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        if proc.stdout.readline() != "ready\n":
-            code = proc.wait(timeout=10)
-            pytest.fail(f"writer: exit code {code}\n{proc.stderr.read()}")
-        out = [proc.stdout.readline() for _ in range(lines)]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        out += proc.stdout.read().splitlines(keepends=True)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    return [i for line in out if line.endswith("\n") for i in line.split()]
+from .writer_child import write_then_kill
 
 
 def wal_geometry(wal: Path) -> tuple[int, int]:

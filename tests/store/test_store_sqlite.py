@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,7 @@ from pigeon.errors import ConfigurationError, StoreError
 from pigeon.store import Ack, Dead, Put, Replay, Requeue, SqliteStore, StoredMessage
 
 from .conftest import T0, FakeClock, msg
-
-CHILD = Path(__file__).with_name("writer_child.py")
+from .writer_child import write_then_kill
 
 
 def fill(path: Path, batches: int = 20, per_batch: int = 100) -> None:
@@ -244,31 +241,9 @@ def boundaries(seed: int, upto: int) -> set[int]:
 def test_every_confirmed_batch_survives_sigkill(tmp_path):
     for seed in range(10):
         path = tmp_path / f"crash-{seed}.db"
-        proc = subprocess.Popen(
-            [sys.executable, str(CHILD), str(path), str(seed)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            if proc.stdout.readline() != "ready\n":
-                code = proc.wait(timeout=10)
-                pytest.fail(f"writer: exit code {code}\n{proc.stderr.read()}")
-            rng = random.Random(seed)
-            lines = [proc.stdout.readline() for _ in range(rng.randint(1, 40))]
-            time.sleep(rng.random() * 0.003)  # land the kill anywhere in a batch
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            lines += proc.stdout.read().splitlines(keepends=True)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            errors = proc.stderr.read()
-            proc.stdout.close()
-            proc.stderr.close()
-        assert proc.returncode == -signal.SIGKILL, f"writer: exit code {proc.returncode}\n{errors}"
-        confirmed = [i for line in lines if line.endswith("\n") for i in line.split()]
+        rng = random.Random(seed)
+        # land the kill anywhere in a batch
+        confirmed = write_then_kill(path, seed, rng.randint(1, 40), pause=rng.random() * 0.003)
         with SqliteStore(path) as store:
             stored = [s.message.id for s in store.load()]
         assert set(confirmed) <= set(stored), f"seed {seed}: a confirmed id was lost"
