@@ -74,3 +74,15 @@ def test_bad_overrides_are_refused_and_change_nothing(
 def test_a_pattern_must_be_text() -> None:
     with pytest.raises(TypeError):
         check_pattern(5)
+
+
+def test_room_applies_max_length_then_max_bytes() -> None:
+    assert QueuePolicy().room(ready=10**6, held_bytes=10**9, count=5, sizes=[1] * 5) == 5
+    assert QueuePolicy(max_length=3).room(ready=1, held_bytes=0, count=5, sizes=[1] * 5) == 2
+    assert QueuePolicy(max_length=3).room(ready=4, held_bytes=0, count=5, sizes=[1] * 5) == 0
+    # 1,000 bytes free: 600 fits, the next 600 crosses the line and is taken, then none.
+    by_bytes = QueuePolicy(max_bytes=1000)
+    assert by_bytes.room(ready=0, held_bytes=0, count=3, sizes=[600] * 3) == 2
+    assert by_bytes.room(ready=0, held_bytes=1000, count=3, sizes=[1] * 3) == 0
+    both = QueuePolicy(max_length=1, max_bytes=1000)
+    assert both.room(ready=0, held_bytes=0, count=3, sizes=[10] * 3) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAX_NAME = 255  # characters in a queue, service or topic name
@@ -88,6 +89,24 @@ class QueuePolicy:
     initial_credit: int = DEFAULT_INITIAL_CREDIT
     max_length: int | None = None
     max_bytes: int | None = None
+
+    def room(self, ready: int, held_bytes: int, count: int, sizes: Iterable[int]) -> int:
+        """How many of ``count`` sends (``sizes`` in order, read only for a
+        ``max_bytes`` bound) Rule 4 lets into a queue that holds ``ready``
+        ready messages and ``held_bytes`` bytes; the send that crosses
+        ``max_bytes`` is still taken."""
+        room = count
+        if self.max_length is not None:
+            room = max(0, min(room, self.max_length - ready))
+        if self.max_bytes is not None:
+            free, taken = self.max_bytes - held_bytes, 0
+            for size in sizes:
+                if taken >= room or free <= 0:
+                    break
+                free -= size
+                taken += 1
+            room = taken
+        return room
 
     def prefetch(self, asked: int) -> int:
         return max(1, min(int(asked), self.max_prefetch))

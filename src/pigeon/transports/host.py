@@ -221,21 +221,14 @@ class QueueHost:
         """How many of ``messages`` the queue takes now (the node's memory
         alarm, then the queue's ``max_length`` and ``max_bytes``); the rest
         are counted as refused."""
-        rules = self.policies.for_queue(queue)
         if len(messages) == 1:
             room = 0 if self.table.memory_full(ledger) else 1
         else:
-            sizes = [len(m.body) for m in messages]
-            room = self.table.memory_room(ledger, sizes)
-        if rules.max_length is not None:
-            room = max(0, min(room, rules.max_length - ledger.ready_count))
-        if rules.max_bytes is not None and room:
-            free = rules.max_bytes - ledger.total_bytes
-            taken = 0
-            while taken < room and free > 0:  # a message that crosses the line is still taken
-                free -= message_size(messages[taken].body, messages[taken].headers)
-                taken += 1
-            room = taken
+            room = self.table.memory_room(ledger, [len(m.body) for m in messages])
+        if room:
+            sizes = (message_size(m.body, m.headers) for m in messages)
+            rules = self.policies.for_queue(queue)
+            room = rules.room(ledger.ready_count, ledger.total_bytes, room, sizes)
         self.refused += len(messages) - room
         return room
 
