@@ -8,6 +8,8 @@ import gc
 import socket
 import time
 
+import pytest
+
 import pigeon
 
 
@@ -45,3 +47,19 @@ def test_a_timed_out_send_is_not_reported_again_at_close() -> None:
     asyncio.run(scenario())
     gc.collect()
     assert not unretrieved, unretrieved
+
+
+def test_a_local_durable_send_is_answered_even_when_storing_breaks(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    async def main() -> None:
+        async with pigeon.connect(bind="tcp://127.0.0.1:0", store=tmp_path / "q.db") as node:
+            host = node.transport.sender.host  # type: ignore[attr-defined]
+
+            async def broken(queue: str, messages: list) -> list:
+                raise RuntimeError("a bug in the store path")
+
+            monkeypatch.setattr(host, "put_many", broken)
+            with pytest.raises(RuntimeError, match="a bug"):
+                await asyncio.wait_for(node.send_nowait("q", b"x"), 10)
+            assert node.stats()["unconfirmed"] == 0  # nothing left waiting for it
+
+    asyncio.run(main())

@@ -149,9 +149,15 @@ class Sender:
                     results = await self.host.put_many(queue, messages)
                     if None in results:
                         raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
-            except PigeonError as exc:  # StoreError, Backpressure, or closed meanwhile
+            except asyncio.CancelledError:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(
+                        TransportError("the node closed before the send was stored")
+                    )
+                raise
+            except Exception as exc:  # StoreError, Backpressure, closed meanwhile, or a bug
+                if not future.done():
+                    future.set_exception(exc)  # every send is answered, never left waiting
                 return
             finally:
                 self._storing -= sum(len(m) for m in batches.values())
