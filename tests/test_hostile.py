@@ -315,3 +315,27 @@ def test_one_caller_cannot_take_every_handler() -> None:
         assert node.stats()["peer_busy"] == extra
 
     _scenario(attack)
+
+
+def test_repeats_of_a_running_request_are_answered_once_per_peer() -> None:
+    release = asyncio.Event()
+
+    async def slow(message: pigeon.Message) -> bytes:
+        await release.wait()
+        return b"done"
+
+    async def attack(node: pigeon.Connection, url: str) -> None:
+        await node.serve("slow", slow)
+        raw = Raw(url)
+        request = frames.Request(new_id(), "slow", Message(id=new_id(), body=b""), 30.0)
+        for _ in range(5_000):  # the same id, again and again, while it runs
+            await raw.send(request)
+        await raw.collect(0.5)
+        router = node.transport.router  # type: ignore[attr-defined]
+        assert [len(w) for w in router.responder._running.values()] == [1]
+        release.set()
+        replies = [f for f in await raw.collect(1.0) if isinstance(f, frames.Reply)]
+        assert [r.message.body for r in replies] == [b"done"]
+        raw.close()
+
+    _scenario(attack)

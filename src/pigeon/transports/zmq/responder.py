@@ -43,7 +43,9 @@ class Responder:
             self._send(identity, cached)
             return
         if state is CacheState.RUNNING:  # a repeat waits on the first, holds nothing
-            self._running.setdefault(rid, []).append(identity)
+            waiting = self._running.setdefault(rid, [])
+            if identity not in waiting:  # each peer once: repeats cannot grow the list
+                waiting.append(identity)
             return
         size = len(request.message.body)
         if not self.budget.take(identity, 1, size):
