@@ -317,7 +317,9 @@ def test_one_caller_cannot_take_every_handler() -> None:
     _scenario(attack)
 
 
-def test_repeats_of_a_running_request_are_answered_once_per_peer() -> None:
+def test_repeats_of_a_running_request_wait_within_a_bound() -> None:
+    from pigeon.transports.zmq.responder import MAX_WAITERS
+
     release = asyncio.Event()
 
     async def slow(message: pigeon.Message) -> bytes:
@@ -328,14 +330,17 @@ def test_repeats_of_a_running_request_are_answered_once_per_peer() -> None:
         await node.serve("slow", slow)
         raw = Raw(url)
         request = frames.Request(new_id(), "slow", Message(id=new_id(), body=b""), 30.0)
-        for _ in range(5_000):  # the same id, again and again, while it runs
+        repeats = 5_000
+        for _ in range(repeats):  # the same id, again and again, while it runs
             await raw.send(request)
-        await raw.collect(0.5)
+        busy = [f for f in await raw.collect(1.0) if isinstance(f, frames.Reply)]
         router = node.transport.router  # type: ignore[attr-defined]
-        assert [len(w) for w in router.responder._running.values()] == [1]
+        assert [len(w) for w in router.responder._running.values()] == [MAX_WAITERS]
+        assert len(busy) == repeats - MAX_WAITERS and all(r.error_kind == "Busy" for r in busy)
         release.set()
-        replies = [f for f in await raw.collect(1.0) if isinstance(f, frames.Reply)]
-        assert [r.message.body for r in replies] == [b"done"]
+        answered = [f for f in await raw.collect(1.0) if isinstance(f, frames.Reply)]
+        assert [r.message.body for r in answered] == [b"done"] * MAX_WAITERS
+        assert node.stats()["peer_busy"] == repeats - MAX_WAITERS
         raw.close()
 
     _scenario(attack)

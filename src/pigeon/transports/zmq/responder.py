@@ -17,6 +17,7 @@ from ..local import LocalServices
 from .admin import UNCACHED_SERVICES
 
 _SWEEP = 0.01  # seconds between checks of running requests' deadlines
+MAX_WAITERS = 32  # repeats of one running request that wait for its answer
 Send = Callable[[bytes, frames.Frame], None]
 
 
@@ -32,6 +33,7 @@ class Responder:
         self._sweeper: asyncio.TimerHandle | None = None
         # Requests each peer has running: one peer may not take every handler.
         self.budget = PeerBudget(MAX_PEER_REQUESTS, MAX_PEER_REQUEST_BYTES)
+        self.repeats_refused = 0
 
     def on_request(self, identity: bytes, request: frames.Request) -> None:
         rid = request.request_id
@@ -44,8 +46,12 @@ class Responder:
             return
         if state is CacheState.RUNNING:  # a repeat waits on the first, holds nothing
             waiting = self._running.setdefault(rid, [])
-            if identity not in waiting:  # each peer once: repeats cannot grow the list
-                waiting.append(identity)
+            if len(waiting) >= MAX_WAITERS:  # repeats may not grow the list forever
+                self.repeats_refused += 1
+                why = f"{MAX_WAITERS} repeats of this request are waiting already"
+                self._send(identity, frames.Reply(rid, None, why, ReplyErrorKind.BUSY))
+                return
+            waiting.append(identity)
             return
         size = len(request.message.body)
         if not self.budget.take(identity, 1, size):

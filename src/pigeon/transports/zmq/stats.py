@@ -55,7 +55,13 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "reply_cache_hits": router.responder.replies.hits if router else 0,
         # Sends and requests refused because their peer was over its budget
         # of work held for it (see pigeon._core.budget).
-        "peer_busy": (router.storing.refused + router.responder.budget.refused) if router else 0,
+        "peer_busy": (
+            router.storing.refused
+            + router.responder.budget.refused
+            + router.responder.repeats_refused
+        )
+        if router
+        else 0,
         "links": {link.address: {"up": link.up} for link in links},
         "bound": list(node.bound),
         "secure": node.security.server is not None or node.security.client is not None,
