@@ -165,8 +165,15 @@ class ReplyCache:
 
     def begin(self, request_id: str, now: float) -> tuple[CacheState, object | None]:
         """Note a request; says whether to run it, wait for it, or resend a reply."""
-        self._prune(now)
+        # Only what must go now is pruned here; the aged rest goes in
+        # finish, which every run ends in (a prune per begin cost as much
+        # as the rest of begin).
+        if len(self._entries) >= self.max_entries:
+            self._prune(now)
         entry = self._entries.get(request_id)
+        if entry is not None and entry[1] is not None and now - entry[0] > self.ttl:
+            self.forget(request_id)  # an answer too old to give again
+            entry = None
         if entry is None:
             self._entries[request_id] = (now, None)
             return CacheState.NEW, None

@@ -14,6 +14,7 @@ from ..._core.policy import ReplyErrorKind, reply_kind
 from ..._core.rpc import CacheState, ReplyCache
 from ...errors import DeliveryError, Rejected, Timeout
 from ..local import LocalServices
+from ..tasks import start_task
 from .admin import UNCACHED_SERVICES
 
 _SWEEP = 0.01  # seconds between checks of running requests' deadlines
@@ -75,12 +76,13 @@ class Responder:
         *,
         cache: bool,
     ) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(request, waiting, cache))
-        task.add_done_callback(lambda _: self.budget.give(held[0], 1, held[1]))
+        deadline = time.monotonic() + max(0.0, request.timeout)
+        task = start_task(self._run(request, waiting, held, cache))
+        if task.done():  # answered in its first step (eager start): nothing to watch
+            return
         # One sweep timer cuts handlers at their deadlines: cheaper than a
         # timeout scope per request.
-        self._deadlines[task] = time.monotonic() + max(0.0, request.timeout)
-        task.add_done_callback(self._deadlines.pop)
+        self._deadlines[task] = deadline
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
@@ -93,7 +95,9 @@ class Responder:
         if self._deadlines:
             self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
-    async def _run(self, request: frames.Request, waiting: list[bytes], cache: bool) -> None:
+    async def _run(
+        self, request: frames.Request, waiting: list[bytes], held: tuple[bytes, int], cache: bool
+    ) -> None:
         rid = request.request_id
         try:
             reply = await self.services.call(request.service, request.message, timeout=None)
@@ -104,6 +108,11 @@ class Responder:
         except (Timeout, DeliveryError) as exc:  # NoResponders, Rejected, Timeout
             why = exc.reason if isinstance(exc, Rejected) else str(exc)
             answer = frames.Reply(rid, None, why, reply_kind(exc))
+        finally:
+            # Done here rather than in done-callbacks: each of those costs a
+            # loop callback per request.
+            self.budget.give(held[0], 1, held[1])
+            self._deadlines.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         if cache:
             size = len(answer.message.body) if answer.message is not None else len(answer.error)
             self.replies.finish(rid, answer, time.monotonic(), size)
