@@ -12,6 +12,8 @@ import concurrent.futures
 import functools
 import inspect
 import operator
+import signal
+import threading
 import time
 import types
 import typing
@@ -195,3 +197,240 @@ def test_sync_errors_are_raised_in_the_calling_thread() -> None:
         conn.send("q", "x")
     with pytest.raises(pigeon.ClosedError):
         conn.send_many("q", ["x"])
+
+
+# -- the hand-over to the loop thread -------------------------------------
+#
+# Every blocking call goes through pigeon.sync._run_on: one call_soon_threadsafe
+# starts the coroutine as a task on the loop thread, and the task hands its
+# outcome back itself. These tests run it against a loop of their own.
+
+
+@pytest.fixture
+def loop_thread() -> collections.abc.Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+class Boom(Exception):
+    pass
+
+
+async def answer() -> int:
+    return 42
+
+
+def closed_within(coro: collections.abc.Coroutine[Any, Any, Any], seconds: float = 10.0) -> bool:
+    """True once ``coro`` is closed (it runs on another thread)."""
+    deadline = time.monotonic() + seconds
+    while inspect.getcoroutinestate(coro) != inspect.CORO_CLOSED:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_call_runs_as_a_real_task_on_the_loop_thread(
+    loop_thread: asyncio.AbstractEventLoop,
+) -> None:
+    async def where() -> tuple[threading.Thread, bool]:
+        async with asyncio.timeout(5):  # needs asyncio.current_task()
+            await asyncio.sleep(0)
+        return threading.current_thread(), asyncio.current_task() is not None
+
+    thread, in_a_task = pigeon.sync._run_on(loop_thread, where())
+    assert thread.name == "test-loop"
+    assert in_a_task
+    assert pigeon.sync._run_on(loop_thread, answer(), timeout=5) == 42
+
+
+def test_errors_reach_the_caller_with_their_type(loop_thread: asyncio.AbstractEventLoop) -> None:
+    error = Boom("from the loop")
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise error
+
+    with pytest.raises(Boom) as caught:
+        pigeon.sync._run_on(loop_thread, fail())
+    assert caught.value is error
+
+
+def test_a_base_exception_reaches_the_caller_and_the_loop_lives_on(
+    loop_thread: asyncio.AbstractEventLoop,
+) -> None:
+    async def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pigeon.sync._run_on(loop_thread, interrupt())
+    assert pigeon.sync._run_on(loop_thread, answer(), timeout=5) == 42
+
+
+def test_a_cancelled_call_raises_cancelled_error(loop_thread: asyncio.AbstractEventLoop) -> None:
+    async def cancelled() -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    with pytest.raises(concurrent.futures.CancelledError):
+        pigeon.sync._run_on(loop_thread, cancelled())
+
+
+def test_a_timeout_cancels_the_running_call(loop_thread: asyncio.AbstractEventLoop) -> None:
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    # A busy machine may not start the coroutine within a short timeout:
+    # longer ones until it did (what happens if it did not is tested below).
+    for timeout in (0.2, 1.0, 5.0, 20.0):
+        coro = forever()
+        with pytest.raises(TimeoutError):
+            pigeon.sync._run_on(loop_thread, coro, timeout=timeout)
+        assert closed_within(coro)
+        if started.is_set():
+            break
+    assert started.is_set()
+    assert cancelled.wait(10)
+
+
+def test_a_call_that_times_out_before_it_starts_never_runs(
+    loop_thread: asyncio.AbstractEventLoop,
+) -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(10)
+
+    ran: list[int] = []
+
+    async def body() -> None:
+        ran.append(1)
+
+    loop_thread.call_soon_threadsafe(hold)  # the loop thread is busy
+    assert held.wait(10)
+    coros = [body(), body()]
+    try:
+        with pytest.raises(TimeoutError):
+            pigeon.sync._run_on(loop_thread, coros[0], timeout=0.05)
+        with pytest.raises(TimeoutError):
+            pigeon.sync._run_on(loop_thread, coros[1], timeout=0)
+    finally:
+        release.set()
+    # Closed, not run and not left to warn that it was never awaited.
+    assert all(closed_within(coro) for coro in coros)
+    assert pigeon.sync._run_on(loop_thread, answer(), timeout=5) == 42
+    assert ran == []
+
+
+def test_an_interrupted_caller_cancels_the_call(loop_thread: asyncio.AbstractEventLoop) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def interrupt_when_started() -> None:
+        if started.wait(10):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupter = threading.Thread(target=interrupt_when_started)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pigeon.sync._run_on(loop_thread, forever())
+    finally:
+        interrupter.join()
+        signal.signal(signal.SIGINT, previous)
+    assert cancelled.wait(10)
+
+
+def test_a_blocking_call_on_its_own_loop_raises(loop_thread: asyncio.AbstractEventLoop) -> None:
+    async def nested() -> str:
+        coro = answer()
+        with pytest.raises(RuntimeError, match="event loop it waits for"):
+            pigeon.sync._run_on(loop_thread, coro)
+        return inspect.getcoroutinestate(coro)
+
+    assert pigeon.sync._run_on(loop_thread, nested(), timeout=5) == inspect.CORO_CLOSED
+
+
+def test_a_call_on_a_closed_loop_raises() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    coro = answer()
+    with pytest.raises(RuntimeError, match="closed"):
+        pigeon.sync._run_on(loop, coro)
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
+def test_many_threads_calling_at_once_each_get_their_own_outcome(
+    loop_thread: asyncio.AbstractEventLoop,
+) -> None:
+    async def echo(value: int) -> int:
+        await asyncio.sleep(0)
+        if value % 7 == 0:
+            raise Boom(value)
+        return value
+
+    def caller(k: int) -> list[object]:
+        out: list[object] = []
+        for j in range(50):
+            try:
+                out.append(pigeon.sync._run_on(loop_thread, echo(k * 1000 + j), timeout=30))
+            except Boom as error:
+                out.append(("boom", error.args[0]))
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(caller, range(32)))
+    assert results == [
+        [("boom", v) if v % 7 == 0 else v for v in range(k * 1000, k * 1000 + 50)]
+        for k in range(32)
+    ]
+
+
+def test_sync_requests_from_many_threads_and_their_errors() -> None:
+    with pigeon.sync.connect("memory://sync-requests") as conn:
+        conn.serve("double", lambda m: m.decode(int) * 2)
+
+        def fail(message: pigeon.Message) -> None:
+            raise ValueError("no")
+
+        conn.serve("fail", fail)
+
+        def slow(message: pigeon.Message) -> None:
+            time.sleep(0.5)
+
+        conn.serve("slow", slow)
+
+        def caller(k: int) -> list[int]:
+            return [conn.request("double", k * 100 + j, timeout=30).decode(int) for j in range(20)]
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(caller, range(16)))
+        assert results == [[2 * (k * 100 + j) for j in range(20)] for k in range(16)]
+        with pytest.raises(pigeon.Rejected):
+            conn.request("fail", 1, timeout=30)
+        with pytest.raises(pigeon.Timeout):
+            conn.request("slow", 1, timeout=0.05)

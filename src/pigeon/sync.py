@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from . import connection as _async
 from . import transports as _transports
@@ -41,6 +42,9 @@ class _LoopThread:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            return loop  # the usual case: no lock for every call
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 loop = asyncio.new_event_loop()
@@ -99,10 +103,136 @@ class _LoopThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
+class _Call(Generic[T]):
+    """One blocking call handed to a loop running in another thread.
+
+    The calling thread schedules :meth:`start` with one
+    ``call_soon_threadsafe`` (the only wake-up of the loop), which starts the
+    coroutine as a real task (on Python 3.12+ its first step runs right
+    there). The task itself hands the outcome back as it finishes, by
+    releasing a lock the calling thread is blocked on: no done-callback (a
+    loop iteration of its own) and no ``concurrent.futures.Future``.
+    """
+
+    __slots__ = ("_coro", "_done", "_error", "_gave_up", "_loop", "_result", "_started", "_task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> None:
+        self._loop = loop
+        self._coro = coro
+        self._done = threading.Lock()
+        self._done.acquire()  # released by the task once the outcome is in
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._gave_up = False
+
+    def start(self) -> None:
+        """On the loop thread: run the coroutine as a task, unless the caller
+        already gave up."""
+        if self._gave_up:
+            self._coro.close()
+            return
+        run = self._run()
+        try:
+            if sys.version_info >= (3, 12):
+                # The first step runs now, inside this callback, as a real
+                # task (current_task() and asyncio.timeout() work there).
+                self._task = asyncio.Task(run, loop=self._loop, eager_start=True)
+            else:  # the first step runs in the loop's next iteration
+                self._task = self._loop.create_task(run)
+        except BaseException as error:  # the caller must not wait for nothing
+            run.close()
+            self._coro.close()
+            self._error = error
+            self._done.release()
+
+    async def _run(self) -> None:
+        self._started = True
+        try:
+            self._result = await self._coro
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled (or the loop went away): the caller sees what a
+            # cancelled concurrent.futures.Future raises.
+            self._error = concurrent.futures.CancelledError()
+            raise
+        except BaseException as error:  # handed, whatever it is, to the caller
+            self._error = error
+        finally:
+            self._done.release()
+
+    def _cancel(self) -> None:
+        # On the loop thread, after start() if that was scheduled (callbacks
+        # run in order). A coroutine that never ran is closed here, so it
+        # does not warn that it was never awaited.
+        if self._task is None:
+            self._coro.close()  # start() closed it already, or never came
+            return
+        self._task.cancel()
+        if not self._started:
+            self._coro.close()  # the task will never run it
+
+    def _give_up(self) -> None:
+        # In the calling thread, once it stops waiting (timeout, interrupt).
+        self._gave_up = True
+        try:
+            self._loop.call_soon_threadsafe(self._cancel)
+        except RuntimeError:
+            pass  # the loop is closed: nothing more will run there
+
+    def run(self, timeout: float | None) -> T:
+        """Hand the coroutine to the loop, block until its outcome is in and
+        return it (or raise it here).
+
+        Raises:
+            TimeoutError: not done after ``timeout`` seconds (None: no
+                limit; zero or less: only if already done). The
+                coroutine is then cancelled, as it is when the wait is
+                interrupted (KeyboardInterrupt).
+            RuntimeError: the loop is closed.
+        """
+        try:
+            self._loop.call_soon_threadsafe(self.start)
+        except RuntimeError:  # the loop is closed: nothing was scheduled
+            self._coro.close()
+            raise
+        except BaseException:  # interrupted: start() may be scheduled or not
+            self._give_up()
+            raise
+        try:
+            if timeout is None:
+                done = self._done.acquire()
+            elif timeout > 0:
+                done = self._done.acquire(True, timeout)
+            else:
+                done = self._done.acquire(False)
+        except BaseException:
+            self._give_up()
+            raise
+        if not done:
+            self._give_up()
+            raise TimeoutError(f"the call did not finish within {timeout} s")
+        error = self._error
+        if error is not None:
+            self._error = None  # no cycle through the traceback
+            try:
+                raise error
+            finally:
+                del error
+        return cast(T, self._result)
+
+
 def _run_on(
     loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float | None = None
 ) -> T:
-    """Run ``coro`` on ``loop`` (running in another thread) and wait for it."""
+    """Run ``coro`` on ``loop`` (running in another thread) and wait for it.
+
+    Raises what ``coro`` raises, KeyboardInterrupt and SystemExit too (the
+    loop runs on), or ``concurrent.futures.CancelledError`` if it was
+    cancelled; ``TimeoutError`` after ``timeout`` seconds, having cancelled
+    it (a coroutine that had not started by then never runs); RuntimeError
+    if called on ``loop``'s own thread or when ``loop`` is closed.
+    """
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
@@ -113,12 +243,7 @@ def _run_on(
             "a blocking pigeon.sync call was made on the event loop it waits for; "
             "use the async API (await ...) there"
         )
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
-    try:
-        return future.result(timeout)
-    except BaseException:
-        future.cancel()
-        raise
+    return _Call(loop, coro).run(timeout)
 
 
 _runner = _LoopThread()
