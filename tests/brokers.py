@@ -18,7 +18,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import pytest
@@ -46,11 +46,16 @@ def reachable(url: str) -> bool:
 def require(url: str) -> str:
     """Return ``url`` if its broker answers; otherwise skip (or fail in CI)."""
     if not reachable(url):
-        reason = f"no broker at {url}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI is set: the broker must be there)")
-        pytest.skip(reason)
+        unavailable(f"no broker at {url}")
     return url
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for want of a broker (or its binary); fail when ``CI`` is
+    set, since CI must have it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: the broker must be there)")
+    pytest.skip(reason)
 
 
 # -- ports --------------------------------------------------------------------

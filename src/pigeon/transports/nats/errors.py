@@ -22,6 +22,13 @@ from ...errors import (
     TransportError,
 )
 
+# JetStream's error codes for a configuration it can never accept, which it
+# answers with 500 rather than 400: retrying cannot help.
+_REFUSED = {
+    10052,  # maximum replicas is 5
+    10074,  # replicas > 1 not supported in non-clustered mode
+}
+
 
 @contextmanager
 def map_exceptions(
@@ -46,7 +53,8 @@ def map_exceptions(
         NoResponders: nobody listens on a service subject.
         Timeout: the operation (a request, a pub ack) timed out.
         MessageTooLarge: the server's max_payload was exceeded.
-        ConfigurationError: JetStream refused a request as malformed (400).
+        ConfigurationError: JetStream refused a request as malformed (400),
+            or a configuration it cannot serve (replicas outside a cluster).
         TransportError: everything else: connection closed, lost,
             reconnecting, JetStream unavailable or failing.
     """
@@ -68,9 +76,9 @@ def map_exceptions(
         raise Timeout(f"{what}: no answer from the NATS server{within}") from exc
     except nats.errors.MaxPayloadError as exc:
         raise MessageTooLarge(size, limit) from exc
-    except nats.js.errors.BadRequestError as exc:
-        raise ConfigurationError(f"{what}: JetStream refused it: {exc.description}") from exc
     except nats.js.errors.APIError as exc:
+        if isinstance(exc, nats.js.errors.BadRequestError) or exc.err_code in _REFUSED:
+            raise ConfigurationError(f"{what}: JetStream refused it: {exc.description}") from exc
         raise TransportError(f"{what}: JetStream error {exc.code}: {exc.description}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc

@@ -17,6 +17,7 @@ _STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _SECONDS = ("send_timeout", "ack_timeout", "pull_expires", "connect_timeout", "duplicate_window")
 _SERVER_SCHEMES = ("nats", "tls", "ws", "wss")  # what nats-py connects to
+MAX_REPLICAS = 5  # JetStream's own limit on a stream's replicas
 # pigeon's names for the TLS files, the same on every transport.
 ALIASES = {"ca_file": "tls_ca", "cert_file": "tls_cert", "key_file": "tls_key"}
 _STRINGS = (
@@ -51,6 +52,10 @@ class NatsOptions:
             over all its workers (raised to ``prefetch`` when lower).
         duplicate_window: seconds JetStream remembers ids to drop resends
             (used when pigeon creates the stream).
+        replicas: copies of the stream JetStream keeps on different servers
+            of a cluster, 1 to 5 (used when pigeon creates the stream; an
+            existing stream with fewer is refused). 3 survives the loss of
+            any one server.
         connect_timeout: seconds to reach a server at start.
         reconnect_wait: seconds between reconnect attempts (which go on for ever).
         outbox_limit: sends awaiting their pub ack before ``send_nowait``
@@ -82,6 +87,7 @@ class NatsOptions:
     pull_expires: float = 5.0
     max_ack_pending: int = 10_000
     duplicate_window: float = 120.0
+    replicas: int = 1
     connect_timeout: float = 2.0
     reconnect_wait: float = 0.25
     outbox_limit: int = 100_000
@@ -143,6 +149,11 @@ class NatsOptions:
             value = getattr(self, name)
             if value is not None and (not _number(value, int) or value < 1):
                 raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
+        if not _number(self.replicas, int) or not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ConfigurationError(
+                f"replicas must be an int from 1 to {MAX_REPLICAS} (JetStream's limit), "
+                f"not {self.replicas!r}"
+            )
         for name in _STRINGS:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

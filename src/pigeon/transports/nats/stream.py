@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
 
-from ...errors import ConfigurationError
+from ...errors import ConfigurationError, Timeout
 from ..base import ConsumeOptions
 from . import envelope
 from .errors import map_exceptions
 from .options import NatsOptions
+
+T = TypeVar("T")
+
+# In a cluster, JetStream answers the creation of a replicated stream or
+# consumer once the new asset's group has elected a leader. With a server of
+# the cluster down that can take an election timeout (up to about 9 s in
+# nats-server), longer than one ack_timeout. Creating is idempotent (the same
+# configuration again changes nothing), so a request that timed out is made
+# again, this many times in all.
+_ADMIN_ATTEMPTS = 3
 
 
 class Stream:
@@ -19,7 +39,7 @@ class Stream:
     Args:
         js: the JetStream context of the connection.
         options: the transport's options (stream name, subject prefix,
-            duplicate window, ``max_ack_pending``).
+            duplicate window, replicas, ``max_ack_pending``, ``ack_timeout``).
     """
 
     def __init__(self, js: JetStreamContext, options: NatsOptions) -> None:
@@ -28,43 +48,89 @@ class Stream:
         self.subjects = [f"{options.prefix}.q.>"]
         self.duplicate_window = options.duplicate_window
         self.max_ack_pending = options.max_ack_pending
+        self.replicas = options.replicas
+        self.timeout = options.ack_timeout
+
+    async def _admin(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent JetStream API call, again when it times out.
+
+        Raises:
+            Timeout: no answer in ``_ADMIN_ATTEMPTS`` tries.
+            (and what :func:`map_exceptions` raises)
+        """
+        for attempt in range(1, _ADMIN_ATTEMPTS + 1):
+            try:
+                with map_exceptions(what, timeout=self.timeout):
+                    return await call()
+            except Timeout:
+                if attempt == _ADMIN_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     async def ensure(self) -> None:
         """Create the stream if it is missing and check that it fits.
 
         Raises:
             TransportError: JetStream is unreachable or failed.
+            Timeout: JetStream did not answer (``ack_timeout``, three times).
             ConfigurationError: the stream exists but is not a work-queue
-                stream on pigeon's subjects.
+                stream on pigeon's subjects, or has fewer than ``replicas``;
+                or JetStream cannot place ``replicas`` copies (not a
+                cluster, too few servers).
         """
-        with map_exceptions(f"create stream {self.name}"):
-            try:
-                info = await self.js.stream_info(self.name)
-            except nats.js.errors.NotFoundError:
-                info = await self.js.add_stream(
-                    StreamConfig(
-                        name=self.name,
-                        subjects=self.subjects,
-                        retention=RetentionPolicy.WORK_QUEUE,
-                        storage=StorageType.FILE,
-                        duplicate_window=self.duplicate_window,
-                    )
-                )
+        try:
+            info = await self._admin(f"create stream {self.name}", self._info_or_create)
+        except ConfigurationError as exc:
+            if self.replicas == 1:
+                raise
+            error = ConfigurationError(
+                f"{exc} (replicas={self.replicas} needs a JetStream cluster of at least "
+                f"{self.replicas} servers)"
+            )
+            raise error from exc.__cause__
         config = info.config
         wrong = config.retention != RetentionPolicy.WORK_QUEUE
         if wrong or self.subjects[0] not in (config.subjects or []):
             raise ConfigurationError(
                 f"stream {self.name} exists but is not a work-queue stream on {self.subjects[0]}"
             )
+        # A stream with fewer copies than asked would survive less than the
+        # caller counts on. pigeon changes no stream it did not just create,
+        # so the caller decides: update the stream, or ask for fewer.
+        have = config.num_replicas or 1
+        if have < self.replicas:
+            raise ConfigurationError(
+                f"stream {self.name} exists with {have} replica(s), fewer than "
+                f"replicas={self.replicas}: update the stream (nats stream edit "
+                f"{self.name} --replicas {self.replicas}) or ask for fewer"
+            )
+
+    async def _info_or_create(self) -> StreamInfo:
+        try:
+            return await self.js.stream_info(self.name)
+        except nats.js.errors.NotFoundError:
+            pass
+        return await self.js.add_stream(
+            StreamConfig(
+                name=self.name,
+                subjects=self.subjects,
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                duplicate_window=self.duplicate_window,
+                num_replicas=self.replicas,
+            )
+        )
 
     async def ensure_consumer(self, queue: str, subject: str, options: ConsumeOptions) -> None:
         """Create the queue's durable consumer, or update its ack wait and limits.
 
         Workers of one queue share the consumer, so the last one to start
-        sets its ``lease_ttl``.
+        sets its ``lease_ttl``. In a replicated stream the consumer has as
+        many replicas as the stream.
 
         Raises:
             TransportError: JetStream is unreachable or failed.
+            Timeout: JetStream did not answer (``ack_timeout``, three times).
             ConfigurationError: JetStream refused the configuration.
         """
         config = ConsumerConfig(
@@ -75,5 +141,6 @@ class Stream:
             max_ack_pending=max(self.max_ack_pending, options.prefetch),
             max_deliver=-1,
         )
-        with map_exceptions(f"create the consumer of {queue!r}"):
-            await self.js.add_consumer(self.name, config)
+        await self._admin(
+            f"create the consumer of {queue!r}", lambda: self.js.add_consumer(self.name, config)
+        )
