@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 import pigeon
 
@@ -47,7 +48,9 @@ async def server(url: str, name: str, mode: str) -> None:
     async with pigeon.connect(bind=url, heartbeat=HEARTBEAT) as conn:
 
         async def handle(message: pigeon.Message) -> str:
-            emit(ev="execute", id=message.id, server=name)
+            # late: started after its caller's deadline (which must never happen)
+            late = message.deadline is None or time.time() > message.deadline
+            emit(ev="execute", id=message.id, server=name, late=late)
             if mode == "hang":
                 await asyncio.Event().wait()
             return f"{name}:{message.text}"

@@ -445,3 +445,37 @@ def test_a_durable_outbox_retries_a_full_host_instead_of_failing(tmp_path) -> No
                 await producer.flush(WAIT)
 
     asyncio.run(asyncio.wait_for(scenario(), 50))
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_server_starts_nothing_its_callers_gave_up_on(children) -> None:
+    """Calls with a 1 s deadline go on while their server is frozen
+    (SIGSTOP) for 3 s. On resume it reads them all late: it must start none
+    of them (counted in ``expired_requests``), and answer calls made after."""
+
+    async def scenario() -> None:
+        server = children("server", ANY_PORT, "frozen", "echo")
+        url = (await server.wait("ready"))["url"]
+        async with pigeon.connect(url, heartbeat=HEARTBEAT, heartbeat_misses=20) as client:
+            await wait_for_service(client, "svc")
+            executed_before = len([e for e in server.poll() if e["ev"] == "execute"])
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                calls = []
+                for i in range(40):  # sent while it is frozen: each times out
+                    calls.append(asyncio.ensure_future(client.request("svc", f"c{i}", timeout=1.0)))
+                    await asyncio.sleep(0.025)
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+                await asyncio.sleep(2.0)  # frozen for 3 s in all
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert all(isinstance(o, pigeon.Timeout) for o in outcomes), outcomes
+            reply = await client.request("svc", "after", timeout=10.0)
+            assert reply.text == "frozen:after"
+            info = await client.request("pigeon.info", b"", timeout=10.0)
+            assert info.decode()["expired_requests"] == 40
+            executions = [e for e in server.poll() if e["ev"] == "execute"]
+            assert len(executions) == executed_before + 1  # only "after"
+            assert not any(e["late"] for e in executions), executions
+
+    asyncio.run(asyncio.wait_for(scenario(), 110))

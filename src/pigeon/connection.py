@@ -4,6 +4,7 @@ the same on every transport: ``send``, ``consume``, ``request``, ``serve``."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Generator, Iterable
 from typing import Any
 
@@ -57,6 +58,11 @@ def _positive(value: float, what: str) -> float:
             f"{limits.MAX_SECONDS:g}, not {value!r}"
         )
     return float(value)
+
+
+def _expiry(ttl: float | None, now: float) -> float | None:
+    """The wall-clock deadline of a message sent now with ``ttl``."""
+    return None if ttl is None else now + _positive(ttl, "ttl")
 
 
 class Connection:
@@ -118,9 +124,13 @@ class Connection:
         headers: dict[str, str] | None = None,
         content_type: str | None = None,
         message_id: str | None = None,
+        ttl: float | None = None,
     ) -> asyncio.Future[None]:
         """Queue ``payload`` for ``queue`` without waiting; the returned future
         resolves when the host has stored it (see :meth:`flush`).
+
+        ``ttl``: seconds from now after which nobody should run it; a message
+        still unrun then is dead-lettered with the reason ``expired``.
 
         Raises:
             NotStartedError: the connection is not started yet.
@@ -130,11 +140,28 @@ class Connection:
             Backpressure: the outbox or queue is full.
             TypeError: the payload or headers cannot be encoded.
         """
+        return self._queue_one(
+            queue, payload, headers, content_type, message_id, _expiry(ttl, time.time())
+        )
+
+    def _queue_one(
+        self,
+        queue: str,
+        payload: Any,
+        headers: dict[str, str] | None,
+        content_type: str | None,
+        message_id: str | None,
+        deadline: float | None,
+    ) -> asyncio.Future[None]:
         if self._closed or not self._started:
             self._check_open()
         queue = _check_name(queue, "queue")
         message = make_message(
-            payload, content_type=content_type, headers=headers, message_id=message_id
+            payload,
+            content_type=content_type,
+            headers=headers,
+            message_id=message_id,
+            deadline=deadline,
         )
         return self.transport.send_nowait(queue, message, fresh=message_id is None)
 
@@ -145,10 +172,12 @@ class Connection:
         *,
         headers: dict[str, str] | None = None,
         content_type: str | None = None,
+        ttl: float | None = None,
     ) -> asyncio.Future[None]:
         """Queue many payloads for ``queue`` at once; the returned future
         resolves when the host has stored all of them. Cheaper per message
         than ``send_nowait`` (one clock read, one check, one hand-over).
+        ``ttl`` is as for :meth:`send_nowait`, the same for every message.
 
         Raises:
             the same as :meth:`send_nowait`, before any message is queued.
@@ -156,7 +185,10 @@ class Connection:
         if self._closed or not self._started:
             self._check_open()
         queue = _check_name(queue, "queue")
-        messages = make_messages(payloads, content_type=content_type, headers=headers)
+        deadline = _expiry(ttl, time.time())
+        messages = make_messages(
+            payloads, content_type=content_type, headers=headers, deadline=deadline
+        )
         send_many = getattr(self.transport, "send_many", None)
         if send_many is not None:
             return send_many(queue, messages)  # type: ignore[no-any-return]
@@ -172,8 +204,10 @@ class Connection:
         content_type: str | None = None,
         message_id: str | None = None,
         timeout: float = 30.0,
+        ttl: float | None = None,
     ) -> None:
         """Send ``payload`` to ``queue`` and wait until the host stored it.
+        ``ttl`` is as for :meth:`send_nowait`.
 
         When the outbox or the queue is full, ``send`` waits for room (where
         ``send_nowait`` raises :class:`~pigeon.errors.Backpressure`), within
@@ -187,18 +221,13 @@ class Connection:
             (and everything :meth:`send_nowait` raises but ``Backpressure``)
         """
         timeout = _positive(timeout, "timeout")
+        expires = _expiry(ttl, time.time())  # once: a wait for room does not move it
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         refusals = 0
         while True:
             try:
-                future = self.send_nowait(
-                    queue,
-                    payload,
-                    headers=headers,
-                    content_type=content_type,
-                    message_id=message_id,
-                )
+                future = self._queue_one(queue, payload, headers, content_type, message_id, expires)
                 if not future.done() and not await _until_done(future, deadline):
                     raise TimeoutError
                 future.result()  # the send's own error, if it failed
@@ -323,7 +352,12 @@ class Connection:
         """
         self._check_open()
         timeout = _positive(timeout, "timeout")
-        message = make_message(payload, content_type=content_type, headers=headers)
+        # The deadline travels as an absolute time, so a server that reads
+        # the request late (frozen, or behind a slow link) knows the caller
+        # gave up; handlers see it as Message.deadline.
+        message = make_message(
+            payload, content_type=content_type, headers=headers, deadline=time.time() + timeout
+        )
         return await self.transport.request(
             _check_name(service, "service"), message, timeout=timeout
         )

@@ -197,6 +197,7 @@ def make_messages(
     *,
     content_type: str | None = None,
     headers: dict[str, str] | None = None,
+    deadline: float | None = None,
 ) -> list[Message]:
     """Build many messages at once: one clock read for the whole batch."""
     if headers is not None:
@@ -212,7 +213,9 @@ def make_messages(
         n = next(counter)
         message_id = prefix + hex4[(n >> 16) & 0xFFFF] + hex4[n & 0xFFFF]
         messages.append(
-            Message(message_id, body, ctype, dict(headers) if headers else {}, 0, False, now)
+            Message(
+                message_id, body, ctype, dict(headers) if headers else {}, 0, False, now, deadline
+            )
         )
     return messages
 

@@ -7,12 +7,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._core.backoff import DeadLetter, RetryPolicy, on_failure
-from ._core.policy import attempt_limit_reason, over_attempt_limit
+from ._core.policy import (
+    EXPIRED_REASON,
+    attempt_limit_reason,
+    over_attempt_limit,
+    past_deadline,
+)
 from .errors import PigeonError
 from .message import Message, make_message
 from .transports import ConsumeOptions, Delivery, Subscription, Transport
@@ -71,6 +77,7 @@ class Worker:
             "acked": 0,
             "retried": 0,
             "dead_lettered": 0,
+            "expired": 0,  # dead-lettered unrun: their deadline passed
             "handler_errors": 0,
             "unreturned_at_close": 0,
         }
@@ -122,7 +129,7 @@ class Worker:
         self._busy += len(batch)
         self._in_progress.update(batch)
         try:
-            runnable = [d for d in batch if not await self._over_attempts(d)]
+            runnable = [d for d in batch if not await self._refused_unrun(d)]
             outcomes = await asyncio.to_thread(_run_plain, self.handler, runnable)
             for delivery, (ok, result) in zip(runnable, outcomes, strict=True):
                 await self._finish(delivery, ok, result)
@@ -132,12 +139,17 @@ class Worker:
                 if delivery.settled:  # a cancelled one stays, for close() to nack
                     self._in_progress.discard(delivery)
 
-    async def _over_attempts(self, delivery: Delivery) -> bool:
+    async def _refused_unrun(self, delivery: Delivery) -> bool:
         """Count a delivery in; True (and rejected) if workers before this
-        one used up its attempts."""
+        one used up its attempts, or its deadline passed before it could run."""
         counts = self.counts
         counts["received"] += 1
         message = delivery.message
+        if message.deadline is not None and past_deadline(message, time.time()):
+            counts["expired"] += 1
+            counts["dead_lettered"] += 1
+            await delivery.reject(EXPIRED_REASON)
+            return True
         if message.redelivered:
             counts["redelivered"] += 1
             if over_attempt_limit(message.attempt, self.policy.max_attempts):
@@ -170,7 +182,7 @@ class Worker:
                 await pending
 
     async def _handle(self, delivery: Delivery) -> None:
-        if await self._over_attempts(delivery):
+        if await self._refused_unrun(delivery):
             return
         try:
             result = await self.handler(delivery)

@@ -885,6 +885,7 @@ def test_snapshot_reports_depths_and_counters() -> None:
         "nacked": 0,
         "dead_lettered": 0,
         "expired": 0,
+        "ttl_expired": 0,
         "consumers_lost": 0,
         "stale_settles": 0,
     }
@@ -926,3 +927,36 @@ def test_a_consumer_that_never_settles_holds_only_its_first_window() -> None:
     led.expire(100.0)
     again = delivered(led.dispatch(100.0)[0])
     assert len(again.get("hostage", [])) <= 4
+
+
+# -- message deadlines (Rule 7) -----------------------------------------------
+
+
+def test_a_message_past_its_deadline_is_dead_lettered_unrun() -> None:
+    led = QueueLedger("jobs", lease_ttl=TTL)
+    led.add_consumer("A", 10)
+    led.put(msg("stale", deadline=100.0))
+    led.put(msg("fresh", deadline=200.0))
+    led.put(msg("timeless"))
+    batches, dead = led.dispatch(0.0, wall=150.0)
+    assert delivered(batches) == {"A": ["fresh", "timeless"]}
+    assert ids(dead) == ["stale"]
+    assert dead[0].headers["x-pigeon-dead-reason"] == "expired"
+    assert dead[0].attempt == 0  # never handed out
+    assert led.stats.ttl_expired == 1 and led.stats.dead_lettered == 1
+
+
+def test_deadlines_are_not_read_without_a_wall_clock() -> None:
+    led = QueueLedger("jobs", lease_ttl=TTL)
+    led.add_consumer("A", 10)
+    led.put(msg("stale", deadline=100.0))
+    batches, dead = led.dispatch(0.0)
+    assert delivered(batches) == {"A": ["stale"]} and dead == []
+
+
+def test_a_dead_letter_never_expires() -> None:
+    led = QueueLedger("jobs.dead", lease_ttl=TTL)
+    led.add_consumer("A", 10)
+    led.put(msg("letter", deadline=100.0, headers={"x-pigeon-dead-reason": "expired"}))
+    batches, dead = led.dispatch(0.0, wall=150.0)
+    assert delivered(batches) == {"A": ["letter"]} and dead == []

@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pigeon._core.rpc import CacheState, Correlator, ReplyCache
+from pigeon._core.rpc import CacheState, Correlator, ReplyCache, seconds_left
 
 
 def started(
@@ -320,3 +320,16 @@ def test_cache_never_runs_a_fresh_id_twice(n: int) -> None:
                 cache.finish(rid, rid.upper(), float(t))
     assert set(runs.values()) == {1}
     assert len(runs) == n
+
+
+def test_seconds_left_trusts_the_earlier_of_deadline_and_time_left() -> None:
+    # Clocks agree: the absolute deadline and the time left say the same.
+    assert seconds_left(5.0, 105.0, 100.0) == 5.0
+    # The request was read late (a frozen server): the deadline says so.
+    assert seconds_left(5.0, 105.0, 103.0) == 2.0
+    assert seconds_left(5.0, 105.0, 106.0) == -1.0
+    # The receiver's clock is behind the sender's by an hour: "received +
+    # seconds left" bounds it, so a skewed clock never stretches a deadline.
+    assert seconds_left(5.0, 105.0 + 3600, 100.0) == 5.0
+    # A peer that sends no absolute deadline: only the time left.
+    assert seconds_left(5.0, None, 1e9) == 5.0

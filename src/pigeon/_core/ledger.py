@@ -22,6 +22,8 @@ it settles lets it hold one more, up to its prefetch (the window doubles
 every round trip); a lease that expires unsettled sets it back to
 ``initial_credit``. A consumer that takes and never settles holds only its
 first window, not a whole prefetch of the queue.
+Rule 7: a message whose deadline has passed (``policy.past_deadline``) is
+dead-lettered as ``expired`` when its turn to be handed out comes, unrun.
 
 The ledger does no I/O and reads no clock: callers pass ``now``.
 """
@@ -39,7 +41,13 @@ from ..message import Message
 from . import headers
 from .limits import message_size
 from .paging import DiskBacklog, PageRequest, Window
-from .policy import attempt_limit_reason, dead_letter_headers, over_attempt_limit
+from .policy import (
+    EXPIRED_REASON,
+    attempt_limit_reason,
+    dead_letter_headers,
+    over_attempt_limit,
+    past_deadline,
+)
 
 DEAD_SUFFIX = ".dead"
 MAX_DELAY = 86_400.0
@@ -97,6 +105,7 @@ class QueueStats:
     nacked: int = 0
     dead_lettered: int = 0
     expired: int = 0
+    ttl_expired: int = 0  # dead-lettered unrun: their deadline passed (Rule 7)
     consumers_lost: int = 0
     stale_settles: int = 0
 
@@ -309,7 +318,7 @@ class QueueLedger:
     # -- dispatch --------------------------------------------------------
 
     def dispatch(
-        self, now: float, *, chunk: int = 256
+        self, now: float, *, chunk: int = 256, wall: float | None = None
     ) -> tuple[list[tuple[Hashable, list[Message]]], list[Message]]:
         """Hand ready messages to consumers with credit.
 
@@ -317,9 +326,12 @@ class QueueLedger:
         even share of what is ready, so shares differ by at most one and each
         consumer gets a batch per frame.
 
+        ``wall`` is the wall-clock time that messages' deadlines are read
+        against (Rule 7); None skips that check.
+
         Returns:
             ``(batches, dead)``: per consumer the messages it now holds a lease
-            on, and messages dead-lettered under Rule 5.
+            on, and messages dead-lettered under Rules 5 and 7.
         """
         self._promote_due(now)
         dead: list[Message] = []
@@ -343,6 +355,10 @@ class QueueLedger:
                 expires_at = now + consumer.lease_ttl
                 for _ in range(take):
                     message = ready.popleft()
+                    if wall is not None and past_deadline(message, wall):
+                        stats.ttl_expired += 1
+                        dead.append(self._mark_dead(message, EXPIRED_REASON))
+                        continue
                     if over_attempt_limit(message.attempt + 1, limit):
                         reason = attempt_limit_reason(self.name, message.attempt)
                         dead.append(self._mark_dead(message, reason))

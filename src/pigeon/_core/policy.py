@@ -13,6 +13,10 @@ member, never with text to be parsed.
 Rule 5 (delivery count): deliveries are counted by the host that holds a
 message; one that arrives from a producer enters its queue with attempt 0,
 whatever the producer wrote.
+Rule 6 (message deadline): a work-queue message whose deadline (``send``'s
+``ttl``) has passed is dead-lettered unrun with the reason ``expired``, by
+the host before it hands it out and by a worker before it runs it. A dead
+letter never expires.
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ S = TypeVar("S")
 def over_attempt_limit(attempt: int, max_attempts: int) -> bool:
     """Rule 1: True if a delivery numbered ``attempt`` must not happen."""
     return max_attempts > 0 and attempt > max_attempts
+
+
+EXPIRED_REASON = "expired"
+
+
+def past_deadline(message: Message, now: float) -> bool:
+    """Rule 6: True if ``message`` must not run at wall-clock ``now``.
+
+    A dead letter never expires: it is kept for whoever reads dead letters.
+    """
+    deadline = message.deadline
+    return deadline is not None and now >= deadline and headers.DEAD_REASON not in message.headers
 
 
 def attempt_limit_reason(queue: str, delivered: int) -> str:

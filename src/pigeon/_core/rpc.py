@@ -12,6 +12,10 @@ Rule 3: a reply for a call that is no longer pending is dropped and counted.
 Server rules:
 Rule 4: a request id seen before is never run again: while it runs, the
 retry waits for the same result; once done, the cached reply is sent again.
+Rule 5: a request's deadline is absolute (wall clock). Clocks may disagree,
+so the receiver trusts the earlier of that deadline and "received + the
+seconds the caller had left when it sent". A request whose deadline has
+passed is never started: its caller has given up.
 """
 
 from __future__ import annotations
@@ -136,6 +140,17 @@ class Correlator:
 
     def __len__(self) -> int:
         return len(self._calls)
+
+
+def seconds_left(sent_left: float, deadline: float | None, now: float) -> float:
+    """Rule 5: seconds a request has left, received at wall-clock ``now``.
+
+    ``sent_left`` is what the caller had left when it sent; ``deadline`` is
+    its absolute deadline (None from a peer that sends none).
+    """
+    if deadline is None:
+        return sent_left
+    return min(sent_left, deadline - now)
 
 
 class CacheState(Enum):

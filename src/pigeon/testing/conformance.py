@@ -400,6 +400,43 @@ async def deadline_is_honoured(setup: TransportSetup) -> None:
         assert finished == [], "the server ran the handler past the deadline"
 
 
+async def handler_sees_the_deadline(setup: TransportSetup) -> None:
+    """A handler sees its request's absolute deadline as Message.deadline."""
+    seen: list[float | None] = []
+
+    def record(message: pigeon.Message) -> str:
+        seen.append(message.deadline)
+        return "ok"
+
+    async with setup.node() as server, setup.client() as client:
+        await server.serve("deadline", record)
+        sent_at = time.time()
+        await client.request("deadline", "x", timeout=5.0)
+        assert len(seen) == 1 and seen[0] is not None, "the handler saw no deadline"
+        # The caller's deadline, or earlier (a receiver trusts the earlier of
+        # the absolute deadline and "received + seconds left").
+        assert sent_at + 4.0 < seen[0] <= time.time() + 5.0, (seen[0], sent_at)
+
+
+async def expired_messages_are_dead_lettered(setup: TransportSetup) -> None:
+    """A message whose ttl passed before anyone ran it is dead-lettered
+    unrun, with the reason ``expired``; one still in time runs."""
+    queue = unique("ttl")
+    ran: list[str] = []
+    dead: list[pigeon.Message] = []
+    async with setup.node() as host, setup.client() as client:
+        await host.send(queue, "stale", ttl=0.2)
+        await host.send(queue, "fresh", ttl=60.0)
+        await asyncio.sleep(0.4)
+        await client.consume(pigeon.dead_letter_queue(queue), lambda d: dead.append(d.message))
+        await client.consume(queue, lambda d: ran.append(d.message.text))
+        await wait_until(lambda: len(dead) == 1 and ran == ["fresh"], what="expiry")
+        assert dead[0].text == "stale"
+        assert dead[0].headers[headers.DEAD_REASON] == "expired"
+        await asyncio.sleep(0.2)
+        assert ran == ["fresh"], "the expired message ran"
+
+
 # -- payloads and bad input --------------------------------------------------
 
 
@@ -493,6 +530,8 @@ SCENARIOS = [
     load_balanced_servers,
     no_responders_at_once,
     deadline_is_honoured,
+    handler_sees_the_deadline,
+    expired_messages_are_dead_lettered,
     payload_codecs,
     large_messages,
     bad_arguments,

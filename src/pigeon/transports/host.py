@@ -406,13 +406,13 @@ class QueueHost:
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         dirty, self._dirty = self._dirty, set()
         for queue in dirty:
             ledger = self.queues.get(queue)
             if ledger is None:
                 continue
-            batches, dead = ledger.dispatch(now)
+            batches, dead = ledger.dispatch(now, wall=wall)
             for consumer, messages in batches:
                 self._sinks[consumer](queue, messages)
             if dead:

@@ -78,6 +78,9 @@ class LocalServices:
     def __init__(self) -> None:
         self._servers: dict[str, list[_LocalServer]] = {}
         self._rotation = itertools.count()
+        # Calls whose deadline passed before their handler started or while
+        # it ran: nobody waits for their answer.
+        self.expired_requests = 0
 
     def names(self) -> list[str]:
         return sorted(self._servers)
@@ -120,6 +123,7 @@ class LocalServices:
         finally:
             server.outstanding -= 1
         if outcome.expired:
+            self.expired_requests += 1
             raise Timeout(f"service {service!r} did not answer within {timeout} s")
         if outcome.error or outcome.reply is None:
             raise Rejected(service, outcome.error or "the handler gave no reply")

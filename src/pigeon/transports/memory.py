@@ -101,4 +101,8 @@ class MemoryTransport:
 
     def stats(self) -> dict[str, Any]:
         hub = self._hub
-        return {"sent": self.sent, "queues": hub.host.stats() if hub else {}}
+        return {
+            "sent": self.sent,
+            "expired_requests": hub.services.expired_requests if hub else 0,
+            "queues": hub.host.stats() if hub else {},
+        }

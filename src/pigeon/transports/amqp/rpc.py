@@ -200,7 +200,7 @@ class ServiceRegistration:
         left = remaining(message)
         outcome = await run_service_handler(self.handler, message, left)
         if outcome.expired:
-            counts["requests_expired"] += 1
+            counts["expired_requests"] += 1
             await self._settle(incoming)  # the caller has given up: no reply
             return
         error, reply = outcome.error or None, outcome.reply

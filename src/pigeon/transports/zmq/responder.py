@@ -11,7 +11,7 @@ from collections.abc import Callable
 from ..._core import frames
 from ..._core.budget import MAX_PEER_REQUEST_BYTES, MAX_PEER_REQUESTS, PeerBudget
 from ..._core.policy import ReplyErrorKind, reply_kind
-from ..._core.rpc import CacheState, ReplyCache
+from ..._core.rpc import CacheState, ReplyCache, seconds_left
 from ...errors import DeliveryError, Rejected, Timeout
 from ..local import LocalServices
 from ..tasks import start_task
@@ -35,9 +35,19 @@ class Responder:
         # Requests each peer has running: one peer may not take every handler.
         self.budget = PeerBudget(MAX_PEER_REQUESTS, MAX_PEER_REQUEST_BYTES)
         self.repeats_refused = 0
+        self.expired_requests = 0  # arrived after their deadline: never started
 
     def on_request(self, identity: bytes, request: frames.Request) -> None:
         rid = request.request_id
+        now = time.time()
+        left = seconds_left(request.timeout, request.message.deadline, now)
+        if left <= 0:  # its caller has given up: run nothing, answer nothing
+            self.expired_requests += 1
+            return
+        request.timeout = left
+        # The handler sees the deadline it is held to (Message.deadline).
+        if request.message.deadline is None or request.message.deadline > now + left:
+            request.message.deadline = now + left
         state, cached = CacheState.NEW, None
         if request.service not in UNCACHED_SERVICES:  # a flood of stats must not fill the cache
             state, cached = self.replies.begin(rid, time.monotonic())

@@ -52,6 +52,8 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         # Frames a peer's full pipe (it stopped reading) would not take; that
         # peer is given up.
         "send_failures": router.pump.send_failures if router and router.pump else 0,
+        "expired_requests": (router.responder.expired_requests if router else 0)
+        + node.caller.services.expired_requests,
         "reply_cache_hits": router.responder.replies.hits if router else 0,
         # Sends and requests refused because their peer was over its budget
         # of work held for it (see pigeon._core.budget).
