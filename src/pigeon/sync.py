@@ -371,6 +371,7 @@ class Connection:
         headers: dict[str, str] | None = None,
         content_type: str | None = None,
         message_id: str | None = None,
+        ttl: float | None = None,
     ) -> concurrent.futures.Future[None]:
         return _runner.submit(
             self._conn.send_nowait,
@@ -379,6 +380,7 @@ class Connection:
             headers=headers,
             content_type=content_type,
             message_id=message_id,
+            ttl=ttl,
         )
 
     def send_many(
@@ -388,9 +390,15 @@ class Connection:
         *,
         headers: dict[str, str] | None = None,
         content_type: str | None = None,
+        ttl: float | None = None,
     ) -> concurrent.futures.Future[None]:
         return _runner.submit(
-            self._conn.send_many, queue, payloads, headers=headers, content_type=content_type
+            self._conn.send_many,
+            queue,
+            payloads,
+            headers=headers,
+            content_type=content_type,
+            ttl=ttl,
         )
 
     def send(
@@ -402,6 +410,7 @@ class Connection:
         content_type: str | None = None,
         message_id: str | None = None,
         timeout: float = 30.0,
+        ttl: float | None = None,
     ) -> None:
         _runner.run(
             self._conn.send(
@@ -411,6 +420,7 @@ class Connection:
                 content_type=content_type,
                 message_id=message_id,
                 timeout=timeout,
+                ttl=ttl,
             )
         )
 
