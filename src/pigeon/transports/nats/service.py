@@ -138,7 +138,7 @@ class ServiceRegistration:
         remaining = None if request.deadline is None else request.deadline - time.time()
         outcome = await run_service_handler(self.handler, request, remaining)
         if outcome.expired:
-            counts["requests_expired"] += 1  # the caller has given up: no answer
+            counts["expired_requests"] += 1  # the caller has given up: no answer
             return
         reply = outcome.reply
         if outcome.error or reply is None:
