@@ -295,6 +295,7 @@ class Connection:
         concurrency: int = 1,
         retry: RetryPolicy | None = None,
         lease_ttl: float = 30.0,
+        abandon_on_host_loss: bool = True,
     ) -> Worker:
         """Run ``handler(delivery)`` for every message of ``queue``.
 
@@ -308,6 +309,13 @@ class Connection:
         deliveries per hand-off to the thread, one after another, each
         settled on its own (a hand-off costs about as much as a small
         handler). ``concurrency`` runners work side by side either way.
+
+        ``abandon_on_host_loss``: when the link to the node that leased a
+        delivery is lost, that node gives it to others, and this worker's
+        ack would come too late. So deliveries not started are dropped, and
+        running ``async`` handlers are cancelled (they see CancelledError);
+        both are counted in ``abandoned``. ZeroMQ transports only: brokers
+        keep a lease across a reconnect.
 
         Raises:
             ConfigurationError: prefetch or concurrency below 1, lease_ttl not
@@ -326,7 +334,13 @@ class Connection:
         policy = retry or RetryPolicy()
         if not isinstance(policy, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, not {type(policy).__name__}")
-        worker = Worker(_check_name(queue, "queue"), handler, policy, concurrency)
+        worker = Worker(
+            _check_name(queue, "queue"),
+            handler,
+            policy,
+            concurrency,
+            abandon_on_host_loss=bool(abandon_on_host_loss),
+        )
         options = ConsumeOptions(prefetch, _positive(lease_ttl, "lease_ttl"), policy.max_attempts)
         await worker._start(self.transport, options)
         self._workers.append(worker)
@@ -399,18 +413,25 @@ class Connection:
         return stats
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Stop workers (letting running handlers finish), wait for sends to be
-        confirmed, then close. Never waits longer than about ``timeout``."""
+        """Drain every worker and server (``Worker.drain``, ``Server.drain``:
+        nothing new is taken, what runs may finish within ``timeout``, the
+        rest is handed back at once), wait for sends to be confirmed, then
+        close. Never waits much longer than ``timeout``."""
         if self._closed:
             return
         self._closed = True
         if not self._started:
             return
-        for worker in self._workers:
-            await worker.close(timeout)
-        for server in self._servers:
-            await server.close()
-        await self.transport.close(timeout)
+        # Servers first, so callers stop choosing this node while workers finish.
+        outcomes = await asyncio.gather(
+            *(server.drain(timeout) for server in self._servers),
+            *(worker.drain(timeout) for worker in self._workers),
+            return_exceptions=True,
+        )
+        await self.transport.close(timeout)  # whatever a drain raised
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -455,13 +476,18 @@ def connect(
             ``ipc://PATH``, ``inproc://NAME``, ``nats://…``, ``amqp://…``,
             or a list of ZeroMQ addresses.
         bind: ZeroMQ address(es) to serve on; the node then hosts queues.
-        options: transport options (e.g. ``heartbeat``, ``max_message_size``).
+        options: transport options (e.g. ``heartbeat``, ``max_message_size``;
+            ``discover="file:///path/nodes.txt"``, ``"dns://HOST:PORT"`` or
+            ``"srv://NAME"`` finds ZeroMQ nodes to connect to, with or
+            without ``url``: see docs/discovery.md).
 
     Raises:
         ConfigurationError: unknown scheme or unusable combination.
     """
     connect_urls = _as_list(url, "url")
     bind_urls = _as_list(bind, "bind")
-    if not connect_urls and not bind_urls:
-        raise ConfigurationError("connect() needs a URL, or bind= for a node that serves")
+    if not connect_urls and not bind_urls and options.get("discover") is None:
+        raise ConfigurationError(
+            "connect() needs a URL, bind= for a node that serves, or discover= to find nodes"
+        )
     return Connection(open_transport(connect_urls, bind_urls, **options))

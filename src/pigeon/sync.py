@@ -323,6 +323,9 @@ class Worker:
         """True when no delivery is waiting or being handled here."""
         return _runner.call(lambda: self._worker.idle)
 
+    def drain(self, grace: float = 30.0) -> None:
+        _runner.run(self._worker.drain(grace))
+
     def close(self, timeout: float = 5.0) -> None:
         _runner.run(self._worker.close(timeout))
 
@@ -337,8 +340,11 @@ class Server:
         self._server = server
         self.service = server.service
 
-    def close(self) -> None:
-        _runner.run(self._server.close())
+    def drain(self, grace: float = 30.0) -> None:
+        _runner.run(self._server.drain(grace))
+
+    def close(self, timeout: float = 5.0) -> None:
+        _runner.run(self._server.close(timeout))
 
     def stats(self) -> dict[str, Any]:
         return _runner.call(self._server.stats)
@@ -436,6 +442,7 @@ class Connection:
         concurrency: int = 1,
         retry: RetryPolicy | None = None,
         lease_ttl: float = 30.0,
+        abandon_on_host_loss: bool = True,
     ) -> Worker:
         """Run the plain function ``handler(delivery)`` in a thread for every
         message of ``queue`` (see :meth:`pigeon.Connection.consume`)."""
@@ -453,6 +460,7 @@ class Connection:
                 concurrency=concurrency,
                 retry=retry,
                 lease_ttl=lease_ttl,
+                abandon_on_host_loss=abandon_on_host_loss,
             )
         )
         return Worker(worker)

@@ -22,6 +22,7 @@ from ._core.policy import (
 from .errors import PigeonError
 from .message import Message, make_message
 from .transports import ConsumeOptions, Delivery, Subscription, Transport
+from .transports.base import ServerStopping
 
 Handler = Callable[[Delivery], Awaitable[Any] | Any]
 ServiceFunction = Callable[[Message], Awaitable[Any] | Any]
@@ -58,11 +59,25 @@ async def call_handler(handler: Callable[[Any], Any], argument: Any) -> Any:
 class Worker:
     """Consumes one queue and runs ``handler`` on each delivery."""
 
-    def __init__(self, queue: str, handler: Handler, policy: RetryPolicy, concurrency: int) -> None:
+    def __init__(
+        self,
+        queue: str,
+        handler: Handler,
+        policy: RetryPolicy,
+        concurrency: int,
+        *,
+        abandon_on_host_loss: bool = True,
+    ) -> None:
         self.queue = queue
         self.handler = handler
         self.policy = policy
         self.concurrency = concurrency
+        self.abandon_on_host_loss = abandon_on_host_loss
+        # The task running each delivery an async handler has, so a lost
+        # host's deliveries can be cut (abandon_on_host_loss).
+        self._handling: dict[Delivery, asyncio.Task[Any]] = {}
+        self._abandoning: set[Delivery] = set()
+        self._watched: Any = None  # the settler _sink last asked to watch
         self._pending: deque[Delivery] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,6 +85,8 @@ class Worker:
         self._busy = 0
         self._in_progress: set[Delivery] = set()
         self._closing = False
+        self._draining = False  # the host sends nothing more; we hand back what comes
+        self._returning: set[asyncio.Future[None]] = set()
         self._async_handler = inspect.iscoroutinefunction(handler)
         self.counts = {
             "received": 0,
@@ -79,6 +96,8 @@ class Worker:
             "dead_lettered": 0,
             "expired": 0,  # dead-lettered unrun: their deadline passed
             "handler_errors": 0,
+            "handed_back": 0,  # returned unfinished when stopping, for others to run
+            "abandoned": 0,  # given up unfinished: their host was lost
             "unreturned_at_close": 0,
         }
 
@@ -89,8 +108,48 @@ class Worker:
         self._subscription = await transport.consume(self.queue, self._sink, options)
 
     def _sink(self, deliveries: list[Delivery]) -> None:
+        if self._draining:  # sent before the host heard we are draining
+            task = asyncio.ensure_future(self._hand_back(deliveries, "worker draining"))
+            self._returning.add(task)
+            task.add_done_callback(self._returning.discard)
+            return
+        if self.abandon_on_host_loss:
+            settler = deliveries[0]._settler
+            if settler is not self._watched:
+                self._watch(deliveries)
         self._pending.extend(deliveries)
         self._wake.set()
+
+    def _watch(self, deliveries: list[Delivery]) -> None:
+        # A transport whose settler can lose its host (a ZeroMQ link) tells
+        # us when it does; the others have no such hook.
+        for delivery in deliveries:
+            settler = delivery._settler
+            if settler is not self._watched:
+                watch = getattr(settler, "watch", None)
+                if watch is not None:
+                    watch(self._host_lost)
+                self._watched = settler
+
+    def _host_lost(self, settler: object) -> None:
+        """The host that leased these deliveries is lost: they can no longer
+        be acked, and it gives them to others. Drop the ones not started and
+        cut the running ones (their handlers see CancelledError)."""
+        lost = [d for d in self._pending if d._settler is settler]
+        if lost:
+            kept = [d for d in self._pending if d._settler is not settler]
+            self._pending.clear()
+            self._pending.extend(kept)
+        for delivery, task in list(self._handling.items()):
+            if delivery._settler is settler:
+                self._abandoning.add(delivery)
+                task.cancel()
+                lost.append(delivery)
+        lost += [d for d in self._in_progress if d._settler is settler and d not in lost]
+        for delivery in lost:
+            delivery.settled = True  # nothing may settle it now: the host moved on
+            self._in_progress.discard(delivery)
+        self.counts["abandoned"] += len(lost)
 
     @property
     def idle(self) -> bool:
@@ -101,6 +160,9 @@ class Worker:
         pending = self._pending
         in_progress = self._in_progress
         handle = self._handle
+        handling = self._handling
+        me = asyncio.current_task()
+        assert me is not None
         while not self._closing:
             if not pending:
                 self._wake.clear()
@@ -112,9 +174,18 @@ class Worker:
             delivery = pending.popleft()
             self._busy += 1
             in_progress.add(delivery)
+            handling[delivery] = me
             try:
                 await handle(delivery)
+            except asyncio.CancelledError:
+                if delivery not in self._abandoning:
+                    raise
+                # Cut because its host was lost (_host_lost): this runner
+                # goes on with the next delivery.
+                self._abandoning.discard(delivery)
+                me.uncancel()
             finally:
+                del handling[delivery]
                 self._busy -= 1
                 if delivery.settled:  # a cancelled one stays, for close() to nack
                     in_progress.discard(delivery)
@@ -207,32 +278,56 @@ class Worker:
             counts["retried"] += 1
             await delivery.nack(verdict.delay, error)
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Stop taking deliveries, let running handlers finish (up to
-        ``timeout``), and give back the ones not started."""
+    async def drain(self, grace: float = 30.0) -> None:
+        """Stop gracefully: take nothing more, hand back at once what has not
+        started (redelivered to other workers now, not after a lease),
+        let running handlers finish within ``grace`` seconds, then cut the
+        rest short and hand them back too. Counted in ``handed_back``."""
         if self._closing:
             return
         self._closing = True
+        subscription = self._subscription
+        drain = getattr(subscription, "drain", None)
+        if drain is not None:
+            await drain()  # the host keeps our leases: we settle them below
+        self._draining = drain is not None
+        await self._hand_back(self._take_pending(), "worker draining")
         self._wake.set()
         if self._tasks:
-            _done, still = await asyncio.wait(self._tasks, timeout=timeout)
+            _done, still = await asyncio.wait(self._tasks, timeout=grace)
             for task in still:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
-        # Stop the subscription first, so nothing given back below comes
-        # straight back here. Then hand back handlers cut short and
-        # deliveries never started, rather than wait for their leases; a
-        # transport that already took them back on cancel ignores these.
-        if self._subscription is not None:
-            await self._subscription.cancel()
-        unfinished = [*self._in_progress, *self._pending]
+        if self._returning:
+            await asyncio.wait(self._returning, timeout=1.0)
+        if not self._draining and subscription is not None:
+            # A transport that cannot drain: stop it first, so nothing
+            # handed back below comes straight back here (one that took the
+            # leases back on cancel ignores these nacks).
+            await subscription.cancel()
+        unfinished = [*self._in_progress, *self._take_pending()]
         self._in_progress.clear()
+        await self._hand_back(unfinished, "worker stopped")
+        if self._draining and subscription is not None:
+            await subscription.cancel()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop, letting running handlers finish for up to ``timeout``
+        seconds: :meth:`drain` with that grace."""
+        await self.drain(timeout)
+
+    def _take_pending(self) -> list[Delivery]:
+        taken = list(self._pending)
         self._pending.clear()
-        for delivery in unfinished:
+        return taken
+
+    async def _hand_back(self, deliveries: list[Delivery], why: str) -> None:
+        for delivery in deliveries:
             if not delivery.settled:
                 try:
-                    await delivery.nack(0.0, "worker closed")
+                    await delivery.nack(0.0, why)
+                    self.counts["handed_back"] += 1
                 except PigeonError:
                     self.counts["unreturned_at_close"] += 1
 
@@ -246,19 +341,36 @@ class Server:
     def __init__(self, service: str, handler: ServiceFunction) -> None:
         self.service = service
         self.handler = handler
-        self.counts = {"handled": 0, "failed": 0}
+        self.counts = {"handled": 0, "failed": 0, "cut": 0}
+        # Tasks running a request here, for drain() to wait for (or cut).
+        self._running: set[asyncio.Task[Any]] = set()
+        self._cutting: set[asyncio.Task[Any]] = set()
         self._registration: Subscription | None = None
         self._async_handler = inspect.iscoroutinefunction(handler)
 
     async def _serve(self, message: Message) -> Message:
+        task = asyncio.current_task()
+        running = self._running
+        if task is not None:
+            running.add(task)
         try:
             if self._async_handler:
                 result = await self.handler(message)
             else:
                 result = await call_handler(self.handler, message)
+        except asyncio.CancelledError:
+            if task is None or task not in self._cutting:
+                raise
+            # Cut by drain() when its grace ran out: the caller may try
+            # another server, as when a server is lost.
+            self.counts["cut"] += 1
+            raise ServerStopping(self.service) from None
         except Exception:
             self.counts["failed"] += 1
             raise
+        finally:
+            if task is not None:
+                running.discard(task)
         self.counts["handled"] += 1
         return result if isinstance(result, Message) else make_message(result)
 
@@ -266,10 +378,27 @@ class Server:
         """Begin serving (called by :meth:`pigeon.Connection.serve`)."""
         self._registration = await transport.serve(self.service, self._serve)
 
-    async def close(self) -> None:
-        if self._registration is not None:
-            await self._registration.cancel()
-            self._registration = None
+    async def drain(self, grace: float = 30.0) -> None:
+        """Stop gracefully: withdraw the service, so callers send new
+        requests to other servers (one that arrives anyway is answered
+        "no responders here" and its caller moves on), let running requests
+        finish within ``grace`` seconds, then cut the rest short (counted in
+        ``cut``; their callers may try another server)."""
+        registration, self._registration = self._registration, None
+        if registration is None:
+            return
+        await registration.cancel()
+        if self._running:
+            _done, still = await asyncio.wait(set(self._running), timeout=grace)
+            self._cutting.update(still)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop: :meth:`drain` with a grace of ``timeout`` seconds."""
+        await self.drain(timeout)
 
     def stats(self) -> dict[str, Any]:
         return {"service": self.service, **self.counts}

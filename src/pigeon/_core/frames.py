@@ -80,9 +80,12 @@ class Consume(msgspec.Struct, array_like=True, tag=5, gc=False):
 
 
 class Cancel(msgspec.Struct, array_like=True, tag=6, gc=False):
-    """Worker → host: stop delivering ``queue``; unsettled ones go back."""
+    """Worker → host: stop delivering ``queue``; unsettled ones go back, or,
+    with ``keep_leases`` (a worker draining), stay with the worker, which
+    settles them itself."""
 
     queue: Name
+    keep_leases: bool = False
 
 
 class Deliver(msgspec.Struct, array_like=True, tag=7, gc=False):

@@ -24,6 +24,9 @@ every round trip); a lease that expires unsettled sets it back to
 first window, not a whole prefetch of the queue.
 Rule 7: a message whose deadline has passed (``policy.past_deadline``) is
 dead-lettered as ``expired`` when its turn to be handed out comes, unrun.
+Rule 8: a draining consumer gets nothing more but keeps its leases, which it
+settles as usual (a worker stopping gracefully: it finishes what it runs and
+hands back the rest itself).
 
 The ledger does no I/O and reads no clock: callers pass ``now``.
 """
@@ -294,6 +297,14 @@ class QueueLedger:
             existing.lease_ttl = ttl
         else:
             self._consumers[consumer] = _Consumer(prefetch, ttl, self._first_window(prefetch))
+
+    def drain_consumer(self, consumer: Hashable) -> bool:
+        """Rule 8: give ``consumer`` nothing more; False if it is unknown."""
+        existing = self._consumers.get(consumer)
+        if existing is None:
+            return False
+        existing.prefetch = existing.window = 0
+        return True
 
     def remove_consumer(self, consumer: Hashable, *, lost: bool = False) -> int:
         """Drop a consumer; its unsettled deliveries go back to the front.

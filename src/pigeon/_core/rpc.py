@@ -5,8 +5,10 @@ Client rules:
 Rule 1: a call goes to the live server with the fewest calls outstanding;
 servers not yet tried for this call come first (``policy.least_loaded``).
 Rule 2: a call is retried, with the same request id, on another server when
-its attempt times out or its server is lost; it fails with ``Timeout`` at its
-deadline, never later.
+its attempt times out, its server is lost, or its server answers that it
+does not serve the service (it withdrew it: a server draining; that server
+is not asked again for this call); it fails with ``Timeout`` at its
+deadline, never later, and with ``NoResponders`` when no server is left.
 Rule 3: a reply for a call that is no longer pending is dropped and counted.
 
 Server rules:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import ConfigurationError, LocalProtocolError, Rejected
+from ..errors import ConfigurationError, LocalProtocolError, NoResponders, Rejected
 from ..message import Message
 
 
@@ -108,6 +108,11 @@ DeliverySink = Callable[[list[Delivery]], None]
 ServiceHandler = Callable[[Message], Awaitable[Message]]
 
 
+class ServerStopping(NoResponders):
+    """A draining server cut a request short when its grace ran out: like a
+    server lost, the caller may try another one."""
+
+
 @dataclass(slots=True)
 class HandlerOutcome:
     """How one run of a service handler ended (see ``run_service_handler``).
@@ -117,11 +122,13 @@ class HandlerOutcome:
         error: why it failed, for the caller's ``Rejected`` ("" if it did not).
         expired: the request's deadline passed first: the caller has given
             up, so nothing is sent back.
+        stopped: its server was draining and cut it short (``ServerStopping``).
     """
 
     reply: Message | None = None
     error: str = ""
     expired: bool = False
+    stopped: bool = False
 
 
 async def run_service_handler(
@@ -144,6 +151,8 @@ async def run_service_handler(
         if remaining is not None and scope.expired():
             return HandlerOutcome(expired=True)
         return HandlerOutcome(error="TimeoutError: the handler timed out")
+    except ServerStopping as exc:
+        return HandlerOutcome(error=str(exc), stopped=True)
     except Rejected as exc:
         return HandlerOutcome(error=exc.reason)
     except Exception as exc:  # the handler's failure becomes the caller's Rejected

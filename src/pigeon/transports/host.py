@@ -329,6 +329,13 @@ class QueueHost:
                 del self._subscriptions[consumer]
                 self._sinks.pop(consumer, None)
 
+    def drain(self, queue: str, consumer: Hashable) -> None:
+        """Deliver nothing more of ``queue`` to ``consumer``; it keeps what it
+        holds and settles it as usual (``unsubscribe`` when it is done)."""
+        ledger = self.queues.get(queue)
+        if ledger is not None:
+            ledger.drain_consumer(consumer)
+
     def consumer_lost(self, consumer: Hashable) -> None:
         """A consumer died: every delivery it held is redelivered elsewhere."""
         for queue in list(self._subscriptions.get(consumer, ())):

@@ -4,7 +4,7 @@ consumers of a :class:`QueueHost`, and a table of local services."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from .._core.policy import least_loaded
@@ -58,6 +58,9 @@ class LocalSubscription:
             lease_ttl=options.lease_ttl,
         )
 
+    async def drain(self) -> None:
+        self.host.drain(self.queue, self)
+
     async def cancel(self) -> None:
         self.host.unsubscribe(self.queue, self)
 
@@ -88,10 +91,17 @@ class LocalServices:
     def offers(self, service: str) -> bool:
         return bool(self._servers.get(service))
 
-    def add(self, service: str, handler: ServiceHandler) -> _ServiceRegistration:
+    def add(
+        self,
+        service: str,
+        handler: ServiceHandler,
+        *,
+        on_change: Callable[[], None] | None = None,
+    ) -> _ServiceRegistration:
+        """Serve ``service`` here; ``on_change`` is called when it is withdrawn."""
         server = _LocalServer(handler)
         self._servers.setdefault(service, []).append(server)
-        return _ServiceRegistration(self, service, server)
+        return _ServiceRegistration(self, service, server, on_change)
 
     def remove(self, service: str, server: _LocalServer) -> None:
         servers = self._servers.get(service, [])
@@ -122,6 +132,8 @@ class LocalServices:
             outcome = await run_service_handler(server.handler, message, timeout)
         finally:
             server.outstanding -= 1
+        if outcome.stopped:  # cut short by a drain: the caller may go elsewhere
+            raise NoResponders(service)
         if outcome.expired:
             self.expired_requests += 1
             raise Timeout(f"service {service!r} did not answer within {timeout} s")
@@ -131,10 +143,19 @@ class LocalServices:
 
 
 class _ServiceRegistration:
-    def __init__(self, table: LocalServices, service: str, server: _LocalServer) -> None:
+    def __init__(
+        self,
+        table: LocalServices,
+        service: str,
+        server: _LocalServer,
+        on_change: Callable[[], None] | None,
+    ) -> None:
         self._table = table
         self._service = service
         self._server = server
+        self._on_change = on_change
 
     async def cancel(self) -> None:
         self._table.remove(self._service, self._server)
+        if self._on_change is not None:
+            self._on_change()

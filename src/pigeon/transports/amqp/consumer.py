@@ -273,6 +273,17 @@ class Subscription:
 
     # -- Subscription ----------------------------------------------------
 
+    async def drain(self) -> None:
+        """Take no more deliveries (basic.cancel); those held stay on the
+        channel, to be settled as usual."""
+        queue, tag = self._amqp_queue, self._consumer_tag
+        if queue is None or tag is None or self._cancelled:
+            return
+        self._consumer_tag = None
+        with contextlib.suppress(PigeonError):
+            with map_exceptions(f"stop consuming {self.queue!r}", address=self.address):
+                await queue.cancel(tag)
+
     async def cancel(self) -> None:
         """Stop consuming; what this consumer still holds goes back to the queue."""
         if self._cancelled:

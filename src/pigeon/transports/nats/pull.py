@@ -101,6 +101,7 @@ class PullConsumer:
         self.outstanding = 0  # messages asked for by the pull request in flight
         self.backlog: deque[Delivery] = deque()  # arrived beyond credit (see _on_msg)
         self.closed = False
+        self.draining = False  # asks for nothing more (drain)
         self._request_deadline = 0.0
         self._retry_at = 0.0
         self._wake = asyncio.Event()
@@ -137,6 +138,8 @@ class PullConsumer:
             if self.outstanding and now > self._request_deadline:
                 self.outstanding = 0
             credit = self.options.prefetch - self.held - len(self.backlog) - self.outstanding
+            if self.draining:
+                credit = 0
             if credit > 0 and not self.outstanding and now >= self._retry_at and nc.is_connected:
                 request = {"batch": credit, "expires": int(expires * 1e9)}
                 try:
@@ -271,6 +274,12 @@ class PullConsumer:
         await self._quietly(msg.term(), "term")
 
     # -- stopping --------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Pull nothing more; what the worker holds stays its to settle, and
+        what arrives for a pull already asked is handed over as usual."""
+        self.draining = True
+        self._wake.set()
 
     async def cancel(self) -> None:
         """Stop pulling; deliveries that never reached the worker go back at once."""

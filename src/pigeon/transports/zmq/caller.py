@@ -54,12 +54,15 @@ class Caller:
         call = self.correlator.start(
             rid, service, now, timeout=timeout, attempt_timeout=self.attempt_timeout or timeout
         )
+        declined: list[Any] = []  # servers that said they no longer serve it
         try:
             while True:
                 candidates = self._candidates(service)
                 if not candidates and not call.tried:
                     await self._await_handshakes(service, deadline)
                     candidates = self._candidates(service)
+                if declined:
+                    candidates = [c for c in candidates if c not in declined]
                 server = self.correlator.choose(call, candidates, time.monotonic())
                 if server is None:
                     raise self._nobody(service)
@@ -75,7 +78,11 @@ class Caller:
                 self._arm_sweep()
                 result = await attempt
                 if result is not _RETRY:
-                    return _reply_or_raise(service, result)
+                    if result.error_kind is not ReplyErrorKind.NO_RESPONDERS:
+                        return _reply_or_raise(service, result)
+                    # It withdrew the service (a server draining) before
+                    # running this: another may take it (the core's Rule 2).
+                    declined.append(server)
                 if time.monotonic() >= deadline:
                     break
         finally:

@@ -25,6 +25,9 @@ class RemoteSubscription:
         self._consumers = consumers
         self.queue = queue
 
+    async def drain(self) -> None:
+        self._consumers.drain(self.queue)
+
     async def cancel(self) -> None:
         self._consumers.cancel(self.queue)
 
@@ -36,6 +39,8 @@ class RemoteConsumers:
         self.links = links  # the node's own list
         self.verdict_timeout = verdict_timeout
         self._sinks: dict[str, DeliverySink] = {}
+        self._consumes: dict[str, frames.Consume] = {}  # for links added later
+        self._draining: set[str] = set()
         self._verdicts: dict[tuple[Link, str], bool] = {}
         self._reasons: dict[tuple[Link, str], str] = {}
         self._changed = Waiters()
@@ -52,6 +57,7 @@ class RemoteConsumers:
             Forbidden: a host refused this node's key the queue.
         """
         self._sinks[queue] = sink
+        self._consumes[queue] = consume
         asking = [link for link in self.links if link.up]
         for link in self.links:
             self._verdicts.pop((link, queue), None)
@@ -72,10 +78,23 @@ class RemoteConsumers:
             raise Forbidden(Verb.CONSUME.value, queue, address=address)
         return RemoteSubscription(self, queue)
 
+    def drain(self, queue: str) -> None:
+        """Hosts send nothing more of ``queue``; what they sent already still
+        reaches the sink, and its leases stay ours to settle."""
+        self._draining.add(queue)
+        self._consumes.pop(queue, None)
+        for link in self.links:
+            # Popped: a link that comes back does not ask for the queue again.
+            if link.consumers.pop(queue, None) is not None:
+                link.send_frame(frames.Cancel(queue, keep_leases=True))
+
     def cancel(self, queue: str) -> None:
         self._sinks.pop(queue, None)
+        self._consumes.pop(queue, None)
+        draining = queue in self._draining
+        self._draining.discard(queue)
         for link in self.links:
-            if link.consumers.pop(queue, None) is not None:
+            if link.consumers.pop(queue, None) is not None or draining:
                 link.send_frame(frames.Cancel(queue))
 
     def cancel_all(self) -> None:
@@ -91,6 +110,19 @@ class RemoteConsumers:
             return
         settler = link.settler
         sink([Delivery(queue, m, settler) for m in messages])
+
+    def attach(self, link: Link) -> None:
+        """A link added after ``consume`` (discovery found its node): it asks
+        its host for every queue consumed here once the host says Hello."""
+        link.consumers.update(self._consumes)
+
+    def detach(self, link: Link) -> None:
+        """A link removed for good: forget what its host answered."""
+        for key in [key for key in self._verdicts if key[0] is link]:
+            self._verdicts.pop(key, None)
+            self._reasons.pop(key, None)
+        for grant in [grant for grant in self.granted if grant[0] == link.address]:
+            del self.granted[grant]
 
     def link_changed(self) -> None:
         """A link went down: a verdict it owed is not coming."""

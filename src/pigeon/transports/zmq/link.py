@@ -169,6 +169,10 @@ class Link:
     def mark_down(self, why: str) -> None:
         if self.up:
             self.up = False
+            # What this link delivered is lost with it; what comes after
+            # it is back is settled through a new settler.
+            lost, self.settler = self.settler, LinkSettler(self, self.remote_session)
+            lost.lose()
             self._events.went_down(self)
             if self._hello_timer is None:
                 self._say_hello_until_heard(0.01)

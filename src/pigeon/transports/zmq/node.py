@@ -4,11 +4,15 @@ addresses, and reaches other nodes through links to their addresses.
 Where a queue lives: a node that binds hosts the queues it is sent to (the
 seed's fountain binds, its processors connect). A node that only connects
 sends to, and consumes from, the nodes it connects to.
+
+Which nodes it links to: the URLs it was given, and those its discovery
+source lists (``discover=``), whose links come and go with the source.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import stat
 import time
@@ -16,7 +20,8 @@ from typing import Any
 
 import zmq
 
-from ..._core.frames import Consume, Hello, Reply, Verdict
+from ..._core.discovery import is_ipv6
+from ..._core.frames import Cancel, Consume, Hello, Reply, Verdict
 from ..._core.limits import (
     MAX_SERVICES,
 )
@@ -30,6 +35,7 @@ from . import admin, security
 from .caller import Caller
 from .config import NodeConfig, Waiters, shared_context
 from .consumers import RemoteConsumers
+from .discovery import Discovery
 from .link import Link
 from .options import NodeOptions
 from .outbox import DurableOutbox
@@ -45,6 +51,8 @@ class ZmqTransport:
     Args:
         connect: addresses of nodes to reach.
         bind: addresses to serve on (this node then hosts queues).
+        discover: a source of more addresses to reach (see
+            :mod:`pigeon.transports.zmq.discovery`).
         options: see :class:`NodeOptions`.
 
     Raises:
@@ -55,7 +63,9 @@ class ZmqTransport:
     def __init__(self, connect: list[str], bind: list[str], **options: Any) -> None:
         opts = NodeOptions(**options)
         opts.check(bind)
-        self.url = " ".join([*connect, *(f"bind:{b}" for b in bind)])
+        source = opts.discovery_source()
+        where = [*connect, *([f"discover:{source}"] if source is not None else [])]
+        self.url = " ".join([*where, *(f"bind:{b}" for b in bind)])
         self.connect_addresses = list(connect)
         self.bind_addresses = list(bind)
         self.config = NodeConfig(
@@ -67,7 +77,7 @@ class ZmqTransport:
             connect_grace=opts.connect_grace,
         )
         self.security = security.resolve(
-            connect,
+            where,  # (what it reads of them: whether this node connects at all)
             bind,
             node_id=self.config.node_id,
             key=opts.key,
@@ -88,6 +98,14 @@ class ZmqTransport:
         )
         self.services = LocalServices()
         self.links: list[Link] = []
+        self._retiring: set[Link] = set()  # removed by discovery, closing
+        self.discovery = (
+            Discovery(
+                source, self, fixed=self.connect_addresses, nameserver=opts.discovery_nameserver()
+            )
+            if source is not None
+            else None
+        )
         # Woken when a send is confirmed or a Hello heard: waits on either are
         # events, not polls.
         self._progress = Waiters()
@@ -115,7 +133,15 @@ class ZmqTransport:
             hosts_queues=bool(self.bind_addresses),
             max_message_size=self.config.max_message_size,
             progress=self._progress,
+            no_link=self._no_link,
         )
+
+    def _no_link(self) -> str:
+        """Why a node that does not bind has nowhere to send (only discovery
+        can leave it without links)."""
+        why = "no node to send to: discovery has found none"
+        error = self.discovery.roster.last_error if self.discovery is not None else ""
+        return f"{why} ({error})" if error else why
 
     # -- lifecycle -------------------------------------------------------
 
@@ -142,27 +168,17 @@ class ZmqTransport:
             )
             self.sender = self._make_sender()
             self.restored = await asyncio.to_thread(self.host.restore)
-        context = shared_context()
         if self.bind_addresses:
-            await self._bind(context)
+            await self._bind(shared_context())
         for address in self.connect_addresses:
             try:
-                link = Link(
-                    self.config,
-                    address,
-                    context,
-                    hello=self.hello,
-                    events=self,
-                    progress=self._progress,
-                    heard=self._heard,
-                    curve=self.security.client,
-                )
-            except zmq.ZMQError as exc:
+                self.links.append(self._open_link(address))
+            except TransportError:
                 await self.close()
-                raise TransportError(
-                    f"cannot connect to {address}: {exc}", address=address
-                ) from exc
-            self.links.append(link)
+                raise
+        if self.discovery is not None:
+            # Before the outbox opens: what it resends needs a link to go to.
+            await self.discovery.start()
         if self.outbox_path is not None:
             outbox = await DurableOutbox.open(
                 self.outbox_path,
@@ -179,14 +195,79 @@ class ZmqTransport:
         if self.security.client is not None and self.links:
             await self._first_handshakes()
 
+    def _open_link(self, address: str) -> Link:
+        """Raises:
+        TransportError: libzmq refused the address.
+        """
+        config = self.config
+        if is_ipv6(address):
+            config = dataclasses.replace(config, ipv6=True)
+        try:
+            return Link(
+                config,
+                address,
+                shared_context(),
+                hello=self.hello,
+                events=self,
+                progress=self._progress,
+                heard=self._heard,
+                curve=self.security.client,
+            )
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot connect to {address}: {exc}", address=address) from exc
+
+    # -- what discovery changes (discovery.LinkTable) ----------------------
+
+    def add_link(self, address: str) -> None:
+        """A node discovery found: link to it. Its Hello tells which services
+        it offers; the queues this node consumes are asked of it then.
+
+        Raises:
+            TransportError: libzmq refused the address.
+        """
+        if self._closed or any(link.address == address for link in self.links):
+            return
+        link = self._open_link(address)
+        link.durable = self.sender.outbox
+        self.consumers.attach(link)
+        self.links.append(link)
+        self.sender.link_added()
+
+    def remove_link(self, address: str) -> None:
+        """A node discovery no longer lists: its link is closed as a lost
+        peer's is. Calls waiting on it move to other servers, its
+        unconfirmed sends are resent through another link or failed
+        (``Sender.rehome``), and its host is told to give our leases to
+        other consumers now rather than after missed heartbeats."""
+        link = next((link for link in self.links if link.address == address), None)
+        if link is None:
+            return
+        self.links.remove(link)
+        for queue in list(link.consumers):
+            link.send_frame(Cancel(queue))
+        self.consumers.detach(link)
+        link.mark_down("removed by discovery")
+        self.sender.rehome(link)
+        # Closed a moment later, so the Cancel frames leave first (LINGER is 0).
+        self._retiring.add(link)
+        asyncio.get_running_loop().call_later(_RETIRE_AFTER, self._retire, link)
+
+    def _retire(self, link: Link) -> None:
+        if link in self._retiring:
+            self._retiring.discard(link)
+            link.close()
+
     async def _bind(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
         curve = self.security.server
         if curve is not None:
             acl = self.security.acl
             assert acl is not None
             self.zap = ZapHandler.of(context).register(curve.domain, acl.knows)
+        config = self.config
+        if any(is_ipv6(address) for address in self.bind_addresses):
+            config = dataclasses.replace(config, ipv6=True)
         self.router = RouterSide(
-            self.config,
+            config,
             context,
             hello=self.hello,
             host=self.host,
@@ -283,10 +364,13 @@ class ZmqTransport:
         self, queue: str, sink: DeliverySink, options: ConsumeOptions
     ) -> Subscription:
         self._check_open()
-        if self.bind_addresses or not self.links:
+        # A node with a discovery source consumes from the hosts it finds,
+        # even while it has found none.
+        remote_only = not self.links and self.discovery is None
+        if self.bind_addresses or remote_only:
             sub = LocalSubscription(self.host, queue, sink, options)
             self._local_subs.append(sub)
-            if not self.links:
+            if remote_only:
                 return sub
         consume = Consume(queue, options.prefetch, options.lease_ttl, options.max_attempts)
         return await self.consumers.consume(queue, sink, consume)
@@ -308,6 +392,8 @@ class ZmqTransport:
     def went_down(self, link: Link) -> None:
         self.caller.server_lost(link)
         self.consumers.link_changed()
+        if self.discovery is not None and link in self.links:
+            self.discovery.link_lost()  # a name may point elsewhere now
 
     # -- request-reply ---------------------------------------------------
 
@@ -315,13 +401,20 @@ class ZmqTransport:
         self._check_open()
         if service not in self.services.names() and len(self.services.names()) >= MAX_SERVICES:
             raise ConfigurationError(f"a node serves at most {MAX_SERVICES} services")
-        registration = self.services.add(service, handler)
-        # Advertise at once rather than at the next heartbeat.
+        # Advertised at once, and again when it is withdrawn (a server
+        # draining), rather than at the next heartbeat.
+        registration = self.services.add(service, handler, on_change=self._advertise)
+        self._advertise()
+        return registration
+
+    def _advertise(self) -> None:
+        """Tell every peer now which services this node offers."""
+        if self._closed:
+            return
         for link in self.links:
             link.send_hello()
         if self.router is not None:
             self.router.announce()
-        return registration
 
     async def request(self, service: str, message: Message, *, timeout: float) -> Message:
         self._check_open()
@@ -347,6 +440,8 @@ class ZmqTransport:
         if self._closed:
             return
         self._closed = True
+        if self.discovery is not None:
+            await self.discovery.close()  # no link comes or goes from here on
         try:
             await self.flush(timeout)
         except Timeout:
@@ -364,8 +459,9 @@ class ZmqTransport:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         self.caller.close()
-        for link in self.links:
+        for link in [*self.links, *self._retiring]:
             link.close()
+        self._retiring.clear()
         if self.router is not None:
             self.router.close()
             _remove_ipc_files(self.bound)
@@ -376,6 +472,9 @@ class ZmqTransport:
 
     def stats(self) -> dict[str, Any]:
         return node_stats(self)
+
+
+_RETIRE_AFTER = 0.1  # seconds a removed link stays open for its last frames
 
 
 def _remove_ipc_files(addresses: list[str]) -> None:

@@ -170,6 +170,8 @@ class RouterSide:
                     except Backpressure as exc:  # the node's queue cap
                         verdict = frames.Verdict(Verb.CONSUME.value, queue, False, reason=str(exc))
                 self._send(identity, verdict)
+            case frames.Cancel(queue, keep_leases=True):
+                host.drain(queue, (identity, queue))
             case frames.Cancel(queue):
                 host.unsubscribe(queue, (identity, queue))
                 self._consumers.get(identity, set()).discard((identity, queue))

@@ -6,6 +6,7 @@ frame per queue per loop iteration, on the link they came from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from ..._core.frames import Settle
@@ -24,13 +25,37 @@ class SettleBuffer(Protocol):
 
 
 class LinkSettler:
-    """Batches a worker's settles into one Settle frame per queue per iteration."""
+    """Batches a worker's settles into one Settle frame per queue per iteration.
 
-    __slots__ = ("link", "session")
+    One settler serves the deliveries of one link while it is up. When the
+    link is lost, so are they: the host gives them to others once it too has
+    missed our heartbeats. ``lose`` tells whoever ``watch``-es, so a worker
+    stops running them for nothing.
+    """
+
+    __slots__ = ("link", "session", "lost", "_watchers")
 
     def __init__(self, link: SettleBuffer, session: str) -> None:
         self.link = link
         self.session = session
+        self.lost = False
+        self._watchers: list[Callable[[LinkSettler], None]] = []
+
+    def watch(self, on_lost: Callable[[LinkSettler], None]) -> None:
+        """Call ``on_lost(self)`` when this settler's link is lost (at once
+        if it is already)."""
+        if self.lost:
+            on_lost(self)
+        elif on_lost not in self._watchers:
+            self._watchers.append(on_lost)
+
+    def lose(self) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        watchers, self._watchers = self._watchers, []
+        for on_lost in watchers:
+            on_lost(self)
 
     def _pending(self, delivery: Delivery) -> Settle | None:
         if self.session != self.link.remote_session:
