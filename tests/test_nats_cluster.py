@@ -286,6 +286,25 @@ async def stream_info(cluster: NatsCluster, stream: str) -> Any:
         await nc.close()
 
 
+async def stream_leader(cluster: NatsCluster, stream: str, timeout: float = 30.0) -> Node:
+    """The server leading the stream (asked again while it is being elected)."""
+    import nats.errors
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = await stream_info(cluster, stream)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            why: object = exc
+        else:
+            if info.cluster is not None and info.cluster.leader:
+                return cluster.node(info.cluster.leader)
+            why = info.cluster
+        if time.monotonic() > deadline:
+            raise AssertionError(f"stream {stream} has no leader after {timeout} s: {why}")
+        await asyncio.sleep(0.2)
+
+
 # -- the replicas option -------------------------------------------------------
 
 
@@ -514,6 +533,7 @@ async def _kill_run(cluster: NatsCluster, url: str, stream: str, histories: Path
         return history
 
     producers: list[asyncio.Task[None]] = []
+    phases: dict[str, float] = {}  # seconds since the start of the run
     began = time.monotonic()
     try:
         for name in ("worker-1", "worker-2"):
@@ -527,8 +547,7 @@ async def _kill_run(cluster: NatsCluster, url: str, stream: str, histories: Path
 
         await run.grows(run.confirmed, 300, 30, "300 confirmed sends on the healthy cluster")
         await run.grows(run.processed, 1, 30, "the workers to start processing")
-        info = await stream_info(cluster, stream)
-        leader = cluster.node(info.cluster.leader)
+        leader = await stream_leader(cluster, stream)
         # The first victim is the follower holding the most of our clients,
         # so that some client is on a server killed (the leader or it).
         clients = await asyncio.to_thread(cluster.clients_on)
@@ -536,12 +555,13 @@ async def _kill_run(cluster: NatsCluster, url: str, stream: str, histories: Path
         first = max(followers, key=lambda n: len(clients.get(n.name, [])))
         nemesis.nemesis("kill -9 a follower", first.name)
         await asyncio.to_thread(cluster.kill, first)
+        phases["follower killed"] = time.monotonic() - began
         await run.grows(run.confirmed, 300, 40, "300 more confirmed with one server down")
 
-        info = await stream_info(cluster, stream)
-        leader = cluster.node(info.cluster.leader)
+        leader = await stream_leader(cluster, stream)
         nemesis.nemesis("kill -9 the stream leader", leader.name)
         await asyncio.to_thread(cluster.kill, leader)
+        phases["leader killed"] = time.monotonic() - began
         # Pub acks already on their way when it died are taken in first.
         await asyncio.sleep(1.5)
         before = len(run.confirmed)
@@ -550,6 +570,7 @@ async def _kill_run(cluster: NatsCluster, url: str, stream: str, histories: Path
 
         nemesis.nemesis("restart", first.name)
         await asyncio.to_thread(cluster.restart, first)
+        phases["restarted"] = time.monotonic() - began
         await run.grows(run.confirmed, 200, 40, "200 more confirmed once quorum is back")
         run.stop.set()
         await asyncio.wait_for(asyncio.gather(*producers), 60)
@@ -568,6 +589,7 @@ async def _kill_run(cluster: NatsCluster, url: str, stream: str, histories: Path
             history.close()
     return {
         "seconds": round(time.monotonic() - began, 1),
+        "phases": {what: round(at, 1) for what, at in phases.items()},
         "killed": [first.name, leader.name],
         "restarted": first.name,
         "clients_on": clients,
