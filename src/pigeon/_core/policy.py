@@ -174,4 +174,6 @@ def reply_kind(error: PigeonError) -> ReplyErrorKind:
         return ReplyErrorKind.TIMEOUT
     if isinstance(error, Forbidden):
         return ReplyErrorKind.FORBIDDEN
+    if isinstance(error, Backpressure):
+        return ReplyErrorKind.BUSY
     return ReplyErrorKind.REJECTED

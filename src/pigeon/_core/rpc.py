@@ -130,6 +130,11 @@ class Correlator:
         self._outstanding.pop(server, None)
         return lost
 
+    def sent_to(self, request_id: str, server: Hashable) -> bool:
+        """True if ``request_id``'s current attempt went to ``server``."""
+        call = self._calls.get(request_id)
+        return call is not None and call.server == server
+
     def next_wakeup(self) -> float | None:
         times = [
             min(c.deadline, c.attempt_deadline) if c.server is not None else c.deadline

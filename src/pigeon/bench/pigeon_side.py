@@ -370,6 +370,35 @@ async def _rpc_server(ctl: Ctl) -> None:
         await wait_stop(ctl)
 
 
+def rpc_relayed_server(ctl: Ctl) -> None:
+    """Server process behind a `pigeon node`: it connects to the node (no
+    port of its own) and serves an echo service through it."""
+    with reporting(ctl):
+        asyncio.run(_rpc_relayed_server(ctl))
+
+
+async def _rpc_relayed_server(ctl: Ctl) -> None:
+    import pigeon
+
+    async def echo(message: pigeon.Message) -> bytes:
+        return message.body
+
+    async with pigeon.connect(ctl.cfg["url"]) as conn:
+        await conn.serve(SERVICE, echo)
+        # Ready once the node relays it: a call through the node comes back.
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                await conn.request(SERVICE, b"ready?", timeout=5.0)
+                break
+            except pigeon.NoResponders:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        ctl.bound.set()
+        await wait_stop(ctl)
+
+
 def rpc_client(ctl: Ctl) -> None:
     """Client process: ``window`` concurrent callers for ``seconds``."""
     with reporting(ctl):
@@ -380,7 +409,8 @@ async def _rpc_client(ctl: Ctl) -> None:
     import pigeon
 
     kwargs = ctl.cfg.get("client_kwargs", {})
-    async with pigeon.connect(f"{LOCAL}:{ctl.port.value}", **kwargs) as client:
+    url = ctl.cfg.get("url") or f"{LOCAL}:{ctl.port.value}"
+    async with pigeon.connect(url, **kwargs) as client:
         _check_secure(client, kwargs)
 
         async def call(body: bytes) -> None:
@@ -444,6 +474,23 @@ def _rpc(opts: Any, window: int, curve: bool) -> dict[str, Any]:
 def rpc_latency(opts: Any, curve: bool = False) -> dict[str, Any]:
     """pigeon request/serve, one request in flight (``curve``: with keys and an ACL)."""
     return _rpc(opts, 1, curve)
+
+
+def _rpc_through_node(opts: Any, window: int) -> dict[str, Any]:
+    with pigeon_node() as node:
+        cfg = {"window": window, "url": node.url}
+        return run_rpc(rpc_relayed_server, rpc_client, cfg, opts.seconds)
+
+
+def rpc_node_latency(opts: Any) -> dict[str, Any]:
+    """pigeon request/serve through a `pigeon node` that relays to a server
+    connected to it (no port of its own), one request in flight."""
+    return _rpc_through_node(opts, 1)
+
+
+def rpc_node_throughput(opts: Any) -> dict[str, Any]:
+    """As rpc_node_latency, with 100 requests in flight."""
+    return _rpc_through_node(opts, 100)
 
 
 def rpc_ten_in_flight(opts: Any) -> dict[str, Any]:

@@ -126,6 +126,21 @@ REGISTRY: dict[str, list[Entry]] = {
         Entry("pigeon", "curve, 100 in flight", f"{_P}:rpc_throughput", curve_of="100 in flight"),
         Entry("pigeon", "sync, 1 in flight", f"{_P}:rpc_sync_latency"),
         Entry("pigeon", "sync, 100 threads", f"{_P}:rpc_sync_throughput"),
+        # Through a node that relays to a server connected to it: the same
+        # shape as a call through a broker, so its floor is raw REQ/REP and
+        # NATS (a broker between the two) is the peer to compare.
+        Entry(
+            "pigeon",
+            "node relay, 1 in flight",
+            f"{_P}:rpc_node_latency",
+            floor=("pyzmq", "1 in flight"),
+        ),
+        Entry(
+            "pigeon",
+            "node relay, 100 in flight",
+            f"{_P}:rpc_node_throughput",
+            floor=("pyzmq", "100 in flight"),
+        ),
         Entry("pyzmq", "1 in flight", f"{_Z}:rpc_latency"),
         Entry("pyzmq", "curve, 1 in flight", f"{_Z}:rpc_latency", curve_of="1 in flight"),
         Entry("pyzmq", "10 in flight", f"{_Z}:rpc_ten_in_flight"),

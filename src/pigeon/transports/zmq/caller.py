@@ -10,16 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
-from ..._core.frames import Reply, Request
+from ..._core.frames import Frame, Reply, Request
 from ..._core.policy import ReplyErrorKind, reply_error
 from ..._core.rpc import Correlator
 from ...errors import AuthenticationError, NoResponders, PigeonError, Timeout
 from ...message import Message
 from ..local import LocalServices
 from .config import Waiters
-from .link import Link
+
+
+class Target(Protocol):
+    """A server a call can go to: a link to a node, or (for a node that
+    relays) a peer connected to it."""
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def auth_error(self) -> AuthenticationError | None: ...
+
+    @property
+    def pending_handshake(self) -> bool: ...
+
+    @property
+    def grace_ends(self) -> float: ...
+
+    def offers(self, service: str) -> bool: ...
+
+    def send_frame(self, frame: Frame) -> bool: ...
+
+    def __hash__(self) -> int: ...
+
 
 _RETRY = object()  # resolves an attempt's future when the call must move on
 _SWEEP = 0.01  # seconds between checks of pending calls' deadlines
@@ -31,7 +55,7 @@ class Caller:
 
     def __init__(
         self,
-        links: list[Link],
+        links: Sequence[Target],
         services: LocalServices,
         *,
         attempt_timeout: float | None,
@@ -73,8 +97,7 @@ class Caller:
                     return await self.services.call(service, message, timeout=remaining)
                 attempt: asyncio.Future[Any] = loop.create_future()
                 self._attempts[rid] = attempt
-                assert isinstance(server, Link)
-                server.send_frame(Request(rid, service, message, remaining))
+                cast(Target, server).send_frame(Request(rid, service, message, remaining))
                 self._arm_sweep()
                 result = await attempt
                 if result is not _RETRY:
@@ -126,7 +149,7 @@ class Caller:
         pending = [link for link in self.links if link.pending_handshake]
         if not pending:
             return
-        grace_ends = max(link.created_at + link.config.connect_grace for link in pending)
+        grace_ends = max(link.grace_ends for link in pending)
 
         def settled() -> bool:
             return (
@@ -137,14 +160,17 @@ class Caller:
 
         await self._heard.wait_until(settled, min(deadline, grace_ends))
 
-    def on_reply(self, reply: Reply) -> None:
-        attempt = self._attempts.get(reply.request_id)
-        if attempt is None:
+    def on_reply(self, reply: Reply, source: Any = None) -> None:
+        """A reply came; with ``source``, only from the server the call's
+        attempt went to counts (another peer may not answer for it)."""
+        rid = reply.request_id
+        attempt = self._attempts.get(rid)
+        if attempt is None or (source is not None and not self.correlator.sent_to(rid, source)):
             self.correlator.late_replies += 1
             return
         _resolve(attempt, reply)
 
-    def server_lost(self, link: Link) -> None:
+    def server_lost(self, link: Target) -> None:
         """Calls on a lost server move on to another one (the core's Rule 2)."""
         for call in self.correlator.server_lost(link):
             attempt = self._attempts.get(call.request_id)

@@ -39,6 +39,9 @@ class LinkEvents(Protocol):
     def replied(self, reply: Reply) -> None:
         """A server answered a call."""
 
+    def requested(self, link: Link, request: frames.Request) -> None:
+        """The remote relays a call to a service this node serves."""
+
     def remote_error(self, link: Link, reason: str) -> None:
         """The remote refused a frame of ours."""
 
@@ -124,6 +127,11 @@ class Link:
         self._say_hello_until_heard(0.01)
 
     # -- state -----------------------------------------------------------
+
+    @property
+    def grace_ends(self) -> float:
+        """When this link's connect grace ends (see ``pending_handshake``)."""
+        return self.created_at + self.config.connect_grace
 
     @property
     def pending_handshake(self) -> bool:
@@ -276,6 +284,8 @@ class Link:
                 self._refused(refusals)
             case frames.Reply():
                 self._events.replied(frame)
+            case frames.Request():
+                self._events.requested(self, frame)
             case frames.Verdict():
                 self._events.verdict(self, frame)
             case frames.Hello():

@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..._core import frames
 from ..._core.budget import MAX_PEER_REQUEST_BYTES, MAX_PEER_REQUESTS, PeerBudget
 from ..._core.policy import ReplyErrorKind, reply_kind
 from ..._core.rpc import CacheState, ReplyCache, seconds_left
-from ...errors import DeliveryError, Rejected, Timeout
+from ...errors import PigeonError, Rejected
 from ..local import LocalServices
 from ..tasks import start_task
 from .admin import UNCACHED_SERVICES
+
+if TYPE_CHECKING:
+    from .relay import Relay
 
 _SWEEP = 0.01  # seconds between checks of running requests' deadlines
 MAX_WAITERS = 32  # repeats of one running request that wait for its answer
@@ -25,8 +29,9 @@ Send = Callable[[bytes, frames.Frame], None]
 class Responder:
     """Answers the Request frames a node's router receives."""
 
-    def __init__(self, services: LocalServices, send: Send) -> None:
+    def __init__(self, services: LocalServices, send: Send, *, relay: Relay | None = None) -> None:
         self.services = services
+        self.relay = relay  # servers connected here, for what is not served here
         self._send = send
         self.replies = ReplyCache()
         self._running: dict[str, list[bytes]] = {}
@@ -109,13 +114,18 @@ class Responder:
         self, request: frames.Request, waiting: list[bytes], held: tuple[bytes, int], cache: bool
     ) -> None:
         rid = request.request_id
+        service = request.service
+        relay = self.relay
         try:
-            reply = await self.services.call(request.service, request.message, timeout=None)
+            if relay is not None and not self.services.offers(service) and relay.serves(service):
+                reply = await relay.call(service, request.message, timeout=request.timeout)
+            else:
+                reply = await self.services.call(service, request.message, timeout=None)
             answer = frames.Reply(rid, reply)
         except asyncio.CancelledError:  # its deadline passed (see _sweep)
             why = f"deadline of {request.timeout:.3f} s passed"
             answer = frames.Reply(rid, None, why, ReplyErrorKind.TIMEOUT)
-        except (Timeout, DeliveryError) as exc:  # NoResponders, Rejected, Timeout
+        except PigeonError as exc:  # NoResponders, Rejected, Timeout; relayed: any
             why = exc.reason if isinstance(exc, Rejected) else str(exc)
             answer = frames.Reply(rid, None, why, reply_kind(exc))
         finally:

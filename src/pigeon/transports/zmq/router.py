@@ -17,7 +17,7 @@ import zmq
 from ..._core import frames
 from ..._core.acl import Acl, Verb
 from ..._core.budget import MAX_PEER_STORING, MAX_PEER_STORING_BYTES, PeerBudget
-from ..._core.limits import MAX_QUEUES_PER_PEER, message_size
+from ..._core.limits import MAX_QUEUES_PER_PEER, MAX_SERVICES, message_size
 from ..._core.liveness import Liveness
 from ..._core.policy import RefusalReason, ReplyErrorKind, as_received
 from ...errors import Backpressure, ProtocolError, RemoteProtocolError, StoreError
@@ -26,6 +26,7 @@ from ..host import QueueHost
 from ..local import LocalServices
 from .config import NodeConfig
 from .pump import Pump
+from .relay import Relay
 from .responder import Responder
 from .security import CurveServer, Guard, service_verb
 
@@ -74,7 +75,9 @@ class RouterSide:
         self.sock = sock
         self.guard = Guard(acl) if acl is not None else None
         self.liveness = Liveness(interval=config.heartbeat, misses=config.heartbeat_misses)
-        self.responder = Responder(services, self._send)
+        # Servers connected here serve through this node (Majordomo).
+        self.relay = Relay(self._send, attempt_timeout=None)
+        self.responder = Responder(services, self._send, relay=self.relay)
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self.protocol_errors = 0
@@ -121,7 +124,7 @@ class RouterSide:
         if self.liveness.heard(identity, time.monotonic()):
             # A peer we did not know (or had given up on, its consumers
             # dropped): tell it so, and it registers what it needs again.
-            self._send(identity, msgspec.structs.replace(self._hello(), knows_you=False))
+            self._send(identity, msgspec.structs.replace(self.hello(), knows_you=False))
         for frame in received:
             try:
                 self._dispatch(identity, frame, user)
@@ -152,8 +155,12 @@ class RouterSide:
                     rejects=rejects,
                     extends=extends,
                 )
-            case frames.Hello():
-                self._send(identity, self._hello())
+            case frames.Hello(services=offered):
+                self._send(identity, self.hello())
+                if offered or identity in self.relay.peers:
+                    self._heard_services(identity, offered, user)
+            case frames.Reply():
+                self.relay.on_reply(identity, frame)
             case frames.Consume(queue, prefetch, lease_ttl):
                 # The worker's max_attempts is its own business: the host's
                 # limit is the host's (QueuePolicy), whatever a peer asks.
@@ -282,9 +289,28 @@ class RouterSide:
         if self.pump is not None and not self.pump.send(frames.encode(frame), identity):
             self.peer_lost(identity)
 
+    def hello(self) -> frames.Hello:
+        """This node's Hello to its peers: what it serves, and what servers
+        connected to it serve through it."""
+        hello = self._hello()
+        relayed = self.relay.services()
+        if not relayed:
+            return hello
+        offered = sorted(set(hello.services) | relayed)[:MAX_SERVICES]
+        return msgspec.structs.replace(hello, services=offered)
+
+    def _heard_services(self, identity: bytes, offered: list[str], user: str) -> None:
+        guard = self.guard
+
+        def allowed(service: str) -> bool:
+            return guard is None or guard.allows(user, Verb.SERVE, service)
+
+        if self.relay.advertised(identity, offered, allowed):
+            self.announce()
+
     def announce(self) -> None:
         """Tell every live peer what this node offers now (a new service)."""
-        hello = self._hello()
+        hello = self.hello()
         for identity in self.liveness.peers():
             self._send(identity, hello)  # type: ignore[arg-type]
 
@@ -303,6 +329,8 @@ class RouterSide:
         self.liveness.forget(identity)
         if self.guard is not None:
             self.guard.forget(identity)
+        if self.relay.forget(identity):
+            self.announce()
 
     def reload(self, acl: Acl) -> int:
         """Check every peer against a new ACL from now on. A consumer whose
@@ -326,6 +354,7 @@ class RouterSide:
 
     def close(self) -> None:
         self.responder.close()
+        self.relay.close()
         if self.pump is not None:
             self.pump.close()
         else:
