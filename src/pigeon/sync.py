@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
@@ -25,6 +24,7 @@ from . import transports as _transports
 from . import worker as _worker
 from ._core.backoff import RetryPolicy
 from .message import Message
+from .transports.tasks import start_task
 
 __all__ = ["Connection", "Delivery", "Server", "Worker", "connect"]
 
@@ -135,12 +135,9 @@ class _Call(Generic[T]):
             return
         run = self._run()
         try:
-            if sys.version_info >= (3, 12):
-                # The first step runs now, inside this callback, as a real
-                # task (current_task() and asyncio.timeout() work there).
-                self._task = asyncio.Task(run, loop=self._loop, eager_start=True)
-            else:  # the first step runs in the loop's next iteration
-                self._task = self._loop.create_task(run)
+            # On 3.12+ the first step runs now, inside this callback, as a
+            # real task; before, in the loop's next iteration.
+            self._task = start_task(run, self._loop)
         except BaseException as error:  # the caller must not wait for nothing
             run.close()
             self._coro.close()

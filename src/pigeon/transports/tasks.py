@@ -17,9 +17,13 @@ T = TypeVar("T")
 _EAGER = sys.version_info >= (3, 12)
 
 
-def start_task(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    """Start ``coro`` as a task; on Python 3.12+ its first step runs now."""
-    loop = asyncio.get_running_loop()
+def start_task(
+    coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop | None = None
+) -> asyncio.Task[T]:
+    """Start ``coro`` as a task on ``loop`` (default: the running one); on
+    Python 3.12+ its first step runs now."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
     if _EAGER:
         return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
     return loop.create_task(coro)
