@@ -11,6 +11,7 @@ from typing import Any
 from yarl import URL
 
 from ...errors import ConfigurationError
+from . import failover
 from .security import QUERY_NAMES, UNSUPPORTED_QUERY, TlsSettings, verify_flag
 from .topology import QUEUE_TYPES
 
@@ -63,13 +64,14 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def parse(url: str, options: dict[str, Any]) -> tuple[AmqpOptions, URL]:
+def parse(url: str, options: dict[str, Any]) -> tuple[AmqpOptions, list[URL]]:
     """Check ``url`` and ``options``.
 
     Returns:
-        The options, and the URL for the client library: TLS settings taken
-        out of its query (pigeon makes the SSL context), ``user`` and
-        ``password`` put in if given as options.
+        The options, and the URLs for the client library, one per node
+        (``amqp://h1:5672,h2:5672/`` names two): TLS settings taken out of
+        the query (pigeon makes the SSL context), ``user`` and ``password``
+        put in if given as options.
 
     Raises:
         ConfigurationError: an unknown option, one this transport cannot
@@ -106,16 +108,19 @@ def parse(url: str, options: dict[str, Any]) -> tuple[AmqpOptions, URL]:
         raise ConfigurationError(
             f"heartbeat must be a number of seconds >= 0 (or None), not {heartbeat!r}"
         )
-    parsed = _parse_url(url)
+    first, others = failover.split_hosts(url)
+    parsed = _parse_url(first)
     # For messages and errors: never the password (nor the query's paths).
-    address = str(parsed.with_user(None).with_password(None).with_query(None))
+    address = failover.address(
+        str(parsed.with_user(None).with_password(None).with_query(None)), others
+    )
     parsed = _with_login(parsed, login)
     tls, parsed = _tls(parsed, tls_options, address)
     values: dict[str, Any] = dict(options)
     for name in ("reconnect_interval", "connect_timeout"):
         if name in values:
             values[name] = float(values[name])
-    return AmqpOptions(address=address, tls=tls, **values), parsed
+    return AmqpOptions(address=address, tls=tls, **values), failover.node_urls(parsed, others)
 
 
 def _parse_url(url: str) -> URL:

@@ -27,6 +27,7 @@ from ...errors import (
 from ...message import Message
 from ..base import ConsumeOptions, DeliverySink, ServiceHandler
 from ..base import Subscription as SubscriptionProtocol
+from . import failover
 from .consumer import Subscription
 from .envelope import to_amqp
 from .errors import map_exceptions
@@ -45,7 +46,9 @@ class AmqpTransport:
 
     Args:
         url: ``amqp://user:password@host:port/vhost``, or ``amqps://`` for
-            TLS, with RabbitMQ's TLS query parameters if wanted
+            TLS; several nodes of a cluster as ``host1:port1,host2:port2``
+            (a lost connection reconnects to the next); with RabbitMQ's TLS
+            query parameters if wanted
             (``cacertfile``, ``certfile``, ``keyfile``, ``verify``,
             ``server_name_indication``; aiormq's ``cafile`` and
             ``no_verify_ssl`` too). Other query parameters go to aiormq.
@@ -74,7 +77,7 @@ class AmqpTransport:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.options, self._client_url = parse_options(url, options)
+        self.options, self._client_urls = parse_options(url, options)
         self.address = self.options.address  # for messages and errors: never the password
         self.url = self.address
         tls = self.options.tls
@@ -114,12 +117,20 @@ class AmqpTransport:
             options["ssl_context"] = self._ssl_context
         try:
             with map_exceptions(f"connect to {self.address}", address=self.address):
-                connection = await aio_pika.connect_robust(
-                    self._client_url,
-                    timeout=settings.connect_timeout,
-                    client_properties={"connection_name": "pigeon"},
-                    **options,
-                )
+                if len(self._client_urls) == 1:
+                    connection = await aio_pika.connect_robust(
+                        self._client_urls[0],
+                        timeout=settings.connect_timeout,
+                        client_properties={"connection_name": "pigeon"},
+                        **options,
+                    )
+                else:  # nodes of a cluster: reconnects go to the next
+                    connection = await failover.connect(
+                        self._client_urls,
+                        timeout=settings.connect_timeout,
+                        client_properties={"connection_name": "pigeon"},
+                        **options,
+                    )
         except AuthenticationError:
             raise
         except TransportError as exc:
