@@ -1,5 +1,5 @@
-"""Every Python example in the README and in docs/durability.md, transports.md and
-security.md runs."""
+"""Every Python example in the README and in docs/durability.md, transports.md,
+security.md and discovery.md runs."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ DOCS = [
     README.parent / "docs" / "durability.md",
     README.parent / "docs" / "transports.md",
     README.parent / "docs" / "security.md",
+    README.parent / "docs" / "discovery.md",
 ]
 
 

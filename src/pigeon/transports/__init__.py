@@ -47,17 +47,25 @@ def _scheme(url: str) -> str:
 def open_transport(connect: list[str], bind: list[str], **options: Any) -> Transport:
     """Make (not start) the transport for these URLs.
 
+    A ZeroMQ node may be given ``discover=`` (a source of addresses to
+    connect to) instead of, or besides, URLs.
+
     Raises:
         ConfigurationError: unknown scheme, mixed families, or an option the
             chosen transport does not take.
     """
-    if not connect and not bind:
-        raise ConfigurationError("give at least one URL to connect to or to bind")
+    discovers = options.get("discover") is not None
+    if not connect and not bind and not discovers:
+        raise ConfigurationError("give at least one URL to connect to or to bind, or discover=")
     schemes = {_scheme(u) for u in [*connect, *bind]}
     family = {"zmq" if s in ZMQ_SCHEMES else _FAMILIES.get(s, s) for s in schemes}
     if len(family) > 1:
         raise ConfigurationError(f"cannot mix URL schemes {sorted(schemes)} in one connection")
-    (kind,) = family
+    (kind,) = family or {"zmq"}
+    if discovers and kind != "zmq":
+        raise ConfigurationError(
+            f"discover= finds ZeroMQ nodes; {kind}:// finds its servers itself"
+        )
     if kind != "zmq" and bind:
         raise ConfigurationError(f"bind= is for ZeroMQ addresses; {kind}:// connects to a server")
     if kind != "zmq" and len(connect) != 1:

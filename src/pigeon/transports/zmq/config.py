@@ -32,9 +32,15 @@ class NodeConfig:
     max_message_size: int = 4 << 20
     outbox_limit: int = 100_000
     connect_grace: float = 0.5
+    ipv6: bool = False  # for a socket that binds or connects an IPv6 address
 
     def tune(self, sock: zmq.Socket[bytes]) -> None:
         """Socket options every pigeon socket gets."""
+        if self.ipv6:
+            # libzmq reaches an IPv6 address only on a socket with this
+            # option; it stays off elsewhere, where it would let a name
+            # like localhost resolve to ::1 ahead of 127.0.0.1.
+            sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.LINGER, 0)  # delivery is ours to ensure, never linger's
         # Credit and outbox limits bound every flow; socket HWMs would only drop.
         sock.setsockopt(zmq.SNDHWM, 0)

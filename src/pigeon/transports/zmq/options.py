@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..._core.discovery import Source, SourceKind, parse_nameserver, parse_source
 from ..._core.limits import (
     DEFAULT_MAX_LEASE_TTL,
     DEFAULT_MAX_PREFETCH,
@@ -69,6 +70,15 @@ class NodeOptions:
         allow: an ACL file: the client keys a binding node lets in, and what
             each may do (see docs/security.md).
         insecure: let a node bind an address other machines reach without keys.
+        discover: where to find the nodes to link to, besides the URLs given:
+            ``file://PATH`` (a file of addresses, one a line, read again when
+            it changes), ``dns://HOST:PORT`` (every A/AAAA address of HOST)
+            or ``srv://NAME`` (SRV records; needs the ``dns`` extra). Links
+            are added and closed as the set changes (docs/discovery.md).
+        discover_interval: seconds between looks at the source (default 1
+            for a file, 10 for DNS).
+        nameserver: the DNS server ``srv://`` asks (``HOST`` or
+            ``HOST:PORT``, an IP address) instead of the system's.
     """
 
     heartbeat: float = 1.0
@@ -94,6 +104,9 @@ class NodeOptions:
     server_key: PathLike | None = None
     allow: PathLike | None = None
     insecure: bool = False
+    discover: PathLike | None = None
+    discover_interval: float | None = None
+    nameserver: str | None = None
 
     def check(self, bind: list[str]) -> None:
         """Raises:
@@ -123,6 +136,37 @@ class NodeOptions:
             if value is not None and value < 1:
                 raise ConfigurationError(f"{name} must be at least 1, not {value}")
         self.queue_policies()
+        self.discovery_source()
+        self.discovery_nameserver()
+
+    def discovery_source(self) -> Source | None:
+        """The source ``discover`` names (None without one).
+
+        Raises:
+            ConfigurationError: a malformed source, an interval or a
+                nameserver without a source, or a nameserver for a source
+                that does not ask DNS servers itself.
+        """
+        if self.discover is None:
+            for name in ("discover_interval", "nameserver"):
+                if getattr(self, name) is not None:
+                    raise ConfigurationError(f"{name}= goes with discover=")
+            return None
+        discover = self.discover
+        if not isinstance(discover, str) and isinstance(discover, os.PathLike):
+            discover = f"file://{os.fspath(discover)}"  # a path is a node file
+        source = parse_source(discover, self.discover_interval)
+        if self.nameserver is not None and source.kind is not SourceKind.SRV:
+            raise ConfigurationError(
+                "nameserver= is for srv:// discovery (dns:// asks the system resolver)"
+            )
+        return source
+
+    def discovery_nameserver(self) -> tuple[str, int] | None:
+        """Raises:
+        ConfigurationError: ``nameserver`` is not an IP address with an optional port.
+        """
+        return None if self.nameserver is None else parse_nameserver(self.nameserver)
 
     def store_options(self) -> dict[str, Any]:
         """Options of the SqliteStore behind ``store=`` (docs/durability.md)."""

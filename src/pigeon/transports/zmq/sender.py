@@ -9,6 +9,11 @@ The route is decided in one place (:meth:`Sender.route`):
 - ``LINK``: a remote node hosts it; confirmed when that host says so.
 - ``OUTBOX``: as ``LINK``, through this node's durable outbox; confirmed once
   the send is on this node's disk.
+
+A node that does not bind and has no link (discovery has found no node yet)
+refuses a send at once with ``TransportError``: there is nowhere to put it.
+When discovery removes a link, its unconfirmed sends move to the link sends
+go to now (:meth:`Sender.rehome`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import asyncio
 import enum
 from collections.abc import Callable
 
+import msgspec
+
 from ..._core.limits import message_size
 from ...errors import (
+    AuthenticationError,
     Backpressure,
     MessageTooLarge,
     PigeonError,
@@ -50,8 +58,10 @@ class Sender:
         hosts_queues: bool,
         max_message_size: int,
         progress: Waiters,
+        no_link: Callable[[], str] = lambda: "no node to send to",
     ) -> None:
         self.host = host
+        self._no_link = no_link  # why there is no link, for the TransportError
         self.links = links  # the node's own list
         self.hosts_queues = hosts_queues
         self.max_message_size = max_message_size
@@ -65,6 +75,11 @@ class Sender:
         self.withdrawn = 0
         self.unconfirmed_at_close = 0
         self.kept_in_outbox = 0
+        self.moved = 0  # unconfirmed sends of a removed link resent through another
+        self.failed_on_removal = 0  # ... and those failed, with no other link to go to
+        # Sends of a removed link that a durable outbox keeps while no link
+        # is left: on disk, and sent when discovery finds a node.
+        self._parked: list[tuple[str, Message, asyncio.Future[None]]] = []
         self._storing = 0  # local durable sends not yet committed (flush waits for them)
 
     def sending_link(self) -> Link | None:
@@ -76,9 +91,11 @@ class Sender:
 
     def route(self) -> tuple[Route, Link | None]:
         """Where a send goes now (the module docstring lists the routes)."""
-        link = None if self.hosts_queues else self.sending_link()
-        if link is None:
+        if self.hosts_queues:
             return (Route.HOST if self.host.committer is None else Route.HOST_DURABLE), None
+        link = self.sending_link()
+        if link is None:
+            raise TransportError(self._no_link())
         return (Route.LINK if self.outbox is None else Route.OUTBOX), link
 
     def _check_sizes(self, messages: list[Message]) -> None:
@@ -186,11 +203,64 @@ class Sender:
         if future is not None and not future.done():
             future.set_result(None)
 
+    # -- links that come and go (discovery) ---------------------------------
+
+    def rehome(self, link: Link) -> None:
+        """``link`` was removed: its unconfirmed sends go to the link sends go
+        to now, with their ids and futures. Each is marked ``redelivered``:
+        the removed node may have stored it, even handed it out, before it
+        went, and another host cannot tell a resend from a new message, so
+        the flag keeps its promise (never set on a message that may have
+        been seen). With no link left they are failed with
+        ``TransportError``, or, with a durable outbox, parked until a link
+        comes (they are on disk either way)."""
+        entries = list(link.outbox.values())
+        link.outbox.clear()
+        target = self.sending_link()
+        for queue, message, future in entries:
+            again = msgspec.structs.replace(message, redelivered=True)
+            if target is not None:
+                try:
+                    target.enqueue(queue, again, future)
+                    self.moved += 1
+                    continue
+                except (Backpressure, AuthenticationError) as exc:
+                    error: PigeonError = exc
+            else:
+                error = TransportError(
+                    f"{link.address} was removed before it confirmed a send to {queue!r}, "
+                    "and no other node is known",
+                    address=link.address,
+                )
+            if self.outbox is not None:
+                self._parked.append((queue, again, future))
+                continue
+            self.failed_on_removal += 1
+            if not future.done():
+                future.set_exception(error)
+        self._progress.wake()
+
+    def link_added(self) -> None:
+        """A link was added: parked sends go to the link sends go to now."""
+        target = self.sending_link()
+        if target is None or not self._parked:
+            return
+        parked, self._parked = self._parked, []
+        for queue, message, future in parked:
+            try:
+                target.enqueue(queue, message, future)
+            except AuthenticationError:
+                self._parked.append((queue, message, future))  # for another link
+                continue
+            self.moved += 1
+        self._progress.wake()
+
     # -- confirms ----------------------------------------------------------
 
     def unconfirmed(self) -> int:
         waiting = self.outbox.waiting if self.outbox is not None else 0
-        return sum(len(link.outbox) for link in self.links) + waiting + self._storing
+        linked = sum(len(link.outbox) for link in self.links)
+        return linked + waiting + self._storing + len(self._parked)
 
     async def flush(self, deadline: float, timeout: float) -> None:
         """Wait until every send is confirmed (``deadline`` on ``time.monotonic()``).
@@ -220,6 +290,8 @@ class Sender:
                 link.outbox.clear()
             else:
                 self.unconfirmed_at_close += link.fail_unconfirmed(_closed_before(link))
+        self.kept_in_outbox += len(self._parked)  # (parked only with a durable outbox)
+        self._parked.clear()
 
     async def aclose(self, timeout: float) -> None:
         if self._background:

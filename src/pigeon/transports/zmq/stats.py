@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ..host import QueueHost
+from ..local import LocalServices
 from .caller import Caller
+from .config import NodeConfig
 from .consumers import RemoteConsumers
+from .discovery import Discovery
 from .link import Link
 from .router import RouterSide
 from .security import Security
@@ -17,7 +20,10 @@ from .zap import Domain
 class CountedNode(Protocol):
     """The parts of a node its stats read."""
 
+    config: NodeConfig
     router: RouterSide | None
+    services: LocalServices
+    discovery: Discovery | None
     sender: Sender
     links: list[Link]
     caller: Caller
@@ -35,7 +41,11 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
     """Everything a node counts (``pigeon.info`` serves this)."""
     router, sender, links = node.router, node.sender, node.links
     guard = router.guard if router is not None else None
+    discovery = node.discovery
     return {
+        "node": node.config.node_id,
+        # What this node serves (its Hello says the same to every peer).
+        "services": sorted(node.services.names()),
         "sent": sender.sent,
         "unconfirmed": sum(len(link.outbox) for link in links),
         "unconfirmed_at_close": sender.unconfirmed_at_close,
@@ -64,7 +74,15 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         )
         if router
         else 0,
-        "links": {link.address: {"up": link.up} for link in links},
+        "links": {link.address: _link_stats(link) for link in links},
+        "links_added": discovery.links_added if discovery else 0,
+        "links_removed": discovery.links_removed if discovery else 0,
+        "discovery_errors": discovery.roster.errors if discovery else 0,
+        "discovery": discovery.stats() if discovery else None,
+        # Unconfirmed sends of removed links: resent through another link,
+        # or failed with no other link to go to.
+        "sends_moved": sender.moved,
+        "sends_failed_on_removal": sender.failed_on_removal,
         "bound": list(node.bound),
         "secure": node.security.server is not None or node.security.client is not None,
         "auth_failures": (node.zap.refused if node.zap else 0)
@@ -88,4 +106,15 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "memory_refused": node.host.table.memory_refused,
         "queue_policies": node.host.policies.overrides(),
         "queues": node.host.stats(),
+    }
+
+
+def _link_stats(link: Link) -> dict[str, Any]:
+    """A link, and what the node at its end said in its last Hello."""
+    remote = link.remote
+    return {
+        "up": link.up,
+        "node": remote.node if remote is not None else None,
+        "services": sorted(remote.services) if remote is not None else [],
+        "hosts_queues": remote.hosts_queues if remote is not None else False,
     }
