@@ -349,15 +349,6 @@ def test_a_worker_cut_off_past_its_lease_loses_its_leases_and_its_late_acks_are_
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug in pigeon/transports/zmq/link.py (Link._handshake_refused): a connection reset "
-        "during the ZMTP handshake (libzmq's HANDSHAKE_FAILED_NO_DETAIL) is taken for a "
-        "CURVE key failure even on a link without keys, and every unconfirmed send fails "
-        "with AuthenticationError instead of being resent when the link comes back"
-    ),
-)
 def test_a_send_made_during_a_partition_is_confirmed_after_heal(relays) -> None:
     queue = "partition.sends"
 

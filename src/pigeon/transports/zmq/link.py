@@ -151,6 +151,12 @@ class Link:
         self.send_hello()
 
     def _handshake_refused(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not self._with_keys:
+            # Without keys this is no refusal: the connection was reset in
+            # the handshake (a proxy before a node that is down, a
+            # partition). The link is down; sends wait and are resent.
+            self.mark_down("connection reset during the handshake")
+            return
         # libzmq retries by itself; until a handshake succeeds, sends and
         # calls through this link fail at once with the reason.
         error = handshake_error(self.address, event, with_keys=self._with_keys)
