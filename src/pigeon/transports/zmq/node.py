@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 
 from ..._core.discovery import is_ipv6
-from ..._core.frames import Cancel, Consume, Hello, Reply, Verdict
+from ..._core.frames import Cancel, Consume, Frame, Hello, Reply, Request, Verdict
 from ..._core.limits import (
     MAX_SERVICES,
 )
@@ -39,6 +39,7 @@ from .discovery import Discovery
 from .link import Link
 from .options import NodeOptions
 from .outbox import DurableOutbox
+from .responder import Responder
 from .router import RouterSide
 from .sender import Sender
 from .stats import node_stats
@@ -97,6 +98,8 @@ class ZmqTransport:
             max_memory=opts.max_memory,
         )
         self.services = LocalServices()
+        # Answering calls that nodes we connect to relay here, one per link.
+        self._relayed: dict[Link, Responder] = {}
         self.links: list[Link] = []
         self._retiring: set[Link] = set()  # removed by discovery, closing
         self.discovery = (
@@ -186,6 +189,7 @@ class ZmqTransport:
                 self.sender.sending_link,
                 limit=self.config.outbox_limit,
                 progress=self._progress,
+                park=self.sender.park,
             )
             self.sender.outbox = outbox
             for link in self.links:
@@ -386,6 +390,18 @@ class ZmqTransport:
     def replied(self, reply: Reply) -> None:
         self.caller.on_reply(reply)
 
+    def requested(self, link: Link, request: Request) -> None:
+        # A node this one connects to relays calls to our services (we
+        # serve behind it): answered like calls that reach our own port.
+        responder = self._relayed.get(link)
+        if responder is None:
+
+            def answer(_peer: bytes, frame: Frame) -> None:
+                link.send_frame(frame)
+
+            responder = self._relayed[link] = Responder(self.services, answer)
+        responder.on_request(b"", request)
+
     def remote_error(self, link: Link, reason: str) -> None:
         self.last_remote_error = f"{link.address}: {reason}"
 
@@ -459,6 +475,8 @@ class ZmqTransport:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         self.caller.close()
+        for responder in self._relayed.values():
+            responder.close()
         for link in [*self.links, *self._retiring]:
             link.close()
         self._retiring.clear()
