@@ -64,6 +64,8 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "send_failures": router.pump.send_failures if router and router.pump else 0,
         "expired_requests": (router.responder.expired_requests if router else 0)
         + node.caller.services.expired_requests,
+        # Calls relayed to servers connected to this node (see relay.py).
+        "relay": router.relay.stats() if router else None,
         "reply_cache_hits": router.responder.replies.hits if router else 0,
         # Sends and requests refused because their peer was over its budget
         # of work held for it (see pigeon._core.budget).
