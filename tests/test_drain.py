@@ -233,3 +233,16 @@ def test_a_worker_abandons_what_a_killed_host_leased_it(tmp_path) -> None:
             node.proc.wait(WAIT)
         if node.proc.stdout is not None:
             node.proc.stdout.close()
+
+
+def test_a_lost_link_is_counted() -> None:
+    async def scenario() -> None:
+        host = await pigeon.connect(bind=ANY_PORT)
+        url = bound(host)
+        async with pigeon.connect(url, heartbeat=0.2) as client:
+            await _links_up(client)
+            assert client.stats()["links_lost"] == 0
+            await host.close()
+            await wait_until(lambda: client.stats()["links_lost"] == 1, WAIT, "the loss")
+
+    asyncio.run(asyncio.wait_for(scenario(), 100))

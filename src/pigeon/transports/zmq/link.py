@@ -87,6 +87,7 @@ class Link:
         self._with_keys = curve is not None
         self.auth_error: AuthenticationError | None = None  # the last handshake failed
         self.auth_failures = 0
+        self.times_lost = 0  # times this link went down (connection lost, heartbeats missed)
         self.created_at = time.monotonic()
         self.remote: Hello | None = None
         self.remote_session = ""
@@ -183,6 +184,7 @@ class Link:
     def mark_down(self, why: str) -> None:
         if self.up:
             self.up = False
+            self.times_lost += 1
             # What this link delivered is lost with it; what comes after
             # it is back is settled through a new settler.
             lost, self.settler = self.settler, LinkSettler(self, self.remote_session)

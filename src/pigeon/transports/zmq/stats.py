@@ -59,6 +59,8 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "malformed_frames": sum(link.pump.malformed for link in links)
         + (router.pump.malformed if router and router.pump else 0),
         "peers_lost": router.peers_lost if router else 0,
+        # Times a link to a node this one connects to went down.
+        "links_lost": sum(link.times_lost for link in links),
         # Frames a peer's full pipe (it stopped reading) would not take; that
         # peer is given up.
         "send_failures": router.pump.send_failures if router and router.pump else 0,
