@@ -219,6 +219,46 @@ def test_sends_a_removed_node_never_confirmed_go_to_another_marked_redelivered(
 
 
 @pytest.mark.timeout(120)
+def test_a_durable_outbox_keeps_sends_until_discovery_finds_a_host(tmp_path: Path) -> None:
+    """With ``outbox=``, what is on disk reaches the host the source lists
+    now: sends of a removed node move to it, and sends restored at start,
+    before the source lists any node, are parked until one is found."""
+    nodes = tmp_path / "nodes.txt"
+    outbox = str(tmp_path / "outbox.db")
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+
+    async def scenario() -> None:
+        got: list[pigeon.Message] = []
+        async with pigeon.connect(bind="tcp://127.0.0.1:0") as host:
+            await host.consume("jobs", lambda d: got.append(d.message))
+            write_nodes(nodes, nowhere)
+            discover = {"discover": f"file://{nodes}", "discover_interval": FAST}
+            async with pigeon.connect(outbox=outbox, **discover) as producer:
+                await producer.send("jobs", "moved 1")  # returns once on disk
+                await producer.send("jobs", "moved 2")
+                write_nodes(nodes, bound(host))
+                await wait_until(lambda: len(got) == 2, WAIT, "the moved sends")
+                await producer.flush(WAIT)
+
+            write_nodes(nodes, nowhere)
+            async with pigeon.connect(outbox=outbox, **discover) as producer:
+                await producer.send("jobs", "kept 1")
+                await producer.send("jobs", "kept 2")
+            nodes.unlink()  # the next run starts before its source lists a node
+
+            async with pigeon.connect(outbox=outbox, **discover) as producer:
+                stats = producer.stats()
+                assert stats["outbox"]["restored"] == 2 and stats["links"] == {}
+                write_nodes(nodes, bound(host))
+                await wait_until(lambda: len(got) == 4, WAIT, "the parked sends")
+                await producer.flush(WAIT)
+            assert sorted(m.text for m in got) == ["kept 1", "kept 2", "moved 1", "moved 2"]
+            assert all(m.redelivered for m in got if m.text.startswith("moved"))
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(120)
 def test_a_failing_source_keeps_the_last_good_set_and_is_counted(tmp_path: Path) -> None:
     nodes = tmp_path / "nodes.txt"
 

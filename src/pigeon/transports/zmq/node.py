@@ -189,6 +189,7 @@ class ZmqTransport:
                 self.sender.sending_link,
                 limit=self.config.outbox_limit,
                 progress=self._progress,
+                park=self.sender.park,
             )
             self.sender.outbox = outbox
             for link in self.links:

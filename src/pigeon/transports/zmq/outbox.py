@@ -7,6 +7,10 @@ resent until the host confirms it (the host de-duplicates by id), kept
 across a crash or restart of this process, and retried when the host
 refuses it for being full or for a failed store. Only the host's confirm
 removes it from the file.
+
+What is on disk goes on the wire through the link sends go to at that
+moment (links come and go with discovery); while there is none, it is
+parked with the sender and sent when a link comes.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..._core.ops import Ack, Put
-from ...errors import Backpressure, StoreError
+from ...errors import AuthenticationError, Backpressure, StoreError
 from ...message import Message
 from ...store import GroupCommitter, SqliteStore
 from .config import Waiters
 from .link import Link
 
 Route = Callable[[], Link | None]
+Park = Callable[[str, Message, "asyncio.Future[None]"], None]
 
 RETRY_REFUSED_AFTER = 1.0  # seconds before a refused message is sent again
 
@@ -30,9 +35,18 @@ RETRY_REFUSED_AFTER = 1.0  # seconds before a refused message is sent again
 class DurableOutbox:
     """The durable outbox of one connecting node (see the module docstring)."""
 
-    def __init__(self, store: SqliteStore, route: Route, *, limit: int, progress: Waiters) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        route: Route,
+        *,
+        limit: int,
+        progress: Waiters,
+        park: Park | None = None,
+    ) -> None:
         self.store = store
         self._route = route  # the link sends go to now
+        self._park = park  # holds a message while there is no link
         self.limit = limit
         self._progress = progress  # woken when ``waiting`` drops
         self.committer = GroupCommitter(store)
@@ -48,7 +62,14 @@ class DurableOutbox:
 
     @classmethod
     async def open(
-        cls, path: str, synchronous: str, route: Route, *, limit: int, progress: Waiters
+        cls,
+        path: str,
+        synchronous: str,
+        route: Route,
+        *,
+        limit: int,
+        progress: Waiters,
+        park: Park | None = None,
     ) -> DurableOutbox:
         """Open the file and put back on the wire what an earlier run left.
 
@@ -59,13 +80,24 @@ class DurableOutbox:
         store = await asyncio.to_thread(
             SqliteStore, path, synchronous=synchronous, dedupe_window=0.0
         )
-        outbox = cls(store, route, limit=limit, progress=progress)
-        link = route()
+        outbox = cls(store, route, limit=limit, progress=progress, park=park)
         for stored in await asyncio.to_thread(store.load):
-            if link is not None:
-                link.enqueue(stored.queue, stored.message, _unawaited())
-                outbox.counts["restored"] += 1
+            outbox.forward(stored.queue, stored.message)
+            outbox.counts["restored"] += 1
         return outbox
+
+    def forward(self, queue: str, message: Message) -> None:
+        """Put a message that is on disk on the wire: through the link sends
+        go to now, else parked until one comes (it stays on disk either way)."""
+        link = self._route()
+        if link is not None:
+            try:
+                link.enqueue(queue, message, _unawaited())
+                return
+            except AuthenticationError:
+                pass  # that host refuses our key: kept for another link
+        if self._park is not None:
+            self._park(queue, message, _unawaited())
 
     def accept(self, queue: str, messages: list[Message]) -> asyncio.Future[None]:
         """Write ``messages`` to the outbox file; the future resolves once they
@@ -81,11 +113,11 @@ class DurableOutbox:
             raise Backpressure("durable outbox", limit)
         self.waiting += len(messages)
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._spawn(self._write_then_send(link, queue, messages, accepted))
+        self._spawn(self._write_then_send(queue, messages, accepted))
         return accepted
 
     async def _write_then_send(
-        self, link: Link, queue: str, messages: list[Message], accepted: asyncio.Future[None]
+        self, queue: str, messages: list[Message], accepted: asyncio.Future[None]
     ) -> None:
         try:
             await self.committer.submit_many([Put(queue, m) for m in messages])
@@ -98,7 +130,7 @@ class DurableOutbox:
             self.waiting -= len(messages)
             self._progress.wake()
         for message in messages:
-            link.enqueue(queue, message, _unawaited())
+            self.forward(queue, message)  # (the link may have gone meanwhile)
         if not accepted.done():
             accepted.set_result(None)
 
@@ -120,7 +152,7 @@ class DurableOutbox:
         stays in the outbox and is sent again a little later."""
         self.counts["refused_retried"] += 1
         loop = asyncio.get_running_loop()
-        loop.call_later(RETRY_REFUSED_AFTER, link.enqueue, queue, message, _unawaited())
+        loop.call_later(RETRY_REFUSED_AFTER, self.forward, queue, message)
 
     def dropped(self, queue: str, message: Message, error: Exception) -> None:
         """The host will never take it (too large for it): counted, logged in

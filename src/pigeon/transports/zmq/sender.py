@@ -240,6 +240,12 @@ class Sender:
                 future.set_exception(error)
         self._progress.wake()
 
+    def park(self, queue: str, message: Message, future: asyncio.Future[None]) -> None:
+        """Hold a send of the durable outbox while there is no link to send it
+        through (it is on disk); ``link_added`` sends it."""
+        self._parked.append((queue, message, future))
+        self._progress.wake()
+
     def link_added(self) -> None:
         """A link was added: parked sends go to the link sends go to now."""
         target = self.sending_link()
