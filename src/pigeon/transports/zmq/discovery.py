@@ -108,6 +108,7 @@ class Discovery:
         """Read the source once and apply what changed."""
         self.schedule.looked(time.monotonic())
         errors = self.roster.errors
+        found: Found | None = None
         try:
             found = await self._read()
         except Exception as exc:
