@@ -37,12 +37,14 @@ class Child:
     """A faultproc.py process; its JSON-line events are read without threads,
     its stderr goes to a file that every failure about it shows."""
 
+    SCRIPT = FAULTPROC  # the script it runs: ROLE and options follow
+
     def __init__(self, logs: Path, *args: str) -> None:
         self.name = " ".join(args[:1] + args[2:3])
-        self.err = logs / f"faultproc-{os.getpid()}-{id(self)}.err"
+        self.err = logs / f"{Path(self.SCRIPT).stem}-{os.getpid()}-{id(self)}.err"
         with open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, FAULTPROC, *args],
+                [sys.executable, self.SCRIPT, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,

@@ -6,10 +6,12 @@ failover test kills a real server process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -59,27 +61,34 @@ async def answered(client: pigeon.Connection, service: str, payload: str = "?") 
             await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def two_servers_behind_a_node() -> AsyncIterator[tuple[pigeon.Connection, ...]]:
+    """A node, two server connections to it and a client of it."""
+    async with pigeon.connect(bind=ANY_PORT) as node:
+        url = bound(node)
+        async with (
+            pigeon.connect(url) as one,
+            pigeon.connect(url) as two,
+            pigeon.connect(url) as client,
+        ):
+            yield node, one, two, client
+
+
 def test_servers_behind_a_node_share_its_calls() -> None:
     async def scenario() -> None:
-        async with pigeon.connect(bind=ANY_PORT) as node:
-            url = bound(node)
-            async with (
-                pigeon.connect(url) as one,
-                pigeon.connect(url) as two,
-                pigeon.connect(url) as client,
-            ):
-                await one.serve("svc", lambda m: "one")
-                await two.serve("svc", lambda m: "two")
-                await answered(client, "svc")
-                await wait_until(lambda: len(node.transport.router.relay.peers) == 2, WAIT, "both")  # type: ignore[attr-defined]
-                replies = Counter(
-                    [(await client.request("svc", "x", timeout=WAIT)).text for _ in range(40)]
-                )
-                assert set(replies) == {"one", "two"}, replies
-                assert min(replies.values()) >= 10, replies  # least loaded: they take turns
-                info = (await client.request("pigeon.info", b"", timeout=WAIT)).decode()
-                assert info["relay"]["services"] == ["svc"]
-                assert info["relay"]["servers"] == 2
+        async with two_servers_behind_a_node() as (node, one, two, client):
+            await one.serve("svc", lambda m: "one")
+            await two.serve("svc", lambda m: "two")
+            await answered(client, "svc")
+            await wait_until(lambda: len(node.transport.router.relay.peers) == 2, WAIT, "both")  # type: ignore[attr-defined]
+            replies = Counter(
+                [(await client.request("svc", "x", timeout=WAIT)).text for _ in range(40)]
+            )
+            assert set(replies) == {"one", "two"}, replies
+            assert min(replies.values()) >= 10, replies  # least loaded: they take turns
+            info = (await client.request("pigeon.info", b"", timeout=WAIT)).decode()
+            assert info["relay"]["services"] == ["svc"]
+            assert info["relay"]["servers"] == 2
 
     asyncio.run(asyncio.wait_for(scenario(), 100))
 
@@ -164,38 +173,32 @@ def test_a_relayed_call_keeps_its_deadline() -> None:
 
 def test_a_server_behind_a_node_drains_with_no_failed_call() -> None:
     async def scenario() -> None:
-        async with pigeon.connect(bind=ANY_PORT) as node:
-            url = bound(node)
-            async with (
-                pigeon.connect(url) as one,
-                pigeon.connect(url) as two,
-                pigeon.connect(url) as client,
-            ):
-                server_one = await one.serve("svc", lambda m: "one")
-                await two.serve("svc", lambda m: "two")
-                await answered(client, "svc")
-                failures: list[BaseException] = []
-                answers: Counter[str] = Counter()
-                stop = asyncio.Event()
+        async with two_servers_behind_a_node() as (node, one, two, client):
+            server_one = await one.serve("svc", lambda m: "one")
+            await two.serve("svc", lambda m: "two")
+            await answered(client, "svc")
+            failures: list[BaseException] = []
+            answers: Counter[str] = Counter()
+            stop = asyncio.Event()
 
-                async def caller() -> None:
-                    while not stop.is_set():
-                        try:
-                            answers[(await client.request("svc", "x", timeout=WAIT)).text] += 1
-                        except pigeon.PigeonError as exc:
-                            failures.append(exc)
+            async def caller() -> None:
+                while not stop.is_set():
+                    try:
+                        answers[(await client.request("svc", "x", timeout=WAIT)).text] += 1
+                    except pigeon.PigeonError as exc:
+                        failures.append(exc)
 
-                before = server_one.stats()["handled"]  # the probe's call, maybe
-                callers = [asyncio.ensure_future(caller()) for _ in range(5)]
-                await wait_until(lambda: answers["one"] >= 20, WAIT, "load on one")
-                await server_one.drain(grace=WAIT)
-                after = answers["two"]
-                await wait_until(lambda: answers["two"] >= after + 50, WAIT, "calls after")
-                stop.set()
-                await asyncio.gather(*callers)
-                assert failures == []
-                handled = server_one.stats()["handled"] - before
-                assert answers["one"] == handled  # nothing ran on one after it withdrew
+            before = server_one.stats()["handled"]  # the probe's call, maybe
+            callers = [asyncio.ensure_future(caller()) for _ in range(5)]
+            await wait_until(lambda: answers["one"] >= 20, WAIT, "load on one")
+            await server_one.drain(grace=WAIT)
+            after = answers["two"]
+            await wait_until(lambda: answers["two"] >= after + 50, WAIT, "calls after")
+            stop.set()
+            await asyncio.gather(*callers)
+            assert failures == []
+            handled = server_one.stats()["handled"] - before
+            assert answers["one"] == handled  # nothing ran on one after it withdrew
 
     asyncio.run(asyncio.wait_for(scenario(), 100))
 

@@ -11,9 +11,6 @@ faults' own lengths.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,19 +56,7 @@ class PartitionChild(Child):
     """A partitionproc.py process; test_faults' Child reads its events, tells
     it lines and kills it."""
 
-    def __init__(self, logs: Path, *args: str) -> None:
-        self.name = " ".join(args[:1])
-        self.err = logs / f"partitionproc-{os.getpid()}-{id(self)}.err"
-        with open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, PARTITIONPROC, *args],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
-        self.events: list[dict] = []
-        self._buffer = ""
+    SCRIPT = PARTITIONPROC
 
 
 @pytest.fixture
