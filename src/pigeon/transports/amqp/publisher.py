@@ -7,19 +7,32 @@ for the robust connection to come back and is published again, marked
 ``headers.REDELIVERED`` because the broker may have stored the first copy
 before the link broke: nothing confirmed is lost, nothing unconfirmed is
 silently dropped, and duplicates are flagged.
+
+A publish the broker refuses (``basic.nack``) fails with DeliveryError (or
+TransportError if it was a resend: the first copy may be stored), and the
+next publishes go on a new channel: RabbitMQ 3.10 keeps refusing every
+publish to a quorum queue on a channel opened while that queue had no
+quorum, even once it has one again, and a new channel is served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from ...errors import Backpressure, PigeonError, Timeout, TransportError
+from ...errors import Backpressure, DeliveryError, PigeonError, Timeout, TransportError
 from .errors import map_exceptions
+
+# Seconds between two new channels after refusals: while a queue has no
+# quorum a new channel is refused too, and one refusal per publish would
+# otherwise open a channel per publish.
+RENEW_EVERY = 1.0
 
 # build(resend) -> the AMQP message; resend is True from the second try on.
 Builder = Callable[[bool], aio_pika.Message]
@@ -51,12 +64,15 @@ class Publisher:
         self.channel: AbstractRobustChannel | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -RENEW_EVERY
         self.counts = {
             "published": 0,
             "confirmed": 0,
             "resent": 0,
             "failed": 0,
             "unconfirmed_at_close": 0,
+            "channels_renewed": 0,
         }
 
     async def open(self) -> None:
@@ -131,6 +147,17 @@ class Publisher:
             raise
         except PigeonError as exc:
             self.counts["failed"] += 1
+            if resend and isinstance(exc, DeliveryError):
+                # Refused when published again: the first copy, whose confirm
+                # the lost link took, may be stored. Not a refusal then, an
+                # unknown outcome.
+                unknown = TransportError(
+                    f"a publish to {routing_key!r} was not confirmed: the link broke, and the "
+                    f"broker refused it when published again (the first copy may be stored)",
+                    address=self.address,
+                )
+                unknown.__cause__ = exc
+                exc = unknown
             _fail(future, exc)
             return
         self.counts["confirmed"] += 1
@@ -145,6 +172,14 @@ class Publisher:
         try:
             with map_exceptions(f"publish to {routing_key!r}", address=self.address):
                 await channel.default_exchange.publish(message, routing_key, mandatory=True)
+        except DeliveryError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aiormq.exceptions.DeliveryError) and not isinstance(
+                cause,
+                aiormq.exceptions.PublishError,  # a return: unroutable, not refused
+            ):
+                self._renew(channel)
+            raise
         except asyncio.CancelledError:
             if task is not None and task.cancelling():
                 raise
@@ -152,6 +187,39 @@ class Publisher:
             raise TransportError(
                 f"the connection broke while publishing to {routing_key!r}", address=self.address
             ) from None
+
+    def _renew(self, refusing: AbstractRobustChannel) -> None:
+        """Publish on a new channel from now on (at most every RENEW_EVERY s).
+
+        The refusing channel is closed once the new one is open: what it
+        still holds unconfirmed fails there and is published again on the
+        new one, flagged as a resend.
+        """
+        now = time.monotonic()
+        if (
+            self._closing
+            or refusing is not self.channel
+            or self._renewing is not None
+            or now - self._renewed_at < RENEW_EVERY
+        ):
+            return
+        self._renewed_at = now
+        self._renewing = asyncio.get_running_loop().create_task(self._replace(refusing))
+
+    async def _replace(self, old: AbstractRobustChannel) -> None:
+        try:
+            with map_exceptions("renew the publishing channel", address=self.address):
+                new = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+                if self._closing:
+                    await new.close()
+                    return
+                self.channel = new
+                self.counts["channels_renewed"] += 1
+                await old.close()
+        except PigeonError:
+            pass  # the link is down: its reconnect restores the channel in use
+        finally:
+            self._renewing = None
 
     async def _wait_ready(self) -> None:
         await asyncio.sleep(self.retry_pause)
@@ -180,6 +248,8 @@ class Publisher:
         except Timeout:
             pass
         self._closing = True
+        if self._renewing is not None:
+            await asyncio.gather(self._renewing, return_exceptions=True)
         still = list(self._tasks)
         self.counts["unconfirmed_at_close"] += len(still)
         for task in still:
