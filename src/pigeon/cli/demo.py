@@ -318,6 +318,12 @@ def add_parser(subparsers: Any) -> None:
         help="make keys and an ACL first, and run every link with CURVE (brokerless only)",
     )
     parser.add_argument(
+        "--with-seed",
+        action="store_true",
+        help="run the seed's own fountain and responders (raw pyzmq, examples/seed/) "
+        "with pigeon processors between them, through a pigeon bridge",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -331,6 +337,15 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("pigeon demo: --rate must be > 0")
     if args.seconds is not None and args.seconds <= 0:
         raise SystemExit("pigeon demo: --seconds must be > 0")
+    if args.with_seed:
+        if args.chaos or args.url or args.secure or args.durable:
+            raise SystemExit(
+                "pigeon demo: --with-seed runs the seed's raw processes; it takes "
+                "--seconds, --rate, --drain-timeout and --json only"
+            )
+        from . import demo_seed
+
+        return demo_seed.run(args)
     if args.chaos:
         args.processes = True
     if args.url is not None:

@@ -1,4 +1,4 @@
-"""``pigeon``: run the demo, a node, the benchmark; see ``pigeon --help``."""
+"""``pigeon``: run the demo, a node, a bridge, the benchmark; see ``pigeon --help``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from importlib import metadata
 
 from .._extras import DISTRIBUTION, install_hint
 from ..errors import PigeonError
-from . import demo, keys, node
+from . import bridge, demo, keys, node
 
 
 def version() -> str:
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_parser(subparsers)
     node.add_parsers(subparsers)
     keys.add_parser(subparsers)
+    bridge.add_parser(subparsers)
     subparsers.add_parser("bench", help="benchmark pigeon beside pyzmq, NATS and RabbitMQ")
     args = parser.parse_args(argv)
     if args.version:
