@@ -74,3 +74,26 @@ def test_reap_agrees_with_is_alive(
         assert live.heard(peer, now) is (peer not in alive_before or not alive_before[peer])
         reported.discard(peer)
         assert live.is_alive(peer, now)
+
+
+def test_a_peer_that_beats_slower_is_given_its_own_grace() -> None:
+    # Rule 3: a node beating every 0.3 s keeps a peer that beats every 1 s.
+    live = Liveness(interval=0.3, misses=3)
+    live.heard("slow", 0.0, interval=1.0)
+    assert live.is_alive("slow", 2.9)
+    assert live.reap(2.9) == []
+    assert live.reap(3.01) == ["slow"]
+
+
+def test_a_claimed_interval_is_capped_and_never_shortens_ours() -> None:
+    from pigeon._core.liveness import MAX_PEER_HEARTBEAT, peer_grace
+
+    assert peer_grace(1.0, 1e9, 3) == MAX_PEER_HEARTBEAT * 3
+    assert peer_grace(1.0, 0.1, 3) == 3.0  # never stricter than our own rule
+    assert peer_grace(1.0, 0.0, 3) == 3.0  # not said (a peer of 0.1)
+    live = Liveness(interval=1.0, misses=3)
+    live.heard("liar", 0.0, interval=1e9)
+    assert live.reap(MAX_PEER_HEARTBEAT * 3 + 1) == ["liar"]
+    live.heard("back", 0.0, interval=5.0)
+    live.heard("back", 1.0, interval=0.0)  # says nothing now: our own rule again
+    assert live.reap(4.01) == ["back"]

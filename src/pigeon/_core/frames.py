@@ -30,6 +30,8 @@ Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=L.MAX_SECONDS)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=L.MAX_ATTEMPT)]
 Messages = Annotated[list[Message], msgspec.Meta(max_length=L.MAX_FRAME_ITEMS)]
 Ids = Annotated[list[Id], msgspec.Meta(max_length=L.MAX_FRAME_ITEMS)]
+# A queue named by an Error: empty when it concerns none.
+QueueField = Annotated[str, msgspec.Meta(max_length=L.MAX_NAME)]
 
 VERSION = 1
 _VERSION_BYTE = bytes([VERSION])
@@ -47,6 +49,9 @@ class Hello(msgspec.Struct, array_like=True, tag=1, gc=False):
     # False in a host's Hello to a peer it does not know (new, or given up
     # on after missed heartbeats): the peer registers its consumers again.
     knows_you: bool = True
+    # Seconds between this node's Hellos (0: not said, as from peers of 0.1):
+    # the other side's liveness rule allows for it (_core.liveness Rule 3).
+    heartbeat: Seconds = 0.0
 
 
 class Send(msgspec.Struct, array_like=True, tag=2, gc=False):
@@ -126,9 +131,13 @@ class Reply(msgspec.Struct, array_like=True, tag=10, gc=False):
 
 
 class Error(msgspec.Struct, array_like=True, tag=11, gc=False):
-    """Either way: the peer's last frame was refused, with why."""
+    """Either way: the peer's last frame was refused, with why, and the queue
+    and ids it concerned when it named any (e.g. settles for leases this
+    host does not hold)."""
 
     reason: Text
+    queue: QueueField = ""
+    ids: Ids = []
 
 
 class Verdict(msgspec.Struct, array_like=True, tag=13, gc=False):

@@ -11,6 +11,9 @@ Rule 1: a message goes only to a consumer with credit; credit is
 ``prefetch`` minus the consumer's unsettled deliveries.
 Rule 2: every delivery bumps ``attempt``; every delivery after the first is
 marked ``redelivered``. A delivery without the flag has never been handed out.
+A delivery with the flag has ``attempt`` of at least 2: a message restored
+after a restart (marked redelivered, its lease lost with the process) counts
+the delivery it may have had before the crash.
 Rule 3: only ack forgets a message; every other exit keeps it.
 Rule 4: a settle for a lease the consumer no longer holds (expired, or
 already settled) changes nothing and is counted as stale.
@@ -377,6 +380,11 @@ class QueueLedger:
                     message.attempt += 1
                     if message.attempt > 1:
                         message.redelivered = True
+                    elif message.redelivered:
+                        # Restored after a restart (leases are not stored):
+                        # it may have been delivered, so this is at least
+                        # the second delivery (Rule 2).
+                        message.attempt = 2
                     if message.redelivered:
                         stats.redelivered += 1
                     leases[message.id] = (message, expires_at)

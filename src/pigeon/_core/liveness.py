@@ -1,13 +1,27 @@
 """Peer liveness from heartbeats.
 
 Rule 1: every frame from a peer counts as a sign of life.
-Rule 2: a peer not heard from for ``interval * misses`` seconds is dead, and
-is reported dead exactly once (until it is heard from again).
+Rule 2: a peer not heard from for its grace is dead, and is reported dead
+exactly once (until it is heard from again).
+Rule 3: a peer's grace is ``misses`` times the longer of our own interval and
+the interval the peer said it beats at (``Hello.heartbeat``), so a peer that
+beats slower than we do is not declared dead while alive. What a peer may
+claim is capped at ``MAX_PEER_HEARTBEAT``: no claim keeps a silent peer's
+leases held for longer than ``misses`` times that.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
+
+MAX_PEER_HEARTBEAT = 60.0  # seconds: the longest interval a peer may claim
+
+
+def peer_grace(own: float, claimed: float, misses: int) -> float:
+    """Seconds of silence after which a peer that beats every ``claimed``
+    seconds (0: it did not say) is dead, for a node that beats every ``own``."""
+    interval = max(own, min(claimed, MAX_PEER_HEARTBEAT)) if claimed > 0 else own
+    return interval * misses
 
 
 class Liveness:
@@ -17,30 +31,47 @@ class Liveness:
         self.interval = interval
         self.misses = misses
         self._last_heard: dict[Hashable, float] = {}
+        self._grace: dict[Hashable, float] = {}  # peers that said their interval
 
     @property
     def grace(self) -> float:
-        """Seconds of silence after which a peer is dead."""
+        """Seconds of silence after which a peer that did not say its interval is dead."""
         return self.interval * self.misses
 
-    def heard(self, peer: Hashable, now: float) -> bool:
-        """Record a sign of life; returns True when the peer is new (or back)."""
+    def grace_of(self, peer: Hashable) -> float:
+        return self._grace.get(peer, self.grace)
+
+    def heard(self, peer: Hashable, now: float, *, interval: float | None = None) -> bool:
+        """Record a sign of life; returns True when the peer is new (or back).
+
+        ``interval`` is what the peer's Hello says it beats at (Rule 3).
+        """
         new = peer not in self._last_heard
         self._last_heard[peer] = now
+        if interval is not None:
+            grace = peer_grace(self.interval, interval, self.misses)
+            if grace == self.grace:
+                self._grace.pop(peer, None)
+            else:
+                self._grace[peer] = grace
         return new
 
     def is_alive(self, peer: Hashable, now: float) -> bool:
         last = self._last_heard.get(peer)
-        return last is not None and now - last <= self.grace
+        return last is not None and now - last <= self.grace_of(peer)
 
     def forget(self, peer: Hashable) -> None:
         self._last_heard.pop(peer, None)
+        self._grace.pop(peer, None)
 
     def reap(self, now: float) -> list[Hashable]:
-        """Return (and forget) every peer silent for longer than the grace."""
-        dead = [p for p, last in self._last_heard.items() if now - last > self.grace]
+        """Return (and forget) every peer silent for longer than its grace."""
+        grace, default = self._grace, self.grace
+        dead = [
+            p for p, last in self._last_heard.items() if now - last > grace.get(p, default)
+        ]
         for peer in dead:
-            del self._last_heard[peer]
+            self.forget(peer)
         return dead
 
     def peers(self) -> list[Hashable]:

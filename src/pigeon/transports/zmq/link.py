@@ -18,6 +18,7 @@ import zmq
 
 from ..._core import frames
 from ..._core.frames import Consume, Hello, Reply, Send, Settle
+from ..._core.liveness import peer_grace
 from ..._core.policy import RefusalReason, refusal_error
 from ...errors import AuthenticationError, Backpressure, PigeonError, RemoteProtocolError
 from ...message import Message
@@ -139,6 +140,12 @@ class Link:
         """Never heard from yet, and young enough to still be expected."""
         young = time.monotonic() - self.created_at < self.config.connect_grace
         return self.remote is None and young and self.auth_error is None
+
+    def grace(self, heartbeat: float, misses: int) -> float:
+        """Silence after which the remote is taken for dead: its own
+        heartbeat interval counts (``_core.liveness`` Rule 3)."""
+        claimed = self.remote.heartbeat if self.remote is not None else 0.0
+        return peer_grace(heartbeat, claimed, misses)
 
     def offers(self, service: str) -> bool:
         return self.up and self.remote is not None and service in self.remote.services

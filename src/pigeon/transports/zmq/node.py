@@ -325,7 +325,7 @@ class ZmqTransport:
             now = time.monotonic()
             for link in self.links:
                 link.send_hello()
-                if link.up and now - link.last_heard > heartbeat * misses:
+                if link.up and now - link.last_heard > link.grace(heartbeat, misses):
                     link.mark_down("heartbeats missed")
             if self.router is not None:
                 self.router.reap(now)
@@ -337,6 +337,7 @@ class ZmqTransport:
             self.services.names(),
             hosts_queues=bool(self.bind_addresses),
             load=self.services.load(),
+            heartbeat=self.config.heartbeat,
         )
 
     def _check_open(self) -> None:

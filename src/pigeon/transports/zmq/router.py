@@ -121,7 +121,10 @@ class RouterSide:
         # No message of a frame can be larger than the frame: a small frame
         # spares _on_send sizing each message against the limit.
         self._frame_size = len(data)
-        if self.liveness.heard(identity, time.monotonic()):
+        # A Hello says the interval its sender beats at (Liveness Rule 3).
+        hello = next((f for f in received if isinstance(f, frames.Hello)), None)
+        interval = hello.heartbeat if hello is not None else None
+        if self.liveness.heard(identity, time.monotonic(), interval=interval):
             # A peer we did not know (or had given up on, its consumers
             # dropped): tell it so, and it registers what it needs again.
             self._send(identity, msgspec.structs.replace(self.hello(), knows_you=False))
