@@ -65,7 +65,7 @@ export class Peer {
 
   sayHello() {
     this.stats.hellosSent += 1;
-    this.send(frame.hello({ node: this.nodeId, session: this.session }));
+    this.send(frame.hello({ node: this.nodeId, session: this.session, heartbeat: this.heartbeat }));
   }
 
   /** Queue one frame (a builder's array) for sending, in order. */
@@ -114,6 +114,13 @@ export class Peer {
     const first = this.remote === null;
     const restarted = !first && hello.session !== this.remote.session;
     this.remote = hello;
+    if (hello.heartbeat > 0 && hello.heartbeat < this.heartbeat) {
+      // The node beats faster than we do (and may judge us by its own
+      // interval): keep up with it.
+      this.heartbeat = hello.heartbeat;
+      clearInterval(this._timer);
+      this._timer = setInterval(() => this.sayHello(), this.heartbeat * 1000);
+    }
     // A node answers the first frame of a peer it does not know with a
     // Hello whose knows_you is false. At our first contact that is
     // expected (we have registered nothing yet); after that it means the

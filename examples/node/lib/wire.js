@@ -271,15 +271,21 @@ export function messageText(m) {
 // turns it into the bytes of one ZeroMQ message part.
 
 export const frame = {
-  hello: ({ node, session, services = [], hostsQueues = false, load = 0, knowsYou = true }) => [
-    TAG.Hello,
-    checkId(node, "node"),
-    checkId(session, "session"),
-    checkList(services, "services", 1024).map((s) => checkName(s, "service")),
-    checkBool(hostsQueues, "hosts_queues"),
-    checkInt(load, "load", 0, LIMITS.MAX_ATTEMPT),
-    checkBool(knowsYou, "knows_you"),
-  ],
+  // `heartbeat` (seconds between our Hellos) is a trailing field newer
+  // nodes read to size our grace; older ones ignore it (Rule 4).
+  hello: ({ node, session, services = [], hostsQueues = false, load = 0, knowsYou = true, heartbeat = null }) => {
+    const array = [
+      TAG.Hello,
+      checkId(node, "node"),
+      checkId(session, "session"),
+      checkList(services, "services", 1024).map((s) => checkName(s, "service")),
+      checkBool(hostsQueues, "hosts_queues"),
+      checkInt(load, "load", 0, LIMITS.MAX_ATTEMPT),
+      checkBool(knowsYou, "knows_you"),
+    ];
+    if (heartbeat !== null) array.push(f64(checkSeconds(heartbeat, "heartbeat")));
+    return array;
+  },
   send: (queue, messages) => [TAG.Send, checkName(queue, "queue"), checkList(messages, "messages").map(encodeMessage)],
   confirm: (ids) => [TAG.Confirm, checkList(ids, "ids").map((id) => checkId(id))],
   refuse: (refusals) => [
@@ -363,13 +369,14 @@ export function encodeBatch(encodedFrames) {
 // Readers by tag: each takes the fields after the tag (Rule 4: missing
 // trailing fields get defaults, extra ones are ignored).
 const readers = {
-  [TAG.Hello]: ([node, session, services = [], hostsQueues = false, load = 0, knowsYou = true]) => ({
+  [TAG.Hello]: ([node, session, services = [], hostsQueues = false, load = 0, knowsYou = true, heartbeat = 0]) => ({
     node: checkId(node, "node"),
     session: checkId(session, "session"),
     services: checkList(services, "services", 1024).map((s) => checkName(s, "service")),
     hostsQueues: checkBool(hostsQueues, "hosts_queues"),
     load: checkInt(load, "load", 0, LIMITS.MAX_ATTEMPT),
     knowsYou: checkBool(knowsYou, "knows_you"),
+    heartbeat: checkSeconds(heartbeat, "heartbeat"), // 0: not said
   }),
   [TAG.Send]: ([queue, messages]) => ({ queue: checkName(queue), messages: checkList(messages, "messages").map(decodeMessage) }),
   [TAG.Confirm]: ([ids]) => ({ ids: checkList(ids, "ids").map((id) => checkId(id)) }),
@@ -406,7 +413,12 @@ const readers = {
     error: checkText(error, "error"),
     errorKind: checkErrorKind(errorKind),
   }),
-  [TAG.Error]: ([reason]) => ({ reason: checkText(reason, "reason") }),
+  // queue and ids: what the refused frame concerned, when newer nodes say.
+  [TAG.Error]: ([reason, queue = "", ids = []]) => ({
+    reason: checkText(reason, "reason"),
+    queue: checkText(queue, "queue", LIMITS.MAX_NAME),
+    ids: checkList(ids, "ids").map((id) => checkId(id)),
+  }),
   [TAG.Batch]: ([frames]) => ({ frames: checkList(frames, "frames", LIMITS.MAX_BATCH_FRAMES).map((f) => checkBin(f, "a Batch item")) }),
   [TAG.Verdict]: ([verb, name, allowed, prefetch = 0, leaseTtl = 0.0, reason = ""]) => ({
     verb: checkText(verb, "verb", 16),
