@@ -332,3 +332,18 @@ def test_req_answers_a_service_error_instead_of_leaving_the_client_stuck() -> No
         ctx.term()
 
     run(main())
+
+
+def test_docs_bridges_python_example_runs() -> None:
+    import re
+    import sys
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "bridges.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks
+    for code in blocks:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0 and done.stdout.strip(), done.stdout + done.stderr
