@@ -227,6 +227,23 @@ def test_node_programs_against_a_pigeon_node(node: str, system: dict[str, Any]) 
     assert stats["redelivered"] == 0, stats  # the heartbeats kept the lease
     assert stats["ready"] == 0 and stats["in_flight"] == 0, stats
 
+    # The control: the same worker without heartbeats loses its lease
+    # during a 6 s job (the node's grace is 3 s) and gets it redelivered.
+    run_node(node, "producer.js", *("--url", url, "--queue", "control", "--count", "3"))
+    control = run_node(
+        node,
+        "worker.js",
+        *("--url", url, "--queue", "control", "--prefetch", "1", "--lease-ttl", "60"),
+        *("--expect", "3", "--hold-first", "6", "--heartbeat", "0", "--idle", "30"),
+    )
+    assert control["received"] == 3, control
+
+    def taken_back() -> dict[str, Any] | None:
+        stats = queue_stats(url)["control"]
+        return stats if stats["redelivered"] >= 1 else None
+
+    poll(taken_back, "the silent worker's lease taken back")
+
     # The Node producer's messages all reach the Python worker.
     start = time.monotonic()
     producer = run_node(

@@ -45,7 +45,9 @@ export class Peer {
     this.sock.connect(this.url);
     this._readLoop();
     this.sayHello();
-    this._timer = setInterval(() => this.sayHello(), this.heartbeat * 1000);
+    // heartbeat 0: no heartbeats at all, only to show what the node then
+    // does (worker.js --heartbeat 0 --hold-first 6: its lease is taken back).
+    if (this.heartbeat > 0) this._timer = setInterval(() => this.sayHello(), this.heartbeat * 1000);
     await this.waitHello(timeoutSeconds);
   }
 
@@ -114,7 +116,7 @@ export class Peer {
     const first = this.remote === null;
     const restarted = !first && hello.session !== this.remote.session;
     this.remote = hello;
-    if (hello.heartbeat > 0 && hello.heartbeat < this.heartbeat) {
+    if (this.heartbeat > 0 && hello.heartbeat > 0 && hello.heartbeat < this.heartbeat) {
       // The node beats faster than we do (and may judge us by its own
       // interval): keep up with it.
       this.heartbeat = hello.heartbeat;
