@@ -9,7 +9,8 @@ Every error pigeon raises on purpose derives from :class:`PigeonError`::
      ├── NotStartedError                    used before it was started (connect or start it first)
      ├── ClosedError                        you closed the object you used
      ├── TransportError                     connect failed / connection lost (retryable)
-     │    └── AuthenticationError           our key or login was refused, or the peer's key is wrong
+     │    ├── AuthenticationError           our key or login was refused, or the peer's key is wrong
+     │    └── NoPigeonNode                  the peer at an address does not speak pigeon (no Hello)
      ├── Timeout (TimeoutError)             a deadline passed
      ├── ProtocolError
      │    ├── LocalProtocolError            we were asked to do something illegal
@@ -148,3 +149,11 @@ class Forbidden(PigeonError):
         self.verb = verb
         self.name = name
         self.address = address
+
+
+class NoPigeonNode(TransportError):
+    """Raised when the peer at an address is no pigeon node: it refused the
+    ZeroMQ handshake or never answered Hello."""
+
+    def __init__(self, address: str, why: str = "the peer did not answer Hello") -> None:
+        super().__init__(f"no pigeon node at {address} ({why})", address=address)

@@ -56,6 +56,10 @@ class Liveness:
                 self._grace[peer] = grace
         return new
 
+    def knows(self, peer: Hashable) -> bool:
+        """Whether ``peer`` was heard from and not forgotten since."""
+        return peer in self._last_heard
+
     def is_alive(self, peer: Hashable, now: float) -> bool:
         last = self._last_heard.get(peer)
         return last is not None and now - last <= self.grace_of(peer)
@@ -67,9 +71,7 @@ class Liveness:
     def reap(self, now: float) -> list[Hashable]:
         """Return (and forget) every peer silent for longer than its grace."""
         grace, default = self._grace, self.grace
-        dead = [
-            p for p, last in self._last_heard.items() if now - last > grace.get(p, default)
-        ]
+        dead = [p for p, last in self._last_heard.items() if now - last > grace.get(p, default)]
         for peer in dead:
             self.forget(peer)
         return dead

@@ -80,6 +80,8 @@ class QueueHost:
         self.store = store
         self.committer = GroupCommitter(store) if store is not None else None
         self.store_errors = 0
+        # Settles naming a queue this host does not hold (see ``settle``).
+        self.unknown_queue_settles = 0
         self._writes: set[asyncio.Future[list[bool]]] = set()
         self.queues = self.table.queues  # read-only outside the table
         self._sinks: dict[Hashable, BatchSink] = {}
@@ -350,29 +352,43 @@ class QueueHost:
         nacks: list[tuple[str, float, str]] = (),  # type: ignore[assignment]
         rejects: list[tuple[str, str]] = (),  # type: ignore[assignment]
         extends: list[str] = (),  # type: ignore[assignment]
-    ) -> None:
+    ) -> list[str]:
+        """Settle deliveries of ``consumer``; returns the ids it settled
+        that it holds no lease on (expired, settled already, or never
+        delivered to it), which change nothing (the ledger's Rule 4)."""
         ledger = self.queues.get(queue)
         if ledger is None:
-            return
+            self.unknown_queue_settles += len(acks) + len(nacks) + len(rejects) + len(extends)
+            return [*acks, *(n[0] for n in nacks), *(r[0] for r in rejects), *extends]
         now = time.monotonic()
         durable = self.committer is not None
         ops: list[Op | None] = []
+        stale: list[str] = []
         if acks:
             acked = ledger.ack_many(acks, consumer)
             if durable:
                 ops += persistence.ack_ops(queue, acked)
+            if len(acked) < len(acks):
+                done = {m.id for m in acked}
+                stale += [mid for mid in acks if mid not in done]
         for mid, delay, reason in nacks:
             message = ledger.nack(mid, consumer, now, delay=delay, reason=reason or None)
-            if durable and message is not None and delay > 0:
+            if message is None:
+                stale.append(mid)
+            elif durable and delay > 0:
                 ops.append(persistence.requeue_op(queue, message, time.time() + delay))
         for mid, reason in rejects:
             dead = ledger.reject(mid, consumer, reason)
             if dead is not None:
                 self._bury(queue, [dead])
+            else:
+                stale.append(mid)
         for mid in extends:
-            ledger.extend(mid, consumer, now)
+            if not ledger.extend(mid, consumer, now):
+                stale.append(mid)
         self._write(ops)
         self._mark(queue)
+        return stale
 
     def _bury(self, queue: str, dead: list[Message]) -> None:
         if self.committer is not None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, cast
 from ..._core.frames import Frame, Reply, Request
 from ..._core.policy import ReplyErrorKind, reply_error
 from ..._core.rpc import Correlator
-from ...errors import AuthenticationError, NoResponders, PigeonError, Timeout
+from ...errors import AuthenticationError, NoPigeonNode, NoResponders, PigeonError, Timeout
 from ...message import Message
 from ..local import LocalServices
 from .config import Waiters
@@ -34,6 +34,9 @@ class Target(Protocol):
 
     @property
     def pending_handshake(self) -> bool: ...
+
+    @property
+    def not_pigeon(self) -> NoPigeonNode | None: ...
 
     @property
     def grace_ends(self) -> float: ...
@@ -118,6 +121,10 @@ class Caller:
         refused = [link.auth_error for link in self.links if link.auth_error is not None]
         if refused and not any(link.up for link in self.links):
             return AuthenticationError(str(refused[0]), address=refused[0].address)
+        # Nor is a peer that does not speak pigeon (a raw REP, a PUSH).
+        foreign = [link.not_pigeon for link in self.links if link.not_pigeon is not None]
+        if foreign and not any(link.up for link in self.links):
+            return foreign[0]
         return NoResponders(service)
 
     def _arm_sweep(self) -> None:

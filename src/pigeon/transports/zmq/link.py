@@ -17,10 +17,17 @@ from typing import Protocol
 import zmq
 
 from ..._core import frames
+from ..._core.foreign import Foreign
 from ..._core.frames import Consume, Hello, Reply, Send, Settle
 from ..._core.liveness import peer_grace
 from ..._core.policy import RefusalReason, refusal_error
-from ...errors import AuthenticationError, Backpressure, PigeonError, RemoteProtocolError
+from ...errors import (
+    AuthenticationError,
+    Backpressure,
+    NoPigeonNode,
+    PigeonError,
+    RemoteProtocolError,
+)
 from ...message import Message
 from .config import NodeConfig, Waiters
 from .monitor import ConnectionMonitor
@@ -89,6 +96,9 @@ class Link:
         self.auth_error: AuthenticationError | None = None  # the last handshake failed
         self.auth_failures = 0
         self.times_lost = 0  # times this link went down (connection lost, heartbeats missed)
+        self.shaken_at: float | None = None  # the first ZeroMQ handshake done
+        self.foreign: Foreign | None = None  # the peer showed it is no pigeon node
+        self.foreign_peers = 0
         self.created_at = time.monotonic()
         self.remote: Hello | None = None
         self.remote_session = ""
@@ -119,6 +129,7 @@ class Link:
             on_lost=lambda: self.mark_down("connection lost"),
             on_ready=self._handshake_done,
             on_refused=self._handshake_refused,
+            on_dropped=lambda: self._is_foreign(Foreign.HANDSHAKE),
         )
         sock.connect(address)
         self.pump = Pump(
@@ -156,7 +167,34 @@ class Link:
 
     def _handshake_done(self) -> None:
         self.auth_error = None
+        if self.shaken_at is None:
+            self.shaken_at = time.monotonic()
         self.send_hello()
+
+    # -- a peer that does not speak pigeon (_core.foreign) -------------------
+
+    def _is_foreign(self, kind: Foreign) -> None:
+        if self.remote is not None or self.foreign is not None:
+            return  # it spoke pigeon once (a later drop is a lost link), or already told
+        self.foreign = kind
+        self.foreign_peers += 1
+        log.warning("no pigeon node at %s: %s", self.address, kind.value)
+
+    def check_silent(self, now: float) -> None:
+        """A ZeroMQ peer that took the handshake and never answered Hello
+        within the connect grace is no pigeon node (a REP, a ROUTER)."""
+        if self.remote is None and self.shaken_at is not None and now >= self.grace_ends:
+            self._is_foreign(Foreign.SILENT)
+
+    @property
+    def not_pigeon(self) -> NoPigeonNode | None:
+        """Why the peer at this address is no pigeon node, if it is not."""
+        self.check_silent(time.monotonic())
+        if self.foreign is None:
+            return None
+        if self.foreign is Foreign.SILENT:
+            return NoPigeonNode(self.address)
+        return NoPigeonNode(self.address, f"it refused the pigeon handshake: {self.foreign.value}")
 
     def _handshake_refused(self, event: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not self._with_keys:
@@ -202,6 +240,7 @@ class Link:
 
     def heard(self, hello: Hello) -> None:
         self.last_heard = time.monotonic()
+        self.foreign = None  # (a node that answers late is a node after all)
         restarted = hello.session != self.remote_session
         self.remote = hello
         self.remote_session = hello.session
@@ -305,6 +344,11 @@ class Link:
                 self._events.verdict(self, frame)
             case frames.Hello():
                 self.heard(frame)
+            case frames.Error(reason, queue, ids) if ids:
+                # Settles the host had no lease for: they changed nothing
+                # there (the lease expired, or the host forgot us).
+                self.stale_settles += len(ids)
+                self._events.remote_error(self, f"{reason}: {queue} {ids[:8]}")
             case frames.Error(reason):
                 self.protocol_errors += 1
                 self._events.remote_error(self, reason)

@@ -325,6 +325,7 @@ class ZmqTransport:
             now = time.monotonic()
             for link in self.links:
                 link.send_hello()
+                link.check_silent(now)
                 if link.up and now - link.last_heard > link.grace(heartbeat, misses):
                     link.mark_down("heartbeats missed")
             if self.router is not None:

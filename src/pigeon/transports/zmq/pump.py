@@ -32,6 +32,9 @@ FrameHandler = Callable[[bytes | None, bytes], None]
 # For a CURVE server: (routing id, frame, the sender's key as its ZAP handler
 # accepted it).
 UserFrameHandler = Callable[[bytes, bytes, str], None]
+# For a ROUTER: (routing id, the parts of a message of several, the peer's
+# address as libzmq reports it), a foreign peer's message.
+MultipartHandler = Callable[[bytes, list[bytes], str], None]
 
 
 class Pump:
@@ -51,6 +54,7 @@ class Pump:
         max_batch_bytes: int = 1 << 20,
         on_unroutable: Callable[[bytes], None] | None = None,
         on_user_frame: UserFrameHandler | None = None,
+        on_multipart: MultipartHandler | None = None,
     ) -> None:
         self.sock = sock
         self.max_batch_bytes = max_batch_bytes
@@ -63,6 +67,7 @@ class Pump:
         self.batches_sent = 0
         self.on_frame = on_frame
         self.on_user_frame = on_user_frame
+        self.on_multipart = on_multipart
         self.router = router
         self.malformed = 0
         self.send_failures = 0
@@ -99,7 +104,7 @@ class Pump:
                     identity = None
                     data = recv(_NOBLOCK)
                 if sock.get(_RCVMORE):
-                    self._discard_rest()
+                    self._discard_rest(identity, data)
                     continue
                 on_frame(identity, data)
                 if self._closed:
@@ -123,7 +128,7 @@ class Pump:
                 head = sock.recv(_NOBLOCK, copy=False)
                 data = sock.recv(_NOBLOCK)
                 if sock.get(_RCVMORE):
-                    self._discard_rest()
+                    self._discard_rest(head.bytes, data)
                     continue
                 user = head.get("User-Id")
                 on_user_frame(head.bytes, data, user if isinstance(user, str) else "")
@@ -136,10 +141,30 @@ class Pump:
         except zmq.Again:
             pass
 
-    def _discard_rest(self) -> None:
+    def _discard_rest(self, identity: bytes | None, first: bytes) -> None:
+        # Pigeon sends one part; a message of several is a foreign peer's
+        # (a REQ's empty delimiter and body, most often). The parts of one
+        # message arrive together, so these recv calls never wait.
         self.malformed += 1
+        parts = [first]
+        address = ""
         while self.sock.get(_RCVMORE):
-            self.sock.recv(_NOBLOCK)
+            part = self.sock.recv(_NOBLOCK, copy=False)
+            parts.append(part.bytes)
+            peer = part.get("Peer-Address")
+            address = peer if isinstance(peer, str) else address
+        if self.on_multipart is not None and identity is not None:
+            self.on_multipart(identity, parts, address)
+
+    def send_parts(self, identity: bytes, parts: list[bytes]) -> bool:
+        """Send a message of several parts to a ROUTER peer (an answer to a
+        foreign peer in its own framing); False if it could not be queued."""
+        try:
+            self.sock.send_multipart([identity, *parts], _NOBLOCK)
+        except zmq.ZMQError:
+            self.send_failures += 1
+            return False
+        return True
 
     def send(self, data: bytes, identity: bytes | None = None) -> bool:
         """Send one frame without blocking; False if it could not be queued.

@@ -36,6 +36,7 @@ class RoutedPeer:
     auth_error = None
     pending_handshake = False  # it spoke first: it said Hello
     grace_ends = 0.0
+    not_pigeon = None  # it spoke pigeon to reach the table
 
     def __init__(self, identity: bytes, send: Send) -> None:
         self.identity = identity

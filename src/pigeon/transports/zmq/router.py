@@ -8,16 +8,18 @@ dropped, and that peer gets an ``Error`` frame; everyone else is served on.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Hashable
 
 import msgspec
 import zmq
 
-from ..._core import frames
+from ..._core import foreign, frames
 from ..._core.acl import Acl, Verb
 from ..._core.budget import MAX_PEER_STORING, MAX_PEER_STORING_BYTES, PeerBudget
-from ..._core.limits import MAX_QUEUES_PER_PEER, MAX_SERVICES, message_size
+from ..._core.foreign import Foreign, ForeignTally
+from ..._core.limits import MAX_FRAME_ITEMS, MAX_QUEUES_PER_PEER, MAX_SERVICES, message_size
 from ..._core.liveness import Liveness
 from ..._core.policy import RefusalReason, ReplyErrorKind, as_received
 from ...errors import Backpressure, ProtocolError, RemoteProtocolError, StoreError
@@ -25,10 +27,13 @@ from ...message import Message
 from ..host import QueueHost
 from ..local import LocalServices
 from .config import NodeConfig
+from .monitor import HandshakeWatch
 from .pump import Pump
 from .relay import Relay
 from .responder import Responder
 from .security import CurveServer, Guard, service_verb
+
+log = logging.getLogger("pigeon")
 
 Refusal = tuple[str, RefusalReason, str]
 ROUTER_HWM = 1000  # frames queued for one peer
@@ -81,11 +86,15 @@ class RouterSide:
         self._consumers: dict[bytes, set[tuple[bytes, str]]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self.protocol_errors = 0
+        self.stale_settles = 0  # settled ids peers held no lease on
         self._frame_size = 0  # bytes of the frame being handled
         # Messages each peer has waiting for the store (see _core.budget).
         self.storing = PeerBudget(MAX_PEER_STORING, MAX_PEER_STORING_BYTES)
         self.peers_lost = 0
+        self.foreign = ForeignTally()
         self.pump: Pump | None = None
+        self._handshakes: HandshakeWatch | None = None
+        self._drops = 0
 
     def bind(self, address: str) -> str:
         """Bind one address; returns the resolved one (``tcp://…:0`` gets a port)."""
@@ -100,7 +109,28 @@ class RouterSide:
             max_batch_bytes=self.config.max_message_size,
             on_unroutable=self.peer_lost,
             on_user_frame=self._on_user_frame if self.guard is not None else None,
+            on_multipart=self._on_multipart,
         )
+        self._handshakes = HandshakeWatch(self.sock, on_dropped=self._dropped_in_handshake)
+
+    # -- foreign peers (docs/protocol.md, "Strangers") -----------------------
+
+    def _foreign(self, peer: Hashable, address: str, kind: Foreign) -> None:
+        if self.foreign.seen(peer, address, kind):
+            log.warning("a peer at %s does not speak pigeon: %s", address or "?", kind.value)
+
+    def _on_multipart(self, identity: bytes, parts: list[bytes], address: str) -> None:
+        kind = foreign.classify(parts)
+        self._foreign(identity, address, kind)
+        if kind is Foreign.REQ and self.pump is not None:
+            # A REQ reads [empty, body] as its reply: answered, it does not hang.
+            self.pump.send_parts(identity, [b"", foreign.REFUSAL])
+
+    def _dropped_in_handshake(self, where: str) -> None:
+        # Nothing names such a peer (it never got a routing id): each drop
+        # counts as one.
+        self._drops += 1
+        self._foreign(("handshake", self._drops), where, Foreign.HANDSHAKE)
 
     # -- incoming --------------------------------------------------------
 
@@ -116,6 +146,13 @@ class RouterSide:
         try:
             received = frames.decode_all(data)
         except RemoteProtocolError as exc:
+            if not self.liveness.knows(identity):
+                # Its first frame, and not pigeon: a foreign peer (a raw
+                # DEALER, a PAIR...), told in an Error frame what this is.
+                # (The fast path reads no metadata: the routing id names it.)
+                self._foreign(identity, f"routing id {identity!r}", Foreign.NOT_PIGEON)
+                self._refuse_peer(identity, f"{exc}; {foreign.REFUSAL.decode()}")
+                return
             self._refuse_peer(identity, str(exc))
             return
         # No message of a frame can be larger than the frame: a small frame
@@ -150,7 +187,7 @@ class RouterSide:
             ):
                 self._send(identity, frames.Verdict(Verb.CONSUME.value, queue, False))
             case frames.Settle(queue, acks, nacks, rejects, extends):
-                host.settle(
+                stale = host.settle(
                     queue,
                     (identity, queue),
                     acks=acks,
@@ -158,6 +195,8 @@ class RouterSide:
                     rejects=rejects,
                     extends=extends,
                 )
+                if stale:
+                    self._stale(identity, queue, stale)
             case frames.Hello(services=offered):
                 self._send(identity, self.hello())
                 if offered or identity in self.relay.peers:
@@ -193,6 +232,14 @@ class RouterSide:
                 self.responder.on_request(identity, frame)
             case _:
                 self._refuse_peer(identity, f"unexpected frame {type(frame).__name__} from a peer")
+
+    def _stale(self, identity: bytes, queue: str, ids: list[str]) -> None:
+        # Settles for leases this peer does not hold change nothing (a lease
+        # that expired, a host that restarted, an id it never had): counted,
+        # and the peer is told which, so it does not take them for done.
+        self.stale_settles += len(ids)
+        why = "settles for deliveries this peer holds no lease on (expired, settled, or unknown)"
+        self._send(identity, frames.Error(why, queue, ids[:MAX_FRAME_ITEMS]))
 
     def _refuse_peer(self, identity: bytes, reason: str) -> None:
         # ZeroMQ gives a ROUTER no way to hang up on one peer; we answer with
@@ -356,6 +403,8 @@ class RouterSide:
         return stopped
 
     def close(self) -> None:
+        if self._handshakes is not None:
+            self._handshakes.close()
         self.responder.close()
         self.relay.close()
         if self.pump is not None:

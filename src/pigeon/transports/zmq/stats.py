@@ -53,12 +53,22 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "request_retries": node.caller.correlator.retries,
         "late_replies": node.caller.correlator.late_replies,
         "last_remote_error": node.last_remote_error,
-        "stale_settles": sum(link.stale_settles for link in links),
+        # Settles of deliveries whose lease was gone: this node's (its host
+        # restarted, or said so) and its peers' to this node's queues.
+        "stale_settles": sum(link.stale_settles for link in links)
+        + (router.stale_settles if router else 0),
+        # Of these, settles naming a queue this node does not hold.
+        "unknown_queue_settles": node.host.unknown_queue_settles,
         "protocol_errors": sum(link.protocol_errors for link in links)
         + (router.protocol_errors if router else 0),
         "malformed_frames": sum(link.pump.malformed for link in links)
         + (router.pump.malformed if router and router.pump else 0),
         "peers_lost": router.peers_lost if router else 0,
+        # Peers that do not speak pigeon (a REQ, a PUSH, garbage; a REP or
+        # PUSH this node connected to), each counted and logged once.
+        "foreign_peers": (router.foreign.count if router else 0)
+        + sum(link.foreign_peers for link in links),
+        "last_foreign_peer": _last_foreign(router, links),
         # Times a link to a node this one connects to went down.
         "links_lost": sum(link.times_lost for link in links),
         # Frames a peer's full pipe (it stopped reading) would not take; that
@@ -122,3 +132,11 @@ def _link_stats(link: Link) -> dict[str, Any]:
         "services": sorted(remote.services) if remote is not None else [],
         "hosts_queues": remote.hosts_queues if remote is not None else False,
     }
+
+
+def _last_foreign(router: RouterSide | None, links: list[Link]) -> str:
+    """The last foreign peer seen: where, and what it looked like."""
+    for link in links:
+        if link.foreign is not None:
+            return f"{link.address}: {link.foreign.value}"
+    return router.foreign.last if router is not None else ""
