@@ -103,7 +103,9 @@ def test_a_client_calling_a_raw_rep_is_told_there_is_no_pigeon_node() -> None:
         port = rep.bind_to_random_port("tcp://127.0.0.1")
         address = f"tcp://127.0.0.1:{port}"
         try:
-            async with pigeon.connect(address) as client:
+            # A node bears a peer's silence for heartbeat x misses after the
+            # ZeroMQ handshake (a slow link's Hello comes late): 0.9 s here.
+            async with pigeon.connect(address, heartbeat=0.3) as client:
                 started = time.monotonic()
                 with pytest.raises(pigeon.NoPigeonNode) as caught:
                     await client.request("upper", b"hi", timeout=10.0)

@@ -153,11 +153,6 @@ class Caller:
         # Right after connecting we do not yet know who serves what; wait
         # (briefly, bounded by connect_grace) rather than claim NoResponders.
         # Each Hello heard wakes us; a link's grace running out ends the wait.
-        pending = [link for link in self.links if link.pending_handshake]
-        if not pending:
-            return
-        grace_ends = max(link.grace_ends for link in pending)
-
         def settled() -> bool:
             return (
                 any(link.offers(service) for link in self.links)
@@ -165,7 +160,12 @@ class Caller:
                 or not any(link.pending_handshake for link in self.links)
             )
 
-        await self._heard.wait_until(settled, min(deadline, grace_ends))
+        # A link's grace grows once its ZeroMQ handshake is done (its Hello
+        # may come late over a slow link), so look again when one ends.
+        while not settled() and time.monotonic() < deadline:
+            pending = [link for link in self.links if link.pending_handshake]
+            grace_ends = max(link.grace_ends for link in pending)
+            await self._heard.wait_until(settled, min(deadline, grace_ends))
 
     def on_reply(self, reply: Reply, source: Any = None) -> None:
         """A reply came; with ``source``, only from the server the call's

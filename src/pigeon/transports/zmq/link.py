@@ -143,13 +143,22 @@ class Link:
 
     @property
     def grace_ends(self) -> float:
-        """When this link's connect grace ends (see ``pending_handshake``)."""
-        return self.created_at + self.config.connect_grace
+        """When this link's connect grace ends (see ``pending_handshake``).
+
+        Once the ZeroMQ handshake is done, the peer's Hello is waited for as
+        long as a live peer's silence is borne (heartbeat x misses): over a
+        slow link a pigeon node answers late, and is no foreign peer.
+        """
+        ends = self.created_at + self.config.connect_grace
+        if self.shaken_at is not None:
+            silence = self.config.heartbeat * self.config.heartbeat_misses
+            ends = max(ends, self.shaken_at + silence)
+        return ends
 
     @property
     def pending_handshake(self) -> bool:
         """Never heard from yet, and young enough to still be expected."""
-        young = time.monotonic() - self.created_at < self.config.connect_grace
+        young = time.monotonic() < self.grace_ends
         return self.remote is None and young and self.auth_error is None
 
     def grace(self, heartbeat: float, misses: int) -> float:
@@ -182,7 +191,7 @@ class Link:
 
     def check_silent(self, now: float) -> None:
         """A ZeroMQ peer that took the handshake and never answered Hello
-        within the connect grace is no pigeon node (a REP, a ROUTER)."""
+        within the grace (``grace_ends``) is no pigeon node (a REP, a ROUTER)."""
         if self.remote is None and self.shaken_at is not None and now >= self.grace_ends:
             self._is_foreign(Foreign.SILENT)
 
