@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -16,7 +18,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
-from ...errors import ConfigurationError, Timeout
+from ...errors import ConfigurationError, Timeout, TransportError
 from ..base import ConsumeOptions
 from . import envelope
 from .errors import map_exceptions
@@ -27,10 +29,12 @@ T = TypeVar("T")
 # In a cluster, JetStream answers the creation of a replicated stream or
 # consumer once the new asset's group has elected a leader. With a server of
 # the cluster down that can take an election timeout (up to about 9 s in
-# nats-server), longer than one ack_timeout. Creating is idempotent (the same
-# configuration again changes nothing), so a request that timed out is made
-# again, this many times in all.
-_ADMIN_ATTEMPTS = 3
+# nats-server), longer than one ack_timeout; while the cluster elects its
+# meta leader, JetStream answers 503 "temporarily unavailable". Creating is
+# idempotent (the same configuration again changes nothing), so such a
+# request is made again, within this many ack_timeouts in all.
+_ADMIN_BUDGET = 3
+_ADMIN_PAUSE = 0.25  # seconds after a 503, doubling up to 1 s
 
 
 class Stream:
@@ -52,27 +56,37 @@ class Stream:
         self.timeout = options.ack_timeout
 
     async def _admin(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run an idempotent JetStream API call, again when it times out.
+        """Run an idempotent JetStream API call, again while it times out or
+        JetStream is temporarily unavailable (503), for ``_ADMIN_BUDGET``
+        ack_timeouts.
 
         Raises:
-            Timeout: no answer in ``_ADMIN_ATTEMPTS`` tries.
-            (and what :func:`map_exceptions` raises)
+            Timeout: still no answer when the time is up.
+            TransportError: still unavailable then (or another failure).
+            (and what else :func:`map_exceptions` raises)
         """
-        for attempt in range(1, _ADMIN_ATTEMPTS + 1):
+        deadline = time.monotonic() + _ADMIN_BUDGET * self.timeout
+        pause = _ADMIN_PAUSE
+        while True:
             try:
                 with map_exceptions(what, timeout=self.timeout):
                     return await call()
             except Timeout:
-                if attempt == _ADMIN_ATTEMPTS:
+                if time.monotonic() >= deadline:
                     raise
-        raise AssertionError("unreachable")
+            except TransportError as exc:
+                unavailable = isinstance(exc.__cause__, nats.js.errors.ServiceUnavailableError)
+                if not unavailable or time.monotonic() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 1.0)
 
     async def ensure(self) -> None:
         """Create the stream if it is missing and check that it fits.
 
         Raises:
             TransportError: JetStream is unreachable or failed.
-            Timeout: JetStream did not answer (``ack_timeout``, three times).
+            Timeout: JetStream did not answer (within three ``ack_timeout``).
             ConfigurationError: the stream exists but is not a work-queue
                 stream on pigeon's subjects, or has fewer than ``replicas``;
                 or JetStream cannot place ``replicas`` copies (not a
@@ -130,7 +144,7 @@ class Stream:
 
         Raises:
             TransportError: JetStream is unreachable or failed.
-            Timeout: JetStream did not answer (``ack_timeout``, three times).
+            Timeout: JetStream did not answer (within three ``ack_timeout``).
             ConfigurationError: JetStream refused the configuration.
         """
         config = ConsumerConfig(
