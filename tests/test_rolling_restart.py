@@ -398,7 +398,10 @@ def _check(
     reason="bug: a caller's link (a DEALER with ZMQ_IMMEDIATE, transports/zmq/link.py) "
     "drops a reply it has received but not yet read when the server's connection closes "
     "(libzmq terminates an immediate socket's pipe on disconnect), so a draining server's "
-    "last reply is lost, the call is retried elsewhere and its handler runs twice",
+    "last reply is lost, the call is retried elsewhere and its handler runs twice. A "
+    "closing node now keeps its connections open REPLY_GRACE (0.25 s) after its last "
+    "reply, which covers a caller that reads within that; this test blocks the caller "
+    "until the server has exited, which no grace covers",
 )
 @pytest.mark.timeout(120)
 def test_the_last_reply_of_a_draining_server_reaches_its_caller(tmp_path) -> None:

@@ -45,6 +45,10 @@ from .sender import Sender
 from .stats import node_stats
 from .zap import Domain, ZapHandler
 
+# Seconds a closing node keeps its connections open after its last reply,
+# for callers to read it (see ZmqTransport._let_replies_be_read).
+REPLY_GRACE = 0.25
+
 
 class ZmqTransport:
     """The brokerless transport; see the module docstring.
@@ -425,6 +429,19 @@ class ZmqTransport:
         self._advertise()
         return registration
 
+    async def _let_replies_be_read(self, grace: float) -> None:
+        """Keep the connections open ``grace`` seconds after the last answer
+        sent: a caller's socket throws away frames it has not read yet when
+        its connection drops (IMMEDIATE), and a reply lost so makes the
+        caller run the call again on another server."""
+        responders = [*self._relayed.values()]
+        if self.router is not None:
+            responders.append(self.router.responder)
+        last = max((r.last_answer for r in responders), default=0.0)
+        wait = last + grace - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
     def _advertise(self) -> None:
         """Tell every peer now which services this node offers."""
         if self._closed:
@@ -474,6 +491,7 @@ class ZmqTransport:
             await sub.cancel()
         # Let the Cancel frames leave before the sockets close (LINGER is 0).
         await asyncio.sleep(0)
+        await self._let_replies_be_read(min(REPLY_GRACE, timeout))
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         self.caller.close()

@@ -41,6 +41,7 @@ class Responder:
         self.budget = PeerBudget(MAX_PEER_REQUESTS, MAX_PEER_REQUEST_BYTES)
         self.repeats_refused = 0
         self.expired_requests = 0  # arrived after their deadline: never started
+        self.last_answer = 0.0  # monotonic time of the last answer sent
 
     def on_request(self, identity: bytes, request: frames.Request) -> None:
         rid = request.request_id
@@ -137,6 +138,7 @@ class Responder:
             size = len(answer.message.body) if answer.message is not None else len(answer.error)
             self.replies.finish(rid, answer, time.monotonic(), size)
             waiting = self._running.pop(rid, waiting)
+        self.last_answer = time.monotonic()
         for identity in waiting:
             self._send(identity, answer)
 
