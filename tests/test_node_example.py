@@ -8,7 +8,8 @@ but for its heartbeats for longer than the node's grace); a Refuse
 (``full``) reaches the Node producer as such; every call the Node client
 made is answered (an answer, ``Rejected``, ``NoResponders``, or its own
 timeout); and frames Node encodes decode in pigeon with the msgpack types
-pigeon writes itself, and the other way round.
+pigeon writes itself, and the other way round; and the Node codec passes
+docs/protocol-vectors.json (examples/node/vectors.js).
 
 Needs ``node`` and ``npm`` on PATH: skips without them, fails when ``CI``
 is set. The npm packages go into examples/node/node_modules (``npm ci``),
@@ -39,6 +40,7 @@ from pigeon._core import frames
 from pigeon.message import Message
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
+VECTORS = Path(__file__).resolve().parents[1] / "docs" / "protocol-vectors.json"
 WAIT = 120.0  # bound for what takes a second or two on a quiet machine
 NPM_WAIT = 900.0  # a first npm install on a slow network
 STAMP = EXAMPLE / "node_modules" / ".pigeon-installed"
@@ -430,3 +432,19 @@ def test_frames_pigeon_encodes_decode_in_node(node: str) -> None:
     assert batch["batched"] and [f["type"] for f in batch["frames"]] == ["Verdict", "Deliver"]
     assert "another Batch" in decoded["batch_in_batch"]["error"]
     assert "bytes" in decoded["str_body"]["error"]  # a body must be bin, not str
+
+
+def test_node_codec_passes_the_protocol_vectors(node: str) -> None:
+    """vectors.js: every vector of docs/protocol-vectors.json decodes in
+    wire.js to its fields, and all but the decode-only ones encode back to
+    exactly their hex (it names the first vector that fails)."""
+    vectors = json.loads(VECTORS.read_text())
+    round_trip, decode_only = len(vectors["vectors"]), len(vectors["decode_only"])
+    assert round_trip and decode_only
+    result = run_node(node, "vectors.js")
+    assert result == {
+        "passed": round_trip + decode_only,
+        "total": round_trip + decode_only,
+        "roundTrip": round_trip,
+        "decodeOnly": decode_only,
+    }, result

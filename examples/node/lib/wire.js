@@ -323,7 +323,14 @@ export const frame = {
     checkText(error, "error"),
     checkErrorKind(errorKind),
   ],
-  error: (reason) => [TAG.Error, checkText(reason, "reason")],
+  // queue and ids: what the refused frame concerned ("" and [] when
+  // nothing in particular). Always written, as pigeon writes them.
+  error: (reason, { queue = "", ids = [] } = {}) => [
+    TAG.Error,
+    checkText(reason, "reason"),
+    checkText(queue, "queue", LIMITS.MAX_NAME),
+    checkList(ids, "ids").map((id) => checkId(id)),
+  ],
   verdict: (verb, name, allowed, { prefetch = 0, leaseTtl = 0.0, reason = "" } = {}) => [
     TAG.Verdict,
     checkText(verb, "verb", 16),
