@@ -75,6 +75,18 @@ class PlainBridge:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _receive(self, sock: zmq.asyncio.Socket) -> list[bytes]:
+        """The next plain message, once there is room for one more in
+        flight (the caller gives the room back when it is done with it)."""
+        await self._room.acquire()
+        try:
+            frames: list[bytes] = await sock.recv_multipart()
+        except BaseException:
+            self._room.release()
+            raise
+        self.counts["received"] += 1
+        return frames
+
     def _count_malformed(self, why: Malformed) -> None:
         self.counts["malformed"] += 1
         key = f"malformed_{why.value}"

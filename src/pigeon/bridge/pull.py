@@ -43,13 +43,7 @@ class PullBridge(PlainBridge):
 
     async def _read(self) -> None:
         while True:
-            await self._room.acquire()
-            try:
-                frames = await self._sock.recv_multipart()
-            except BaseException:
-                self._room.release()
-                raise
-            self.counts["received"] += 1
+            frames = await self._receive(self._sock)
             body = plain_body(frames)
             if isinstance(body, Malformed):
                 self._count_malformed(body)

@@ -48,13 +48,7 @@ class ReqBridge(PlainBridge):
 
     async def _read(self) -> None:
         while True:
-            await self._room.acquire()
-            try:
-                frames = await self._sock.recv_multipart()
-            except BaseException:
-                self._room.release()
-                raise
-            self.counts["received"] += 1
+            frames = await self._receive(self._sock)
             # A REQ client's message: its routing id, an empty delimiter, the body.
             try:
                 split = frames.index(b"", 1) + 1

@@ -380,13 +380,17 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="pigeon-demo-") as store_dir:
         args.store_dir = store_dir
         asyncio.run(main())
-    summary = tally.summary()
+    return report(tally.summary(), as_json=args.json)
+
+
+def report(summary: dict[str, Any], *, as_json: bool) -> int:
+    """Print a demo's summary; its exit status (1 if a word was lost)."""
     print(
         f"produced {summary['produced']}, processed {summary['processed']}, "
         f"lost {summary['lost']}, duplicates {summary['duplicates']}, "
         f"redelivered {summary['redelivered']}"
     )
     print(f"by processor: {summary['by_processor']}; by responder: {summary['by_responder']}")
-    if args.json:
+    if as_json:
         print(json.dumps(summary), flush=True)
     return 1 if summary["lost"] else 0

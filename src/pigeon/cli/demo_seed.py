@@ -22,6 +22,7 @@ from typing import Any
 import pigeon
 
 from .._ports import quiet_port
+from .demo import report
 
 PROCESSORS = 3
 SEED_DIR = Path(__file__).resolve().parents[3] / "examples" / "seed"
@@ -192,16 +193,7 @@ async def run_with_seed(args: argparse.Namespace, tally: SeedTally) -> None:
 def run(args: argparse.Namespace) -> int:
     tally = SeedTally()
     asyncio.run(run_with_seed(args, tally))
-    summary = tally.summary()
-    print(
-        f"produced {summary['produced']}, processed {summary['processed']}, "
-        f"lost {summary['lost']}, duplicates {summary['duplicates']}, "
-        f"redelivered {summary['redelivered']}"
-    )
-    print(f"by processor: {summary['by_processor']}; by responder: {summary['by_responder']}")
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 1 if summary["lost"] else 0
+    return report(tally.summary(), as_json=args.json)
 
 
 def main() -> None:
