@@ -265,12 +265,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
         yield cluster
 
 
-def isolated(cluster: NatsCluster, **options: object) -> tuple[str, str]:
-    """(URL, stream name) of a stream and subject prefix of the caller's own."""
+def isolated(cluster: NatsCluster, *, on: Node | None = None, **options: object) -> tuple[str, str]:
+    """(URL, stream name) of a stream and subject prefix of the caller's own;
+    the URL names every server, or only ``on``."""
     tag = new_id()
     stream = f"PIGEON_C_{tag}"
     query = "&".join(f"{k}={v}" for k, v in {"replicas": 3, **options}.items())
-    return f"{cluster.url}?stream={stream}&prefix=pc{tag}&{query}", stream
+    servers = cluster.url if on is None else on.url
+    return f"{servers}?stream={stream}&prefix=pc{tag}&{query}", stream
 
 
 async def stream_info(cluster: NatsCluster, stream: str) -> Any:
@@ -405,6 +407,8 @@ def test_the_cluster_example_in_the_docs_runs(cluster: NatsCluster) -> None:
 
 @pytest.mark.parametrize("scenario", conformance.SCENARIOS, ids=lambda s: s.__name__)
 def test_conformance(cluster: NatsCluster, scenario: Any) -> None:
+    # Every server in the URL: a scenario's connections land on any of them,
+    # so requests cross the routes to servers on other nodes.
     url, _ = isolated(cluster)
     conformance.run(scenario, conformance.BrokerSetup(url))
 

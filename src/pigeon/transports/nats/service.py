@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ...errors import MessageTooLarge, PigeonError, Rejected
+from ...errors import MessageTooLarge, NoResponders, PigeonError, Rejected
 from ...message import Message, new_id
 from ..base import ServiceHandler, run_service_handler
 from . import envelope
@@ -28,6 +28,16 @@ log = logging.getLogger("pigeon.nats")
 
 QUEUE_GROUP = "pigeon"
 _MAX_REASON = 4096
+# A server's subscription is seen by every NATS server a request may come
+# through only a moment after its serve() returned: through another server
+# of a cluster it must cross the routes first, and nats-server 2.15 now and
+# then answers "no responders" to a request made at once on the very same
+# server (about 1 call in 20 right after serve(), in the cluster tests). A
+# no-responders answer (nobody got the request, so nothing ran) is therefore
+# asked again within this many seconds (and the call's timeout), pausing
+# _RETRY_PAUSE, doubled each time: NoResponders still comes at once.
+_NO_RESPONDERS_GRACE = 0.25
+_RETRY_PAUSE = 0.01
 
 
 def decode_request(msg: Msg) -> Message:
@@ -58,7 +68,8 @@ async def call(
     Raises:
         ConfigurationError: a header cannot travel over NATS.
         MessageTooLarge: the request is over the server's ``max_payload``.
-        NoResponders: nobody serves it (nats-py's no-responders status).
+        NoResponders: nobody serves it (nats-py's no-responders status,
+            still after ``_NO_RESPONDERS_GRACE``).
         Timeout: no reply within ``timeout`` seconds.
         Rejected: the server's handler failed.
         TransportError: the connection is closed or lost.
@@ -68,15 +79,32 @@ async def call(
         deadline = min(deadline, message.deadline)
     headers = envelope.to_headers(msgspec.structs.replace(message, deadline=deadline))
     counts["requests"] += 1
-    with map_exceptions(
-        f"request {service!r}",
-        service=service,
-        timeout=timeout,
-        size=len(message.body),
-        limit=nc.max_payload,
-    ):
-        reply = await nc.request(subject, message.body, timeout=timeout, headers=headers)
-    return decode_reply(service, reply)
+    now = time.monotonic()
+    ends, grace_ends = now + timeout, now + min(timeout, _NO_RESPONDERS_GRACE)
+    pause = _RETRY_PAUSE
+    while True:
+        try:
+            with map_exceptions(
+                f"request {service!r}",
+                service=service,
+                timeout=timeout,
+                size=len(message.body),
+                limit=nc.max_payload,
+            ):
+                reply = await nc.request(
+                    subject,
+                    message.body,
+                    timeout=max(ends - time.monotonic(), 0.001),
+                    headers=headers,
+                )
+        except NoResponders:
+            if time.monotonic() + pause > grace_ends:
+                raise
+            counts["no_responders_retries"] += 1
+            await asyncio.sleep(pause)
+            pause *= 2
+            continue
+        return decode_reply(service, reply)
 
 
 class ServiceRegistration:

@@ -124,16 +124,25 @@ class Stream:
             return await self.js.stream_info(self.name)
         except nats.js.errors.NotFoundError:
             pass
-        return await self.js.add_stream(
-            StreamConfig(
-                name=self.name,
-                subjects=self.subjects,
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-                duplicate_window=self.duplicate_window,
-                num_replicas=self.replicas,
-            )
+        config = StreamConfig(
+            name=self.name,
+            subjects=self.subjects,
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=self.duplicate_window,
+            num_replicas=self.replicas,
         )
+        try:
+            return await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as refused:
+            # A server of a cluster that has just come back may call a stream
+            # missing before it has caught up; creating it is then refused
+            # (with a server down, for want of peers). Look once more before
+            # reporting the refusal.
+            try:
+                return await self.js.stream_info(self.name)
+            except nats.js.errors.NotFoundError:
+                raise refused from None
 
     async def ensure_consumer(self, queue: str, subject: str, options: ConsumeOptions) -> None:
         """Create the queue's durable consumer, or update its ack wait and limits.
