@@ -21,7 +21,29 @@ FAILED_HANDSHAKES = (
 )
 
 
-class ConnectionMonitor:
+class _Watcher:
+    """Reads a socket's monitor events on the loop (``_read``, in a subclass)."""
+
+    def __init__(self, sock: zmq.Socket[bytes], events: int) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._monitor = sock.get_monitor_socket(events)
+        self._fd = int(self._monitor.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._read)
+        # The monitor's FD is edge-triggered like any zmq FD: an event that
+        # came before add_reader would not wake us, so look once now.
+        self._loop.call_soon(self._read)
+
+    def _read(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+
+
+class ConnectionMonitor(_Watcher):
     """Calls ``on_lost()`` when the connection drops, ``on_ready()`` when a
     handshake succeeds and ``on_refused(event)`` when one fails (a key was
     refused, or the two ends do not agree on keys)."""
@@ -35,7 +57,6 @@ class ConnectionMonitor:
         on_refused: Callable[[int], None],
         on_dropped: Callable[[], None] | None = None,
     ) -> None:
-        self._sock = sock
         self._on_lost = on_lost
         self._on_ready = on_ready
         self._on_refused = on_refused
@@ -44,18 +65,8 @@ class ConnectionMonitor:
         # talk to ours, e.g. a PUSH, or no ZeroMQ at all); see HandshakeWatch.
         self._on_dropped = on_dropped
         self._shaking = False
-        self._loop = asyncio.get_running_loop()
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED
-            | zmq.EVENT_HANDSHAKE_SUCCEEDED
-            | zmq.EVENT_DISCONNECTED
-            | FAILED_HANDSHAKES
-        )
-        self._fd = int(self._monitor.getsockopt(zmq.FD))
-        self._loop.add_reader(self._fd, self._read)
-        # The monitor's FD is edge-triggered like any zmq FD: an event that
-        # came before add_reader would not wake us, so look once now.
-        self._loop.call_soon(self._read)
+        events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        super().__init__(sock, events | FAILED_HANDSHAKES)
 
     def _read(self) -> None:
         if self._monitor.closed:
@@ -79,13 +90,8 @@ class ConnectionMonitor:
         except zmq.Again:
             pass
 
-    def close(self) -> None:
-        self._loop.remove_reader(self._fd)
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
 
-
-class HandshakeWatch:
+class HandshakeWatch(_Watcher):
     """Tells a serving (ROUTER) socket's connections that were dropped in
     the ZeroMQ handshake with no event saying why.
 
@@ -98,20 +104,11 @@ class HandshakeWatch:
     """
 
     def __init__(self, sock: zmq.Socket[bytes], *, on_dropped: Callable[[str], None]) -> None:
-        self._sock = sock
         self._on_dropped = on_dropped
         self._open: set[int] = set()  # accepted connections, by fd
         self._resolved = 0  # of those, how many had a handshake outcome
-        self._loop = asyncio.get_running_loop()
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_ACCEPTED
-            | zmq.EVENT_DISCONNECTED
-            | zmq.EVENT_HANDSHAKE_SUCCEEDED
-            | FAILED_HANDSHAKES
-        )
-        self._fd = int(self._monitor.getsockopt(zmq.FD))
-        self._loop.add_reader(self._fd, self._read)
-        self._loop.call_soon(self._read)
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        super().__init__(sock, events | FAILED_HANDSHAKES)
 
     def _read(self) -> None:
         if self._monitor.closed:
@@ -143,11 +140,6 @@ class HandshakeWatch:
                 self._resolved -= 1
             else:
                 self._on_dropped(_where(event))
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._fd)
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
 
 
 def _where(event: Mapping[str, Any]) -> str:
