@@ -22,7 +22,7 @@ FAILED_HANDSHAKES = (
 
 
 class _Watcher:
-    """Reads a socket's monitor events on the loop (``_read``, in a subclass)."""
+    """Reads a socket's monitor events on the loop, each into ``_event``."""
 
     def __init__(self, sock: zmq.Socket[bytes], events: int) -> None:
         self._sock = sock
@@ -35,7 +35,16 @@ class _Watcher:
         self._loop.call_soon(self._read)
 
     def _read(self) -> None:
-        raise NotImplementedError
+        if self._monitor.closed:
+            return
+        try:
+            while True:
+                self._event(recv_monitor_message(self._monitor, zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+
+    def _event(self, event: Mapping[str, Any]) -> None:
+        raise NotImplementedError  # (each watcher reads its own events)
 
     def close(self) -> None:
         self._loop.remove_reader(self._fd)
@@ -68,27 +77,21 @@ class ConnectionMonitor(_Watcher):
         events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         super().__init__(sock, events | FAILED_HANDSHAKES)
 
-    def _read(self) -> None:
-        if self._monitor.closed:
-            return
-        try:
-            while True:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-                if event["event"] == zmq.EVENT_CONNECTED:
-                    self._shaking = True
-                elif event["event"] == zmq.EVENT_DISCONNECTED:
-                    dropped, self._shaking = self._shaking, False
-                    if dropped and self._on_dropped is not None:
-                        self._on_dropped()
-                    self._on_lost()
-                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._shaking = False
-                    self._on_ready()
-                elif event["event"] & FAILED_HANDSHAKES:
-                    self._shaking = False
-                    self._on_refused(int(event["event"]))
-        except zmq.Again:
-            pass
+    def _event(self, event: Mapping[str, Any]) -> None:
+        kind = event["event"]
+        if kind == zmq.EVENT_CONNECTED:
+            self._shaking = True
+        elif kind == zmq.EVENT_DISCONNECTED:
+            dropped, self._shaking = self._shaking, False
+            if dropped and self._on_dropped is not None:
+                self._on_dropped()
+            self._on_lost()
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._shaking = False
+            self._on_ready()
+        elif kind & FAILED_HANDSHAKES:
+            self._shaking = False
+            self._on_refused(int(kind))
 
 
 class HandshakeWatch(_Watcher):
@@ -109,15 +112,6 @@ class HandshakeWatch(_Watcher):
         self._resolved = 0  # of those, how many had a handshake outcome
         events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
         super().__init__(sock, events | FAILED_HANDSHAKES)
-
-    def _read(self) -> None:
-        if self._monitor.closed:
-            return
-        try:
-            while True:
-                self._event(recv_monitor_message(self._monitor, zmq.NOBLOCK))
-        except zmq.Again:
-            pass
 
     def _event(self, event: Mapping[str, Any]) -> None:
         kind, value = event["event"], event["value"]
