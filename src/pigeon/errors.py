@@ -19,7 +19,9 @@ Every error pigeon raises on purpose derives from :class:`PigeonError`::
      ├── DeliveryError
      │    ├── NoResponders                  no live server offers the service
      │    ├── Rejected                      the server's handler failed the request
-     │    └── Backpressure                  a bounded buffer is full and the policy is "raise"
+     │    ├── Backpressure                  a bounded buffer is full and the policy is "raise"
+     │    └── SubscriberDisconnected        a slow subscriber was cut off (its policy is "disconnect")
+     ├── ReplayTrimmed (ValueError)         a replay asked for history no longer retained
      ├── MessageTooLarge (ValueError)       a body is over the configured maximum size
      ├── DecodeError                        a body could not be decoded into the asked type
      └── StoreError                         the durable store failed or is unusable
@@ -157,3 +159,38 @@ class NoPigeonNode(TransportError):
 
     def __init__(self, address: str, why: str = "the peer did not answer Hello") -> None:
         super().__init__(f"no pigeon node at {address} ({why})", address=address)
+
+
+class SubscriberDisconnected(DeliveryError):
+    """Raised when a topic's host cut a subscriber off because it fell
+    behind and its slow-subscriber policy is ``disconnect``.
+
+    Attributes:
+        pattern: the subscription's pattern.
+        reason: what the host said.
+    """
+
+    def __init__(self, pattern: str, reason: str) -> None:
+        super().__init__(f"subscription {pattern!r} was disconnected: {reason}")
+        self.pattern = pattern
+        self.reason = reason
+
+
+class ReplayTrimmed(PigeonError, ValueError):
+    """Raised when a subscription asks to start at a sequence number that
+    its topic no longer retains.
+
+    Attributes:
+        topic: the topic whose history is trimmed.
+        first_retained: the first sequence number still retained (start
+            there, or later).
+    """
+
+    def __init__(self, topic: str, asked: int, first_retained: int) -> None:
+        super().__init__(
+            f"topic {topic!r} no longer retains sequence number {asked}; the first "
+            f"retained is {first_retained}"
+        )
+        self.topic = topic
+        self.asked = asked
+        self.first_retained = first_retained

@@ -21,3 +21,9 @@ REDELIVERED = "x-pigeon-redelivered"  # "1": this copy may have been seen before
 CREATED_AT = "x-pigeon-created-at"  # float seconds since the epoch
 DEADLINE = "x-pigeon-deadline"  # float seconds since the epoch
 ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
+
+# Publish-subscribe (see ``pigeon._core.topics``): set on every published
+# message by whoever numbers it (the topic's host, or the publisher).
+TOPIC = "x-pigeon-topic"  # the topic it was published on
+SEQ = "x-pigeon-seq"  # its number in that topic, from SOURCE (decimal, from 1)
+SOURCE = "x-pigeon-source"  # who numbered it: a host's or publisher's session id

@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigurationError
-from .base import ConsumeOptions, Delivery, Subscription, Transport
+from .base import ConsumeOptions, Delivery, SubscribeOptions, Subscription, Transport
 
-__all__ = ["ConsumeOptions", "Delivery", "Subscription", "Transport", "open_transport"]
+__all__ = [
+    "ConsumeOptions",
+    "Delivery",
+    "SubscribeOptions",
+    "Subscription",
+    "Transport",
+    "open_transport",
+]
 
 ZMQ_SCHEMES = ("inproc", "ipc", "tcp")
 SCHEMES = ("memory", *ZMQ_SCHEMES, "nats", "tls", "amqp", "amqps")

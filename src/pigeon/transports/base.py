@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .._core.topics import DEFAULT_BUFFER, Retention, SlowPolicy, StartAt
 from ..errors import ConfigurationError, LocalProtocolError, NoResponders, Rejected
 from ..message import Message
 
@@ -30,6 +31,29 @@ class ConsumeOptions:
     prefetch: int = 64
     lease_ttl: float = 30.0
     max_attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeOptions:
+    """What a subscriber asks of the topics it subscribes to.
+
+    Attributes:
+        name: a durable subscription's name: it keeps its position while no
+            subscriber runs, and subscribers with the same name share its
+            messages as competing consumers. None: a subscription of this
+            subscriber alone, gone when it stops.
+        policy: what the host does when ``buffer`` messages wait for this
+            subscriber (``pigeon._core.topics`` Rule 4).
+        buffer: messages that may wait for this subscriber.
+        start: where it starts (Rule 5); default new messages only.
+        consume: prefetch, lease and attempt limit, as for a queue.
+    """
+
+    name: str | None = None
+    policy: SlowPolicy = SlowPolicy.DROP_OLDEST
+    buffer: int = DEFAULT_BUFFER
+    start: StartAt = StartAt()
+    consume: ConsumeOptions = ConsumeOptions()
 
 
 class Settler(Protocol):
@@ -220,6 +244,61 @@ class Transport(Protocol):
 
     async def serve(self, service: str, handler: ServiceHandler) -> Subscription:
         """Answer requests for ``service`` with ``handler``."""
+        ...
+
+    # -- publish-subscribe (see pigeon._core.topics for the rules) ----------
+
+    def publish_nowait(self, topic: str, message: Message) -> asyncio.Future[None]:
+        """Publish ``message`` on ``topic``; the future resolves once the
+        topic's host (or broker) took it.
+
+        The message reaches every subscriber numbered (headers TOPIC, SEQ and
+        SOURCE), by the host or, where nothing hosts topics, by this
+        publisher.
+
+        Raises (or fails the future with):
+            Backpressure: a subscriber with policy ``block`` has no room.
+            ClosedError, MessageTooLarge: as for ``send_nowait``.
+        """
+        ...
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: DeliverySink,
+        options: SubscribeOptions,
+        on_disconnect: Callable[[str], None],
+    ) -> Subscription:
+        """Deliver messages on topics matching ``pattern`` into ``sink`` (as
+        ``consume`` does; settling works the same). The history asked for in
+        ``options.start`` comes first, then live messages, with no gap.
+        ``on_disconnect(reason)`` is called once if the host cuts this
+        subscriber off (policy ``disconnect``).
+
+        Raises:
+            ConfigurationError: a pattern or option this transport cannot
+                express (the message says what to use instead).
+            ReplayTrimmed: ``from_seq`` is no longer retained.
+        """
+        ...
+
+    async def retain(self, pattern: str, retention: Retention) -> None:
+        """Keep history of the topics matching ``pattern``.
+
+        Raises:
+            ConfigurationError: this transport cannot keep history.
+        """
+
+    async def request_all(
+        self, service: str, message: Message, *, timeout: float, min_replies: int
+    ) -> list[Message]:
+        """Ask every live server of ``service``; return the replies that came
+        by ``timeout`` (sooner once every server answered).
+
+        Raises:
+            NoResponders: no live server offers the service.
+            Timeout: fewer than ``min_replies`` replies came in time.
+        """
         ...
 
     async def close(self, timeout: float = 5.0) -> None:
