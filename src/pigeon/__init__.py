@@ -1,6 +1,6 @@
 """pigeon: message queues for Python.
 
-Work queues, request-reply and (soon) publish-subscribe with acks, retries,
+Work queues, request-reply and publish-subscribe with acks, retries,
 dead letters, leases, heartbeats and failover; brokerless over ZeroMQ by
 default, the same API on NATS and RabbitMQ.
 """
@@ -28,11 +28,14 @@ from .errors import (
     ProtocolError,
     Rejected,
     RemoteProtocolError,
+    ReplayTrimmed,
     StoreError,
+    SubscriberDisconnected,
     Timeout,
     TransportError,
 )
 from .message import BYTES, JSON, MSGPACK, TEXT, Message
+from .subscriber import Event, EventStream, Subscriber
 from .transports import Delivery
 from .worker import Server, Worker
 
@@ -50,6 +53,8 @@ __all__ = [
     "DecodeError",
     "Delivery",
     "DeliveryError",
+    "Event",
+    "EventStream",
     "Forbidden",
     "JSON",
     "KeyFileError",
@@ -64,9 +69,12 @@ __all__ = [
     "ProtocolError",
     "Rejected",
     "RemoteProtocolError",
+    "ReplayTrimmed",
     "RetryPolicy",
     "Server",
     "StoreError",
+    "Subscriber",
+    "SubscriberDisconnected",
     "TEXT",
     "Timeout",
     "TransportError",

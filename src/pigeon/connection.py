@@ -11,8 +11,10 @@ from typing import Any
 from ._core import limits
 from ._core.backoff import RetryPolicy
 from .errors import Backpressure, ClosedError, ConfigurationError, NotStartedError, Timeout
+from ._core import topics
 from .message import Message, make_message, make_messages
-from .transports import ConsumeOptions, Transport, open_transport
+from .subscriber import EventStream, Subscriber
+from .transports import ConsumeOptions, SubscribeOptions, Transport, open_transport
 from .worker import Handler, Server, ServiceFunction, Worker
 
 __all__ = ["Connection", "connect"]
@@ -40,6 +42,18 @@ def _check_name(name: object, what: str) -> str:
         return name
     try:
         checked = limits.check_name(name, what)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if len(_good_names) < 10_000:
+        _good_names.add(checked)
+    return checked
+
+
+def _check_topic(topic: object) -> str:
+    if topic in _good_names:
+        return topic  # type: ignore[return-value]
+    try:
+        checked = topics.check_topic(topic)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     if len(_good_names) < 10_000:
@@ -346,6 +360,246 @@ class Connection:
         self._workers.append(worker)
         return worker
 
+    # -- publish-subscribe -----------------------------------------------
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> asyncio.Future[None]:
+        """Publish ``payload`` on ``topic`` without waiting; the returned
+        future resolves once the topic's host (or broker) took it.
+
+        Raises:
+            ValueError: ``topic`` is not a valid topic (the message names the rule).
+            Backpressure: a subscriber whose policy is ``block`` has no room.
+            (and what :meth:`send_nowait` raises)
+        """
+        if self._closed or not self._started:
+            self._check_open()
+        topic = _check_topic(topic)
+        message = make_message(payload, content_type=content_type, headers=headers)
+        return self.transport.publish_nowait(topic, message)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish ``payload`` on ``topic``: every subscription whose pattern
+        matches gets it, numbered in that topic. Waits until the topic's host
+        took it, and for room while a ``block`` subscriber has none.
+
+        Raises:
+            Timeout: no room, or no confirmation, within ``timeout``.
+            (and what :meth:`publish_nowait` raises but ``Backpressure``)
+        """
+        timeout = _positive(timeout, "timeout")
+        deadline = asyncio.get_running_loop().time() + timeout
+        refusals = 0
+        while True:
+            try:
+                future = self.publish_nowait(
+                    topic, payload, headers=headers, content_type=content_type
+                )
+                if not future.done() and not await _until_done(future, deadline):
+                    self._give_up(future)
+                    raise Timeout(f"publish to {topic!r} not confirmed within {timeout} s")
+                future.result()
+                return
+            except Backpressure as exc:
+                if not await self._wait_for_room(refusals + 1, deadline):
+                    raise Timeout(f"no room to publish to {topic!r} within {timeout} s") from exc
+                refusals += 1
+
+    def _subscribe_options(
+        self,
+        pattern: str,
+        name: str | None,
+        policy: str,
+        buffer: int,
+        start: topics.StartAt,
+        consume: ConsumeOptions,
+    ) -> SubscribeOptions:
+        try:
+            topics.check_pattern(pattern)
+            slow = topics.check_policy(policy)
+            topics.check_buffer(buffer)
+            start.check()
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if name is not None:
+            name = _check_name(name, "subscription name")
+        return SubscribeOptions(name, slow, buffer, start, consume)
+
+    async def _start_subscriber(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        name: str | None,
+        policy: str,
+        buffer: int,
+        from_seq: int | None,
+        from_time: float | None,
+        last: int | None,
+        last_per_subject: bool,
+        prefetch: int,
+        concurrency: int,
+        retry: RetryPolicy | None,
+        lease_ttl: float,
+    ) -> Subscriber:
+        self._check_open()
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        for value, what in ((prefetch, "prefetch"), (concurrency, "concurrency")):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value:
+                raise ConfigurationError(f"{what} must be an int >= 1, not {value!r}")
+        retry_policy = retry or RetryPolicy()
+        if not isinstance(retry_policy, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, not {type(retry_policy).__name__}")
+        consume = ConsumeOptions(
+            min(prefetch, limits.MAX_PREFETCH),
+            _positive(lease_ttl, "lease_ttl"),
+            retry_policy.max_attempts,
+        )
+        start = topics.StartAt(from_seq, from_time, last, last_per_subject)
+        options = self._subscribe_options(pattern, name, policy, buffer, start, consume)
+        subscriber = Subscriber(pattern, handler, retry_policy, concurrency, options)
+        await subscriber._start(self.transport)
+        self._workers.append(subscriber)
+        return subscriber
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        policy: str = "drop-oldest",
+        buffer: int = topics.DEFAULT_BUFFER,
+        from_seq: int | None = None,
+        from_time: float | None = None,
+        last: int | None = None,
+        last_per_subject: bool = False,
+        prefetch: int = 64,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
+    ) -> Subscriber:
+        """Run ``handler(event)`` for every message published on a topic
+        matching ``pattern`` (``*`` is one segment, a final ``>`` the rest).
+
+        The handler gets an :class:`~pigeon.Event`: a delivery with
+        ``topic``, ``seq`` and ``missed`` (numbers of that topic it did not
+        get right before this one). It settles like a worker's: returning
+        acks, raising retries with backoff, then dead-letters.
+
+        ``name``: a durable subscription, kept while no subscriber runs and
+        shared by every subscriber with that name. ``policy`` and ``buffer``:
+        what happens once ``buffer`` messages wait for it: ``"drop-oldest"``
+        (counted, and seen as gaps), ``"block"`` (publishers wait) or
+        ``"disconnect"`` (it is cut off and told). ``from_seq``,
+        ``from_time``, ``last`` or ``last_per_subject`` start it in the
+        retained history of its topics (see :meth:`retain`).
+
+        Raises:
+            ConfigurationError: a bad pattern or option, or one the transport
+                cannot express (it says what to use instead).
+            ReplayTrimmed: ``from_seq`` is no longer retained.
+        """
+        return await self._start_subscriber(
+            pattern,
+            handler,
+            name=name,
+            policy=policy,
+            buffer=buffer,
+            from_seq=from_seq,
+            from_time=from_time,
+            last=last,
+            last_per_subject=last_per_subject,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            retry=retry,
+            lease_ttl=lease_ttl,
+        )
+
+    def subscription(
+        self,
+        pattern: str,
+        *,
+        name: str | None = None,
+        policy: str = "drop-oldest",
+        buffer: int = topics.DEFAULT_BUFFER,
+        from_seq: int | None = None,
+        from_time: float | None = None,
+        last: int | None = None,
+        last_per_subject: bool = False,
+        prefetch: int = 64,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
+    ) -> EventStream:
+        """The events of a subscription as an async iterator (options as for
+        :meth:`subscribe`)::
+
+            async with conn.subscription("prices.>", last_per_subject=True) as events:
+                async for event in events:
+                    print(event.topic, event.seq, event.decode())
+        """
+
+        async def start(handler: Handler) -> Subscriber:
+            return await self._start_subscriber(
+                pattern,
+                handler,
+                name=name,
+                policy=policy,
+                buffer=buffer,
+                from_seq=from_seq,
+                from_time=from_time,
+                last=last,
+                last_per_subject=last_per_subject,
+                prefetch=prefetch,
+                concurrency=1,
+                retry=retry,
+                lease_ttl=lease_ttl,
+            )
+
+        return EventStream(start)
+
+    async def retain(
+        self,
+        pattern: str,
+        *,
+        max_count: int | None = None,
+        max_bytes: int | None = None,
+        max_age: float | None = None,
+    ) -> None:
+        """Keep history of the topics matching ``pattern``: at most
+        ``max_count`` messages per topic, ``max_bytes`` bytes and
+        ``max_age`` seconds (at least one), for subscribers that start in
+        the past (``from_seq=``, ``from_time=``, ``last=``,
+        ``last_per_subject=``).
+
+        Raises:
+            ConfigurationError: a bad pattern or bound, or a transport that
+                cannot keep history.
+        """
+        self._check_open()
+        retention = topics.Retention(max_count, max_bytes, max_age)
+        try:
+            topics.check_pattern(pattern)
+            retention.check()
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        await self.transport.retain(pattern, retention)
+
     # -- request-reply ---------------------------------------------------
 
     async def request(
@@ -375,6 +629,41 @@ class Connection:
         return await self.transport.request(
             _check_name(service, "service"), message, timeout=timeout
         )
+
+    async def request_all(
+        self,
+        service: str,
+        payload: Any,
+        *,
+        timeout: float = 1.0,
+        min_replies: int = 1,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> list[Message]:
+        """Ask every live server of ``service`` at once (scatter-gather) and
+        return the replies that came within ``timeout``, in no set order.
+        Servers whose handler failed give no reply.
+
+        Raises:
+            NoResponders: no live server offers ``service`` (at once).
+            Timeout: fewer than ``min_replies`` replies came in time.
+        """
+        self._check_open()
+        timeout = _positive(timeout, "timeout")
+        if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 0:
+            raise ConfigurationError(f"min_replies must be an int >= 0, not {min_replies!r}")
+        message = make_message(
+            payload, content_type=content_type, headers=headers, deadline=time.time() + timeout
+        )
+        replies = await self.transport.request_all(
+            _check_name(service, "service"), message, timeout=timeout, min_replies=min_replies
+        )
+        if len(replies) < min_replies:
+            raise Timeout(
+                f"{len(replies)} of the {min_replies} replies wanted from service {service!r} "
+                f"came within {timeout} s"
+            )
+        return replies
 
     async def serve(self, service: str, handler: ServiceFunction) -> Server:
         """Answer requests for ``service`` with ``handler(message) -> reply``."""

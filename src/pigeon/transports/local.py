@@ -3,6 +3,7 @@ consumers of a :class:`QueueHost`, and a table of local services."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -10,8 +11,17 @@ from dataclasses import dataclass
 from .._core.policy import least_loaded
 from ..errors import NoResponders, Rejected, Timeout
 from ..message import Message
-from .base import ConsumeOptions, Delivery, DeliverySink, ServiceHandler, run_service_handler
+from .base import (
+    ConsumeOptions,
+    Delivery,
+    DeliverySink,
+    HandlerOutcome,
+    ServiceHandler,
+    SubscribeOptions,
+    run_service_handler,
+)
 from .host import QueueHost
+from .topic_host import TopicHost
 
 
 class HostSettler:
@@ -63,6 +73,40 @@ class LocalSubscription:
 
     async def cancel(self) -> None:
         self.host.unsubscribe(self.queue, self)
+
+
+class LocalTopicSubscription:
+    """A subscriber in the process whose node hosts the topics: its
+    subscription's queue, consumed like any local queue."""
+
+    def __init__(
+        self,
+        topics: TopicHost,
+        pattern: str,
+        sink: DeliverySink,
+        options: SubscribeOptions,
+        on_disconnect: Callable[[str], None],
+    ) -> None:
+        self.topics = topics
+        self.queue = topics.subscribe(
+            pattern,
+            name=options.name,
+            policy=options.policy,
+            buffer=options.buffer,
+            start=options.start,
+        )
+        self._consumer = LocalSubscription(topics.host, self.queue, sink, options.consume)
+        topics.consumed(self.queue, self._consumer)
+        self._told = on_disconnect
+        topics.listen(self.queue, on_disconnect)
+
+    async def drain(self) -> None:
+        await self._consumer.drain()
+
+    async def cancel(self) -> None:
+        await self._consumer.cancel()
+        self.topics.unlisten(self.queue, self._told)
+        self.topics.left(self.queue, self._consumer, lost=False)
 
 
 @dataclass(eq=False)
@@ -127,11 +171,36 @@ class LocalServices:
             raise NoResponders(service)
         server = least_loaded(servers, _outstanding, next(self._rotation))
         assert server is not None  # servers is not empty
+        return self._answer(service, await self._run(server, message, timeout), timeout)
+
+    async def call_all(self, service: str, message: Message, *, timeout: float) -> list[Message]:
+        """Run every local server's handler on ``message``; the replies of
+        those that answered in time, in no set order.
+
+        Raises:
+            NoResponders: nobody here serves ``service``.
+        """
+        servers = list(self._servers.get(service) or ())
+        if not servers:
+            raise NoResponders(service)
+        outcomes = await asyncio.gather(*(self._run(s, message, timeout) for s in servers))
+        replies = []
+        for outcome in outcomes:
+            try:
+                replies.append(self._answer(service, outcome, timeout))
+            except (NoResponders, Timeout, Rejected):
+                continue  # a server that failed is not a reply; the caller counts what came
+        return replies
+
+    @staticmethod
+    async def _run(server: _LocalServer, message: Message, timeout: float | None) -> HandlerOutcome:
         server.outstanding += 1
         try:
-            outcome = await run_service_handler(server.handler, message, timeout)
+            return await run_service_handler(server.handler, message, timeout)
         finally:
             server.outstanding -= 1
+
+    def _answer(self, service: str, outcome: HandlerOutcome, timeout: float | None) -> Message:
         if outcome.stopped:  # cut short by a drain: the caller may go elsewhere
             raise NoResponders(service)
         if outcome.expired:

@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from collections.abc import Callable
+
+from .._core.topics import Retention
 from ..errors import Backpressure, ClosedError, MessageTooLarge, NotStartedError
-from ..message import Message
-from .base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
+from ..message import Message, new_id
+from .base import ConsumeOptions, DeliverySink, ServiceHandler, SubscribeOptions, Subscription
 from .host import QueueHost
-from .local import LocalServices, LocalSubscription
+from .local import LocalServices, LocalSubscription, LocalTopicSubscription
+from .topic_host import TopicHost
 
 
 class _Hub:
     def __init__(self, max_length: int | None) -> None:
         self.host = QueueHost(max_length=max_length)
+        self.topics = TopicHost(self.host, source=f"memory-{new_id()}")
         self.services = LocalServices()
         self.users = 0
 
@@ -86,6 +91,35 @@ class MemoryTransport:
         self._subscriptions.append(registration)
         return registration
 
+    def publish_nowait(self, topic: str, message: Message) -> asyncio.Future[None]:
+        hub = self._live_hub()
+        if len(message.body) > self.max_message_size:
+            raise MessageTooLarge(len(message.body), self.max_message_size)
+        if hub.topics.publish(topic, message) is None:
+            raise Backpressure(f"a 'block' subscriber of topic {topic!r}", 0)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: DeliverySink,
+        options: SubscribeOptions,
+        on_disconnect: Callable[[str], None],
+    ) -> Subscription:
+        sub = LocalTopicSubscription(self._live_hub().topics, pattern, sink, options, on_disconnect)
+        self._subscriptions.append(sub)
+        return sub
+
+    async def retain(self, pattern: str, retention: Retention) -> None:
+        self._live_hub().topics.retain(pattern, retention)
+
+    async def request_all(
+        self, service: str, message: Message, *, timeout: float, min_replies: int
+    ) -> list[Message]:
+        return await self._live_hub().services.call_all(service, message, timeout=timeout)
+
     async def close(self, timeout: float = 5.0) -> None:
         self._closed = True
         hub, self._hub = self._hub, None
@@ -105,4 +139,5 @@ class MemoryTransport:
             "sent": self.sent,
             "expired_requests": hub.services.expired_requests if hub else 0,
             "queues": hub.host.stats() if hub else {},
+            "topics": hub.topics.stats() if hub else {},
         }

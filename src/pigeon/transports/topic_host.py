@@ -1,0 +1,312 @@
+"""The topic host: publish-subscribe on a node's :class:`QueueHost`.
+
+Each subscription is a queue of the host (``pigeon.sub.NAME`` for a durable
+one, ``pigeon.tmp.ID`` for one subscriber's own), bound to a pattern. A
+publish numbers the message for its topic, keeps it if the topic is
+retained, and puts a copy into every bound subscription's queue, applying
+the subscription's slow-subscriber policy at its buffer. From there the
+queue machinery delivers: credit, leases, acks, retries and dead letters
+work for subscribers as they do for workers.
+
+The rules are those of :mod:`pigeon._core.topics`; this adapter adds:
+
+Rule 1: a subscription with replay gets its history put into its queue and
+is bound in the same synchronous step, so no publish falls between them.
+Rule 2: a durable subscription keeps its queue while no subscriber runs (up
+to its buffer, then its policy); a second subscriber with the same name
+shares it. Asking for an existing name with another pattern is refused.
+Rule 3: a subscriber's own subscription outlives a lost subscriber for
+``orphan_grace`` seconds, so a subscriber whose link blinked resumes where
+it was; after that it is removed (counted in ``expired``).
+Rule 4: a resent publish (an id seen in the last ``DEDUPE`` publishes) is
+confirmed again but not published twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._core.topics import (
+    Numbering,
+    RetainedLog,
+    Retention,
+    SlowPolicy,
+    StartAt,
+    check_pattern,
+    matches,
+    stamp,
+)
+from ..errors import ConfigurationError
+from ..message import Message, new_id
+from .host import QueueHost
+
+DURABLE_PREFIX = "pigeon.sub."
+OWN_PREFIX = "pigeon.tmp."
+DEDUPE = 100_000  # publish ids remembered to drop resends (Rule 4)
+MAX_SUBSCRIPTIONS = 10_000
+ORPHAN_GRACE = 30.0  # seconds (Rule 3)
+
+Disconnected = Callable[[str, str], None]  # (subscription queue, reason)
+
+
+def is_subscription(queue: str) -> bool:
+    return queue.startswith(DURABLE_PREFIX) or queue.startswith(OWN_PREFIX)
+
+
+@dataclass(slots=True)
+class TopicSubscription:
+    queue: str
+    pattern: str
+    policy: SlowPolicy
+    buffer: int
+    durable: bool
+    dropped: int = 0
+    refused: int = 0  # copies the node's memory or queue bounds refused
+    orphaned_at: float | None = None  # when its last consumer left (own ones)
+    owners: set[Hashable] = field(default_factory=set)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "policy": self.policy.value,
+            "buffer": self.buffer,
+            "durable": self.durable,
+            "dropped": self.dropped,
+            "refused": self.refused,
+        }
+
+
+class TopicHost:
+    """Topics of one node; see the module docstring.
+
+    Args:
+        host: the node's queues (subscriptions live there).
+        source: this host's numbering source (unique per run).
+        on_disconnect: told (queue, reason) when a subscription is cut off.
+    """
+
+    def __init__(
+        self,
+        host: QueueHost,
+        source: str,
+        *,
+        on_disconnect: Disconnected | None = None,
+        clock: Callable[[], float] = time.time,
+        orphan_grace: float = ORPHAN_GRACE,
+    ) -> None:
+        self.host = host
+        self.numbering = Numbering(source)
+        self.history = RetainedLog()
+        self.subscriptions: dict[str, TopicSubscription] = {}
+        self._routes: dict[str, list[TopicSubscription]] = {}  # topic -> bound (cache)
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._on_disconnect = on_disconnect
+        self._listeners: dict[str, list[Callable[[str], None]]] = {}  # told of a cut
+        self.clock = clock
+        self.orphan_grace = orphan_grace
+        self.counts = {
+            "published": 0,
+            "duplicates": 0,
+            "blocked": 0,
+            "dropped": 0,
+            "disconnected": 0,
+            "refused": 0,
+            "expired": 0,
+            "unrouted": 0,
+        }
+
+    # -- publishing --------------------------------------------------------
+
+    def _route(self, topic: str) -> list[TopicSubscription]:
+        bound = self._routes.get(topic)
+        if bound is None:
+            bound = [s for s in self.subscriptions.values() if matches(s.pattern, topic)]
+            if len(self._routes) >= 10_000:
+                self._routes.clear()
+            self._routes[topic] = bound
+        return bound
+
+    def _waiting(self, sub: TopicSubscription) -> int:
+        ledger = self.host.queues.get(sub.queue)
+        return ledger.ready_count if ledger is not None else 0
+
+    def publish(self, topic: str, message: Message, *, fresh: bool = False) -> bool | None:
+        """Publish on ``topic`` (already checked); True if published, False
+        for a resend already published (Rule 4), None if refused because a
+        ``block`` subscriber has no room (nothing was published)."""
+        if not fresh:
+            if message.id in self._recent:
+                self.counts["duplicates"] += 1
+                return False
+        bound = self._route(topic)
+        for sub in bound:
+            if sub.policy is SlowPolicy.BLOCK and self._waiting(sub) >= sub.buffer:
+                self.counts["blocked"] += 1
+                return None
+        if not fresh:
+            self._recent[message.id] = None
+            if len(self._recent) > DEDUPE:
+                self._recent.popitem(last=False)
+        seq = self.numbering.next(topic)
+        stamped = stamp(message, topic, seq, self.numbering.source)
+        self.history.add(topic, seq, stamped, self.clock())
+        self.counts["published"] += 1
+        if not bound:
+            self.counts["unrouted"] += 1
+        for sub in list(bound):
+            self._deliver(sub, stamped)
+        return True
+
+    def _deliver(self, sub: TopicSubscription, message: Message) -> None:
+        if self._waiting(sub) >= sub.buffer:
+            if sub.policy is SlowPolicy.DISCONNECT:
+                self.disconnect(sub.queue, f"it fell {sub.buffer} messages behind")
+                return
+            # DROP_OLDEST (a BLOCK one was checked before numbering).
+            ledger = self.host.queues.get(sub.queue)
+            if ledger is not None and ledger.take_ready(1):
+                sub.dropped += 1
+                self.counts["dropped"] += 1
+        if self.host.put(sub.queue, message, fresh=True) is None:
+            sub.refused += 1
+            self.counts["refused"] += 1
+
+    # -- subscriptions -------------------------------------------------------
+
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        name: str | None,
+        policy: SlowPolicy,
+        buffer: int,
+        start: StartAt,
+    ) -> str:
+        """Make (or join, for a durable ``name``) a subscription; returns the
+        queue its subscribers consume.
+
+        Raises:
+            ConfigurationError: a bad pattern, or ``name`` exists with another
+                pattern, or too many subscriptions.
+            ReplayTrimmed: ``start.from_seq`` is no longer retained.
+        """
+        try:
+            check_pattern(pattern)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if name is not None:
+            queue = DURABLE_PREFIX + name
+            held = self.subscriptions.get(queue)
+            if held is not None:
+                if held.pattern != pattern:
+                    raise ConfigurationError(
+                        f"subscription {name!r} exists for pattern {held.pattern!r}; use another "
+                        "name, or the same pattern to share it"
+                    )
+                return queue  # joined: its position is kept, start applies only to a new one
+        else:
+            queue = OWN_PREFIX + new_id()
+        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+            raise ConfigurationError(
+                f"this node holds {MAX_SUBSCRIPTIONS} subscriptions, its limit"
+            )
+        backlog = self.history.select(pattern, start, self.clock())  # may raise ReplayTrimmed
+        sub = TopicSubscription(queue, pattern, policy, buffer, durable=name is not None)
+        # Rule 1: history in, then bound, with no await between.
+        if backlog:
+            self.host.put_fresh(queue, backlog)
+        else:
+            self.host.ledger(queue)
+        self.subscriptions[queue] = sub
+        self._routes.clear()
+        if name is None:
+            sub.orphaned_at = self.clock()
+        return queue
+
+    def listen(self, queue: str, told: Callable[[str], None]) -> None:
+        """Tell ``told(reason)`` if the subscription behind ``queue`` is cut off."""
+        self._listeners.setdefault(queue, []).append(told)
+
+    def unlisten(self, queue: str, told: Callable[[str], None]) -> None:
+        listeners = self._listeners.get(queue, [])
+        if told in listeners:
+            listeners.remove(told)
+
+    def consumed(self, queue: str, consumer: Hashable) -> None:
+        sub = self.subscriptions.get(queue)
+        if sub is not None:
+            sub.owners.add(consumer)
+            sub.orphaned_at = None
+
+    def left(self, queue: str, consumer: Hashable, *, lost: bool) -> None:
+        """A consumer of ``queue`` left: cancelled (``lost`` False) or lost.
+        A subscriber's own subscription goes when it cancels, and after
+        ``orphan_grace`` when it is lost (Rule 3)."""
+        sub = self.subscriptions.get(queue)
+        if sub is None:
+            return
+        sub.owners.discard(consumer)
+        if sub.durable or sub.owners:
+            return
+        if lost:
+            sub.orphaned_at = self.clock()
+        else:
+            self.remove(queue)
+
+    def expire_orphans(self) -> None:
+        cutoff = self.clock() - self.orphan_grace
+        for sub in list(self.subscriptions.values()):
+            if sub.orphaned_at is not None and sub.orphaned_at < cutoff:
+                self.counts["expired"] += 1
+                self.remove(sub.queue)
+        self.history.expire(self.clock())
+
+    def remove(self, queue: str) -> bool:
+        """Unbind and drop a subscription and what waits in it."""
+        sub = self.subscriptions.pop(queue, None)
+        if sub is None:
+            return False
+        self._routes.clear()
+        self._listeners.pop(queue, None)
+        for consumer in sub.owners:  # (their leases come back, and go with the rest)
+            self.host.unsubscribe(queue, consumer)
+        ledger = self.host.queues.get(queue)
+        if ledger is not None:
+            ledger.take_ready()
+        return True
+
+    def disconnect(self, queue: str, reason: str) -> None:
+        """Cut a subscription off (its policy is ``disconnect``): removed,
+        counted, and its subscribers told."""
+        listeners = self._listeners.get(queue, [])
+        if not self.remove(queue):
+            return
+        self.counts["disconnected"] += 1
+        for told in listeners:
+            told(reason)
+        if self._on_disconnect is not None:
+            self._on_disconnect(queue, reason)
+
+    # -- history ---------------------------------------------------------------
+
+    def retain(self, pattern: str, retention: Retention) -> None:
+        """Keep history of the topics matching ``pattern``.
+
+        Raises:
+            ConfigurationError: a bad pattern or retention.
+        """
+        try:
+            self.history.retain(pattern, retention)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counts,
+            **self.history.stats(),
+            "subscriptions": {q: s.row() for q, s in sorted(self.subscriptions.items())},
+        }
