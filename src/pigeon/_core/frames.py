@@ -150,6 +150,28 @@ class Verdict(msgspec.Struct, array_like=True, tag=13, gc=False):
     prefetch: Count = 0  # what the host granted (0: refused)
     lease_ttl: Seconds = 0.0
     reason: Text = ""  # why not, when it is not the ACL (e.g. the queue cap)
+    # A Subscribe refused because its replay is trimmed: the topic, and the
+    # first number it still retains (0: not that).
+    trimmed_topic: QueueField = ""
+    first_retained: Annotated[int, msgspec.Meta(ge=0, le=2**62)] = 0
+
+
+class Subscribe(msgspec.Struct, array_like=True, tag=14, gc=False):
+    """Subscriber → topic host: make (or join) the subscription ``queue``
+    bound to ``pattern``; a Consume of ``queue`` follows on the same link,
+    and its Verdict answers both. ``queue`` is ``pigeon.sub.NAME`` for a
+    durable subscription, else a name the subscriber made unique
+    (``pigeon.tmp.…``). The start fields ask for retained history (at most
+    one is set); a subscription that exists keeps its position instead."""
+
+    queue: Name
+    pattern: Annotated[str, msgspec.Meta(min_length=1, max_length=L.MAX_NAME)]
+    policy: Annotated[str, msgspec.Meta(max_length=16)] = "drop-oldest"
+    buffer: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    from_seq: Annotated[int, msgspec.Meta(ge=1, le=2**62)] | None = None
+    from_time: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] | None = None
+    last: Annotated[int, msgspec.Meta(ge=1, le=2**62)] | None = None
+    last_per_subject: bool = False
 
 
 class Batch(msgspec.Struct, array_like=True, tag=12, gc=False):
@@ -176,6 +198,7 @@ Frame = (
     | Error
     | Batch
     | Verdict
+    | Subscribe
 )
 
 _encoder = msgspec.msgpack.Encoder()

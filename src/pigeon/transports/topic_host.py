@@ -50,7 +50,8 @@ DEDUPE = 100_000  # publish ids remembered to drop resends (Rule 4)
 MAX_SUBSCRIPTIONS = 10_000
 ORPHAN_GRACE = 30.0  # seconds (Rule 3)
 
-Disconnected = Callable[[str, str], None]  # (subscription queue, reason)
+# Told (subscription queue, reason, its consumers) when a subscription is cut off.
+Disconnected = Callable[[str, str, list[Hashable]], None]
 
 
 def is_subscription(queue: str) -> bool:
@@ -104,7 +105,7 @@ class TopicHost:
         self.subscriptions: dict[str, TopicSubscription] = {}
         self._routes: dict[str, list[TopicSubscription]] = {}  # topic -> bound (cache)
         self._recent: OrderedDict[str, None] = OrderedDict()
-        self._on_disconnect = on_disconnect
+        self.on_disconnect = on_disconnect
         self._listeners: dict[str, list[Callable[[str], None]]] = {}  # told of a cut
         self.clock = clock
         self.orphan_grace = orphan_grace
@@ -185,9 +186,12 @@ class TopicHost:
         policy: SlowPolicy,
         buffer: int,
         start: StartAt,
+        queue: str | None = None,
     ) -> str:
         """Make (or join, for a durable ``name``) a subscription; returns the
-        queue its subscribers consume.
+        queue its subscribers consume. A remote subscriber names its own
+        subscription's ``queue`` (``OWN_PREFIX`` + something unique), so it
+        can ask again after its link blinked and find it as it left it.
 
         Raises:
             ConfigurationError: a bad pattern, or ``name`` exists with another
@@ -208,6 +212,14 @@ class TopicHost:
                         "name, or the same pattern to share it"
                     )
                 return queue  # joined: its position is kept, start applies only to a new one
+        elif queue is not None:
+            if not queue.startswith(OWN_PREFIX):
+                raise ConfigurationError(f"a subscription's own queue starts {OWN_PREFIX!r}")
+            held = self.subscriptions.get(queue)
+            if held is not None:
+                if held.pattern != pattern:
+                    raise ConfigurationError(f"subscription {queue!r} is for another pattern")
+                return queue
         else:
             queue = OWN_PREFIX + new_id()
         if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
@@ -283,13 +295,15 @@ class TopicHost:
         """Cut a subscription off (its policy is ``disconnect``): removed,
         counted, and its subscribers told."""
         listeners = self._listeners.get(queue, [])
+        sub = self.subscriptions.get(queue)
+        owners = list(sub.owners) if sub is not None else []
         if not self.remove(queue):
             return
         self.counts["disconnected"] += 1
         for told in listeners:
             told(reason)
-        if self._on_disconnect is not None:
-            self._on_disconnect(queue, reason)
+        if self.on_disconnect is not None:
+            self.on_disconnect(queue, reason, owners)
 
     # -- history ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from ..._core.frames import Frame, Reply, Request
 from ..._core.policy import ReplyErrorKind, reply_error
 from ..._core.rpc import Correlator
 from ...errors import AuthenticationError, NoPigeonNode, NoResponders, PigeonError, Timeout
-from ...message import Message
+from ...message import Message, new_id
 from ..local import LocalServices
 from .config import Waiters
 
@@ -70,6 +70,7 @@ class Caller:
         self._heard = heard
         self.correlator = Correlator()
         self._attempts: dict[str, asyncio.Future[Any]] = {}
+        self._scattered: dict[str, Target] = {}  # request_all's attempts, by request id
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, service: str, message: Message, *, timeout: float) -> Message:
@@ -115,6 +116,47 @@ class Caller:
             self._attempts.pop(rid, None)
             self.correlator.discard(rid)
         raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
+
+    async def request_all(self, service: str, message: Message, *, timeout: float) -> list[Message]:
+        """Ask every server of ``service`` this node knows once; the replies
+        that came within ``timeout`` (see :meth:`pigeon.Connection.request_all`).
+        A server lost meanwhile, or whose handler failed, gives none. (A node
+        that relays for servers behind it is one server here.)"""
+        deadline = time.monotonic() + timeout
+        candidates = self._candidates(service)
+        if not candidates:
+            await self._await_handshakes(service, deadline)
+            candidates = self._candidates(service)
+        if not candidates:
+            raise self._nobody(service)
+        asks = [self._ask(c, service, message, deadline) for c in candidates]
+        answers = await asyncio.gather(*asks)
+        return [reply for replies in answers for reply in replies]
+
+    async def _ask(
+        self, target: Any, service: str, message: Message, deadline: float
+    ) -> list[Message]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return []
+        if target is _LOCAL:
+            return await self.services.call_all(service, message, timeout=remaining)
+        rid = new_id()
+        attempt: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._attempts[rid] = attempt
+        self._scattered[rid] = target
+        try:
+            cast(Target, target).send_frame(Request(rid, service, message, remaining))
+            async with asyncio.timeout(remaining):
+                result = await attempt
+        except TimeoutError:
+            return []
+        finally:
+            self._attempts.pop(rid, None)
+            self._scattered.pop(rid, None)
+        if result is _RETRY or result.error_kind is not ReplyErrorKind.NONE:
+            return []
+        return [result.message] if result.message is not None else []
 
     def _nobody(self, service: str) -> PigeonError:
         # A node that refused our key is not "no responders": say why.
@@ -183,6 +225,9 @@ class Caller:
             attempt = self._attempts.get(call.request_id)
             if attempt is not None:
                 _resolve(attempt, _RETRY)
+        for rid, target in list(self._scattered.items()):
+            if target is link:
+                _resolve(self._attempts[rid], _RETRY)
 
     def close(self) -> None:
         if self._sweeper is not None:

@@ -10,10 +10,11 @@ consume a queue gets ``Forbidden`` from ``consume`` itself.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ..._core import frames
 from ..._core.acl import Verb
-from ...errors import DeliveryError, Forbidden
+from ...errors import ConfigurationError, DeliveryError, Forbidden, ReplayTrimmed
 from ...message import Message
 from ..base import Delivery, DeliverySink
 from .config import Waiters
@@ -43,26 +44,48 @@ class RemoteConsumers:
         self._draining: set[str] = set()
         self._verdicts: dict[tuple[Link, str], bool] = {}
         self._reasons: dict[tuple[Link, str], str] = {}
+        self._trimmed: dict[tuple[Link, str], tuple[str, int]] = {}
+        # Subscriptions: told why when their host cuts them off later.
+        self._cut: dict[str, Callable[[str], None]] = {}
         self._changed = Waiters()
         self.forbidden = 0
         self.last_forbidden = ""
         self.granted: dict[tuple[str, str], tuple[int, float]] = {}
 
     async def consume(
-        self, queue: str, sink: DeliverySink, consume: frames.Consume
+        self,
+        queue: str,
+        sink: DeliverySink,
+        consume: frames.Consume,
+        *,
+        subscribe: frames.Subscribe | None = None,
+        link: Link | None = None,
+        on_cut: Callable[[str], None] | None = None,
     ) -> RemoteSubscription:
-        """Register with every link; wait for the verdicts of those up.
+        """Register with every link (or only ``link``, sending ``subscribe``
+        first: a topic subscription lives on one host); wait for the
+        verdicts of those up.
 
         Raises:
             Forbidden: a host refused this node's key the queue.
+            ReplayTrimmed: a subscription's replay is no longer retained.
+            ConfigurationError: a host refused a subscription (says why).
         """
         self._sinks[queue] = sink
-        self._consumes[queue] = consume
-        asking = [link for link in self.links if link.up]
-        for link in self.links:
-            self._verdicts.pop((link, queue), None)
-            link.consumers[queue] = consume
-            link.send_frame(consume)
+        if link is None:
+            self._consumes[queue] = consume
+        if on_cut is not None:
+            self._cut[queue] = on_cut
+        targets = self.links if link is None else [link]
+        asking = [t for t in targets if t.up]
+        for target in targets:
+            self._verdicts.pop((target, queue), None)
+            self._trimmed.pop((target, queue), None)
+            if subscribe is not None:
+                target.subscriptions[queue] = subscribe
+                target.send_frame(subscribe)
+            target.consumers[queue] = consume
+            target.send_frame(consume)
 
         def answered() -> bool:
             return all((link, queue) in self._verdicts or not link.up for link in asking)
@@ -73,6 +96,12 @@ class RemoteConsumers:
             self.cancel(queue)
             address = refused[0].address
             reason = self._reasons.get((refused[0], queue))
+            trimmed = self._trimmed.get((refused[0], queue))
+            if trimmed is not None and subscribe is not None:
+                raise ReplayTrimmed(trimmed[0], subscribe.from_seq or 0, trimmed[1])
+            if reason and subscribe is not None:
+                why = f"the node at {address} refused the subscription: {reason}"
+                raise ConfigurationError(why)
             if reason:
                 raise DeliveryError(f"the node at {address} refused to deliver {queue!r}: {reason}")
             raise Forbidden(Verb.CONSUME.value, queue, address=address)
@@ -91,9 +120,11 @@ class RemoteConsumers:
     def cancel(self, queue: str) -> None:
         self._sinks.pop(queue, None)
         self._consumes.pop(queue, None)
+        self._cut.pop(queue, None)
         draining = queue in self._draining
         self._draining.discard(queue)
         for link in self.links:
+            link.subscriptions.pop(queue, None)
             if link.consumers.pop(queue, None) is not None or draining:
                 link.send_frame(frames.Cancel(queue))
 
@@ -132,8 +163,11 @@ class RemoteConsumers:
         if verdict.verb != Verb.CONSUME.value:
             return
         name, allowed = verdict.name, verdict.allowed
+        known = (link, name) in self._verdicts
         self._verdicts[(link, name)] = allowed
         self._reasons[(link, name)] = verdict.reason
+        if verdict.first_retained:
+            self._trimmed[(link, name)] = (verdict.trimmed_topic, verdict.first_retained)
         if allowed:
             # What the host granted may be less than we asked (its policy).
             self.granted[(link.address, name)] = (verdict.prefetch, verdict.lease_ttl)
@@ -143,4 +177,8 @@ class RemoteConsumers:
             self.forbidden += 1
             self.last_forbidden = f"{link.address}: consume {name!r}"
             link.consumers.pop(name, None)
+            link.subscriptions.pop(name, None)
+            cut = self._cut.pop(name, None) if known else None
+            if cut is not None:  # a subscription its host ended after granting it
+                cut(verdict.reason or "its host ended the subscription")
         self._changed.wake()

@@ -106,6 +106,9 @@ class Link:
         self.last_heard = 0.0
         self.outbox: dict[str, tuple[str, Message, asyncio.Future[None]]] = {}
         self.consumers: dict[str, Consume] = {}
+        # Subscriptions to topics this link's host holds, by their queue:
+        # sent again before their Consume whenever consumers re-register.
+        self.subscriptions: dict[str, frames.Subscribe] = {}
         self.stale_settles = 0
         self.protocol_errors = 0
         self._sends: dict[str, list[Message]] = {}
@@ -261,7 +264,10 @@ class Link:
         if restarted or not was_up or not hello.knows_you:
             # A new remote (or a dropped connection): frames may have been
             # lost, so re-register consumers and resend what is unconfirmed.
-            for consume in self.consumers.values():
+            for queue, consume in self.consumers.items():
+                subscribe = self.subscriptions.get(queue)
+                if subscribe is not None:
+                    self.pump.send(frames.encode(subscribe))
                 self.pump.send(frames.encode(consume))
             self._resend_outbox()
 

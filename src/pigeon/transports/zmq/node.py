@@ -16,21 +16,35 @@ import dataclasses
 import os
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from ..._core.discovery import is_ipv6
-from ..._core.frames import Cancel, Consume, Frame, Hello, Reply, Request, Verdict
-from ..._core.limits import (
-    MAX_SERVICES,
+from ..._core.frames import Cancel, Consume, Frame, Hello, Reply, Request, Subscribe, Verdict
+from ..._core.limits import MAX_NAME, MAX_SERVICES
+from ..._core.topics import Retention
+from ...errors import (
+    Backpressure,
+    ClosedError,
+    ConfigurationError,
+    NotStartedError,
+    Timeout,
+    TransportError,
 )
-from ...errors import ClosedError, ConfigurationError, NotStartedError, Timeout, TransportError
 from ...message import Message, new_id
 from ...security.acl_file import load_acl
-from ..base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
+from ..base import (
+    ConsumeOptions,
+    DeliverySink,
+    ServiceHandler,
+    SubscribeOptions,
+    Subscription,
+)
 from ..host import QueueHost
-from ..local import LocalServices, LocalSubscription
+from ..local import LocalServices, LocalSubscription, LocalTopicSubscription
+from ..topic_host import DURABLE_PREFIX, OWN_PREFIX, TopicHost
 from . import admin, security
 from .caller import Caller
 from .config import NodeConfig, Waiters, shared_context
@@ -43,6 +57,7 @@ from .responder import Responder
 from .router import RouterSide
 from .sender import Sender
 from .stats import node_stats
+from .topic_side import publish_queue
 from .zap import Domain, ZapHandler
 
 # Seconds a closing node keeps its connections open after its last reply,
@@ -101,6 +116,8 @@ class ZmqTransport:
             max_queues=opts.max_queues,
             max_memory=opts.max_memory,
         )
+        self.topics = TopicHost(self.host, source=self.session)
+        self._subscriptions = 0  # own subscriptions made, for their queue names
         self.services = LocalServices()
         # Answering calls that nodes we connect to relay here, one per link.
         self._relayed: dict[Link, Responder] = {}
@@ -174,6 +191,7 @@ class ZmqTransport:
                 max_memory=self.host.table.max_memory,
             )
             self.sender = self._make_sender()
+            self.topics = TopicHost(self.host, source=self.session)
             self.restored = await asyncio.to_thread(self.host.restore)
         if self.bind_addresses:
             await self._bind(shared_context())
@@ -282,6 +300,7 @@ class ZmqTransport:
             services=self.services,
             curve=curve,
             acl=self.security.acl,
+            topics=self.topics,
         )
         for address in self.bind_addresses:
             try:
@@ -384,6 +403,85 @@ class ZmqTransport:
                 return sub
         consume = Consume(queue, options.prefetch, options.lease_ttl, options.max_attempts)
         return await self.consumers.consume(queue, sink, consume)
+
+    # -- topics ----------------------------------------------------------
+    #
+    # A node that binds hosts topics as it hosts queues; a node that only
+    # connects publishes to, and subscribes at, the node its sends go to.
+
+    def publish_nowait(self, topic: str, message: Message) -> asyncio.Future[None]:
+        if self._closed or not self._started:
+            self._check_open()
+        if self.bind_addresses:
+            self.sender._check_sizes([message])
+            if self.topics.publish(topic, message, fresh=True) is None:
+                raise Backpressure(f"a 'block' subscriber of topic {topic!r}", 0)
+            self.sender.sent += 1
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        queue = publish_queue(topic)
+        if len(queue) > MAX_NAME:
+            raise ConfigurationError(
+                f"topic {topic!r} is too long to publish through another node "
+                f"(at most {MAX_NAME - len(queue) + len(topic)} characters)"
+            )
+        return self.sender.send_nowait(queue, message, fresh=True)
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: DeliverySink,
+        options: SubscribeOptions,
+        on_disconnect: Callable[[str], None],
+    ) -> Subscription:
+        self._check_open()
+        if self.bind_addresses or not self.links:
+            sub = LocalTopicSubscription(self.topics, pattern, sink, options, on_disconnect)
+            self._local_subs.append(sub)
+            return sub
+        link = self.sender.sending_link()
+        assert link is not None  # (there are links)
+        self._subscriptions += 1
+        if options.name is not None:
+            queue = DURABLE_PREFIX + options.name
+        else:
+            queue = f"{OWN_PREFIX}{self.session}.{self._subscriptions}"
+        start = options.start
+        subscribe = Subscribe(
+            queue,
+            pattern,
+            options.policy.value,
+            options.buffer,
+            start.from_seq,
+            start.from_time,
+            start.last,
+            start.last_per_subject,
+        )
+        consume = options.consume
+        return await self.consumers.consume(
+            queue,
+            sink,
+            Consume(queue, consume.prefetch, consume.lease_ttl, consume.max_attempts),
+            subscribe=subscribe,
+            link=link,
+            on_cut=on_disconnect,
+        )
+
+    async def retain(self, pattern: str, retention: Retention) -> None:
+        self._check_open()
+        if not self.bind_addresses:
+            raise ConfigurationError(
+                "retain() declares history on the node that hosts the topics: call it on a "
+                "node that binds (or set it in that node's configuration)"
+            )
+        self.topics.retain(pattern, retention)
+
+    async def request_all(
+        self, service: str, message: Message, *, timeout: float, min_replies: int
+    ) -> list[Message]:
+        self._check_open()
+        return await self.caller.request_all(service, message, timeout=timeout)
 
     # -- what links tell the node (link.LinkEvents) ------------------------
 

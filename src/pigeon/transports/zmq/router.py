@@ -26,12 +26,14 @@ from ...errors import Backpressure, ProtocolError, RemoteProtocolError, StoreErr
 from ...message import Message
 from ..host import QueueHost
 from ..local import LocalServices
+from ..topic_host import TopicHost
 from .config import NodeConfig
 from .monitor import HandshakeWatch
 from .pump import Pump
 from .relay import Relay
 from .responder import Responder
 from .security import CurveServer, Guard, service_verb
+from .topic_side import PUBLISH_PREFIX, RouterTopics
 
 log = logging.getLogger("pigeon")
 
@@ -58,6 +60,7 @@ class RouterSide:
         services: LocalServices,
         curve: CurveServer | None = None,
         acl: Acl | None = None,
+        topics: TopicHost | None = None,
     ) -> None:
         self.config = config
         self._hello = hello
@@ -79,6 +82,7 @@ class RouterSide:
         sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
         self.sock = sock
         self.guard = Guard(acl) if acl is not None else None
+        self.topics = RouterTopics(topics, self._send, self.guard) if topics is not None else None
         self.liveness = Liveness(interval=config.heartbeat, misses=config.heartbeat_misses)
         # Servers connected here serve through this node (Majordomo).
         self.relay = Relay(self._send, attempt_timeout=None)
@@ -176,6 +180,16 @@ class RouterSide:
         host = self.host
         guard = self.guard
         match frame:
+            case frames.Send(queue, messages) if self.topics is not None and queue.startswith(
+                PUBLISH_PREFIX
+            ):
+                confirmed, refused = self.topics.publish(identity, user, queue, messages)
+                if confirmed:
+                    self._send(identity, frames.Confirm(confirmed))
+                if refused:
+                    self._send(identity, frames.Refuse(refused))
+            case frames.Subscribe() if self.topics is not None:
+                self.topics.subscribe(identity, user, frame)
             case frames.Send(queue, messages):
                 if guard is not None and not guard.allows(user, Verb.SEND, queue):
                     denied = [(m.id, RefusalReason.FORBIDDEN, queue) for m in messages]
@@ -212,7 +226,11 @@ class RouterSide:
                     # One peer may not take the whole queue table for itself.
                     why = f"a peer consumes at most {MAX_QUEUES_PER_PEER} queues"
                     verdict = frames.Verdict(Verb.CONSUME.value, queue, False, reason=why)
-                elif guard is None or guard.allows(user, Verb.CONSUME, queue):
+                elif self.topics is not None and (
+                    refusal := self.topics.consume_refusal(identity, user, queue)
+                ):
+                    verdict = refusal
+                elif guard is None or guard.allows(user, Verb.CONSUME, self._grant_name(queue)):
                     try:
                         granted = self._on_consume(identity, queue, prefetch, lease_ttl)
                         verdict = frames.Verdict(Verb.CONSUME.value, queue, True, *granted)
@@ -224,6 +242,8 @@ class RouterSide:
             case frames.Cancel(queue):
                 host.unsubscribe(queue, (identity, queue))
                 self._consumers.get(identity, set()).discard((identity, queue))
+                if self.topics is not None:
+                    self.topics.left(queue, (identity, queue), lost=False)
             case frames.Request(rid, service) if guard is not None and not guard.allows(
                 user, service_verb(service), service
             ):
@@ -331,7 +351,12 @@ class RouterSide:
             queue, consumer, deliver, prefetch=prefetch, lease_ttl=lease_ttl
         )
         self._consumers.setdefault(identity, set()).add(consumer)
+        if self.topics is not None:
+            self.topics.consumed(queue, consumer)
         return granted
+
+    def _grant_name(self, queue: str) -> str:
+        return self.topics.grant_name(queue) if self.topics is not None else queue
 
     # -- outgoing and liveness -----------------------------------------------
 
@@ -367,6 +392,8 @@ class RouterSide:
     def reap(self, now: float) -> None:
         for identity in self.liveness.reap(now):
             self.peer_lost(identity)  # type: ignore[arg-type]
+        if self.topics is not None:
+            self.topics.topics.expire_orphans()
 
     def peer_lost(self, identity: bytes) -> None:
         """The peer is gone: every delivery it held goes to someone else."""
@@ -376,6 +403,8 @@ class RouterSide:
         for consumer in consumers:
             consumer_key: Hashable = consumer
             self.host.consumer_lost(consumer_key)
+            if self.topics is not None:
+                self.topics.left(consumer[1], consumer_key, lost=True)
         self.liveness.forget(identity)
         if self.guard is not None:
             self.guard.forget(identity)
@@ -395,7 +424,7 @@ class RouterSide:
             user = guard.owners.get(identity, "")
             for consumer in list(consumers):
                 queue = consumer[1]
-                if not acl.allows(user, Verb.CONSUME, queue):
+                if not acl.allows(user, Verb.CONSUME, self._grant_name(queue)):
                     self.host.consumer_lost(consumer)
                     consumers.discard(consumer)
                     self._send(identity, frames.Verdict(Verb.CONSUME.value, queue, False))

@@ -6,6 +6,7 @@ from typing import Any, Protocol
 
 from ..host import QueueHost
 from ..local import LocalServices
+from ..topic_host import TopicHost
 from .caller import Caller
 from .config import NodeConfig
 from .consumers import RemoteConsumers
@@ -31,6 +32,7 @@ class CountedNode(Protocol):
     zap: Domain | None
     security: Security
     host: QueueHost
+    topics: TopicHost
     bound: list[str]
     restored: int
     store_path: str | None
@@ -120,6 +122,7 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "memory_refused": node.host.table.memory_refused,
         "queue_policies": node.host.policies.overrides(),
         "queues": node.host.stats(),
+        "topics": node.topics.stats(),
     }
 
 

@@ -1,0 +1,137 @@
+"""Topics on a node's bind addresses: what the router does with a peer's
+publishes (Sends to ``pigeon.publish.TOPIC``) and subscriptions (a
+Subscribe, then a Consume of the subscription's queue).
+
+Rule 1: publishing is sending to the topic: the ACL's ``send`` grant is
+checked against the topic. Subscribing, and consuming a subscription's
+queue, is consuming: its ``consume`` grant against the pattern.
+Rule 2: a refused Subscribe is answered by the Verdict of the Consume that
+follows it, with the reason (and, for a trimmed replay, the topic and the
+first number retained); nothing else is sent for it.
+Rule 3: a Consume of a subscription's queue that this node does not hold
+(its node restarted, or it expired, or it was cut off) is refused, never
+turned into a plain queue that nothing publishes to.
+Rule 4: a subscription cut off by its policy is a Verdict withdrawing the
+grant, sent to each of its consumers, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+from ..._core import frames
+from ..._core.acl import Verb
+from ..._core.policy import RefusalReason
+from ..._core.topics import StartAt, check_policy
+from ...errors import ConfigurationError, ReplayTrimmed
+from ...message import Message
+from ..topic_host import TopicHost, is_subscription
+from .security import Guard
+
+PUBLISH_PREFIX = "pigeon.publish."
+
+Send = Callable[[bytes, frames.Frame], None]
+Refusal = tuple[str, RefusalReason, str]
+
+
+def publish_queue(topic: str) -> str:
+    """The queue name a connecting node sends ``topic``'s publishes to."""
+    return PUBLISH_PREFIX + topic
+
+
+class RouterTopics:
+    """The router's topic frames; see the module docstring."""
+
+    def __init__(self, topics: TopicHost, send: Send, guard: Guard | None) -> None:
+        self.topics = topics
+        self._send = send
+        self.guard = guard
+        self._refused: dict[tuple[bytes, str], frames.Verdict] = {}  # Rule 2
+        topics.on_disconnect = self.cut  # Rule 4
+
+    def publish(
+        self, identity: bytes, user: str, queue: str, messages: list[Message]
+    ) -> tuple[list[str], list[Refusal]]:
+        """Publish a peer's Send to ``pigeon.publish.TOPIC``: the ids to
+        confirm and those refused."""
+        topic = queue.removeprefix(PUBLISH_PREFIX)
+        if self.guard is not None and not self.guard.allows(user, Verb.SEND, topic):
+            return [], [(m.id, RefusalReason.FORBIDDEN, topic) for m in messages]
+        confirmed: list[str] = []
+        refused: list[Refusal] = []
+        for message in messages:
+            if self.topics.publish(topic, message) is None:
+                why = f"a 'block' subscriber of topic {topic!r} has no room"
+                refused.append((message.id, RefusalReason.FULL, why))
+            else:
+                confirmed.append(message.id)
+        return confirmed, refused
+
+    def subscribe(self, identity: bytes, user: str, frame: frames.Subscribe) -> None:
+        key = (identity, frame.queue)
+        self._refused.pop(key, None)
+        verdict = frames.Verdict(Verb.CONSUME.value, frame.queue, False)
+        if self.guard is not None and not self.guard.allows(user, Verb.CONSUME, frame.pattern):
+            self._refused[key] = verdict
+            return
+        durable = frame.queue.startswith("pigeon.sub.")
+        try:
+            self.topics.subscribe(
+                frame.pattern,
+                name=frame.queue.removeprefix("pigeon.sub.") if durable else None,
+                queue=None if durable else frame.queue,
+                policy=check_policy(frame.policy),
+                buffer=frame.buffer,
+                start=StartAt(
+                    frame.from_seq, frame.from_time, frame.last, frame.last_per_subject
+                ).check(),
+            )
+        except ReplayTrimmed as exc:
+            self._refused[key] = frames.Verdict(
+                Verb.CONSUME.value,
+                frame.queue,
+                False,
+                reason=str(exc),
+                trimmed_topic=exc.topic,
+                first_retained=exc.first_retained,
+            )
+        except (ConfigurationError, ValueError) as exc:
+            self._refused[key] = frames.Verdict(
+                Verb.CONSUME.value, frame.queue, False, reason=str(exc)
+            )
+
+    def consume_refusal(self, identity: bytes, user: str, queue: str) -> frames.Verdict | None:
+        """Why a Consume of ``queue`` is refused, if it is a subscription's
+        (Rules 1 to 3); None: go on as for any queue (a plain queue is
+        checked by the router itself)."""
+        refused = self._refused.pop((identity, queue), None)
+        if refused is not None:
+            return refused
+        if not is_subscription(queue):
+            return None
+        sub = self.topics.subscriptions.get(queue)
+        if sub is None:
+            why = "no such subscription here (its node restarted, or it expired or was cut off)"
+            return frames.Verdict(Verb.CONSUME.value, queue, False, reason=why)
+        if self.guard is not None and not self.guard.allows(user, Verb.CONSUME, sub.pattern):
+            return frames.Verdict(Verb.CONSUME.value, queue, False)
+        return None
+
+    def grant_name(self, queue: str) -> str:
+        """The name the ACL's consume grant is checked against for ``queue``."""
+        sub = self.topics.subscriptions.get(queue)
+        return sub.pattern if sub is not None else queue
+
+    def consumed(self, queue: str, consumer: Hashable) -> None:
+        self.topics.consumed(queue, consumer)
+
+    def left(self, queue: str, consumer: Hashable, *, lost: bool) -> None:
+        if is_subscription(queue):
+            self.topics.left(queue, consumer, lost=lost)
+
+    def cut(self, queue: str, reason: str, consumers: list[Hashable]) -> None:
+        """Rule 4: tell each consumer of a subscription cut off."""
+        for consumer in consumers:
+            if isinstance(consumer, tuple) and isinstance(consumer[0], bytes):
+                verdict = frames.Verdict(Verb.CONSUME.value, queue, False, reason=reason)
+                self._send(consumer[0], verdict)
