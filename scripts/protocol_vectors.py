@@ -79,6 +79,23 @@ def vectors() -> list[tuple[str, frames.Frame]]:
             frames.Batch([frames.encode(frames.Confirm(["m-1"])), frames.encode(consume)]),
         ),
         ("Verdict", frames.Verdict("consume", "words", True, 10, 30.0)),
+        (
+            "Verdict (a refused Subscribe whose replay is trimmed)",
+            frames.Verdict(
+                "consume",
+                "pigeon.tmp.s-1.1",
+                False,
+                reason="topic 'prices.eur' no longer retains sequence number 1; "
+                "the first retained is 3",
+                trimmed_topic="prices.eur",
+                first_retained=3,
+            ),
+        ),
+        ("Subscribe", frames.Subscribe("pigeon.tmp.s-1.1", "prices.>", "drop-oldest", 100)),
+        (
+            "Subscribe (durable, starting at the last 10)",
+            frames.Subscribe("pigeon.sub.audit", "orders.*", "block", 1000, last=10),
+        ),
     ]
 
 

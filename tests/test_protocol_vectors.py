@@ -37,6 +37,7 @@ _CLASSES: dict[str, type[msgspec.Struct]] = {
         frames.Error,
         frames.Batch,
         frames.Verdict,
+        frames.Subscribe,
     )
 }
 

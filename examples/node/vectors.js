@@ -70,7 +70,8 @@ const asFields = {
   Reply: (f) => ({ request_id: f.requestId, message: messageFields(f.message), error: f.error, error_kind: f.errorKind }),
   Error: (f) => ({ reason: f.reason, queue: f.queue, ids: f.ids }),
   Batch: (f) => ({ frames: f.frames.map((b) => ({ bin: hex(b) })) }),
-  Verdict: (f) => ({ verb: f.verb, name: f.name, allowed: f.allowed, prefetch: f.prefetch, lease_ttl: f.leaseTtl, reason: f.reason }),
+  Verdict: (f) => ({ verb: f.verb, name: f.name, allowed: f.allowed, prefetch: f.prefetch, lease_ttl: f.leaseTtl, reason: f.reason, trimmed_topic: f.trimmedTopic, first_retained: f.firstRetained }),
+  Subscribe: (f) => ({ queue: f.queue, pattern: f.pattern, policy: f.policy, buffer: f.buffer, from_seq: f.fromSeq, from_time: f.fromTime, last: f.last, last_per_subject: f.lastPerSubject }),
 };
 
 // -- the vector file's fields through wire.js's encoders ------------------------
@@ -114,7 +115,9 @@ const encoders = {
   Error: (f) => encode(frame.error(f.reason, { queue: f.queue, ids: f.ids })),
   Batch: (f) => encodeBatch(f.frames.map(bin)),
   Verdict: (f) =>
-    encode(frame.verdict(f.verb, f.name, f.allowed, { prefetch: f.prefetch, leaseTtl: f.lease_ttl, reason: f.reason })),
+    encode(frame.verdict(f.verb, f.name, f.allowed, { prefetch: f.prefetch, leaseTtl: f.lease_ttl, reason: f.reason, trimmedTopic: f.trimmed_topic, firstRetained: f.first_retained })),
+  Subscribe: (f) =>
+    encode(frame.subscribe(f.queue, f.pattern, { policy: f.policy, buffer: f.buffer, fromSeq: f.from_seq, fromTime: f.from_time, last: f.last, lastPerSubject: f.last_per_subject })),
 };
 
 // -- checks -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ export const TAG = Object.freeze({
   Error: 11,
   Batch: 12,
   Verdict: 13,
+  Subscribe: 14,
 });
 const NAME_OF_TAG = Object.fromEntries(Object.entries(TAG).map(([k, v]) => [v, k]));
 
@@ -331,7 +332,7 @@ export const frame = {
     checkText(queue, "queue", LIMITS.MAX_NAME),
     checkList(ids, "ids").map((id) => checkId(id)),
   ],
-  verdict: (verb, name, allowed, { prefetch = 0, leaseTtl = 0.0, reason = "" } = {}) => [
+  verdict: (verb, name, allowed, { prefetch = 0, leaseTtl = 0.0, reason = "", trimmedTopic = "", firstRetained = 0 } = {}) => [
     TAG.Verdict,
     checkText(verb, "verb", 16),
     checkName(name),
@@ -339,6 +340,20 @@ export const frame = {
     checkInt(prefetch, "prefetch", 0, LIMITS.MAX_ATTEMPT),
     f64(checkSeconds(leaseTtl, "lease_ttl")),
     checkText(reason, "reason"),
+    checkText(trimmedTopic, "trimmed_topic", LIMITS.MAX_NAME),
+    checkInt(firstRetained, "first_retained", 0, Number.MAX_SAFE_INTEGER),
+  ],
+  // A topic subscription: the Consume of `queue` that follows answers it.
+  subscribe: (queue, pattern, { policy = "drop-oldest", buffer = 10000, fromSeq = null, fromTime = null, last = null, lastPerSubject = false } = {}) => [
+    TAG.Subscribe,
+    checkName(queue, "queue"),
+    checkText(pattern, "pattern", LIMITS.MAX_NAME),
+    checkText(policy, "policy", 16),
+    checkInt(buffer, "buffer", 1, 1000000),
+    fromSeq === null ? null : checkInt(fromSeq, "from_seq", 1, Number.MAX_SAFE_INTEGER),
+    fromTime === null ? null : f64(checkSeconds(fromTime, "from_time", 1e11)),
+    last === null ? null : checkInt(last, "last", 1, Number.MAX_SAFE_INTEGER),
+    checkBool(lastPerSubject, "last_per_subject"),
   ],
 };
 
@@ -427,13 +442,25 @@ const readers = {
     ids: checkList(ids, "ids").map((id) => checkId(id)),
   }),
   [TAG.Batch]: ([frames]) => ({ frames: checkList(frames, "frames", LIMITS.MAX_BATCH_FRAMES).map((f) => checkBin(f, "a Batch item")) }),
-  [TAG.Verdict]: ([verb, name, allowed, prefetch = 0, leaseTtl = 0.0, reason = ""]) => ({
+  [TAG.Verdict]: ([verb, name, allowed, prefetch = 0, leaseTtl = 0.0, reason = "", trimmedTopic = "", firstRetained = 0]) => ({
     verb: checkText(verb, "verb", 16),
     name: checkName(name),
     allowed: checkBool(allowed, "allowed"),
     prefetch: checkInt(prefetch, "prefetch", 0, LIMITS.MAX_ATTEMPT),
     leaseTtl: checkSeconds(leaseTtl, "lease_ttl"),
     reason: checkText(reason, "reason"),
+    trimmedTopic: checkText(trimmedTopic, "trimmed_topic", LIMITS.MAX_NAME),
+    firstRetained: checkInt(firstRetained, "first_retained", 0, Number.MAX_SAFE_INTEGER),
+  }),
+  [TAG.Subscribe]: ([queue, pattern, policy = "drop-oldest", buffer = 10000, fromSeq = null, fromTime = null, last = null, lastPerSubject = false]) => ({
+    queue: checkName(queue, "queue"),
+    pattern: checkText(pattern, "pattern", LIMITS.MAX_NAME),
+    policy: checkText(policy, "policy", 16),
+    buffer: checkInt(buffer, "buffer", 1, 1000000),
+    fromSeq: fromSeq === null ? null : checkInt(fromSeq, "from_seq", 1, Number.MAX_SAFE_INTEGER),
+    fromTime: fromTime === null ? null : checkSeconds(fromTime, "from_time", 1e11),
+    last: last === null ? null : checkInt(last, "last", 1, Number.MAX_SAFE_INTEGER),
+    lastPerSubject: checkBool(lastPerSubject, "last_per_subject"),
   }),
 };
 
