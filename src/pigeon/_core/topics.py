@@ -41,7 +41,6 @@ from . import headers
 from .limits import MAX_NAME
 
 
-
 class SlowPolicy(StrEnum):
     """What a topic's host does when a subscriber's buffer is full (Rule 4)."""
 
@@ -147,7 +146,12 @@ def check_buffer(buffer: object) -> int:
 
 def stamp(message: Message, topic: str, seq: int, source: str) -> Message:
     """A copy of ``message`` carrying its topic, number and source."""
-    marked = {**message.headers, headers.TOPIC: topic, headers.SEQ: str(seq), headers.SOURCE: source}
+    marked = {
+        **message.headers,
+        headers.TOPIC: topic,
+        headers.SEQ: str(seq),
+        headers.SOURCE: source,
+    }
     return Message(
         id=message.id,
         body=message.body,
@@ -269,9 +273,7 @@ class Retention:
                 raise ValueError(f"{name} must be an int >= 1, not {value!r}")
         age = self.max_age
         if age is not None and (
-            isinstance(age, bool)
-            or not isinstance(age, (int, float))
-            or not 0 < age < math.inf
+            isinstance(age, bool) or not isinstance(age, (int, float)) or not 0 < age < math.inf
         ):
             raise ValueError(f"max_age must be a number of seconds above 0, not {age!r}")
         return self
@@ -313,7 +315,9 @@ class StartAt:
             if value is not None
         ]
         if len(chosen) > 1:
-            raise ValueError(f"give one of from_seq, from_time, last, last_per_subject, not {chosen}")
+            raise ValueError(
+                f"give one of from_seq, from_time, last, last_per_subject, not {chosen}"
+            )
         for name, value in (("from_seq", self.from_seq), ("last", self.last)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**62
@@ -433,7 +437,8 @@ class RetainedLog:
             elif start.from_time is not None:
                 entries.extend(e for e in log if e.at >= start.from_time)
             elif start.last_per_subject:
-                entries.extend(log[-1:])
+                if log:
+                    entries.append(log[-1])
             else:
                 entries.extend(log)
         entries.sort(key=lambda e: e.order)

@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 import pigeon
+from pigeon._core import topics
 from pigeon.transports.zmq.admin import DEAD_SERVICE, INFO_SERVICE, REPLAY_SERVICE
 
 
@@ -91,6 +92,15 @@ def add_parsers(subparsers: Any) -> None:
         metavar="BYTES",
         help="bytes of bodies held before the fullest queues refuse sends (default 128 MiB)",
     )
+    node.add_argument(
+        "--retain",
+        action="append",
+        default=[],
+        type=_retention,
+        metavar="PATTERN:BOUNDS",
+        help="keep history of the topics PATTERN matches, e.g. 'prices.>:count=100,age=3600' "
+        "(count messages per topic, bytes, age in seconds; repeatable)",
+    )
     node.set_defaults(func=run_node)
 
     queues = subparsers.add_parser("queues", help="show the queues a node hosts")
@@ -116,6 +126,37 @@ def add_parsers(subparsers: Any) -> None:
     replay.add_argument("--timeout", type=float, default=3.0)
     _add_key_options(replay)
     replay.set_defaults(func=run_replay)
+
+
+def _retention(text: str) -> tuple[str, dict[str, Any]]:
+    """``PATTERN:count=N,bytes=B,age=S`` as (pattern, retain() keywords)."""
+    pattern, sep, bounds = text.rpartition(":")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected PATTERN:BOUNDS, e.g. 'prices.>:count=100,age=3600'"
+        )
+    fields: dict[str, Any] = {}
+    for item in bounds.split(","):
+        name, eq, value = item.partition("=")
+        try:
+            if name == "count":
+                fields["max_count"] = int(value)
+            elif name == "bytes":
+                fields["max_bytes"] = _size(value)
+            elif name == "age":
+                fields["max_age"] = float(value)
+            else:
+                raise ValueError(f"unknown bound {name!r} (count, bytes or age)")
+            if not eq:
+                raise ValueError(f"{name} needs a value ({name}=...)")
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    try:
+        topics.check_pattern(pattern)
+        topics.Retention(**fields).check()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return pattern, fields
 
 
 def _size(text: str) -> int:
@@ -175,6 +216,8 @@ def run_node(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with pigeon.connect(bind=args.bind, **options) as node:
+            for pattern, bounds in args.retain:
+                await node.retain(pattern, **bounds)
             if args.allow:
                 loop.add_signal_handler(signal.SIGHUP, _reload, node)
             stats = node.stats()

@@ -1,7 +1,8 @@
 """Services every serving node answers, for the ``pigeon`` command:
 ``pigeon.info`` (stats), ``pigeon.dead`` (list dead letters),
-``pigeon.replay`` (move dead letters back to their queue) and
-``pigeon.declare`` (set the policy of a queue name or pattern)."""
+``pigeon.replay`` (move dead letters back to their queue),
+``pigeon.declare`` (set the policy of a queue name or pattern) and
+``pigeon.retain`` (keep history of topics)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ import msgspec
 
 from ..._core import headers, policy, queue_policies
 from ..._core.ledger import dead_letter_queue
+from ..._core.topics import Retention
 from ...errors import DecodeError
 from ...message import Message, make_message
 from ..host import QueueHost
 from ..local import LocalServices
+from ..topic_host import TopicHost
 
 INFO_SERVICE = "pigeon.info"
 DEAD_SERVICE = "pigeon.dead"
 REPLAY_SERVICE = "pigeon.replay"
 DECLARE_SERVICE = "pigeon.declare"
-ADMIN_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE, REPLAY_SERVICE, DECLARE_SERVICE})
+RETAIN_SERVICE = "pigeon.retain"
+ADMIN_SERVICES = frozenset(
+    {INFO_SERVICE, DEAD_SERVICE, REPLAY_SERVICE, DECLARE_SERVICE, RETAIN_SERVICE}
+)
 # Read-only answers: cheap to make again, large to keep, so never cached
 # (replay is not read-only: a retried replay must get the first answer).
 UNCACHED_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE})
@@ -81,8 +87,21 @@ def _queue_request(message: Message) -> _QueueRequest:
         raise DecodeError(f"expected {{'queue': str, 'limit': int | null}}: {exc}") from exc
 
 
-def register(services: LocalServices, host: QueueHost, stats: Callable[[], dict[str, Any]]) -> None:
-    """Serve the admin services of a node whose queues ``host`` holds."""
+class RetainRequest(msgspec.Struct):
+    pattern: str
+    max_count: int | None = None
+    max_bytes: int | None = None
+    max_age: float | None = None
+
+
+def register(
+    services: LocalServices,
+    host: QueueHost,
+    stats: Callable[[], dict[str, Any]],
+    topics: TopicHost,
+) -> None:
+    """Serve the admin services of a node whose queues ``host`` and topics
+    ``topics`` hold."""
 
     async def info(message: Message) -> Message:
         request = _info_request(message)
@@ -117,7 +136,21 @@ def register(services: LocalServices, host: QueueHost, stats: Callable[[], dict[
         fields = {f: getattr(made, f) for f in sorted(queue_policies.FIELDS)}
         return make_message({"queue": request.queue, "policy": fields})
 
+    async def retain(message: Message) -> Message:
+        # The node's operator owns what it keeps (the ACL's admin grant).
+        try:
+            request = message.decode(RetainRequest)
+        except DecodeError as exc:
+            raise DecodeError(
+                f"expected {{'pattern': str, 'max_count', 'max_bytes', 'max_age'}}: {exc}"
+            ) from exc
+        topics.retain(
+            request.pattern, Retention(request.max_count, request.max_bytes, request.max_age)
+        )
+        return make_message({"pattern": request.pattern})
+
     services.add(INFO_SERVICE, info)
+    services.add(RETAIN_SERVICE, retain)
     services.add(DECLARE_SERVICE, declare)
     services.add(DEAD_SERVICE, dead)
     services.add(REPLAY_SERVICE, replay)

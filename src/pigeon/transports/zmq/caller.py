@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from ..._core.frames import Frame, Reply, Request
@@ -194,20 +194,10 @@ class Caller:
     async def _await_handshakes(self, service: str, deadline: float) -> None:
         # Right after connecting we do not yet know who serves what; wait
         # (briefly, bounded by connect_grace) rather than claim NoResponders.
-        # Each Hello heard wakes us; a link's grace running out ends the wait.
-        def settled() -> bool:
-            return (
-                any(link.offers(service) for link in self.links)
-                or self.services.offers(service)
-                or not any(link.pending_handshake for link in self.links)
-            )
+        def found() -> bool:
+            return any(link.offers(service) for link in self.links) or self.services.offers(service)
 
-        # A link's grace grows once its ZeroMQ handshake is done (its Hello
-        # may come late over a slow link), so look again when one ends.
-        while not settled() and time.monotonic() < deadline:
-            pending = [link for link in self.links if link.pending_handshake]
-            grace_ends = max(link.grace_ends for link in pending)
-            await self._heard.wait_until(settled, min(deadline, grace_ends))
+        await await_handshakes(self.links, self._heard, found, deadline)
 
     def on_reply(self, reply: Reply, source: Any = None) -> None:
         """A reply came; with ``source``, only from the server the call's
@@ -235,6 +225,24 @@ class Caller:
             self._sweeper = None
         for attempt in self._attempts.values():
             _resolve(attempt, _RETRY)
+
+
+async def await_handshakes(
+    links: Sequence[Target], heard: Waiters, found: Callable[[], bool], deadline: float
+) -> None:
+    """Wait until ``found()``, or until no link is still expected to say
+    Hello, or ``deadline`` (monotonic). Each Hello heard wakes the wait; a
+    link's grace running out ends it."""
+
+    def settled() -> bool:
+        return found() or not any(link.pending_handshake for link in links)
+
+    # A link's grace grows once its ZeroMQ handshake is done (its Hello
+    # may come late over a slow link), so look again when one ends.
+    while not settled() and time.monotonic() < deadline:
+        pending = [link for link in links if link.pending_handshake]
+        grace_ends = max(link.grace_ends for link in pending)
+        await heard.wait_until(settled, min(deadline, grace_ends))
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -30,10 +30,11 @@ from ...errors import (
     ClosedError,
     ConfigurationError,
     NotStartedError,
+    Rejected,
     Timeout,
     TransportError,
 )
-from ...message import Message, new_id
+from ...message import Message, make_message, new_id
 from ...security.acl_file import load_acl
 from ..base import (
     ConsumeOptions,
@@ -46,7 +47,7 @@ from ..host import QueueHost
 from ..local import LocalServices, LocalSubscription, LocalTopicSubscription
 from ..topic_host import DURABLE_PREFIX, OWN_PREFIX, TopicHost
 from . import admin, security
-from .caller import Caller
+from .caller import Caller, await_handshakes
 from .config import NodeConfig, Waiters, shared_context
 from .consumers import RemoteConsumers
 from .discovery import Discovery
@@ -309,7 +310,7 @@ class ZmqTransport:
                 await self.close()  # releases the store (and its lock) too
                 raise TransportError(f"cannot bind {address}: {exc}", address=address) from exc
         self.router.start()
-        admin.register(self.services, self.host, self.stats)
+        admin.register(self.services, self.host, self.stats, self.topics)
 
     async def _first_handshakes(self) -> None:
         # With keys, a refused key is the likeliest first mistake: say so at
@@ -440,8 +441,19 @@ class ZmqTransport:
             sub = LocalTopicSubscription(self.topics, pattern, sink, options, on_disconnect)
             self._local_subs.append(sub)
             return sub
-        link = self.sender.sending_link()
-        assert link is not None  # (there are links)
+
+        # In place when this returns: wait for a host to say Hello (as a
+        # request waits for its servers), then for its Verdict.
+        def hosting() -> bool:
+            return any(link.up and link.hosts_queues for link in self.links)
+
+        await await_handshakes(self.links, self._heard, hosting, time.monotonic() + 60.0)
+        link = next((link for link in self.links if link.up and link.hosts_queues), None)
+        if link is None:
+            raise TransportError(
+                "no node that hosts topics answered to subscribe at "
+                f"({', '.join(link.address for link in self.links)})"
+            )
         self._subscriptions += 1
         if options.name is not None:
             queue = DURABLE_PREFIX + options.name
@@ -470,12 +482,17 @@ class ZmqTransport:
 
     async def retain(self, pattern: str, retention: Retention) -> None:
         self._check_open()
-        if not self.bind_addresses:
-            raise ConfigurationError(
-                "retain() declares history on the node that hosts the topics: call it on a "
-                "node that binds (or set it in that node's configuration)"
-            )
-        self.topics.retain(pattern, retention)
+        if self.bind_addresses or not self.links:
+            self.topics.retain(pattern, retention)
+            return
+        # Asked of the node that hosts the topics (its admin grant, with keys).
+        request = admin.RetainRequest(
+            pattern, retention.max_count, retention.max_bytes, retention.max_age
+        )
+        try:
+            await self.caller.request(admin.RETAIN_SERVICE, make_message(request), timeout=10.0)
+        except Rejected as exc:
+            raise ConfigurationError(f"the topics' node refused retain(): {exc.reason}") from None
 
     async def request_all(
         self, service: str, message: Message, *, timeout: float, min_replies: int
