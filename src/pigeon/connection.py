@@ -8,10 +8,9 @@ import time
 from collections.abc import Generator, Iterable
 from typing import Any
 
-from ._core import limits
+from ._core import limits, topics
 from ._core.backoff import RetryPolicy
 from .errors import Backpressure, ClosedError, ConfigurationError, NotStartedError, Timeout
-from ._core import topics
 from .message import Message, make_message, make_messages
 from .subscriber import EventStream, Subscriber
 from .transports import ConsumeOptions, SubscribeOptions, Transport, open_transport

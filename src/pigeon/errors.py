@@ -20,7 +20,7 @@ Every error pigeon raises on purpose derives from :class:`PigeonError`::
      │    ├── NoResponders                  no live server offers the service
      │    ├── Rejected                      the server's handler failed the request
      │    ├── Backpressure                  a bounded buffer is full and the policy is "raise"
-     │    └── SubscriberDisconnected        a slow subscriber was cut off (its policy is "disconnect")
+     │    └── SubscriberDisconnected        a slow subscriber was cut off (policy "disconnect")
      ├── ReplayTrimmed (ValueError)         a replay asked for history no longer retained
      ├── MessageTooLarge (ValueError)       a body is over the configured maximum size
      ├── DecodeError                        a body could not be decoded into the asked type

@@ -5,9 +5,8 @@ redelivery, dead letters, request-reply), nothing durable."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-
 from collections.abc import Callable
+from typing import Any
 
 from .._core.topics import Retention
 from ..errors import Backpressure, ClosedError, MessageTooLarge, NotStartedError
