@@ -27,3 +27,9 @@ ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
 TOPIC = "x-pigeon-topic"  # the topic it was published on
 SEQ = "x-pigeon-seq"  # its number in that topic, from SOURCE (decimal, from 1)
 SOURCE = "x-pigeon-source"  # who numbered it: a host's or publisher's session id
+
+# Scatter-gather (``request_all``): a request with this header is answered
+# by every server the receiving node serves or relays, in one reply whose
+# body is a msgpack list of reply envelopes, of content type REPLIES_TYPE.
+SCATTER = "x-pigeon-scatter"
+REPLIES_TYPE = "application/vnd.pigeon.replies+msgpack"

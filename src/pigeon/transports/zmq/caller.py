@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from typing import Annotated, Any, Protocol, cast
+
+import msgspec
 
 from ..._core.frames import Frame, Reply, Request
+from ..._core.headers import REPLIES_TYPE, SCATTER
+from ..._core.limits import MAX_FRAME_ITEMS
 from ..._core.policy import ReplyErrorKind, reply_error
 from ..._core.rpc import Correlator
 from ...errors import AuthenticationError, NoPigeonNode, NoResponders, PigeonError, Timeout
@@ -48,6 +52,11 @@ class Target(Protocol):
     def __hash__(self) -> int: ...
 
 
+# A gathered answer: at most a frame's worth of replies, each checked.
+_replies_decoder = msgspec.msgpack.Decoder(
+    Annotated[list[Message], msgspec.Meta(max_length=MAX_FRAME_ITEMS)]
+)
+
 _RETRY = object()  # resolves an attempt's future when the call must move on
 _SWEEP = 0.01  # seconds between checks of pending calls' deadlines
 _LOCAL = "local"  # the candidate name of this node's own services
@@ -71,6 +80,7 @@ class Caller:
         self.correlator = Correlator()
         self._attempts: dict[str, asyncio.Future[Any]] = {}
         self._scattered: dict[str, Target] = {}  # request_all's attempts, by request id
+        self.malformed_gathers = 0  # gathered answers that did not decode
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, service: str, message: Message, *, timeout: float) -> Message:
@@ -117,9 +127,12 @@ class Caller:
             self.correlator.discard(rid)
         raise Timeout(f"service {service!r} did not answer within {timeout:.3f} s")
 
-    async def request_all(self, service: str, message: Message, *, timeout: float) -> list[Message]:
+    async def request_all(
+        self, service: str, message: Message, *, timeout: float, skip: Any = None
+    ) -> list[Message]:
         """Ask every server of ``service`` this node knows once; the replies
-        that came within ``timeout`` (see :meth:`pigeon.Connection.request_all`).
+        that came within ``timeout`` (see :meth:`pigeon.Connection.request_all`);
+        ``skip``: a server not to ask (the caller, when relaying for it).
         A server lost meanwhile, or whose handler failed, gives none. (A node
         that relays for servers behind it is one server here.)"""
         deadline = time.monotonic() + timeout
@@ -127,6 +140,7 @@ class Caller:
         if not candidates:
             await self._await_handshakes(service, deadline)
             candidates = self._candidates(service)
+        candidates = [c for c in candidates if c is not skip]
         if not candidates:
             raise self._nobody(service)
         asks = [self._ask(c, service, message, deadline) for c in candidates]
@@ -145,8 +159,10 @@ class Caller:
         attempt: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._attempts[rid] = attempt
         self._scattered[rid] = target
+        # A node answers for every server it has, and relays to, at once.
+        asking = msgspec.structs.replace(message, headers={**message.headers, SCATTER: "1"})
         try:
-            cast(Target, target).send_frame(Request(rid, service, message, remaining))
+            cast(Target, target).send_frame(Request(rid, service, asking, remaining))
             async with asyncio.timeout(remaining):
                 result = await attempt
         except TimeoutError:
@@ -156,7 +172,16 @@ class Caller:
             self._scattered.pop(rid, None)
         if result is _RETRY or result.error_kind is not ReplyErrorKind.NONE:
             return []
-        return [result.message] if result.message is not None else []
+        reply = result.message
+        if reply is None:
+            return []
+        if reply.content_type != REPLIES_TYPE:
+            return [reply]  # a peer that answers for itself alone
+        try:
+            return _replies_decoder.decode(reply.body)
+        except msgspec.DecodeError:
+            self.malformed_gathers += 1
+            return []
 
     def _nobody(self, service: str) -> PigeonError:
         # A node that refused our key is not "no responders": say why.
@@ -204,7 +229,14 @@ class Caller:
         attempt went to counts (another peer may not answer for it)."""
         rid = reply.request_id
         attempt = self._attempts.get(rid)
-        if attempt is None or (source is not None and not self.correlator.sent_to(rid, source)):
+        if rid in self._scattered:
+            if source is not None and self._scattered[rid] is not source:
+                attempt = None
+        elif (
+            attempt is not None and source is not None and not self.correlator.sent_to(rid, source)
+        ):
+            attempt = None
+        if attempt is None:
             self.correlator.late_replies += 1
             return
         _resolve(attempt, reply)

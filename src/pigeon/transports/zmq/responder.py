@@ -9,11 +9,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..._core import frames
+import msgspec
+
+from ..._core import frames, headers
 from ..._core.budget import MAX_PEER_REQUEST_BYTES, MAX_PEER_REQUESTS, PeerBudget
 from ..._core.policy import ReplyErrorKind, reply_kind
 from ..._core.rpc import CacheState, ReplyCache, seconds_left
-from ...errors import PigeonError, Rejected
+from ...errors import NoResponders, PigeonError, Rejected
+from ...message import Message, new_id
 from ..local import LocalServices
 from ..tasks import start_task
 from .admin import UNCACHED_SERVICES
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     from .relay import Relay
 
 _SWEEP = 0.01  # seconds between checks of running requests' deadlines
+_GATHER_MARGIN = 0.02  # seconds a gathered answer leaves for its way back
 MAX_WAITERS = 32  # repeats of one running request that wait for its answer
 Send = Callable[[bytes, frames.Frame], None]
 
@@ -118,7 +122,9 @@ class Responder:
         service = request.service
         relay = self.relay
         try:
-            if relay is not None and not self.services.offers(service) and relay.serves(service):
+            if headers.SCATTER in request.message.headers:
+                reply = await self._gather(service, request.message, request.timeout, waiting[0])
+            elif relay is not None and not self.services.offers(service) and relay.serves(service):
                 reply = await relay.call(service, request.message, timeout=request.timeout)
             else:
                 reply = await self.services.call(service, request.message, timeout=None)
@@ -141,6 +147,35 @@ class Responder:
         self.last_answer = time.monotonic()
         for identity in waiting:
             self._send(identity, answer)
+
+    async def _gather(
+        self, service: str, message: Message, timeout: float, caller: bytes
+    ) -> Message:
+        """Scatter-gather: every server of ``service`` here and behind this
+        node answers, in one reply (see ``headers.SCATTER``), but the caller
+        itself (it asks its own servers). It is sent a little before the
+        caller's deadline, so it reaches the caller."""
+        plain = msgspec.structs.replace(
+            message, headers={k: v for k, v in message.headers.items() if k != headers.SCATTER}
+        )
+        within = max(0.0, timeout * 0.9 - _GATHER_MARGIN)
+        asks = []
+        if self.services.offers(service):
+            asks.append(self.services.call_all(service, plain, timeout=within))
+        relay = self.relay
+        if relay is not None and relay.serves(service):
+            itself = relay.peers.get(caller)
+            if any(p.offers(service) for p in relay.peers.values() if p is not itself):
+                asks.append(relay.caller.request_all(service, plain, timeout=within, skip=itself))
+        if not asks:
+            raise NoResponders(service)
+        replies = [reply for answers in await asyncio.gather(*asks) for reply in answers]
+        return Message(
+            id=new_id(),
+            body=msgspec.msgpack.encode(replies),
+            content_type=headers.REPLIES_TYPE,
+            headers={},
+        )
 
     def close(self) -> None:
         if self._sweeper is not None:
