@@ -151,7 +151,10 @@ class Pump:
         while self.sock.get(_RCVMORE):
             part = self.sock.recv(_NOBLOCK, copy=False)
             parts.append(part.bytes)
-            peer = part.get("Peer-Address")
+            try:
+                peer = part.get("Peer-Address")
+            except zmq.ZMQError:  # libzmq has no address for every part (pyzmq 27)
+                peer = None
             address = peer if isinstance(peer, str) else address
         if self.on_multipart is not None and identity is not None:
             self.on_multipart(identity, parts, address)
