@@ -536,3 +536,465 @@ SCENARIOS = [
     large_messages,
     bad_arguments,
 ]
+
+
+# -- publish-subscribe ---------------------------------------------------------
+#
+# The rules are those of pigeon._core.topics and pigeon.transports.topic_host.
+# Every topic a scenario uses starts with a name of its own (unique()), so its
+# numbers start at 1 and scenarios sharing a broker do not see each other's
+# messages. subscribe() returns once the subscription is in place on every
+# transport (on a broker too), so the scenarios publish right after it.
+
+#: What a transport cannot do by design: (setup name, what) -> why. There the
+#: scenario expects exactly the ConfigurationError the transport documents,
+#: and checks the rest. Keep this list short: every entry is a documented
+#: limit of the backend, never a bug worked around.
+BY_DESIGN: dict[tuple[str, str], str] = {
+    # Core NATS keeps no buffer per subscriber on the server that could hold
+    # a publisher back: a subscription without a name lives in the client's
+    # pending buffer, so "block" needs a durable (JetStream) subscription,
+    # and subscribe(policy="block") without a name is a ConfigurationError.
+    ("nats", "block without a name"): "core NATS cannot hold publishers back",
+}
+
+
+def by_design(setup: TransportSetup, what: str) -> bool:
+    """True if ``setup``'s transport refuses ``what`` by design (BY_DESIGN)."""
+    return (setup.name, what) in BY_DESIGN
+
+
+def hosts_topics(setup: TransportSetup) -> bool:
+    """True if pigeon's own topic host runs the topics (memory://, a ZeroMQ
+    node), so its counters (``stats()["topics"]``) can be checked."""
+    return setup.name == "memory" or setup.name.startswith("zmq-")
+
+
+def as_event(delivery: pigeon.Delivery) -> pigeon.Event:
+    """A subscriber's handler gets Events (typed as the Delivery they are)."""
+    assert isinstance(delivery, pigeon.Event), type(delivery)
+    return delivery
+
+
+class Inbox:
+    """An async subscriber handler that keeps every event it got."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.events: list[pigeon.Event] = []
+        self.delay = delay
+
+    async def __call__(self, delivery: pigeon.Delivery) -> None:
+        self.events.append(as_event(delivery))
+        if self.delay:
+            await asyncio.sleep(self.delay)  # a handler that takes a while
+
+    async def wait(self, count: int, what: str = "") -> None:
+        """Until at least ``count`` events came (bounded, as wait_until)."""
+        await wait_until(lambda: len(self.events) >= count, what=f"{count} events {what}")
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events]
+
+    @property
+    def payloads(self) -> list[Any]:
+        return [e.decode() for e in self.events]
+
+    @property
+    def missed(self) -> list[int]:
+        return [e.missed for e in self.events]
+
+
+def topic_row(connection: pigeon.Connection, pattern: str) -> dict[str, Any]:
+    """The topic host's row for the one subscription to ``pattern``."""
+    rows = [
+        row
+        for row in connection.stats()["topics"]["subscriptions"].values()
+        if row["pattern"] == pattern
+    ]
+    assert len(rows) == 1, rows
+    return dict(rows[0])
+
+
+async def pubsub_fan_out(setup: TransportSetup) -> None:
+    """One publisher, three subscribers: each gets every message, in order,
+    numbered 1..N in its topic, nothing missed."""
+    topic = f"{unique('fan')}.news"
+    n = 50
+    inboxes = [Inbox() for _ in range(3)]
+    async with (
+        setup.node() as host,
+        setup.client() as a,
+        setup.client() as b,
+        setup.client() as publisher,
+    ):
+        subscribers = [
+            await conn.subscribe(topic, inbox)
+            for conn, inbox in zip((host, a, b), inboxes, strict=True)
+        ]
+        for i in range(n):
+            await publisher.publish(topic, i)
+        for k, inbox in enumerate(inboxes):
+            await inbox.wait(n, f"at subscriber {k}")
+        for inbox, subscriber in zip(inboxes, subscribers, strict=True):
+            assert inbox.seqs == list(range(1, n + 1)), inbox.seqs
+            assert inbox.payloads == list(range(n))
+            assert {e.topic for e in inbox.events} == {topic}
+            assert inbox.missed == [0] * n
+            stats = subscriber.stats()
+            assert (stats["gaps"], stats["missed"], stats["repeats"]) == (0, 0, 0), stats
+
+
+async def pubsub_wildcards(setup: TransportSetup) -> None:
+    """``*`` matches exactly one segment, a final ``>`` one or more: ``a.>``
+    does not get ``a``, and a topic that only shares a prefix matches nothing."""
+    base = unique("wild")
+    expected = {
+        base: [base],
+        f"{base}.*": [f"{base}.x", f"{base}.y"],
+        f"{base}.>": [f"{base}.x", f"{base}.y", f"{base}.x.z"],
+        f"{base}.*.z": [f"{base}.x.z"],
+        f"{base}.x.>": [f"{base}.x.z"],
+    }
+    # Every topic twice, in this order: each subscription's last message is
+    # published after every message of round 1 it must not get (one
+    # publisher's messages reach a subscription in the order published).
+    published = [base, f"{base}.x", f"{base}.y", f"{base}.x.z", f"{base}x.y"]
+    inboxes = {pattern: Inbox() for pattern in expected}
+    async with setup.node() as host, setup.client() as client:
+        for pattern, inbox in inboxes.items():
+            await client.subscribe(pattern, inbox)
+        for lap in (1, 2):
+            for topic in published:
+                await host.publish(topic, lap)
+        for pattern, inbox in inboxes.items():
+            await inbox.wait(2 * len(expected[pattern]), f"on {pattern}")
+        for pattern, inbox in inboxes.items():
+            got = sorted((e.topic, e.seq, e.decode()) for e in inbox.events)
+            assert got == sorted((t, r, r) for t in expected[pattern] for r in (1, 2)), (
+                pattern,
+                got,
+            )
+
+
+async def pubsub_drop_oldest_counts_gaps(setup: TransportSetup) -> None:
+    """A subscriber that falls ``buffer`` behind loses the oldest waiting
+    messages (the default policy): it sees the jumps as gaps, and every
+    number published is either received or counted missed; on a topic host,
+    missed equals what the host dropped."""
+    topic = f"{unique('gaps')}.ticks"
+    buffer, total = 4, 40
+    release = asyncio.Event()
+    got = Inbox()
+
+    async def slow(event: pigeon.Delivery) -> None:
+        await got(event)
+        await release.wait()
+
+    async with setup.node() as host, setup.client() as client:
+        subscriber = await client.subscribe(topic, slow, buffer=buffer, prefetch=1)
+        await host.publish(topic, 1)
+        # The first must arrive: a subscriber's count starts at the first
+        # number it sees (Rule 3), so what is dropped before it is no gap.
+        await wait_until(lambda: len(got) == 1, what="the first event, held")
+        for i in range(2, total + 1):
+            await host.publish(topic, i)
+        release.set()
+        await wait_until(lambda: bool(got.seqs) and got.seqs[-1] == total, what="the last event")
+        stats = subscriber.stats()
+        assert got.seqs == sorted(set(got.seqs)), got.seqs  # in order, none twice
+        assert got.payloads == got.seqs
+        assert got.seqs[0] == 1
+        assert len(got) + stats["missed"] == total, (got.seqs, stats)
+        assert stats["missed"] == sum(got.missed) > 0, stats
+        assert stats["gaps"] == sum(1 for m in got.missed if m) >= 1, stats
+        if hosts_topics(setup):
+            row = topic_row(host, topic)
+            assert row["dropped"] == stats["missed"], (row, stats)
+            assert len(got) <= 1 + buffer, got.seqs  # the one held, and the buffer
+
+
+async def pubsub_block_holds_publishers(setup: TransportSetup) -> None:
+    """A ``block`` subscriber with no room holds publishers back: ``publish``
+    times out and ``publish_nowait`` fails with Backpressure, and neither
+    publishes. Once it has drained, publishing works again; nothing is lost."""
+    topic = f"{unique('block')}.orders"
+    buffer = 3
+    release = asyncio.Event()
+    got = Inbox()
+
+    async def slow(event: pigeon.Delivery) -> None:
+        await got(event)
+        await release.wait()
+
+    async with setup.node() as host, setup.client() as client:
+        name = None
+        if by_design(setup, "block without a name"):
+            try:
+                await client.subscribe(topic, slow, policy="block", buffer=buffer)
+            except pigeon.ConfigurationError:
+                pass
+            else:
+                raise AssertionError(f"{setup.name}: 'block' without a name should be refused")
+            name = unique("blocking")
+        subscriber = await client.subscribe(
+            topic, slow, name=name, policy="block", buffer=buffer, prefetch=1
+        )
+        confirmed: list[int] = [1]
+        await host.publish(topic, 1)
+        await wait_until(lambda: len(got) == 1, what="the first event, held")
+        refused = False
+        for i in range(2, buffer + 30):
+            try:
+                await host.publish(topic, i, timeout=0.3)
+            except pigeon.Timeout:
+                refused = True
+                break
+            confirmed.append(i)
+        assert refused, f"{len(confirmed)} publishes went through to a full 'block' subscriber"
+        if hosts_topics(setup):
+            assert len(confirmed) == 1 + buffer, confirmed  # the one held, and the buffer
+            assert host.stats()["topics"]["blocked"] >= 1
+        try:
+            await asyncio.wait_for(host.publish_nowait(topic, -1), 5.0)
+        except pigeon.Backpressure:
+            pass
+        else:
+            raise AssertionError("publish_nowait to a full 'block' subscriber went through")
+        release.set()
+        # Room comes back as the subscriber drains: publish waits for it.
+        for i in range(1000, 1005):
+            await host.publish(topic, i, timeout=10.0)
+            confirmed.append(i)
+        await wait_until(lambda: len(got) >= len(confirmed), what="every confirmed message")
+        assert got.payloads == confirmed, got.payloads
+        assert got.seqs == list(range(1, len(confirmed) + 1)), got.seqs
+        stats = subscriber.stats()
+        assert (stats["gaps"], stats["missed"]) == (0, 0), stats
+
+
+async def pubsub_disconnect_slow_subscriber(setup: TransportSetup) -> None:
+    """A ``disconnect`` subscriber that falls ``buffer`` behind is cut off and
+    told (SubscriberDisconnected); the publisher and the other subscribers go
+    on at full speed."""
+    topic = f"{unique('cut')}.feed"
+    buffer, total = 3, 40
+    release = asyncio.Event()
+    held = Inbox()
+    fast = Inbox()
+
+    async def stuck(event: pigeon.Delivery) -> None:
+        await held(event)
+        await release.wait()
+
+    async with setup.node() as host, setup.client() as client, setup.client() as other:
+        slow = await client.subscribe(topic, stuck, policy="disconnect", buffer=buffer, prefetch=1)
+        await other.subscribe(topic, fast)
+        try:
+            await host.publish(topic, 0)
+            await wait_until(lambda: len(held) == 1, what="the first event, held")
+            longest = 0.0
+            for i in range(1, total):
+                started = time.monotonic()
+                await host.publish(topic, i, timeout=5.0)
+                longest = max(longest, time.monotonic() - started)
+            # Not held back as by 'block' (that would wait for room).
+            assert longest < 1.0, f"a publish took {longest:.2f} s"
+            error = await asyncio.wait_for(slow.wait_disconnected(), 10.0)
+        finally:
+            release.set()
+        assert isinstance(error, pigeon.SubscriberDisconnected)
+        assert error.pattern == topic and error.reason, error
+        assert slow.disconnected is error and slow.stats()["disconnected"]
+        await wait_until(lambda: len(fast) >= total, what=f"{total} events at the fast one")
+        assert fast.seqs == list(range(1, total + 1)) and fast.missed == [0] * total
+        if hosts_topics(setup):
+            topics = host.stats()["topics"]
+            assert topics["disconnected"] == 1, topics
+            assert [r["pattern"] for r in topics["subscriptions"].values()] == [topic]
+
+
+async def pubsub_retained_replay(setup: TransportSetup) -> None:
+    """A retained topic keeps its latest messages; a subscriber may start
+    from the last N, from a number, from a time or from the last of each
+    topic, and goes on with the live ones with no gap; a number already
+    trimmed is ReplayTrimmed, naming the first one retained."""
+    base = unique("retained")
+    topic, other_topic = f"{base}.a", f"{base}.b"
+    inboxes = {what: Inbox() for what in ("last", "from_seq", "from_time", "per_subject")}
+    async with setup.node() as host, setup.client() as client:
+        await host.retain(f"{base}.>", max_count=5)
+        for i in range(1, 6):
+            await host.publish(topic, i)
+        await asyncio.sleep(0.02)  # (so the clocks' readings around `mark` differ)
+        mark = time.time()
+        await asyncio.sleep(0.02)
+        for i in range(6, 9):
+            await host.publish(topic, i)
+        for i in range(1, 4):
+            await host.publish(other_topic, i)
+        # History is 4..8 on topic, 1..3 on other_topic.
+        await client.subscribe(topic, inboxes["last"], last=3)
+        await client.subscribe(topic, inboxes["from_seq"], from_seq=4)
+        await client.subscribe(topic, inboxes["from_time"], from_time=mark)
+        await client.subscribe(f"{base}.>", inboxes["per_subject"], last_per_subject=True)
+        try:
+            await client.subscribe(topic, Inbox(), from_seq=1)
+        except pigeon.ReplayTrimmed as exc:
+            assert exc.first_retained == 4, exc
+            assert exc.topic == topic, exc
+        else:
+            raise AssertionError("from_seq=1 on a topic trimmed to 4..8 must raise ReplayTrimmed")
+        for i in range(9, 11):
+            await host.publish(topic, i)  # live, right after the history
+        want = {
+            "last": [6, 7, 8, 9, 10],
+            "from_seq": [4, 5, 6, 7, 8, 9, 10],
+            "from_time": [6, 7, 8, 9, 10],
+        }
+        for what, seqs in want.items():
+            inbox = inboxes[what]
+            await inbox.wait(len(seqs), what)
+            assert inbox.seqs == seqs, (what, inbox.seqs)
+            assert inbox.payloads == seqs and inbox.missed == [0] * len(seqs), what
+        per_subject = inboxes["per_subject"]
+        await wait_until(lambda: len(per_subject) >= 4, what="the last of each, then live")
+        got = [(e.topic, e.seq) for e in per_subject.events]
+        assert sorted(got[:2]) == [(topic, 8), (other_topic, 3)], got
+        assert got[2:] == [(topic, 9), (topic, 10)], got
+        assert per_subject.missed == [0] * 4
+
+
+async def pubsub_durable_resume(setup: TransportSetup) -> None:
+    """A named subscription keeps its place while no subscriber runs: the
+    next subscriber with that name gets exactly what was published while it
+    was away, and none of what was acked before."""
+    topic = f"{unique('resume')}.events"
+    name = unique("resume")
+    first, second = Inbox(), Inbox()
+    async with setup.node() as host:
+        async with setup.client() as client:
+            subscriber = await client.subscribe(topic, first, name=name, prefetch=4)
+            for i in range(1, 6):
+                await host.publish(topic, i)
+            await wait_until(lambda: subscriber.stats()["acked"] == 5, what="5 acks")
+        for i in range(6, 11):
+            await host.publish(topic, i)  # while nobody runs on it
+        async with setup.client() as client:
+            await client.subscribe(topic, second, name=name)
+            await wait_until(lambda: len(second) >= 5, what="the 5 published while away")
+            await host.publish(topic, 11)
+            await wait_until(lambda: 11 in second.seqs, what="a live one after them")
+        assert first.seqs == [1, 2, 3, 4, 5], first.seqs
+        assert second.seqs == list(range(6, 12)), second.seqs
+        assert second.missed == [0] * 6
+
+
+async def pubsub_durable_shared(setup: TransportSetup) -> None:
+    """Subscribers with the same name share one subscription: together they
+    get every message exactly once, and each gets some."""
+    topic = f"{unique('share')}.jobs"
+    name = unique("share")
+    total = 40
+    a, b = Inbox(delay=0.005), Inbox(delay=0.005)
+    async with setup.node() as host, setup.client() as c1, setup.client() as c2:
+        await c1.subscribe(topic, a, name=name, prefetch=1)
+        await c2.subscribe(topic, b, name=name, prefetch=1)
+        for i in range(1, total + 1):
+            await host.publish(topic, i)
+        await wait_until(lambda: len(a) + len(b) >= total, what=f"{total} events between two")
+        await host.publish(topic, total + 1)
+        await wait_until(lambda: len(a) + len(b) >= total + 1, what="one more")
+        assert sorted(a.seqs + b.seqs) == list(range(1, total + 2)), (a.seqs, b.seqs)
+        assert a.seqs and b.seqs, "one subscriber got everything"
+
+
+async def pubsub_failing_handler_dead_letters(setup: TransportSetup) -> None:
+    """A subscriber's handler that raises is retried per its RetryPolicy,
+    then dead-lettered; its redeliveries are repeats, not gaps, and another
+    subscriber of the topic is not held up meanwhile."""
+    topic = f"{unique('poison')}.events"
+    # Attempts at 0, 0.5 and 1.5 s: the healthy subscriber has long finished.
+    policy = pigeon.RetryPolicy(max_attempts=3, base_delay=0.5, jitter=0.0)
+    attempts: list[tuple[int, bool, int]] = []
+    fine: list[int] = []
+
+    async def poisoned(delivery: pigeon.Delivery) -> None:
+        event = as_event(delivery)
+        if event.decode() == "poison":
+            attempts.append((event.message.attempt, event.message.redelivered, event.seq))
+            raise ValueError("bad payload")
+        fine.append(event.seq)
+
+    healthy = Inbox()
+    async with setup.node() as host, setup.client() as client, setup.client() as other:
+        failing = await client.subscribe(topic, poisoned, retry=policy)
+        await other.subscribe(topic, healthy)
+        await host.publish(topic, "poison")
+        for i in range(10):
+            await host.publish(topic, i)
+        await wait_until(lambda: len(healthy) >= 11, what="11 events at the healthy one")
+        assert failing.stats()["dead_lettered"] == 0, "the healthy one waited for the retries"
+        assert healthy.seqs == list(range(1, 12)) and healthy.missed == [0] * 11
+        await wait_until(lambda: failing.stats()["dead_lettered"] == 1, what="the dead letter")
+        assert attempts == [(1, False, 1), (2, True, 1), (3, True, 1)], attempts
+        assert fine == list(range(2, 12)), fine  # not held up by the retries either
+        stats = failing.stats()
+        assert (stats["retried"], stats["acked"]) == (2, 10), stats
+        assert (stats["gaps"], stats["missed"], stats["repeats"]) == (0, 0, 2), stats
+
+
+async def pubsub_request_all(setup: TransportSetup) -> None:
+    """request_all asks every live server: 2 servers give 2 replies; with
+    none it raises NoResponders at once; wanting more replies than there are
+    servers raises Timeout."""
+    service = unique("census")
+    async with setup.node(0) as a, setup.node(1) as b, setup.client(2) as client:
+        await a.serve(service, lambda m: "a")
+        await b.serve(service, lambda m: "b")
+        # A client learns of servers as they announce themselves: ask until
+        # both are known (bounded), then they must stay known.
+        replies: list[pigeon.Message] = []
+        deadline = time.monotonic() + 5.0
+        while len(replies) < 2 and time.monotonic() < deadline:
+            replies = await client.request_all(service, "who?", timeout=1.0)
+        assert sorted(r.text for r in replies) == ["a", "b"], [r.text for r in replies]
+        replies = await client.request_all(service, "who?", timeout=2.0, min_replies=2)
+        assert sorted(r.text for r in replies) == ["a", "b"]
+
+        started = time.monotonic()
+        try:
+            await client.request_all(unique("nobody"), "x", timeout=10.0)
+        except pigeon.NoResponders:
+            pass
+        else:
+            raise AssertionError("expected NoResponders")
+        assert time.monotonic() - started < 1.0
+
+        started = time.monotonic()
+        try:
+            await client.request_all(service, "x", timeout=0.5, min_replies=3)
+        except pigeon.Timeout:
+            pass
+        else:
+            raise AssertionError("3 replies wanted from 2 servers: expected Timeout")
+        assert time.monotonic() - started < 3.0
+
+
+PUBSUB_SCENARIOS = [
+    pubsub_fan_out,
+    pubsub_wildcards,
+    pubsub_drop_oldest_counts_gaps,
+    pubsub_block_holds_publishers,
+    pubsub_disconnect_slow_subscriber,
+    pubsub_retained_replay,
+    pubsub_durable_resume,
+    pubsub_durable_shared,
+    pubsub_failing_handler_dead_letters,
+    pubsub_request_all,
+]
+
+SCENARIOS += PUBSUB_SCENARIOS
