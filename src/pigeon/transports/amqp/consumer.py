@@ -110,18 +110,26 @@ class Subscription:
             ConfigurationError: the queue exists with other arguments.
             TransportError: the broker cannot be reached.
         """
-        await self.topology.work_queue(self.queue)
+        await self._prepare()
         with map_exceptions(f"consume {self.queue!r}", address=self.address):
             self.channel = channel = await self.connection().channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=self.options.prefetch)
             # Declared on this channel too, so the robust channel restores the
             # queue and its consumer after a reconnect.
-            self._amqp_queue = await channel.declare_queue(
-                self.queue,
-                durable=True,
-                arguments=queue_arguments(self.queue, self.topology.queue_type),
-            )
+            self._amqp_queue = await self._declare(channel)
             self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+
+    async def _prepare(self) -> None:
+        """What must exist before the queue is consumed (its dead-letter queue)."""
+        await self.topology.work_queue(self.queue)
+
+    async def _declare(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        """Declare the consumed queue on ``channel`` (inside map_exceptions)."""
+        return await channel.declare_queue(
+            self.queue,
+            durable=True,
+            arguments=queue_arguments(self.queue, self.topology.queue_type),
+        )
 
     # -- deliveries ------------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -40,7 +41,8 @@ Prepare = Callable[[], Awaitable[Any]]
 
 
 class Publisher:
-    """Publishes to queues through the default exchange, with confirms.
+    """Publishes with confirms, to queues through the default exchange or to
+    a named exchange.
 
     Args:
         connection: the robust connection.
@@ -91,9 +93,25 @@ class Publisher:
         return len(self._tasks)
 
     def publish(
-        self, routing_key: str, build: Builder, prepare: Prepare | None = None
+        self,
+        routing_key: str,
+        build: Builder,
+        prepare: Prepare | None = None,
+        *,
+        exchange: str = "",
+        mandatory: bool = True,
+        renew: bool = True,
     ) -> asyncio.Future[None]:
         """Start publishing; the future resolves on the broker's confirm.
+
+        Args:
+            routing_key: the queue (default exchange) or the routing key.
+            build: makes the AMQP message (``build(resend)``).
+            prepare: awaited before each try (declares what it goes to).
+            exchange: the exchange ("" is the default exchange).
+            mandatory: an unroutable message fails (DeliveryError) instead of
+                being dropped by the broker.
+            renew: a refusal moves the next publishes to a new channel.
 
         Raises:
             Backpressure: ``outbox_limit`` publishes are already unconfirmed.
@@ -102,7 +120,8 @@ class Publisher:
             raise Backpressure(f"the outbox to {self.address}", self.outbox_limit)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(self._run(routing_key, build, prepare, future))
+        target = _Target(exchange, routing_key, mandatory, renew)
+        task = loop.create_task(self._run(target, build, prepare, future))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.counts["published"] += 1
@@ -110,7 +129,7 @@ class Publisher:
 
     async def _run(
         self,
-        routing_key: str,
+        target: _Target,
         build: Builder,
         prepare: Prepare | None,
         future: asyncio.Future[None],
@@ -127,7 +146,7 @@ class Publisher:
                         await self._wait_ready()
                         continue
                     tried = True
-                    await self._publish_once(routing_key, build(resend))
+                    await self._publish_once(target, build(resend))
                     break
                 except TransportError:
                     if self._closing:
@@ -140,7 +159,7 @@ class Publisher:
             _fail(
                 future,
                 TransportError(
-                    f"closed before the broker confirmed a publish to {routing_key!r}",
+                    f"closed before the broker confirmed a publish to {target.routing_key!r}",
                     address=self.address,
                 ),
             )
@@ -152,8 +171,8 @@ class Publisher:
                 # the lost link took, may be stored. Not a refusal then, an
                 # unknown outcome.
                 unknown = TransportError(
-                    f"a publish to {routing_key!r} was not confirmed: the link broke, and the "
-                    f"broker refused it when published again (the first copy may be stored)",
+                    f"a publish to {target.routing_key!r} was not confirmed: the link broke, and "
+                    "the broker refused it when published again (the first copy may be stored)",
                     address=self.address,
                 )
                 unknown.__cause__ = exc
@@ -164,19 +183,29 @@ class Publisher:
         if not future.done():
             future.set_result(None)
 
-    async def _publish_once(self, routing_key: str, message: aio_pika.Message) -> None:
+    async def _publish_once(self, target: _Target, message: aio_pika.Message) -> None:
         channel = self.channel
         if channel is None:
             raise TransportError("the publishing channel is not open", address=self.address)
         task = asyncio.current_task()
+        routing_key = target.routing_key
         try:
             with map_exceptions(f"publish to {routing_key!r}", address=self.address):
-                await channel.default_exchange.publish(message, routing_key, mandatory=True)
+                exchange = (
+                    await channel.get_exchange(target.exchange, ensure=False)
+                    if target.exchange
+                    else channel.default_exchange
+                )
+                await exchange.publish(message, routing_key, mandatory=target.mandatory)
         except DeliveryError as exc:
             cause = exc.__cause__
-            if isinstance(cause, aiormq.exceptions.DeliveryError) and not isinstance(
-                cause,
-                aiormq.exceptions.PublishError,  # a return: unroutable, not refused
+            if (
+                target.renew
+                and isinstance(cause, aiormq.exceptions.DeliveryError)
+                and not isinstance(
+                    cause,
+                    aiormq.exceptions.PublishError,  # a return: unroutable, not refused
+                )
             ):
                 self._renew(channel)
             raise
@@ -263,6 +292,16 @@ class Publisher:
                     await channel.close()
             except TransportError:
                 pass  # already gone with the connection
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where one publish goes, and how a refusal is handled."""
+
+    exchange: str
+    routing_key: str
+    mandatory: bool
+    renew: bool
 
 
 def _fail(future: asyncio.Future[None], exc: BaseException) -> None:

@@ -93,6 +93,7 @@ class Topology:
         self.queue_type = queue_type
         self.address = address
         self.declared: dict[str, asyncio.Future[None]] = {}
+        self.exchanges: dict[str, asyncio.Future[None]] = {}
         self._declared_at: dict[str, float] = {}
         self._channel: AbstractRobustChannel | None = None
         self._lock = asyncio.Lock()
@@ -164,6 +165,37 @@ class Topology:
             self.declared.pop(name, None)
         await self._once(name, delay_arguments(queue, ms, self.queue_type))
         return name
+
+    def exchange_ready(self, name: str) -> bool:
+        """True when the exchange ``name`` is declared on this connection."""
+        future = self.exchanges.get(name)
+        return future is not None and future.done()
+
+    async def exchange(self, name: str, kind: str) -> None:
+        """Declare the durable exchange ``name`` of type ``kind`` (once).
+
+        Raises:
+            ConfigurationError: it exists with another type.
+            TransportError: the broker cannot be reached.
+        """
+        future = self.exchanges.get(name)
+        if future is not None:
+            await future
+            return
+        future = self.exchanges[name] = asyncio.get_running_loop().create_future()
+        try:
+            channel = await self._get_channel()
+            with map_exceptions(f"declare exchange {name!r}", address=self.address):
+                await channel.declare_exchange(name, kind, durable=True, robust=False)
+        except BaseException as exc:
+            del self.exchanges[name]  # let the next caller try again
+            if isinstance(exc, Exception):
+                future.set_exception(exc)
+                future.exception()  # retrieved: the raise below reports it
+            else:
+                future.cancel()
+            raise
+        future.set_result(None)
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None
