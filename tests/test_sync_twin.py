@@ -30,6 +30,9 @@ TWINS: list[tuple[type, type]] = [
     (pigeon.Worker, pigeon.sync.Worker),
     (pigeon.Server, pigeon.sync.Server),
     (pigeon.Delivery, pigeon.sync.Delivery),
+    (pigeon.Subscriber, pigeon.sync.Subscriber),
+    (pigeon.Event, pigeon.sync.Event),
+    (pigeon.EventStream, pigeon.sync.EventStream),
 ]
 
 # Async protocol methods and their blocking counterparts.

@@ -69,6 +69,22 @@ def use_sync(conn: pigeon.sync.Connection, delivery: pigeon.sync.Delivery) -> No
     assert_type(conn.consume("q", lambda d: d.ack()), pigeon.sync.Worker)
     assert_type(delivery.decode(Order), Order)
     assert_type(delivery.ack(), None)
+
+
+@app.subscriber("prices.>", last=1)
+def on_price(event: pigeon.sync.Event) -> None: ...
+
+
+def use_sync_pubsub(conn: pigeon.sync.Connection) -> None:
+    kept_price: Callable[[pigeon.sync.Event], None] = on_price
+    on_price(1)  # type: ignore[arg-type]
+    assert_type(conn.publish_nowait("a.b", 1), concurrent.futures.Future[None])
+    assert_type(conn.subscribe("a.>", lambda e: e.ack()), pigeon.sync.Subscriber)
+    with conn.subscription("a.>", last=1) as events:
+        for event in events:
+            assert_type(event, pigeon.sync.Event)
+            assert_type(event.topic, str)
+    assert_type(conn.request_all("s", 1), list[pigeon.Message])
 """
 
 

@@ -9,17 +9,26 @@
     def upper(word: str) -> str:
         return word.upper()
 
+    app.retain("prices.>", max_count=100)   # history, declared at start
+
+    @app.subscriber("prices.>", last_per_subject=True)
+    def show(event: pigeon.sync.Event) -> None:
+        print(event.topic, event.seq, event.decode())
+
     app.run()   # until Ctrl-C or SIGTERM, then drains and stops
 
 A handler's first parameter says what it gets: annotated ``Delivery`` (settle
 by hand), ``Message`` (the envelope), a type (the body decoded into it), or
-nothing (the body decoded by its content type).
+nothing (the body decoded by its content type). A subscriber's handler may
+also ask for an ``Event`` (a delivery with ``topic``, ``seq`` and ``missed``);
+annotated ``Delivery``, it gets one too.
 
 An ``async def`` handler runs on the event loop and gets a
 :class:`pigeon.Delivery`, whose settle methods are awaited. A plain ``def``
 handler runs in a thread and gets a :class:`pigeon.sync.Delivery` (annotate it
-as either), whose ``ack``, ``nack``, ``reject`` and ``extend`` are blocking
-calls that settle on the app's loop before they return.
+as either; a subscriber's gets a :class:`pigeon.sync.Event`), whose ``ack``,
+``nack``, ``reject`` and ``extend`` are blocking calls that settle on the
+app's loop before they return.
 
 The decorators return the function they are given, unchanged and with its
 type, so it can still be called and type-checked directly.
@@ -36,9 +45,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import sync
+from ._core import topics
 from ._core.backoff import RetryPolicy
 from .connection import Connection, connect
 from .message import Message
+from .subscriber import Event
 from .transports import Delivery
 from .worker import call_handler
 
@@ -46,7 +57,9 @@ __all__ = ["App", "adapt_handler"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_DELIVERY_TYPES = (Delivery, sync.Delivery)
+_DELIVERY_TYPES = (Delivery, sync.Delivery, Event, sync.Event)
+_EVENT_TYPES = (Event, sync.Event)
+_BLOCKING_TYPES = (sync.Delivery, sync.Event)
 
 
 def _first_parameter_type(fn: Callable[..., Any]) -> Any:
@@ -60,27 +73,40 @@ def _first_parameter_type(fn: Callable[..., Any]) -> Any:
     return hints.get(params[0].name, None)
 
 
-def adapt_handler(fn: Callable[..., Any], *, gets_delivery: bool) -> Callable[[Any], Any]:
+def adapt_handler(
+    fn: Callable[..., Any], *, gets_delivery: bool, gets_event: bool = False
+) -> Callable[[Any], Any]:
     """Wrap ``fn`` so it receives what its first parameter's annotation asks for.
 
     The wrapper is a coroutine function if ``fn`` is one, else a plain one (run
     in a thread by the worker), so blocking handlers never block the loop. A
     plain handler that asks for a delivery gets a :class:`pigeon.sync.Delivery`
-    bound to the loop, so settling from its thread really settles.
+    bound to the loop, so settling from its thread really settles (a
+    :class:`pigeon.sync.Event` when it is given an event).
+
+    ``gets_event``: ``fn`` is a subscriber's handler, given events,
+    so it may ask for one.
 
     Raises:
         TypeError: ``fn`` takes no argument, a service handler asks for a
-            delivery, or an async handler asks for a blocking one.
+            delivery, a handler that gets no events asks for one, or an
+            async handler asks for a blocking one.
     """
     wanted = _first_parameter_type(fn)
     is_async = inspect.iscoroutinefunction(fn)
     if wanted in _DELIVERY_TYPES:
         if not gets_delivery:
             raise TypeError(f"service handler {fn.__name__} gets a Message, not a Delivery")
-        if is_async and wanted is sync.Delivery:
+        if wanted in _EVENT_TYPES and not gets_event:
             raise TypeError(
-                f"async handler {fn.__name__} gets a pigeon.Delivery (awaitable settles); "
-                "pigeon.sync.Delivery is for plain (def) handlers"
+                f"handler {fn.__name__} gets a Delivery, not an Event "
+                "(events are for subscribers: @app.subscriber)"
+            )
+        if is_async and wanted in _BLOCKING_TYPES:
+            async_name = "pigeon.Event" if wanted is sync.Event else "pigeon.Delivery"
+            raise TypeError(
+                f"async handler {fn.__name__} gets a {async_name} (awaitable settles); "
+                f"pigeon.sync.{wanted.__name__} is for plain (def) handlers"
             )
         if is_async:
             return fn
@@ -108,7 +134,12 @@ def adapt_handler(fn: Callable[..., Any], *, gets_delivery: bool) -> Callable[[A
 def _plain_with_delivery(fn: Callable[..., Any]) -> Callable[[Delivery], Any]:
     async def call_in_thread(delivery: Delivery) -> Any:
         # Bound to this loop: the handler's settles are run here, from its thread.
-        blocking = sync.Delivery(delivery, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        blocking = (
+            sync.Event(delivery, loop)
+            if isinstance(delivery, Event)
+            else sync.Delivery(delivery, loop)
+        )
         return await call_handler(fn, blocking)
 
     return call_in_thread
@@ -124,8 +155,24 @@ class _WorkerSpec:
     lease_ttl: float
 
 
+@dataclass
+class _SubscriberSpec:
+    pattern: str
+    handler: Callable[[Any], Any]
+    options: dict[str, Any]  # for Connection.subscribe
+
+
+@dataclass
+class _RetainSpec:
+    pattern: str
+    max_count: int | None
+    max_bytes: int | None
+    max_age: float | None
+
+
 class App:
-    """A set of workers and services on one connection (see module docstring)."""
+    """A set of workers, services and subscribers on one connection (see
+    module docstring)."""
 
     def __init__(
         self,
@@ -137,6 +184,8 @@ class App:
         self._connect_args = (url, bind, options)
         self._workers: list[_WorkerSpec] = []
         self._services: list[tuple[str, Callable[[Any], Any]]] = []
+        self._subscribers: list[_SubscriberSpec] = []
+        self._retained: list[_RetainSpec] = []
         self.connection: Connection | None = None
 
     def worker(
@@ -177,11 +226,79 @@ class App:
 
         return register
 
+    def subscriber(
+        self,
+        pattern: str,
+        *,
+        name: str | None = None,
+        policy: str = "drop-oldest",
+        buffer: int = topics.DEFAULT_BUFFER,
+        from_seq: int | None = None,
+        from_time: float | None = None,
+        last: int | None = None,
+        last_per_subject: bool = False,
+        prefetch: int = 64,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
+    ) -> Callable[[F], F]:
+        """Register the decorated function as a subscriber of the topics
+        matching ``pattern`` (options as for
+        :meth:`pigeon.Connection.subscribe`). It may ask for the
+        :class:`~pigeon.Event` (``pigeon.sync.Event`` in a plain ``def``),
+        or for anything a worker's handler may.
+
+        Raises:
+            TypeError: the function cannot take what it asks for (see
+                :func:`adapt_handler`).
+        """
+
+        def register(fn: F) -> F:
+            handler = adapt_handler(fn, gets_delivery=True, gets_event=True)
+            options = {
+                "name": name,
+                "policy": policy,
+                "buffer": buffer,
+                "from_seq": from_seq,
+                "from_time": from_time,
+                "last": last,
+                "last_per_subject": last_per_subject,
+                "prefetch": prefetch,
+                "concurrency": concurrency,
+                "retry": retry,
+                "lease_ttl": lease_ttl,
+            }
+            self._subscribers.append(_SubscriberSpec(pattern, handler, options))
+            return fn
+
+        return register
+
+    def retain(
+        self,
+        pattern: str,
+        *,
+        max_count: int | None = None,
+        max_bytes: int | None = None,
+        max_age: float | None = None,
+    ) -> None:
+        """Keep history of the topics matching ``pattern`` (see
+        :meth:`pigeon.Connection.retain`), declared when the app starts,
+        before any subscriber."""
+        self._retained.append(_RetainSpec(pattern, max_count, max_bytes, max_age))
+
     async def start(self) -> Connection:
-        """Connect, then start every service and worker."""
+        """Connect, declare what is retained, then start every service,
+        worker and subscriber."""
         url, bind, options = self._connect_args
         conn = await connect(url, bind=bind, **options)
         self.connection = conn
+        for retained in self._retained:
+            await conn.retain(
+                retained.pattern,
+                max_count=retained.max_count,
+                max_bytes=retained.max_bytes,
+                max_age=retained.max_age,
+            )
         for name, handler in self._services:
             await conn.serve(name, handler)
         for spec in self._workers:
@@ -193,6 +310,8 @@ class App:
                 retry=spec.retry,
                 lease_ttl=spec.lease_ttl,
             )
+        for subscriber in self._subscribers:
+            await conn.subscribe(subscriber.pattern, subscriber.handler, **subscriber.options)
         return conn
 
     async def stop(self, timeout: float = 5.0) -> None:

@@ -16,17 +16,29 @@ import asyncio
 import atexit
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from . import connection as _async
+from . import subscriber as _subscriber
 from . import transports as _transports
 from . import worker as _worker
+from ._core import topics
 from ._core.backoff import RetryPolicy
+from .errors import SubscriberDisconnected
 from .message import Message
 from .transports.tasks import start_task
 
-__all__ = ["Connection", "Delivery", "Server", "Worker", "connect"]
+__all__ = [
+    "Connection",
+    "Delivery",
+    "Event",
+    "EventStream",
+    "Server",
+    "Subscriber",
+    "Worker",
+    "connect",
+]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -308,6 +320,22 @@ class Delivery:
         self._run(self._delivery.extend())
 
 
+class Event(Delivery):
+    """Blocking twin of :class:`pigeon.Event`: a :class:`Delivery` (settled
+    with plain calls) with the event's ``topic``, its ``seq`` in that topic
+    and how many numbers were ``missed`` right before it (0: none)."""
+
+    __slots__ = ("missed", "seq", "topic")
+
+    def __init__(
+        self, event: _subscriber.Event, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        super().__init__(event, loop)
+        self.topic = event.topic
+        self.seq = event.seq
+        self.missed = event.missed
+
+
 class Worker:
     """Blocking twin of :class:`pigeon.Worker`."""
 
@@ -345,6 +373,80 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         return _runner.call(self._server.stats)
+
+
+class Subscriber(Worker):
+    """Blocking twin of :class:`pigeon.Subscriber`: a :class:`Worker` for the
+    topics matching ``pattern``."""
+
+    def __init__(self, subscriber: _subscriber.Subscriber) -> None:
+        super().__init__(subscriber)
+        self._subscriber = subscriber
+        self.pattern = subscriber.pattern
+
+    @property
+    def disconnected(self) -> SubscriberDisconnected | None:
+        """The error the host cut this subscriber off with; None while it runs."""
+        return self._subscriber.disconnected
+
+    def wait_disconnected(self) -> SubscriberDisconnected:
+        """Block until the host cuts this subscriber off; the error it gave
+        (poll :attr:`disconnected` to wait with a limit)."""
+        return _runner.run(self._subscriber.wait_disconnected())
+
+    def stats(self) -> dict[str, Any]:
+        return _runner.call(self._subscriber.stats)
+
+
+class EventStream:
+    """Blocking twin of :class:`pigeon.EventStream`: the events of a
+    subscription, one at a time, as :class:`Event`::
+
+        with conn.subscription("prices.>", last=10) as events:
+            for event in events:
+                print(event.topic, event.seq, event.decode())
+
+    An event is acked when the loop asks for the next one or leaves, unless
+    it was settled by hand; if the loop's body raises, the retry policy
+    takes that event as failed. Leaving the ``with`` ends the subscription
+    (without it, :meth:`close` or the connection's close does). A
+    subscription cut off by its host raises
+    :class:`~pigeon.errors.SubscriberDisconnected` from the loop.
+    """
+
+    def __init__(self, stream: _subscriber.EventStream) -> None:
+        self._stream = stream
+        self._subscriber: Subscriber | None = None
+
+    @property
+    def subscriber(self) -> Subscriber:
+        running = _runner.call(lambda: self._stream.subscriber)
+        if self._subscriber is None or self._subscriber._subscriber is not running:
+            self._subscriber = Subscriber(running)
+        return self._subscriber
+
+    def __enter__(self) -> EventStream:
+        _runner.run(self._stream.__aenter__())
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        _runner.run(self._stream.__aexit__(exc_type, exc, tb))
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        event = _runner.run(self._stream.__anext__())
+        return Event(event)
+
+    def close(self) -> None:
+        """End the subscription (the current event, if any, is acked)."""
+        _runner.run(self._stream.aclose())
+
+    aclose = close  # the async name, so the twin has every verb
+
+    def stats(self) -> dict[str, Any]:
+        return _runner.call(self._stream.stats)
 
 
 class Connection:
@@ -462,6 +564,123 @@ class Connection:
         )
         return Worker(worker)
 
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> concurrent.futures.Future[None]:
+        return _runner.submit(
+            self._conn.publish_nowait, topic, payload, headers=headers, content_type=content_type
+        )
+
+    def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        _runner.run(
+            self._conn.publish(
+                topic, payload, headers=headers, content_type=content_type, timeout=timeout
+            )
+        )
+
+    def subscribe(
+        self,
+        pattern: str,
+        handler: Callable[[Delivery], Any],
+        *,
+        name: str | None = None,
+        policy: str = "drop-oldest",
+        buffer: int = topics.DEFAULT_BUFFER,
+        from_seq: int | None = None,
+        from_time: float | None = None,
+        last: int | None = None,
+        last_per_subject: bool = False,
+        prefetch: int = 64,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
+    ) -> Subscriber:
+        """Run the plain function ``handler(event)`` in a thread for every
+        message published on a topic matching ``pattern``; it gets an
+        :class:`Event` (see :meth:`pigeon.Connection.subscribe`)."""
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+
+        def run_in_thread(delivery: _transports.Delivery) -> Any:
+            return handler(Event(cast(_subscriber.Event, delivery)))
+
+        subscriber = _runner.run(
+            self._conn.subscribe(
+                pattern,
+                run_in_thread,
+                name=name,
+                policy=policy,
+                buffer=buffer,
+                from_seq=from_seq,
+                from_time=from_time,
+                last=last,
+                last_per_subject=last_per_subject,
+                prefetch=prefetch,
+                concurrency=concurrency,
+                retry=retry,
+                lease_ttl=lease_ttl,
+            )
+        )
+        return Subscriber(subscriber)
+
+    def subscription(
+        self,
+        pattern: str,
+        *,
+        name: str | None = None,
+        policy: str = "drop-oldest",
+        buffer: int = topics.DEFAULT_BUFFER,
+        from_seq: int | None = None,
+        from_time: float | None = None,
+        last: int | None = None,
+        last_per_subject: bool = False,
+        prefetch: int = 64,
+        retry: RetryPolicy | None = None,
+        lease_ttl: float = 30.0,
+    ) -> EventStream:
+        """The events of a subscription as a blocking iterator (options as
+        for :meth:`subscribe`; see :class:`EventStream`)."""
+        stream = _runner.call(
+            self._conn.subscription,
+            pattern,
+            name=name,
+            policy=policy,
+            buffer=buffer,
+            from_seq=from_seq,
+            from_time=from_time,
+            last=last,
+            last_per_subject=last_per_subject,
+            prefetch=prefetch,
+            retry=retry,
+            lease_ttl=lease_ttl,
+        )
+        return EventStream(stream)
+
+    def retain(
+        self,
+        pattern: str,
+        *,
+        max_count: int | None = None,
+        max_bytes: int | None = None,
+        max_age: float | None = None,
+    ) -> None:
+        _runner.run(
+            self._conn.retain(pattern, max_count=max_count, max_bytes=max_bytes, max_age=max_age)
+        )
+
     def request(
         self,
         service: str,
@@ -474,6 +693,27 @@ class Connection:
         return _runner.run(
             self._conn.request(
                 service, payload, timeout=timeout, headers=headers, content_type=content_type
+            )
+        )
+
+    def request_all(
+        self,
+        service: str,
+        payload: Any,
+        *,
+        timeout: float = 1.0,
+        min_replies: int = 1,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> list[Message]:
+        return _runner.run(
+            self._conn.request_all(
+                service,
+                payload,
+                timeout=timeout,
+                min_replies=min_replies,
+                headers=headers,
+                content_type=content_type,
             )
         )
 
