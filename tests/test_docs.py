@@ -1,5 +1,5 @@
 """Every Python example in the README and in docs/durability.md, transports.md,
-security.md and discovery.md runs."""
+security.md, discovery.md and pubsub.md runs."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ DOCS = [
     README.parent / "docs" / "transports.md",
     README.parent / "docs" / "security.md",
     README.parent / "docs" / "discovery.md",
+    README.parent / "docs" / "pubsub.md",
 ]
 
 
