@@ -30,6 +30,5 @@ SOURCE = "x-pigeon-source"  # who numbered it: a host's or publisher's session i
 
 # Scatter-gather (``request_all``): a request with this header is answered
 # by every server the receiving node serves or relays, in one reply whose
-# body is a msgpack list of reply envelopes, of content type REPLIES_TYPE.
+# body is a msgpack list of reply envelopes (``rpc.REPLIES_TYPE``).
 SCATTER = "x-pigeon-scatter"
-REPLIES_TYPE = "application/vnd.pigeon.replies+msgpack"

@@ -30,6 +30,9 @@ from enum import Enum
 
 from .policy import least_loaded
 
+# The content type of a gathered answer (see ``headers.SCATTER``).
+REPLIES_TYPE = "application/vnd.pigeon.replies+msgpack"
+
 
 @dataclass(slots=True)
 class PendingCall:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -359,11 +359,20 @@ class RetainedLog:
         self._order = 0
         self.trimmed = 0
         self.refused_topics = 0
+        # Told the messages each trim drops (a durable host deletes them).
+        self.on_trim: Callable[[list[Message]], None] | None = None
 
     def retain(self, pattern: str, retention: Retention) -> None:
         self.rules[check_pattern(pattern)] = retention.check()
-        for topic in self._logs:
-            self._trim(topic, None)
+        for topic in list(self._logs):
+            if matches(pattern, topic):
+                self._trim(topic, None)
+
+    def restore(self, topic: str, seq: int, message: Message, at: float) -> None:
+        """Take back a message kept before a restart, whatever the rules
+        (they may not be declared yet): ``expire`` trims it by them later."""
+        self._append(topic, seq, message, at)
+        self._first[topic] = 1  # what came before it may have been trimmed
 
     def retention(self, topic: str) -> Retention | None:
         exact = self.rules.get(topic)
@@ -374,36 +383,51 @@ class RetainedLog:
                 return rule
         return None
 
-    def add(self, topic: str, seq: int, message: Message, now: float) -> None:
-        """Keep ``message`` if its topic is retained."""
+    def add(self, topic: str, seq: int, message: Message, now: float) -> bool:
+        """Keep ``message`` if its topic is retained; True if kept."""
         rule = self.retention(topic)
         if rule is None:
-            return
+            return False
         log = self._logs.get(topic)
         if log is None:
             if len(self._logs) >= self.max_topics:
                 self.refused_topics += 1
-                return
+                return False
+        self._append(topic, seq, message, now)
+        self._trim(topic, now)
+        return True
+
+    def _append(self, topic: str, seq: int, message: Message, at: float) -> None:
+        log = self._logs.get(topic)
+        if log is None:
             log = self._logs[topic] = deque()
             self._bytes[topic] = 0
             self._first.setdefault(topic, seq)
         self._order += 1
         size = len(message.body) + sum(len(k) + len(v) for k, v in message.headers.items())
-        log.append(_Entry(self._order, seq, now, size, message))
+        log.append(_Entry(self._order, seq, at, size, message))
         self._bytes[topic] += size
-        self._trim(topic, now)
+
+    def last_seqs(self) -> dict[str, int]:
+        """The last number kept of each topic (to go on from after a restart)."""
+        return {topic: log[-1].seq for topic, log in self._logs.items() if log}
 
     def _trim(self, topic: str, now: float | None) -> None:
         rule = self.retention(topic)
         log = self._logs[topic]
+        dropped: list[Message] = []
         while log and (
             rule is None
             or (rule.max_count is not None and len(log) > rule.max_count)
             or (rule.max_bytes is not None and self._bytes[topic] > rule.max_bytes and len(log) > 1)
             or (rule.max_age is not None and now is not None and log[0].at < now - rule.max_age)
         ):
-            self._bytes[topic] -= log.popleft().size
-            self.trimmed += 1
+            entry = log.popleft()
+            self._bytes[topic] -= entry.size
+            dropped.append(entry.message)
+        self.trimmed += len(dropped)
+        if dropped and self.on_trim is not None:
+            self.on_trim(dropped)
 
     def expire(self, now: float) -> None:
         for topic in list(self._logs):
@@ -445,11 +469,6 @@ class RetainedLog:
         if start.last is not None:
             entries = entries[-start.last :]
         return [e.message for e in entries]
-
-    def forget(self, topics: Iterable[str]) -> None:
-        for topic in topics:
-            self._logs.pop(topic, None)
-            self._bytes.pop(topic, None)
 
     def stats(self) -> dict[str, int]:
         return {

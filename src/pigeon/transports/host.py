@@ -249,8 +249,9 @@ class QueueHost:
             ledger.lease_ttl = rules.lease_ttl
         return made
 
-    def restore(self) -> int:
-        """Take up the stored backlog after a (re)start; returns how many
+    def restore(self, skip: frozenset[str] = frozenset()) -> int:
+        """Take up the stored backlog after a (re)start, but for the queues
+        in ``skip`` (kept by others, e.g. a topic host); returns how many
         messages the store holds.
 
         Live messages stay on disk and are read back as consumers take
@@ -262,7 +263,7 @@ class QueueHost:
         through = self.store.position()
         count = 0
         for queue, depth in self.store.counts().items():
-            if depth["ready"]:
+            if depth["ready"] and queue not in skip:
                 self.ledger(queue, over_cap=True).backlog.restored(depth["ready"], through)
                 self._dirty.add(queue)
                 count += depth["ready"]
@@ -288,6 +289,11 @@ class QueueHost:
         future = self.committer.enqueue(real)
         self._writes.add(future)
         future.add_done_callback(self._write_done)
+
+    def forget_stored(self, queue: str, messages: list[Message]) -> None:
+        """Delete from the store messages taken out of ``queue`` unacked
+        (a subscription dropping its oldest): written behind, like acks."""
+        self._write(persistence.ack_ops(queue, messages))
 
     def _write_done(self, future: asyncio.Future[list[bool]]) -> None:
         self._writes.discard(future)

@@ -94,7 +94,7 @@ class MemoryTransport:
         hub = self._live_hub()
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
-        if hub.topics.publish(topic, message) is None:
+        if hub.topics.publish(topic, message).result is None:
             raise Backpressure(f"a 'block' subscriber of topic {topic!r}", 0)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)

@@ -24,11 +24,12 @@ confirmed again but not published twice.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._core.topics import (
     Numbering,
@@ -38,11 +39,13 @@ from .._core.topics import (
     StartAt,
     check_pattern,
     matches,
+    numbered,
     stamp,
 )
 from ..errors import ConfigurationError
 from ..message import Message, new_id
 from .host import QueueHost
+from .topic_store import Restored, SubscriptionRecord, TopicStore
 
 DURABLE_PREFIX = "pigeon.sub."
 OWN_PREFIX = "pigeon.tmp."
@@ -52,6 +55,15 @@ ORPHAN_GRACE = 30.0  # seconds (Rule 3)
 
 # Told (subscription queue, reason, its consumers) when a subscription is cut off.
 Disconnected = Callable[[str, str, list[Hashable]], None]
+
+
+class Published(NamedTuple):
+    result: bool | None
+    stored: asyncio.Future[None] | None = None
+
+
+async def _all_written(writes: list[Awaitable[Any]]) -> None:
+    await asyncio.gather(*writes)
 
 
 def is_subscription(queue: str) -> bool:
@@ -69,6 +81,7 @@ class TopicSubscription:
     refused: int = 0  # copies the node's memory or queue bounds refused
     orphaned_at: float | None = None  # when its last consumer left (own ones)
     owners: set[Hashable] = field(default_factory=set)
+    record_id: str | None = None  # its record in a durable host's store
 
     def row(self) -> dict[str, Any]:
         return {
@@ -102,6 +115,10 @@ class TopicHost:
         self.host = host
         self.numbering = Numbering(source)
         self.history = RetainedLog()
+        # A durable host keeps history and durable subscriptions in its store.
+        self.store = TopicStore(host.committer) if host.committer is not None else None
+        if self.store is not None:
+            self.history.on_trim = self.store.forget
         self.subscriptions: dict[str, TopicSubscription] = {}
         self._routes: dict[str, list[TopicSubscription]] = {}  # topic -> bound (cache)
         self._recent: OrderedDict[str, None] = OrderedDict()
@@ -135,44 +152,65 @@ class TopicHost:
         ledger = self.host.queues.get(sub.queue)
         return ledger.ready_count if ledger is not None else 0
 
-    def publish(self, topic: str, message: Message, *, fresh: bool = False) -> bool | None:
-        """Publish on ``topic`` (already checked); True if published, False
-        for a resend already published (Rule 4), None if refused because a
-        ``block`` subscriber has no room (nothing was published)."""
+    def publish(self, topic: str, message: Message, *, fresh: bool = False) -> Published:
+        """Publish on ``topic`` (already checked): ``result`` is True if
+        published, False for a resend already published (Rule 4), None if
+        refused because a ``block`` subscriber has no room (nothing was
+        published); ``stored`` is set on a durable host when something was
+        written for it: confirm the publish once it is done."""
         if not fresh:
             if message.id in self._recent:
                 self.counts["duplicates"] += 1
-                return False
+                return Published(False)
         bound = self._route(topic)
         for sub in bound:
             if sub.policy is SlowPolicy.BLOCK and self._waiting(sub) >= sub.buffer:
                 self.counts["blocked"] += 1
-                return None
+                return Published(None)
         if not fresh:
             self._recent[message.id] = None
             if len(self._recent) > DEDUPE:
                 self._recent.popitem(last=False)
         seq = self.numbering.next(topic)
         stamped = stamp(message, topic, seq, self.numbering.source)
-        self.history.add(topic, seq, stamped, self.clock())
+        writes: list[Awaitable[Any]] = []
+        if self.history.add(topic, seq, stamped, self.clock()) and self.store is not None:
+            writes.append(self.store.keep(stamped))
         self.counts["published"] += 1
         if not bound:
             self.counts["unrouted"] += 1
         for sub in list(bound):
-            self._deliver(sub, stamped)
-        return True
+            written = self._deliver(sub, stamped)
+            if written is not None:
+                writes.append(written)
+        if not writes:
+            return Published(True)
+        return Published(True, asyncio.ensure_future(_all_written(writes)))
 
-    def _deliver(self, sub: TopicSubscription, message: Message) -> None:
+    def _deliver(self, sub: TopicSubscription, message: Message) -> Awaitable[Any] | None:
         if self._waiting(sub) >= sub.buffer:
             if sub.policy is SlowPolicy.DISCONNECT:
                 self.disconnect(sub.queue, f"it fell {sub.buffer} messages behind")
-                return
+                return None
             # DROP_OLDEST (a BLOCK one was checked before numbering).
             ledger = self.host.queues.get(sub.queue)
-            if ledger is not None and ledger.take_ready(1):
+            dropped = ledger.take_ready(1) if ledger is not None else []
+            if dropped:
                 sub.dropped += 1
                 self.counts["dropped"] += 1
+                if sub.durable:
+                    self.host.forget_stored(sub.queue, dropped)
+        if sub.durable and self.store is not None:
+            return self._put_durable(sub, message)
         if self.host.put(sub.queue, message, fresh=True) is None:
+            sub.refused += 1
+            self.counts["refused"] += 1
+        return None
+
+    async def _put_durable(self, sub: TopicSubscription, message: Message) -> None:
+        # Stored before the publish is confirmed (topic_store Rule 2).
+        (result,) = await self.host.put_many(sub.queue, [message])
+        if result is None:
             sub.refused += 1
             self.counts["refused"] += 1
 
@@ -228,6 +266,10 @@ class TopicHost:
             )
         backlog = self.history.select(pattern, start, self.clock())  # may raise ReplayTrimmed
         sub = TopicSubscription(queue, pattern, policy, buffer, durable=name is not None)
+        if sub.durable and self.store is not None:
+            # Written behind: granted at once, on disk a group commit later.
+            record = SubscriptionRecord(queue, pattern, policy.value, buffer)
+            sub.record_id, _ = self.store.bind(record)
         # Rule 1: history in, then bound, with no await between.
         if backlog:
             self.host.put_fresh(queue, backlog)
@@ -282,6 +324,8 @@ class TopicHost:
         sub = self.subscriptions.pop(queue, None)
         if sub is None:
             return False
+        if sub.record_id is not None and self.store is not None:
+            self.store.unbind(sub.record_id)
         self._routes.clear()
         self._listeners.pop(queue, None)
         for consumer in sub.owners:  # (their leases come back, and go with the rest)
@@ -304,6 +348,26 @@ class TopicHost:
             told(reason)
         if self.on_disconnect is not None:
             self.on_disconnect(queue, reason, owners)
+
+    def restore(self, restored: Restored) -> None:
+        """Take up what a durable host's store kept (topic_store Rules 2
+        and 4): bound again before anyone is served. The retention rules
+        are the node's configuration, declared again at each start; history
+        of a topic no rule covers then goes at the next expiry pass."""
+        for row, record in restored.subscriptions:
+            sub = TopicSubscription(
+                record.queue, record.pattern, SlowPolicy(record.policy), record.buffer, True
+            )
+            sub.record_id = row
+            self.subscriptions[record.queue] = sub
+            self.host.ledger(record.queue, over_cap=True)
+        self._routes.clear()
+        for message in restored.retained:
+            mark = numbered(message)
+            if mark is not None:
+                self.history.restore(mark[1], mark[2], message, message.created_at)
+        for topic, seq in self.history.last_seqs().items():
+            self.numbering.set_last(topic, seq)
 
     # -- history ---------------------------------------------------------------
 

@@ -16,10 +16,10 @@ from typing import Annotated, Any, Protocol, cast
 import msgspec
 
 from ..._core.frames import Frame, Reply, Request
-from ..._core.headers import REPLIES_TYPE, SCATTER
+from ..._core.headers import SCATTER
 from ..._core.limits import MAX_FRAME_ITEMS
 from ..._core.policy import ReplyErrorKind, reply_error
-from ..._core.rpc import Correlator
+from ..._core.rpc import REPLIES_TYPE, Correlator
 from ...errors import AuthenticationError, NoPigeonNode, NoResponders, PigeonError, Timeout
 from ...message import Message, new_id
 from ..local import LocalServices

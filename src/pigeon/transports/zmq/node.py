@@ -36,6 +36,7 @@ from ...errors import (
 )
 from ...message import Message, make_message, new_id
 from ...security.acl_file import load_acl
+from .. import topic_store
 from ..base import (
     ConsumeOptions,
     DeliverySink,
@@ -193,7 +194,8 @@ class ZmqTransport:
             )
             self.sender = self._make_sender()
             self.topics = TopicHost(self.host, source=self.session)
-            self.restored = await asyncio.to_thread(self.host.restore)
+            self.restored = await asyncio.to_thread(self.host.restore, topic_store.HIDDEN)
+            self.topics.restore(await asyncio.to_thread(topic_store.load, store))
         if self.bind_addresses:
             await self._bind(shared_context())
         for address in self.connect_addresses:
@@ -415,9 +417,12 @@ class ZmqTransport:
             self._check_open()
         if self.bind_addresses:
             self.sender._check_sizes([message])
-            if self.topics.publish(topic, message, fresh=True) is None:
+            published = self.topics.publish(topic, message, fresh=True)
+            if published.result is None:
                 raise Backpressure(f"a 'block' subscriber of topic {topic!r}", 0)
             self.sender.sent += 1
+            if published.stored is not None:
+                return published.stored  # on disk first (a durable node)
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done

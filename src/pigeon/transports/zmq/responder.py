@@ -14,7 +14,7 @@ import msgspec
 from ..._core import frames, headers
 from ..._core.budget import MAX_PEER_REQUEST_BYTES, MAX_PEER_REQUESTS, PeerBudget
 from ..._core.policy import ReplyErrorKind, reply_kind
-from ..._core.rpc import CacheState, ReplyCache, seconds_left
+from ..._core.rpc import REPLIES_TYPE, CacheState, ReplyCache, seconds_left
 from ...errors import NoResponders, PigeonError, Rejected
 from ...message import Message, new_id
 from ..local import LocalServices
@@ -173,7 +173,7 @@ class Responder:
         return Message(
             id=new_id(),
             body=msgspec.msgpack.encode(replies),
-            content_type=headers.REPLIES_TYPE,
+            content_type=REPLIES_TYPE,
             headers={},
         )
 

@@ -183,11 +183,7 @@ class RouterSide:
             case frames.Send(queue, messages) if self.topics is not None and queue.startswith(
                 PUBLISH_PREFIX
             ):
-                confirmed, refused = self.topics.publish(identity, user, queue, messages)
-                if confirmed:
-                    self._send(identity, frames.Confirm(confirmed))
-                if refused:
-                    self._send(identity, frames.Refuse(refused))
+                self.topics.publish(identity, user, queue, messages)
             case frames.Subscribe() if self.topics is not None:
                 self.topics.subscribe(identity, user, frame)
             case frames.Send(queue, messages):

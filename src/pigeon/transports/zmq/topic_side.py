@@ -17,6 +17,8 @@ grant, sent to each of its consumers, with the reason.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable, Hashable
 
 from ..._core import frames
@@ -49,23 +51,41 @@ class RouterTopics:
         self._refused: dict[tuple[bytes, str], frames.Verdict] = {}  # Rule 2
         topics.on_disconnect = self.cut  # Rule 4
 
-    def publish(
-        self, identity: bytes, user: str, queue: str, messages: list[Message]
-    ) -> tuple[list[str], list[Refusal]]:
-        """Publish a peer's Send to ``pigeon.publish.TOPIC``: the ids to
-        confirm and those refused."""
+    def publish(self, identity: bytes, user: str, queue: str, messages: list[Message]) -> None:
+        """Publish a peer's Send to ``pigeon.publish.TOPIC``, and answer it:
+        confirmed once published (and, on a durable node, stored), or
+        refused."""
         topic = queue.removeprefix(PUBLISH_PREFIX)
         if self.guard is not None and not self.guard.allows(user, Verb.SEND, topic):
-            return [], [(m.id, RefusalReason.FORBIDDEN, topic) for m in messages]
+            denied = [(m.id, RefusalReason.FORBIDDEN, topic) for m in messages]
+            self._send(identity, frames.Refuse(denied))
+            return
         confirmed: list[str] = []
         refused: list[Refusal] = []
         for message in messages:
-            if self.topics.publish(topic, message) is None:
+            published = self.topics.publish(topic, message)
+            if published.result is None:
                 why = f"a 'block' subscriber of topic {topic!r} has no room"
                 refused.append((message.id, RefusalReason.FULL, why))
+            elif published.stored is not None:
+                published.stored.add_done_callback(
+                    functools.partial(self._stored, identity, message.id)
+                )
             else:
                 confirmed.append(message.id)
-        return confirmed, refused
+        if confirmed:
+            self._send(identity, frames.Confirm(confirmed))
+        if refused:
+            self._send(identity, frames.Refuse(refused))
+
+    def _stored(self, identity: bytes, message_id: str, done: asyncio.Future[None]) -> None:
+        error = None if done.cancelled() else done.exception()
+        if done.cancelled() or error is not None:
+            why = str(error) if error is not None else "the store write was cancelled"
+            refusal = frames.Refuse([(message_id, RefusalReason.STORE_FAILED, why)])
+            self._send(identity, refusal)
+        else:
+            self._send(identity, frames.Confirm([message_id]))
 
     def subscribe(self, identity: bytes, user: str, frame: frames.Subscribe) -> None:
         key = (identity, frame.queue)
