@@ -12,7 +12,7 @@ from ._core import limits, topics
 from ._core.backoff import RetryPolicy
 from .errors import Backpressure, ClosedError, ConfigurationError, NotStartedError, Timeout
 from .message import Message, make_message, make_messages
-from .subscriber import EventStream, Subscriber
+from .subscriber import EventHandler, EventStream, Subscriber
 from .transports import ConsumeOptions, SubscribeOptions, Transport, open_transport
 from .worker import Handler, Server, ServiceFunction, Worker
 
@@ -50,7 +50,7 @@ def _check_name(name: object, what: str) -> str:
 
 def _check_topic(topic: object) -> str:
     if topic in _good_names:
-        return topic  # type: ignore[return-value]
+        return topic
     try:
         checked = topics.check_topic(topic)
     except ValueError as exc:
@@ -441,7 +441,7 @@ class Connection:
     async def _start_subscriber(
         self,
         pattern: str,
-        handler: Handler,
+        handler: EventHandler,
         *,
         name: str | None,
         policy: str,
@@ -479,7 +479,7 @@ class Connection:
     async def subscribe(
         self,
         pattern: str,
-        handler: Handler,
+        handler: EventHandler,
         *,
         name: str | None = None,
         policy: str = "drop-oldest",
@@ -553,7 +553,7 @@ class Connection:
                     print(event.topic, event.seq, event.decode())
         """
 
-        async def start(handler: Handler) -> Subscriber:
+        async def start(handler: EventHandler) -> Subscriber:
             return await self._start_subscriber(
                 pattern,
                 handler,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 from ._core import headers
 from ._core.backoff import RetryPolicy
@@ -38,18 +38,22 @@ class Event(Delivery):
         self.missed = missed
 
 
+EventHandler = Callable[[Event], Awaitable[Any] | Any]
+
+
 class Subscriber(Worker):
     """Runs ``handler(event)`` for every message on topics matching ``pattern``."""
 
     def __init__(
         self,
         pattern: str,
-        handler: Handler,
+        handler: EventHandler,
         policy: RetryPolicy,
         concurrency: int,
         options: SubscribeOptions,
     ) -> None:
-        super().__init__(pattern, handler, policy, concurrency)
+        # A Worker's deliveries to it are all Events (see _sink).
+        super().__init__(pattern, cast(Handler, handler), policy, concurrency)
         self.pattern = pattern
         self.options = options
         self.gaps = GapTracker()

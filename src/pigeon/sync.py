@@ -594,7 +594,7 @@ class Connection:
     def subscribe(
         self,
         pattern: str,
-        handler: Callable[[Delivery], Any],
+        handler: Callable[[Event], Any],
         *,
         name: str | None = None,
         policy: str = "drop-oldest",
