@@ -5,7 +5,8 @@ durable, auto-delete: it exists exactly while some server consumes it).
 Clients publish requests there with ``mandatory=True`` and receive replies
 through direct reply-to (``amq.rabbitmq.reply-to``), matched by correlation
 id. A request nobody can take comes back from the broker at once:
-:class:`~pigeon.errors.NoResponders`.
+:class:`~pigeon.errors.NoResponders`. Each server also listens on a queue
+of its own for ``request_all`` (:mod:`.broadcast`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from aio_pika.abc import (
 from ...errors import PigeonError, Rejected, Timeout, TransportError
 from ...message import BYTES, Message, new_id
 from ..base import ServiceHandler, run_service_handler
+from . import broadcast
 from .envelope import ERROR, error_of, from_amqp, remaining, to_amqp
 from .errors import map_exceptions
 from .topology import service_queue
@@ -168,11 +170,13 @@ class ServiceRegistration:
         self.service = service
         self.handler = handler
         self.channel: AbstractRobustChannel | None = None
+        self.broadcast_queue: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancelled = False
 
     async def start(self) -> None:
-        """Declare the service queue and start consuming it.
+        """Declare the service queue and start consuming it, and this
+        server's broadcast queue (see :mod:`.broadcast`).
 
         Raises:
             ConfigurationError: the queue exists with other arguments.
@@ -188,6 +192,8 @@ class ServiceRegistration:
                 arguments=service_arguments(),
             )
             await queue.consume(self._on_request)
+            # request_all reaches every server through a queue of its own.
+            self.broadcast_queue = await broadcast.listen(channel, self.service, self._on_request)
 
     async def _on_request(self, incoming: AbstractIncomingMessage) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(incoming))

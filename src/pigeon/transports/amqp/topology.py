@@ -15,13 +15,18 @@ For a work queue ``Q`` pigeon declares:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from ..._core.ledger import DEAD_SUFFIX, dead_letter_queue
+from ...errors import DeliveryError, PigeonError
 from .errors import map_exceptions
 
 SERVICE_PREFIX = "pigeon.svc."
@@ -76,6 +81,47 @@ def delay_arguments(queue: str, ms: int, queue_type: str) -> dict[str, Any]:
         arguments["x-dead-letter-strategy"] = "at-least-once"
         arguments["x-overflow"] = "reject-publish"
     return arguments
+
+
+@contextlib.asynccontextmanager
+async def plain_channel(
+    connection: AbstractRobustConnection, address: str
+) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A channel for a few declarations, closed afterwards. Not a robust one:
+    a refused declaration closes a channel, and a robust channel would
+    reopen itself and stay open.
+
+    Raises:
+        TransportError: the broker cannot be reached.
+    """
+    channel = aio_pika.Channel(connection, publisher_confirms=False)
+    with map_exceptions("open a channel", address=address):
+        await channel.initialize()
+    try:
+        yield channel
+    finally:
+        if not channel.is_closed:
+            with contextlib.suppress(PigeonError):
+                with map_exceptions("close a channel", address=address):
+                    await channel.close()
+
+
+async def probe(
+    connection: AbstractRobustConnection, queue: str, address: str
+) -> aiormq.spec.Queue.DeclareOk | None:
+    """What a passive declaration of ``queue`` says (its message and consumer
+    counts), or None if there is no such queue.
+
+    Raises:
+        TransportError: the broker cannot be reached.
+    """
+    async with plain_channel(connection, address) as channel:
+        try:
+            with map_exceptions(f"look for queue {queue!r}", address=address):
+                declared = await channel.declare_queue(queue, passive=True)
+        except DeliveryError:  # no such queue
+            return None
+        return declared.declaration_result
 
 
 class Topology:

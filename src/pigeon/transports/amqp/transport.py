@@ -2,8 +2,10 @@
 
 Its options are checked in :mod:`.options`; queues are declared by
 :mod:`.topology`, sends confirmed by :mod:`.publisher`, work queues consumed
-by :mod:`.consumer` and services called and served by :mod:`.rpc`. Each of
-those gets only the collaborators it uses, never the transport.
+by :mod:`.consumer`, services called and served by :mod:`.rpc`, topics
+published, subscribed and retained by :mod:`.pubsub` and ``request_all``
+asked by :mod:`.broadcast`. Each of those gets only the collaborators it
+uses, never the transport.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from ..._core.topics import Retention
 from ...errors import (
     AuthenticationError,
     ClosedError,
@@ -24,16 +28,18 @@ from ...errors import (
     NotStartedError,
     TransportError,
 )
-from ...message import Message
-from ..base import ConsumeOptions, DeliverySink, ServiceHandler
+from ...message import Message, new_id
+from ..base import ConsumeOptions, DeliverySink, ServiceHandler, SubscribeOptions
 from ..base import Subscription as SubscriptionProtocol
 from . import failover
+from .broadcast import Broadcaster
 from .consumer import Subscription
 from .envelope import to_amqp
 from .errors import map_exceptions
 from .options import MAX_PREFETCH
 from .options import parse as parse_options
 from .publisher import Publisher
+from .pubsub import PubSub
 from .rpc import Requester, ServiceRegistration
 from .security import LOST_AFTER_HANDSHAKE, connection_lost, tls_problem
 from .topology import Topology
@@ -85,10 +91,14 @@ class AmqpTransport:
         self._ssl_context = tls.ssl_context() if tls is not None else None
         self.max_message_size = self.options.max_message_size
         self.counts: Counter[str] = Counter()
+        # The source of this transport's topic numbers (see .pubsub).
+        self.session = new_id()
         self._connection: AbstractRobustConnection | None = None
         self._topology: Topology | None = None
         self._publisher: Publisher | None = None
         self._requester: Requester | None = None
+        self._broadcaster: Broadcaster | None = None
+        self._pubsub: PubSub | None = None
         self._subscriptions: list[Subscription] = []
         self._services: list[ServiceRegistration] = []
         self._closed = False
@@ -157,6 +167,15 @@ class AmqpTransport:
         self._topology = Topology(connection, settings.queue_type, self.address)
         self._publisher = publisher
         self._requester = Requester(self._live_connection, self.address, self.counts)
+        self._broadcaster = Broadcaster(self._live_connection, self.address, self.counts)
+        self._pubsub = PubSub(
+            self._live_connection,
+            self._topology,
+            publisher,
+            address=self.address,
+            session=self.session,
+            max_message_size=self.max_message_size,
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._connection else "not started"
@@ -307,6 +326,77 @@ class AmqpTransport:
             raise
         return registration
 
+    # -- publish-subscribe -----------------------------------------------
+
+    def _live_pubsub(self) -> PubSub:
+        self._check_open()
+        assert self._pubsub is not None
+        return self._pubsub
+
+    def publish_nowait(self, topic: str, message: Message) -> asyncio.Future[None]:
+        """Publish on ``topic``, numbered; see :mod:`.pubsub`.
+
+        Raises (or fails the future with):
+            NotStartedError, ClosedError: not started, or closed.
+            ConfigurationError: not a valid topic, or over 255 bytes.
+            MessageTooLarge: the body is over ``max_message_size``.
+            Backpressure: ``outbox_limit`` sends are unconfirmed, or a
+                subscriber queue with policy ``block`` is full.
+        """
+        return self._live_pubsub().publish(topic, message)
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: DeliverySink,
+        options: SubscribeOptions,
+        on_disconnect: Callable[[str], None],
+    ) -> SubscriptionProtocol:
+        """Deliver topics matching ``pattern`` into ``sink``; see :mod:`.pubsub`.
+
+        Raises:
+            NotStartedError, ClosedError: not started, or closed.
+            ConfigurationError: a pattern or option RabbitMQ cannot express,
+                or a replay of a pattern no retained stream covers.
+            ReplayTrimmed: ``from_seq`` is no longer retained.
+            TransportError: the broker cannot be reached.
+        """
+        if options.consume.prefetch > MAX_PREFETCH:
+            raise ConfigurationError(
+                f"prefetch must be <= {MAX_PREFETCH} on AMQP, not {options.consume.prefetch}"
+            )
+        return await self._live_pubsub().subscribe(pattern, sink, options, on_disconnect)
+
+    async def retain(self, pattern: str, retention: Retention) -> None:
+        """Keep the history of ``pattern`` in a stream; see :mod:`.topics`.
+
+        Raises:
+            NotStartedError, ClosedError: not started, or closed.
+            ConfigurationError: ``max_count`` (streams trim by bytes and
+                age), or the stream exists with other arguments.
+            TransportError: the broker cannot be reached.
+        """
+        await self._live_pubsub().retain(pattern, retention)
+
+    async def request_all(
+        self, service: str, message: Message, *, timeout: float, min_replies: int
+    ) -> list[Message]:
+        """Ask every live server of ``service``; see :mod:`.broadcast`.
+
+        Raises:
+            NotStartedError, ClosedError: not started, or closed.
+            NoResponders: no server.
+            Timeout: fewer than ``min_replies`` replies in time (a server
+                whose handler failed gives none).
+            MessageTooLarge: the body is over ``max_message_size``.
+            TransportError: the broker cannot be reached.
+        """
+        self._check_open()
+        if len(message.body) > self.max_message_size:
+            raise MessageTooLarge(len(message.body), self.max_message_size)
+        assert self._broadcaster is not None
+        return await self._broadcaster.call(service, message, timeout, min_replies)
+
     # -- closing ---------------------------------------------------------
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -322,10 +412,14 @@ class AmqpTransport:
             await self._publisher.close(timeout)
         for subscription in self._subscriptions:
             await subscription.cancel()
+        if self._pubsub is not None:
+            await self._pubsub.close()
         for registration in self._services:
             await registration.cancel()
         if self._requester is not None:
             await self._requester.close()
+        if self._broadcaster is not None:
+            await self._broadcaster.close()
         if self._topology is not None:
             try:
                 with map_exceptions("close", address=self.address):
@@ -349,5 +443,11 @@ class AmqpTransport:
                 and not self._connection.is_closed
                 and self._connection.connected.is_set()
             ),
-            "declared": sorted(self._topology.declared) if self._topology else [],
+            "declared": sorted(
+                {
+                    *(self._topology.declared if self._topology else ()),
+                    *(self._pubsub.declared if self._pubsub else ()),
+                }
+            ),
+            "topics": self._pubsub.stats() if self._pubsub else {},
         }
