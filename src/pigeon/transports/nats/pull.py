@@ -169,11 +169,13 @@ class PullConsumer:
             if status == "100":  # idle heartbeat / flow control
                 return
             self.outstanding = 0  # 404/408: the request is over; 409: refused
-            if status == "409":
+            if status in ("409", "503"):
+                # 503: nobody answered the pull, so the consumer is gone (it
+                # was deleted while no pull waited); 409 says so when one did.
                 self.counts["pull_refusals"] += 1
                 log.warning("pull for %r refused: %s", self.queue, (msg.headers or {}))
                 self._retry_at = time.monotonic() + _RETRY_PAUSE
-                if "Deleted" in str((msg.headers or {}).get("Description", "")):
+                if status == "503" or "Deleted" in str((msg.headers or {}).get("Description", "")):
                     await self._recreate()
             self._wake.set()
             return
@@ -197,10 +199,12 @@ class PullConsumer:
             attempt=attempt,
             redelivered=attempt > 1,
         )
+        delivery = Delivery(self.queue, message, self, tag=msg)
+        if not await self._admit(delivery, meta):
+            return
         self.counts["delivered"] += 1
         if attempt > 1:
             self.counts["redelivered"] += 1
-        delivery = Delivery(self.queue, message, self, tag=msg)
         if policy.over_attempt_limit(attempt, self.options.max_attempts):
             # Workers kept dying on it without settling: dead-letter it like
             # the other transports' hosts do, without running it again.
@@ -212,6 +216,11 @@ class PullConsumer:
             self.sink([delivery])
         else:  # a late answer to a pull request we had written off
             self.backlog.append(delivery)
+
+    async def _admit(self, delivery: Delivery, meta: Msg.Metadata) -> bool:
+        """Whether ``delivery`` goes on to the worker (a subclass may settle
+        it here instead, or change what it carries)."""
+        return True
 
     async def _recreate(self) -> None:
         try:
