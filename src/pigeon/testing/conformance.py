@@ -805,8 +805,9 @@ async def pubsub_disconnect_slow_subscriber(setup: TransportSetup) -> None:
                 started = time.monotonic()
                 await host.publish(topic, i, timeout=5.0)
                 longest = max(longest, time.monotonic() - started)
-            # Not held back as by 'block' (that would wait for room).
-            assert longest < 1.0, f"a publish took {longest:.2f} s"
+            # Not held back as by 'block' (that would wait for room, up to the
+            # 5 s timeout); the bound leaves room for a busy machine.
+            assert longest < 2.0, f"a publish took {longest:.2f} s"
             error = await asyncio.wait_for(slow.wait_disconnected(), 10.0)
         finally:
             release.set()
@@ -932,8 +933,8 @@ async def pubsub_failing_handler_dead_letters(setup: TransportSetup) -> None:
     then dead-lettered; its redeliveries are repeats, not gaps, and another
     subscriber of the topic is not held up meanwhile."""
     topic = f"{unique('poison')}.events"
-    # Attempts at 0, 0.5 and 1.5 s: the healthy subscriber has long finished.
-    policy = pigeon.RetryPolicy(max_attempts=3, base_delay=0.5, jitter=0.0)
+    # Attempts at 0, 1 and 3 s: the healthy subscriber has long finished.
+    policy = pigeon.RetryPolicy(max_attempts=3, base_delay=1.0, jitter=0.0)
     attempts: list[tuple[int, bool, int]] = []
     fine: list[int] = []
 
