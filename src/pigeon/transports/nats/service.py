@@ -3,6 +3,10 @@
 The caller's deadline travels in the ``Pigeon-Deadline`` header (wall-clock
 seconds); the server cancels the handler when it passes and does not answer,
 since the caller has given up by then.
+
+Every server also listens, outside the queue group, on the service's "all"
+subject (``<prefix>.all.<service>``), so a request published there
+(``call_all``) reaches every live server and each answers it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ...errors import MessageTooLarge, NoResponders, PigeonError, Rejected
+from ...errors import MessageTooLarge, NoResponders, PigeonError, Rejected, Timeout
 from ...message import Message, new_id
 from ..base import ServiceHandler, run_service_handler
 from . import envelope
@@ -107,6 +111,94 @@ async def call(
         return decode_reply(service, reply)
 
 
+async def call_all(
+    nc: Client,
+    counts: Counter[str],
+    subject: str,
+    service: str,
+    message: Message,
+    timeout: float,
+    min_replies: int,
+) -> list[Message]:
+    """Ask every server of ``service`` (on its "all" ``subject``) and
+    return the replies that came within ``timeout``.
+
+    NATS cannot tell how many servers got the request, so this always waits
+    the whole ``timeout``, except when nobody got it: the server's
+    no-responders status then raises NoResponders at once (asked again
+    within ``_NO_RESPONDERS_GRACE``, as ``call`` does). A server whose
+    handler failed gives no reply, as on every transport: its answer (with
+    ``Pigeon-Error``) is counted in ``request_all_rejected`` and left out.
+
+    Raises:
+        ConfigurationError: a header cannot travel over NATS.
+        MessageTooLarge: the request is over the server's ``max_payload``.
+        NoResponders: no server listens.
+        Timeout: fewer than ``min_replies`` replies came in time (saying
+            how many servers failed).
+        TransportError: the connection is closed or lost.
+    """
+    deadline = time.time() + timeout
+    if message.deadline is not None:
+        deadline = min(deadline, message.deadline)
+    headers = envelope.to_headers(msgspec.structs.replace(message, deadline=deadline))
+    replies: list[Message] = []
+    failed: list[str] = []
+    nobody = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        got = msg.headers or {}
+        status = got.get("Status")
+        if status == "503" and not msg.data:
+            nobody.set()  # no server got the request
+            return
+        if status is not None:
+            counts["request_all_statuses"] += 1
+            return
+        if envelope.ERROR in got:
+            counts["request_all_rejected"] += 1
+            failed.append(got[envelope.ERROR])
+            return
+        counts["request_all_replies"] += 1
+        replies.append(envelope.from_headers(msg.data, got, fallback_id=new_id()))
+
+    what = f"request {service!r} from every server"
+    with map_exceptions(what):
+        sub = await nc.subscribe(nc.new_inbox(), cb=on_reply)
+    counts["request_all"] += 1
+    try:
+        now = time.monotonic()
+        ends, grace_ends = now + timeout, now + min(timeout, _NO_RESPONDERS_GRACE)
+        pause = _RETRY_PAUSE
+        while True:
+            nobody.clear()
+            with map_exceptions(what, size=len(message.body), limit=nc.max_payload):
+                await nc.publish(subject, message.body, reply=sub.subject, headers=headers)
+            try:
+                async with asyncio.timeout(max(ends - time.monotonic(), 0.0)):
+                    await nobody.wait()
+            except TimeoutError:
+                break  # the time is up: what came is the answer
+            if time.monotonic() + pause > grace_ends:
+                raise NoResponders(service)
+            counts["no_responders_retries"] += 1
+            await asyncio.sleep(pause)
+            pause *= 2
+    finally:
+        try:
+            with map_exceptions(what):
+                await sub.unsubscribe()
+        except PigeonError:
+            pass  # the connection is gone, and the subscription with it
+    if len(replies) < min_replies:
+        why = f" ({len(failed)} servers failed it, the first: {failed[0]})" if failed else ""
+        raise Timeout(
+            f"service {service!r}: {len(replies)} replies within {timeout} s, fewer than "
+            f"min_replies={min_replies}{why}"
+        )
+    return replies
+
+
 class ServiceRegistration:
     """A service served on this connection; ``cancel`` stops answering.
 
@@ -114,6 +206,7 @@ class ServiceRegistration:
         nc: the connection requests arrive and replies leave on.
         counts: the counters to add to (``replies``, ``reply_failures``...).
         service: the service's name, answered on ``subject``.
+        all_subject: where requests for every server come (no queue group).
         handler: what answers a request.
         on_cancel: told once the registration has stopped.
     """
@@ -127,18 +220,22 @@ class ServiceRegistration:
         subject: str,
         handler: ServiceHandler,
         on_cancel: Callable[[ServiceRegistration], None],
+        all_subject: str | None = None,
     ) -> None:
         self.nc = nc
         self.counts = counts
         self.service = service
         self.subject = subject
+        self.all_subject = all_subject
         self.handler = handler
         self.on_cancel = on_cancel
         self._sub: Subscription | None = None
+        self._all_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Subscribe to the service subject in the shared queue group.
+        """Subscribe to the service subject in the shared queue group, and
+        to its "all" subject alone.
 
         Raises:
             TransportError: the subscription cannot be made.
@@ -147,6 +244,8 @@ class ServiceRegistration:
             self._sub = await self.nc.subscribe(
                 self.subject, queue=QUEUE_GROUP, cb=self._on_request
             )
+            if self.all_subject is not None:
+                self._all_sub = await self.nc.subscribe(self.all_subject, cb=self._on_request)
             # A PING round trip: once serve() returns, the server knows the
             # subscription, so a request right after finds a responder.
             await self.nc.flush()
@@ -197,8 +296,9 @@ class ServiceRegistration:
 
     async def cancel(self) -> None:
         """Stop answering and cancel the handlers still running."""
-        sub, self._sub = self._sub, None
-        if sub is not None:
+        subs = [s for s in (self._sub, self._all_sub) if s is not None]
+        self._sub = self._all_sub = None
+        for sub in subs:
             try:
                 with map_exceptions(f"stop serving {self.service!r}"):
                     await sub.unsubscribe()

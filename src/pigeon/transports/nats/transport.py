@@ -1,4 +1,5 @@
-"""``nats://HOST:PORT``: work queues on JetStream, request-reply on core NATS.
+"""``nats://HOST:PORT``: work queues on JetStream, request-reply and
+publish-subscribe on core NATS, retained topics on JetStream.
 
 Queues live in one work-queue stream (``PIGEON_Q`` on ``pigeon.q.>`` unless
 configured), created when missing (:mod:`.stream`). Each queue has one durable
@@ -6,7 +7,12 @@ pull consumer shared by all of its workers (:mod:`.pull`); JetStream keeps the
 leases (ack wait), counts deliveries and redelivers. Sends are pipelined and
 resent until confirmed (:mod:`.publisher`); dead letters go to ``<queue>.dead``
 in the same stream (:mod:`.deadletter`). Services are core NATS subjects
-answered by a queue group (:mod:`.service`). Options may also be given in the
+answered by a queue group (:mod:`.service`), and every server also listens
+on the service's "all" subject for ``request_all``. Topics are core NATS
+subjects ``<prefix>.t.<topic>``, numbered by the publisher; a retained
+pattern (or one held for durable subscriptions) is a stream of its own, and
+durable or replaying subscriptions are JetStream consumers on it
+(:mod:`.topics`). Options may also be given in the
 URL's query string, e.g. ``nats://127.0.0.1:4222?stream=JOBS&prefix=jobs``.
 """
 
@@ -15,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client
 
+from ..._core.topics import Retention
 from ...errors import (
     ClosedError,
     ConfigurationError,
@@ -29,7 +38,13 @@ from ...errors import (
     Timeout,
 )
 from ...message import Message
-from ..base import ConsumeOptions, DeliverySink, ServiceHandler, Subscription
+from ..base import (
+    ConsumeOptions,
+    DeliverySink,
+    ServiceHandler,
+    SubscribeOptions,
+    Subscription,
+)
 from . import client, envelope, service
 from .deadletter import DeadLetters
 from .options import parse as parse_options
@@ -37,6 +52,7 @@ from .publisher import Publisher
 from .pull import PullConsumer
 from .security import redact
 from .stream import Stream
+from .topics import Topics
 
 log = logging.getLogger("pigeon.nats")
 
@@ -49,6 +65,7 @@ class _Connected:
     stream: Stream
     publisher: Publisher
     dead_letters: DeadLetters
+    topics: Topics
 
 
 class NatsTransport:
@@ -105,11 +122,14 @@ class NatsTransport:
         except BaseException:
             await nc.close()
             raise
+        dead_letters = DeadLetters(js, options.stream, options.prefix, options.ack_timeout)
+        topics = Topics(nc, js, options, dead_letters, self.max_message_size)
         self._connected = _Connected(
             nc=nc,
             stream=stream,
             publisher=Publisher(nc, js, options, self.counts),
-            dead_letters=DeadLetters(js, options.stream, options.prefix, options.ack_timeout),
+            dead_letters=dead_letters,
+            topics=topics,
         )
 
     def __repr__(self) -> str:
@@ -137,6 +157,8 @@ class NatsTransport:
 
     async def _on_error(self, exc: Exception) -> None:
         self.counts["connection_errors"] += 1
+        if self._connected is not None:
+            self._connected.topics.on_error(exc)
         log.debug("nats: %r", exc)
 
     async def _on_disconnected(self) -> None:
@@ -146,6 +168,8 @@ class NatsTransport:
         self.counts["reconnects"] += 1
         for consumer in self._consumers:
             consumer.wake(reconnected=True)
+        if self._connected is not None:
+            self._connected.topics.wake()
 
     # -- work queues -----------------------------------------------------
 
@@ -182,7 +206,10 @@ class NatsTransport:
             ClosedError: the transport is closed.
             Timeout: some are still unconfirmed after ``timeout`` seconds.
         """
-        await self._live().publisher.flush(timeout)
+        live = self._live()
+        ends = time.monotonic() + timeout
+        await live.publisher.flush(timeout)
+        await live.topics.flush(max(ends - time.monotonic(), 0.0))
 
     async def consume(
         self, queue: str, sink: DeliverySink, options: ConsumeOptions
@@ -260,12 +287,85 @@ class NatsTransport:
             self.counts,
             service=service_name,
             subject=envelope.subject(self.options.prefix, "svc", service_name),
+            all_subject=envelope.subject(self.options.prefix, "all", service_name),
             handler=handler,
             on_cancel=self._forget_service,
         )
         await registration.start()
         self._services.append(registration)
         return registration
+
+    async def request_all(
+        self,
+        service_name: str,
+        message: Message,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        min_replies: int,
+    ) -> list[Message]:
+        """Ask every live server of ``service_name``; see ``service.call_all``
+        (it always waits ``timeout``: NATS cannot tell how many servers there are).
+
+        Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
+            MessageTooLarge: the body is over ``max_message_size``.
+            NoResponders: no server listens (at once).
+            Timeout: fewer than ``min_replies`` replies came within ``timeout``.
+        """
+        nc = self._live().nc
+        self._check_size(message)
+        subject = envelope.subject(self.options.prefix, "all", service_name)
+        return await service.call_all(
+            nc, self.counts, subject, service_name, message, timeout, min_replies
+        )
+
+    # -- publish-subscribe (see .topics) ---------------------------------
+
+    def publish_nowait(self, topic: str, message: Message) -> asyncio.Future[None]:
+        """Number ``message`` and publish it on ``topic``: core NATS, or
+        JetStream for a retained topic (see :mod:`.outbox`).
+
+        Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
+            ConfigurationError: a bad topic, or a header NATS cannot carry.
+            MessageTooLarge: the body is over ``max_message_size``.
+            Backpressure: ``outbox_limit`` publishes await confirmation (the
+                future fails with it when a discard-new stream is full).
+        """
+        return self._live().topics.publish_nowait(topic, message)
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: DeliverySink,
+        options: SubscribeOptions,
+        on_disconnect: Callable[[str], None],
+    ) -> Subscription:
+        """Deliver topics matching ``pattern`` into ``sink`` (see :mod:`.topics`).
+
+        Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
+            ConfigurationError: ``block`` without a name, history of topics
+                not retained, or another option NATS cannot honour.
+            ReplayTrimmed: ``from_seq`` is no longer retained.
+            TransportError, Timeout: the server did not answer.
+        """
+        return await self._live().topics.subscribe(pattern, sink, options, on_disconnect)
+
+    async def retain(self, pattern: str, retention: Retention) -> None:
+        """Keep history of the topics matching ``pattern`` in a stream of its own.
+
+        Raises:
+            NotStartedError: the transport was not started.
+            ClosedError: the transport is closed.
+            ConfigurationError: a bad pattern or retention, or one that
+                overlaps another retained pattern.
+            TransportError, Timeout: JetStream did not answer.
+        """
+        await self._live().topics.retain(pattern, retention)
 
     # -- closing ---------------------------------------------------------
 
@@ -280,10 +380,12 @@ class NatsTransport:
         if self._closed or live is None:
             self._closed = True
             return
+        ends = time.monotonic() + timeout
         with contextlib.suppress(Timeout):  # those left are failed and counted below
             await live.publisher.flush(timeout)
         self._closed = True
         await live.publisher.close(self.url)
+        await live.topics.close(self.url, max(ends - time.monotonic(), 0.0))
         subscriptions: list[Subscription] = [*self._consumers, *self._services]
         for subscription in subscriptions:
             await subscription.cancel()
@@ -293,7 +395,8 @@ class NatsTransport:
     def stats(self) -> dict[str, Any]:
         """Counters: sent, confirmed, send_retries, send_failures, delivered,
         redelivered, acked, nacked, dead_lettered, settle_failures,
-        requests, replies, disconnects, reconnects, and more."""
+        requests, replies, disconnects, reconnects, request_all..., and
+        ``topics`` (see :meth:`.topics.Topics.stats`)."""
         live = self._connected
         return {
             **self.counts,
@@ -301,4 +404,5 @@ class NatsTransport:
             "connected": bool(live is not None and live.nc.is_connected),
             "stream": self.options.stream,
             "consumers": len(self._consumers),
+            "topics": live.topics.stats() if live else {},
         }
