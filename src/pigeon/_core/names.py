@@ -7,6 +7,9 @@ Rule 1: ``*`` matches exactly one segment; ``>`` matches one or more
 segments and may only be last; any other segment matches itself.
 Rule 2: a pattern with an empty segment, or ``*``/``>`` inside a segment
 (``ord*``), is invalid: it raises ``ValueError`` naming the rule broken.
+Rule 3: a pattern "matches" another pattern (a subscription checked
+against a grant) only if it matches every name the other matches: a ``*``
+there is matched only by ``*`` or ``>``, and a ``>`` only by ``>``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ class Pattern:
                 return len(parts) > index
             if index >= len(parts):
                 return False
-            if segment != "*" and segment != parts[index]:
+            part = parts[index]
+            if part == ">":  # it spans segments one segment cannot (Rule 3)
+                return False
+            if segment != "*" and segment != part:  # (a "*" there is no literal: Rule 3)
                 return False
         return len(parts) == len(segments)
 

@@ -141,12 +141,21 @@ class ReplyErrorKind(StrEnum):
     BUSY = "Busy"  # the caller has too many requests running on that node
 
 
+# A Send to this prefix and a topic is a publish on that topic (see
+# pigeon.transports.zmq.topic_side).
+PUBLISH_PREFIX = "pigeon.publish."
+
+
 def refusal_error(queue: str, reason: RefusalReason, detail: str) -> PigeonError:
-    """The error a producer gets when a host refused its message for ``queue``."""
+    """The error a producer gets when a host refused its message for ``queue``
+    (``pigeon.publish.TOPIC``: a publish on TOPIC)."""
+    topic = queue.removeprefix(PUBLISH_PREFIX) if queue.startswith(PUBLISH_PREFIX) else None
     if reason is RefusalReason.FULL:
+        if topic is not None:
+            return Backpressure(f"topic {topic!r} on its host ({detail})", 0)
         return Backpressure(f"queue {queue!r} on its host", 0)
     if reason is RefusalReason.FORBIDDEN:
-        return Forbidden("send", queue)
+        return Forbidden("send", queue if topic is None else topic)
     if reason is RefusalReason.STORE_FAILED:
         return StoreError(f"the host could not store a message for {queue!r}: {detail}")
     return DeliveryError(f"host refused a message for queue {queue!r}: {reason.value}: {detail}")

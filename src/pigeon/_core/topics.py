@@ -129,7 +129,7 @@ def matches(pattern: str, topic: str) -> bool:
 
 def check_policy(policy: object) -> SlowPolicy:
     try:
-        return SlowPolicy(policy)
+        return SlowPolicy(str(policy) if isinstance(policy, str) else "")
     except ValueError:
         names = ", ".join(repr(p.value) for p in SlowPolicy)
         raise ValueError(f"slow-subscriber policy must be one of {names}, not {policy!r}") from None

@@ -21,7 +21,7 @@ from ..._core.budget import MAX_PEER_STORING, MAX_PEER_STORING_BYTES, PeerBudget
 from ..._core.foreign import Foreign, ForeignTally
 from ..._core.limits import MAX_FRAME_ITEMS, MAX_QUEUES_PER_PEER, MAX_SERVICES, message_size
 from ..._core.liveness import Liveness
-from ..._core.policy import RefusalReason, ReplyErrorKind, as_received
+from ..._core.policy import PUBLISH_PREFIX, RefusalReason, ReplyErrorKind, as_received
 from ...errors import Backpressure, ProtocolError, RemoteProtocolError, StoreError
 from ...message import Message
 from ..host import QueueHost
@@ -33,7 +33,7 @@ from .pump import Pump
 from .relay import Relay
 from .responder import Responder
 from .security import CurveServer, Guard, service_verb
-from .topic_side import PUBLISH_PREFIX, RouterTopics
+from .topic_side import RouterTopics
 
 log = logging.getLogger("pigeon")
 

@@ -23,14 +23,12 @@ from collections.abc import Callable, Hashable
 
 from ..._core import frames
 from ..._core.acl import Verb
-from ..._core.policy import RefusalReason
+from ..._core.policy import PUBLISH_PREFIX, RefusalReason
 from ..._core.topics import StartAt, check_policy
 from ...errors import ConfigurationError, ReplayTrimmed
 from ...message import Message
 from ..topic_host import TopicHost, is_subscription
 from .security import Guard
-
-PUBLISH_PREFIX = "pigeon.publish."
 
 Send = Callable[[bytes, frames.Frame], None]
 Refusal = tuple[str, RefusalReason, str]
