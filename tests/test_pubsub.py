@@ -272,7 +272,7 @@ def test_subscriber_stats_count_gaps_and_missed() -> None:
         release = asyncio.Event()
         got = Inbox()
 
-        async def slow(event: pigeon.Delivery) -> None:
+        async def slow(event: pigeon.Event) -> None:
             await got(event)
             await release.wait()
 
@@ -306,7 +306,7 @@ def test_host_stats_count_blocked_and_disconnected() -> None:
         release = asyncio.Event()
         held = Inbox()
 
-        async def stuck(event: pigeon.Delivery) -> None:
+        async def stuck(event: pigeon.Event) -> None:
             await held(event)
             await release.wait()
 

@@ -574,12 +574,6 @@ def hosts_topics(setup: TransportSetup) -> bool:
     return setup.name == "memory" or setup.name.startswith("zmq-")
 
 
-def as_event(delivery: pigeon.Delivery) -> pigeon.Event:
-    """A subscriber's handler gets Events (typed as the Delivery they are)."""
-    assert isinstance(delivery, pigeon.Event), type(delivery)
-    return delivery
-
-
 class Inbox:
     """An async subscriber handler that keeps every event it got."""
 
@@ -587,8 +581,9 @@ class Inbox:
         self.events: list[pigeon.Event] = []
         self.delay = delay
 
-    async def __call__(self, delivery: pigeon.Delivery) -> None:
-        self.events.append(as_event(delivery))
+    async def __call__(self, event: pigeon.Event) -> None:
+        assert isinstance(event, pigeon.Event), type(event)
+        self.events.append(event)
         if self.delay:
             await asyncio.sleep(self.delay)  # a handler that takes a while
 
@@ -694,7 +689,7 @@ async def pubsub_drop_oldest_counts_gaps(setup: TransportSetup) -> None:
     release = asyncio.Event()
     got = Inbox()
 
-    async def slow(event: pigeon.Delivery) -> None:
+    async def slow(event: pigeon.Event) -> None:
         await got(event)
         await release.wait()
 
@@ -730,7 +725,7 @@ async def pubsub_block_holds_publishers(setup: TransportSetup) -> None:
     release = asyncio.Event()
     got = Inbox()
 
-    async def slow(event: pigeon.Delivery) -> None:
+    async def slow(event: pigeon.Event) -> None:
         await got(event)
         await release.wait()
 
@@ -790,7 +785,7 @@ async def pubsub_disconnect_slow_subscriber(setup: TransportSetup) -> None:
     held = Inbox()
     fast = Inbox()
 
-    async def stuck(event: pigeon.Delivery) -> None:
+    async def stuck(event: pigeon.Event) -> None:
         await held(event)
         await release.wait()
 
@@ -938,8 +933,7 @@ async def pubsub_failing_handler_dead_letters(setup: TransportSetup) -> None:
     attempts: list[tuple[int, bool, int]] = []
     fine: list[int] = []
 
-    async def poisoned(delivery: pigeon.Delivery) -> None:
-        event = as_event(delivery)
+    async def poisoned(event: pigeon.Event) -> None:
         if event.decode() == "poison":
             attempts.append((event.message.attempt, event.message.redelivered, event.seq))
             raise ValueError("bad payload")
