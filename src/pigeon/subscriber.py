@@ -34,7 +34,7 @@ class Event(Delivery):
         found = delivery.message.headers
         self.topic = found.get(headers.TOPIC, "")
         seq = found.get(headers.SEQ, "")
-        self.seq = int(seq) if seq.isdigit() and len(seq) <= 19 else 0
+        self.seq = int(seq) if seq.isascii() and seq.isdigit() and len(seq) <= 19 else 0
         self.missed = missed
 
 

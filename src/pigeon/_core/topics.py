@@ -169,7 +169,13 @@ def numbered(message: Message) -> tuple[str, str, int] | None:
     no valid numbering (a peer's message is checked, never trusted)."""
     h = message.headers
     topic, seq, source = h.get(headers.TOPIC), h.get(headers.SEQ), h.get(headers.SOURCE)
-    if topic is None or seq is None or source is None or not seq.isdigit() or len(seq) > 19:
+    if (
+        topic is None
+        or seq is None
+        or source is None
+        or not (seq.isascii() and seq.isdigit())
+        or len(seq) > 19
+    ):
         return None
     return source, topic, int(seq)
 
