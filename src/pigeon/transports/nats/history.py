@@ -15,9 +15,10 @@ stream.
 Rule 2: a durable subscription (a name) on topics no stream holds gets a
 subscription stream ``<stream>_S_<pattern made safe>_<hash>``: interest
 retention (a message goes once every durable subscription of it has acked
-it), ``max_msgs`` = ``buffer + prefetch`` (raised, never lowered, by later
-subscribers), discarding old messages (``drop-oldest``) or, once a
-``block`` subscription asked, new ones. It keeps no history: a replay of it
+it), ``max_msgs`` = ``buffer + prefetch`` (``2 * buffer + prefetch`` for
+policy ``disconnect``; raised, never lowered, by later subscribers),
+discarding old messages (``drop-oldest``) or, once a ``block``
+subscription asked, new ones. It keeps no history: a replay of it
 is refused like one of topics not retained.
 Rule 3: a publisher learns which topics a stream holds from a listing of
 the streams on ``<prefix>.t.>``: the first publish of a topic waits for a

@@ -79,6 +79,16 @@ _COUNTED = (
 )
 
 
+def _limit(policy: SlowPolicy, options: SubscribeOptions) -> int:
+    """``max_msgs`` of a subscription stream (history.py Rule 2). Policy
+    ``disconnect`` is checked on deliveries (replay.py Rule 5), so its
+    stream keeps twice the buffer: a subscriber that falls ``buffer``
+    behind is still there to be cut off, rather than trimmed."""
+    if policy == SlowPolicy.DISCONNECT:
+        return 2 * options.buffer + options.consume.prefetch
+    return options.buffer + options.consume.prefetch
+
+
 class Topics:
     """The topics of one NATS connection.
 
@@ -172,7 +182,7 @@ class Topics:
                 why=why,
                 history=options.start.replays,
                 block=policy == SlowPolicy.BLOCK,
-                limit=options.buffer + options.consume.prefetch,
+                limit=_limit(policy, options),
             )
             subscription = TopicConsumer(
                 self.nc,
