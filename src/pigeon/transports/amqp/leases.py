@@ -257,6 +257,8 @@ class ClientLeases:
     async def end_leases(self) -> None:
         """Hand nothing more over; forget what waits and what is held."""
         self._ended = True
+        # Given up with the subscription (Rule 5), counted.
+        self.counts["unsettled_at_cancel"] += len(self._held) + len(self._waiting)
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()

@@ -291,6 +291,10 @@ class PubSub:
                 options=options,
                 on_disconnect=on_disconnect,
             )
+        # Those cancelled by their subscriber (or cut off) are done with.
+        self._subscriptions = [
+            s for s in self._subscriptions if not getattr(s, "_cancelled", False)
+        ]
         self._subscriptions.append(subscription)
         try:
             await subscription.start()
