@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -83,6 +84,23 @@ def add_ratios(
         r["vs_floor"] = _throughput_ratio(r, below) if below is not None else None
 
 
+def add_fanout_ratios(doc: dict[str, Any]) -> None:
+    """Put ``vs_pyzmq`` and ``vs_nats`` into every row of a fanout document:
+    for a pigeon row, its deliveries/s ÷ those of the raw pyzmq PUB/SUB row
+    and of the nats-py row with as many subscribers (None without one, and
+    on the peers' own rows)."""
+    peers = {
+        (r["system"], r.get("subscribers")): r
+        for r in doc["results"]
+        if r["system"] in ("pyzmq", "nats")
+    }
+    for r in doc["results"]:
+        for system in ("pyzmq", "nats"):
+            peer = peers.get((system, r.get("subscribers")))
+            mine = r["system"] == "pigeon" and peer is not None
+            r[f"vs_{system}"] = _throughput_ratio(r, peer) if mine and peer else None
+
+
 def _throughput_ratio(row: dict[str, Any], base: dict[str, Any]) -> float | None:
     if row.get("msgs_per_s") and base.get("msgs_per_s"):
         return float(row["msgs_per_s"] / base["msgs_per_s"])
@@ -94,7 +112,10 @@ def table(doc: dict[str, Any]) -> str:
 
     The "vs plain" column is there when some row has ``vs_plain`` (CURVE
     rows), the "vs floor" one when some row has ``vs_floor`` (node rows).
+    A fanout document has columns of its own (:func:`fanout_table`).
     """
+    if doc["scenario"] == "fanout":
+        return fanout_table(doc)
     results = doc["results"]
     curve = any(r.get("vs_plain") is not None for r in results)
     floors = any(r.get("vs_floor") is not None for r in results)
@@ -146,6 +167,77 @@ def table(doc: dict[str, Any]) -> str:
             "vs floor: a node row's msgs/s ÷ that of the raw row named beside it "
             "(< 1 means below that floor)"
         )
+    return "\n".join(lines)
+
+
+def _grid(head: Sequence[str], body: Sequence[Sequence[object]], left: int) -> list[str]:
+    """Fixed-width lines: the first ``left`` columns and the last one
+    left-aligned, the others right-aligned; a rule under the head."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    lines = []
+    for i, cells in enumerate([head, *body]):
+        lines.append(
+            "  ".join(
+                str(c).ljust(w) if j < left or j == len(head) - 1 else str(c).rjust(w)
+                for j, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def fanout_table(doc: dict[str, Any]) -> str:
+    """The fanout rows: deliveries/s, the ratios, and what was lost and counted."""
+    results = doc["results"]
+    head = (
+        "system",
+        "variant",
+        "deliveries/s",
+        "× pyzmq",
+        "× nats",
+        "pigeon ×",
+        "sent",
+        "lost",
+        "gaps",
+        "missed",
+        "dropped",
+        "uncounted",
+        "note",
+    )
+    body = [
+        (
+            r["system"],
+            r["variant"],
+            _num(r["msgs_per_s"]),
+            _num(r.get("vs_pyzmq"), 2),
+            _num(r.get("vs_nats"), 2),
+            _num(r.get("pigeon_x"), 2),
+            _num(r.get("sent")),
+            _num(r.get("lost")),
+            _num(r.get("gaps")),
+            _num(r.get("missed")),
+            _num(r.get("dropped")),
+            _num(r.get("uncounted")),
+            r.get("note") or "",
+        )
+        for r in results
+    ]
+    size = next((r.get("size") for r in results if r.get("size")), None)
+    lines = [f"scenario: fanout ({_num(size)} B messages, tcp loopback)"]
+    lines += _grid(head, body, left=2)
+    if not results:
+        lines.append("(no results)")
+    for s in doc["skipped"]:
+        where = f" {s['variant']}" if s.get("variant") else ""
+        lines.append(f"skipped: {s['system']}{where}: {s['reason']}")
+    lines += [
+        "deliveries/s: messages received by all subscribers ÷ (last delivery − first publish)",
+        "× pyzmq, × nats: a pigeon row's deliveries/s ÷ those of raw PUB/SUB, of nats-py core,"
+        " with as many subscribers; pigeon ×: the hub publish_nowait row ÷ that peer row",
+        "lost: sent × subscribers − received; gaps, missed: counted by pigeon's subscribers;"
+        " dropped: by its topic host; uncounted: lost − missed (0: every gap counted)",
+    ]
     return "\n".join(lines)
 
 

@@ -26,8 +26,21 @@ from pigeon.bench.harness import Skip, probe
 # "disk" is not a product but a floor: the disk's fsync rate (queue-durable).
 SYSTEMS = ("pigeon", "pyzmq", "nats", "rabbitmq", "redis", "disk")
 PEERS = SYSTEMS[1:]
-SCENARIOS = ("queue", "queue-durable", "rpc", "backlog", "hostile")
+SCENARIOS = ("queue", "queue-durable", "rpc", "backlog", "hostile", "fanout")
 FIELDS = ("msgs_per_s", "p50_us", "p99_us", "peak_rss_mb")
+# What every fanout row reports besides FIELDS (None where it does not apply;
+# gaps, missed, dropped and uncounted are pigeon's): see pigeon.bench.fanout.
+FANOUT_FIELDS = (
+    "subscribers",
+    "size",
+    "sent",
+    "received",
+    "lost",
+    "gaps",
+    "missed",
+    "dropped",
+    "uncounted",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,8 @@ class Entry:
         floor: For a pigeon row, the ``(system, variant)`` of the raw row
             that bounds it (the same work without pigeon); the row reports
             ``vs_floor`` against that one.
+        kwargs: More keyword arguments for ``func`` (a fanout row's
+            ``subscribers``).
     """
 
     system: str
@@ -56,15 +71,24 @@ class Entry:
     curve_of: str | None = None
     versus: str | None = None
     floor: tuple[str, str] | None = None
+    kwargs: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sized(self) -> bool:
         return "{size}" in self.variant
 
 
-_Z, _N, _A, _R, _D, _P = (
+_Z, _N, _A, _R, _D, _P, _F = (
     f"pigeon.bench.{m}"
-    for m in ("peers_zmq", "peers_nats", "peers_amqp", "peers_redis", "peers_disk", "pigeon_side")
+    for m in (
+        "peers_zmq",
+        "peers_nats",
+        "peers_amqp",
+        "peers_redis",
+        "peers_disk",
+        "pigeon_side",
+        "fanout",
+    )
 )
 
 # The shape a user writes: a standalone `pigeon node`, a producer in each of
@@ -93,6 +117,32 @@ def _redis_entries(prefix: str) -> list[Entry]:
             "redis", "XADD one at a time {size}", f"{_R}:{prefix}one_at_a_time", versus=AWAIT_SEND
         ),
         Entry("redis", "XADD pipelined 1000 {size}", f"{_R}:{prefix}pipelined", versus=SEND_MANY),
+    ]
+
+
+def subscribers_label(n: int) -> str:
+    """``1`` -> ``1 subscriber``, ``4`` -> ``4 subscribers``."""
+    return f"{n} subscriber" if n == 1 else f"{n} subscribers"
+
+
+def _fanout_entries(n: int) -> list[Entry]:
+    """One publisher to ``n`` subscribers: pigeon through a hub node and
+    with the publisher binding, each publish style; raw PUB/SUB; NATS core."""
+    subs = subscribers_label(n)
+    kwargs = (("subscribers", n),)
+    pigeon_rows = [
+        Entry("pigeon", f"{where}, {style}, {subs}", f"{_F}:{func}", kwargs=kwargs)
+        for where, prefix in (("hub node", "hub"), ("publisher binds", "binds"))
+        for style, func in (
+            ("await publish", f"{prefix}_await_publish"),
+            ("publish_nowait + flush", f"{prefix}_publish_nowait"),
+        )
+    ]
+    versus = f"hub node, publish_nowait + flush, {subs}"
+    return [
+        *pigeon_rows,
+        Entry("pyzmq", f"PUB/SUB, {subs}", f"{_F}:pyzmq_pub_sub", versus=versus, kwargs=kwargs),
+        Entry("nats", f"core pub/sub, {subs}", f"{_F}:nats_pub_sub", versus=versus, kwargs=kwargs),
     ]
 
 
@@ -158,6 +208,7 @@ REGISTRY: dict[str, list[Entry]] = {
         Entry("nats", "{count} x 100B", f"{_N}:backlog"),
         Entry("rabbitmq", "{count} x 100B", f"{_A}:backlog"),
     ],
+    "fanout": [*_fanout_entries(1), *_fanout_entries(4)],
 }
 
 
@@ -211,7 +262,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated peers to compare with (pigeon always runs; "
         "disk is the fsync floor of queue-durable)",
     )
-    p.add_argument("--size", default="16,1024", help="body sizes in bytes for queue scenarios")
+    p.add_argument(
+        "--size",
+        default=None,
+        help="body sizes in bytes for queue scenarios (default 16,1024); "
+        "fanout: one size (default 100)",
+    )
     p.add_argument("--count", type=int, default=1_000_000, help="backlog size (backlog only)")
     p.add_argument(
         "--store",
@@ -241,9 +297,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opts.peers = [s.strip() for s in opts.peers.split(",") if s.strip()]
     if bad := [s for s in opts.peers if s not in SYSTEMS]:
         p.error(f"unknown peer(s): {', '.join(bad)}; choose from {', '.join(PEERS)}")
+    if opts.size is None:
+        opts.size = "100" if opts.scenario == "fanout" else "16,1024"
     opts.sizes = [int(s) for s in opts.size.split(",") if s.strip()]
     if opts.seconds <= 0 or opts.count < 2 or not opts.sizes:
         p.error("--seconds must be > 0, --count >= 2 and --size non-empty")
+    if opts.scenario == "fanout" and len(opts.sizes) != 1:
+        p.error("fanout takes one --size")
     return opts
 
 
@@ -275,6 +335,7 @@ def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[R
                 return template.format(size=size_label(size or 0), count=opts.count)
 
             kwargs: dict[str, Any] = {"size": size} if size else {}
+            kwargs.update(entry.kwargs)
             if entry.curve_of is not None:
                 kwargs["curve"] = True
             row = Row(
@@ -294,6 +355,8 @@ def _rows(scenario: str, systems: list[str], opts: argparse.Namespace) -> list[R
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Run one scenario and return the JSON-shaped document."""
     systems = ["pigeon"] + [s for s in opts.peers if s != "pigeon"]
+    if opts.scenario == "fanout":  # its peers are only those with fanout rows
+        systems = [s for s in systems if any(e.system == s for e in REGISTRY["fanout"])]
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     checks = _availability(opts)
@@ -333,11 +396,15 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             continue
         out = {"system": system, "variant": variant}
         out.update({k: row.get(k) for k in FIELDS})
+        if opts.scenario == "fanout":
+            out.update({k: row.get(k) for k in FANOUT_FIELDS})
         out["note"] = row.get("note")
         results.append(out)
         print(f" {report.short(out)} ({time.monotonic() - t:.1f} s)", file=sys.stderr)
     doc = {"scenario": opts.scenario, "results": results, "skipped": skipped}
     report.add_ratios(doc, plain_of, versus_of=versus_of, floor_of=floor_of)
+    if opts.scenario == "fanout":
+        report.add_fanout_ratios(doc)
     return doc
 
 
