@@ -398,15 +398,9 @@ def test_wait_until_is_what_the_tests_use() -> None:
     asyncio.run(main())
 
 
-# -- known problems (strict xfails: they pass once the host is fixed) --------------------
+# -- each subscription its own copy, and drops told in the next message --------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TopicHost._deliver puts one Message object into every bound subscription's "
-    "queue, and the ledger bumps message.attempt in place: each subscription's delivery "
-    "counts against the others'",
-)
 def test_each_subscription_counts_its_own_attempts() -> None:
     async def body(conn: pigeon.Connection) -> None:
         a, b = Inbox(), Inbox()
@@ -421,12 +415,6 @@ def test_each_subscription_counts_its_own_attempts() -> None:
     run(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RetainedLog.select hands out the retained Message objects themselves: each "
-    "replay bumps their attempt, so the 6th subscriber replaying it (max_attempts 5) has "
-    "it dead-lettered unrun",
-)
 def test_replaying_does_not_wear_out_the_history() -> None:
     async def body(conn: pigeon.Connection) -> None:
         await conn.retain("r", max_count=1)
@@ -441,20 +429,46 @@ def test_replaying_does_not_wear_out_the_history() -> None:
     run(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the numbers dropped before a subscriber's first delivery are no gap to it "
-    "(Rule 3 reads it as a late joiner), and publish on memory:// never yields, so a "
-    "burst larger than the buffer drops before anything is delivered",
-)
 def test_drops_before_the_first_delivery_are_counted_missed() -> None:
+    """A subscriber whose very first messages were dropped (it joined, and
+    fell behind at once) is told of them: the host counts each drop into
+    the next message the subscription hands out."""
+
     async def body(conn: pigeon.Connection) -> None:
         got = Inbox()
-        subscriber = await conn.subscribe("burst", got, buffer=5)
+        held = asyncio.Event()
+
+        async def slow(event: pigeon.Event) -> None:
+            await held.wait()
+            await got(event)
+
+        subscriber = await conn.subscribe("burst", slow, buffer=5, prefetch=1)
         for i in range(1, 21):
-            await conn.publish("burst", i)
+            conn.publish_nowait("burst", i)  # a burst: nothing runs in between
+        held.set()
         await wait_until(lambda: 20 in got.seqs, what="the last one")
-        assert topics(conn)["dropped"] == 15
-        assert len(got) + subscriber.stats()["missed"] == 20, (got.seqs, subscriber.stats())
+        dropped = topics(conn)["dropped"]
+        assert dropped == 15  # 20, less the buffer of 5 (none was handed out yet)
+        stats = subscriber.stats()
+        assert (stats["missed"], stats["gaps"]) == (15, 1)
+        assert len(got) + stats["missed"] == 20, (got.seqs, stats)
+
+    run(body)
+
+
+def test_a_shared_subscription_sees_no_false_gaps() -> None:
+    """Subscribers sharing a named subscription each see part of a topic's
+    numbers; only what the host dropped is missed."""
+
+    async def body(conn: pigeon.Connection) -> None:
+        one, two = Inbox(), Inbox()
+        first = await conn.subscribe("shared", one, name="both")
+        second = await conn.subscribe("shared", two, name="both")
+        for i in range(20):
+            await conn.publish("shared", i)
+        await wait_until(lambda: len(one) + len(two) == 20, what="all 20 between them")
+        assert one.seqs and two.seqs
+        for subscriber in (first, second):
+            assert (subscriber.stats()["gaps"], subscriber.stats()["missed"]) == (0, 0)
 
     run(body)

@@ -408,7 +408,12 @@ class Connection:
                 future = self.publish_nowait(
                     topic, payload, headers=headers, content_type=content_type
                 )
-                if not future.done() and not await _until_done(future, deadline):
+                if future.done():
+                    # Taken at once (this process hosts the topic): let the
+                    # loop run, or a publishing loop would starve subscribers
+                    # in this process until their buffers overflow.
+                    await asyncio.sleep(0)
+                elif not await _until_done(future, deadline):
                     self._give_up(future)
                     raise Timeout(f"publish to {topic!r} not confirmed within {timeout} s")
                 future.result()

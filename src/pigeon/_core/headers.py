@@ -27,6 +27,10 @@ ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
 TOPIC = "x-pigeon-topic"  # the topic it was published on
 SEQ = "x-pigeon-seq"  # its number in that topic, from SOURCE (decimal, from 1)
 SOURCE = "x-pigeon-source"  # who numbered it: a host's or publisher's session id
+# Set by a topic host that counts what its subscriptions drop: the messages
+# of this subscription dropped (or refused) right before this one. With it,
+# a subscriber counts gaps from it, not from jumps in SEQ.
+MISSED = "x-pigeon-missed"
 
 # Scatter-gather (``request_all``): a request with this header is answered
 # by every server the receiving node serves or relays, in one reply whose

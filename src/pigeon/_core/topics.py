@@ -10,10 +10,14 @@ source (the topic's host, or the publisher where nothing hosts the topic),
 and carries topic, number and source in its headers (``headers.TOPIC``,
 ``SEQ``, ``SOURCE``).
 Rule 3: a subscriber keeps the last number it saw per (source, topic). A
-number more than one past it is a gap: the numbers between are ``missed``.
-A number at or below it is a repeat (a redelivery or a replay), counted,
-never a gap. A source or topic seen for the first time starts the count
-there: a late joiner has missed nothing it asked for.
+number at or below it is a repeat (a redelivery or a replay), counted,
+never a gap. Where a topic host counts what each subscription drops, it
+says so in every message (``headers.MISSED``: how many were dropped right
+before this one), and that count is the gap: exact for a late joiner, for
+any pattern, and for subscribers sharing a subscription. Otherwise
+(numbered by the publisher) a number more than one past the last is a gap,
+the numbers between ``missed``, and a source or topic seen for the first
+time starts the count there.
 Rule 4: a subscriber whose buffer is full gets its policy: ``block`` holds
 the publisher back (its publish is refused with Backpressure until there is
 room), ``drop-oldest`` drops the oldest message waiting for it (counted, and
@@ -144,14 +148,20 @@ def check_buffer(buffer: object) -> int:
 # -- numbering (Rule 2) ------------------------------------------------------
 
 
-def stamp(message: Message, topic: str, seq: int, source: str) -> Message:
-    """A copy of ``message`` carrying its topic, number and source."""
+def stamp(
+    message: Message, topic: str, seq: int, source: str, *, counts_drops: bool = False
+) -> Message:
+    """A copy of ``message`` carrying its topic, number and source; with
+    ``counts_drops`` (a topic host that tells its drops, Rule 3), also
+    ``headers.MISSED`` at 0."""
     marked = {
         **message.headers,
         headers.TOPIC: topic,
         headers.SEQ: str(seq),
         headers.SOURCE: source,
     }
+    if counts_drops:
+        marked[headers.MISSED] = "0"
     return Message(
         id=message.id,
         body=message.body,
@@ -225,7 +235,7 @@ class GapTracker:
     _last: OrderedDict[tuple[str, str], int] = field(default_factory=OrderedDict)
 
     def observe(self, message: Message) -> int:
-        """Take in one message; how many numbers were missed right before it."""
+        """Take in one message; how many messages were missed right before it."""
         mark = numbered(message)
         if mark is None:
             self.unnumbered += 1
@@ -240,9 +250,15 @@ class GapTracker:
         self._last[key] = seq
         if len(self._last) > self.max_keys:
             self._last.popitem(last=False)
-        if last is None or seq == last + 1:
+        told = message.headers.get(headers.MISSED)
+        if told is not None:  # the host counted them for us (Rule 3)
+            skipped = int(told) if told.isascii() and told.isdigit() and len(told) <= 18 else 0
+        elif last is None or seq == last + 1:
             return 0
-        skipped = seq - last - 1
+        else:
+            skipped = seq - last - 1
+        if not skipped:
+            return 0
         self.gaps += 1
         self.missed += skipped
         return skipped
@@ -422,9 +438,12 @@ class RetainedLog:
         rule = self.retention(topic)
         log = self._logs[topic]
         dropped: list[Message] = []
+        if rule is None:
+            # Kept as it is (history restored before its rule is declared
+            # again), growing no more: add() takes nothing for it.
+            return
         while log and (
-            rule is None
-            or (rule.max_count is not None and len(log) > rule.max_count)
+            (rule.max_count is not None and len(log) > rule.max_count)
             or (rule.max_bytes is not None and self._bytes[topic] > rule.max_bytes and len(log) > 1)
             or (rule.max_age is not None and now is not None and log[0].at < now - rule.max_age)
         ):

@@ -563,9 +563,20 @@ BY_DESIGN: dict[tuple[str, str], str] = {
 }
 
 
+def family(setup: TransportSetup) -> str:
+    """The transport behind ``setup``: over TLS or on a cluster, the same
+    (``amqps`` and ``amqp-cluster`` are ``amqp``, ``tls`` is ``nats``)."""
+    name = setup.name
+    if name.startswith("amqp"):
+        return "amqp"
+    if name == "tls" or name.startswith("nats"):
+        return "nats"
+    return name
+
+
 def by_design(setup: TransportSetup, what: str) -> bool:
     """True if ``setup``'s transport refuses ``what`` by design (BY_DESIGN)."""
-    return (setup.name, what) in BY_DESIGN
+    return (family(setup), what) in BY_DESIGN
 
 
 def hosts_topics(setup: TransportSetup) -> bool:

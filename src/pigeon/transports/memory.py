@@ -94,8 +94,9 @@ class MemoryTransport:
         hub = self._live_hub()
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
-        if hub.topics.publish(topic, message).result is None:
-            raise Backpressure(f"a 'block' subscriber of topic {topic!r}", 0)
+        published = hub.topics.publish(topic, message)
+        if published.full is not None:
+            raise Backpressure(f"a 'block' subscriber of topic {topic!r}", published.full.buffer)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future

@@ -82,6 +82,14 @@ class QueueTable:
         except Backpressure:
             return None
 
+    def forget(self, queue: str) -> bool:
+        """Forget ``queue`` now if it is idle (a subscription that ended)."""
+        ledger = self.queues.get(queue)
+        if ledger is None or not ledger.is_idle():
+            return False
+        del self.queues[queue]
+        return True
+
     def _forget_idle(self) -> None:
         # At the cap (a flood of new names, most likely), idle queues go;
         # a durable store still de-duplicates resends by its tombstones.

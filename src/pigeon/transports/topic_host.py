@@ -20,6 +20,11 @@ Rule 3: a subscriber's own subscription outlives a lost subscriber for
 it was; after that it is removed (counted in ``expired``).
 Rule 4: a resent publish (an id seen in the last ``DEDUPE`` publishes) is
 confirmed again but not published twice.
+Rule 5: each subscription holds its own copy of a message. What it drops
+(its oldest, at its buffer) or the node refuses it (memory, queue bounds)
+is counted here and told to its subscribers in the next message they get,
+in the header ``headers.MISSED``: exact whatever the pattern, however late
+the subscriber joined, and however many share the subscription.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import msgspec
+
+from .._core import headers
 from .._core.topics import (
     Numbering,
     RetainedLog,
@@ -60,6 +68,21 @@ Disconnected = Callable[[str, str, list[Hashable]], None]
 class Published(NamedTuple):
     result: bool | None
     stored: asyncio.Future[None] | None = None
+    full: TopicSubscription | None = None  # the ``block`` subscriber that refused it
+
+
+def _copy(message: Message) -> Message:
+    return msgspec.structs.replace(message, headers=dict(message.headers))
+
+
+def _missed(message: Message) -> int:
+    value = message.headers.get(headers.MISSED, "0")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else 0
+
+
+def _add_missed(message: Message, count: int) -> None:
+    # Only ever on this subscription's own copy (see _copy).
+    message.headers[headers.MISSED] = str(_missed(message) + count)
 
 
 async def _all_written(writes: list[Awaitable[Any]]) -> None:
@@ -82,6 +105,7 @@ class TopicSubscription:
     orphaned_at: float | None = None  # when its last consumer left (own ones)
     owners: set[Hashable] = field(default_factory=set)
     record_id: str | None = None  # its record in a durable host's store
+    unmarked: int = 0  # copies refused since its last delivery, not yet told (Rule 5)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -166,13 +190,13 @@ class TopicHost:
         for sub in bound:
             if sub.policy is SlowPolicy.BLOCK and self._waiting(sub) >= sub.buffer:
                 self.counts["blocked"] += 1
-                return Published(None)
+                return Published(None, full=sub)
         if not fresh:
             self._recent[message.id] = None
             if len(self._recent) > DEDUPE:
                 self._recent.popitem(last=False)
         seq = self.numbering.next(topic)
-        stamped = stamp(message, topic, seq, self.numbering.source)
+        stamped = stamp(message, topic, seq, self.numbering.source, counts_drops=True)
         writes: list[Awaitable[Any]] = []
         if self.history.add(topic, seq, stamped, self.clock()) and self.store is not None:
             writes.append(self.store.keep(stamped))
@@ -188,31 +212,49 @@ class TopicHost:
         return Published(True, asyncio.ensure_future(_all_written(writes)))
 
     def _deliver(self, sub: TopicSubscription, message: Message) -> Awaitable[Any] | None:
+        # Each subscription gets its own copy: its queue counts attempts and
+        # marks redeliveries on the message itself (Rule 5).
+        copy = _copy(message)
         if self._waiting(sub) >= sub.buffer:
             if sub.policy is SlowPolicy.DISCONNECT:
                 self.disconnect(sub.queue, f"it fell {sub.buffer} messages behind")
                 return None
-            # DROP_OLDEST (a BLOCK one was checked before numbering).
-            ledger = self.host.queues.get(sub.queue)
-            dropped = ledger.take_ready(1) if ledger is not None else []
-            if dropped:
-                sub.dropped += 1
-                self.counts["dropped"] += 1
-                if sub.durable:
-                    self.host.forget_stored(sub.queue, dropped)
+            self._drop_oldest(sub, copy)  # (a BLOCK one was checked before numbering)
+        if sub.unmarked:
+            _add_missed(copy, sub.unmarked)
+            sub.unmarked = 0
         if sub.durable and self.store is not None:
-            return self._put_durable(sub, message)
-        if self.host.put(sub.queue, message, fresh=True) is None:
-            sub.refused += 1
-            self.counts["refused"] += 1
+            return self._put_durable(sub, copy)
+        if self.host.put(sub.queue, copy, fresh=True) is None:
+            self._refused(sub, 1 + _missed(copy))
         return None
+
+    def _drop_oldest(self, sub: TopicSubscription, incoming: Message) -> None:
+        """Rule 5: drop the oldest waiting message, and tell whoever gets the
+        next one (the new oldest, or ``incoming`` if none waits)."""
+        ledger = self.host.queues.get(sub.queue)
+        dropped = ledger.take_ready(1) if ledger is not None else []
+        if not dropped:
+            return
+        sub.dropped += 1
+        self.counts["dropped"] += 1
+        if sub.durable:
+            self.host.forget_stored(sub.queue, dropped)
+        assert ledger is not None
+        head = ledger.peek_ready(1)
+        _add_missed(head[0] if head else incoming, 1 + _missed(dropped[0]))
+
+    def _refused(self, sub: TopicSubscription, count: int) -> None:
+        # A copy the node's bounds refused: counted, and told with the next.
+        sub.refused += 1
+        self.counts["refused"] += 1
+        sub.unmarked += count
 
     async def _put_durable(self, sub: TopicSubscription, message: Message) -> None:
         # Stored before the publish is confirmed (topic_store Rule 2).
         (result,) = await self.host.put_many(sub.queue, [message])
         if result is None:
-            sub.refused += 1
-            self.counts["refused"] += 1
+            self._refused(sub, 1 + _missed(message))
 
     # -- subscriptions -------------------------------------------------------
 
@@ -272,7 +314,7 @@ class TopicHost:
             sub.record_id, _ = self.store.bind(record)
         # Rule 1: history in, then bound, with no await between.
         if backlog:
-            self.host.put_fresh(queue, backlog)
+            self.host.put_fresh(queue, [_copy(m) for m in backlog])
         else:
             self.host.ledger(queue)
         self.subscriptions[queue] = sub
@@ -333,6 +375,7 @@ class TopicHost:
         ledger = self.host.queues.get(queue)
         if ledger is not None:
             ledger.take_ready()
+            self.host.table.forget(queue)  # (unless something delayed is left)
         return True
 
     def disconnect(self, queue: str, reason: str) -> None:

@@ -418,8 +418,9 @@ class ZmqTransport:
         if self.bind_addresses:
             self.sender._check_sizes([message])
             published = self.topics.publish(topic, message, fresh=True)
-            if published.result is None:
-                raise Backpressure(f"a 'block' subscriber of topic {topic!r}", 0)
+            if published.full is not None:
+                full = published.full.buffer
+                raise Backpressure(f"a 'block' subscriber of topic {topic!r}", full)
             self.sender.sent += 1
             if published.stored is not None:
                 return published.stored  # on disk first (a durable node)
