@@ -356,7 +356,7 @@ class Connection:
         )
         options = ConsumeOptions(prefetch, _positive(lease_ttl, "lease_ttl"), policy.max_attempts)
         await worker._start(self.transport, options)
-        self._workers.append(worker)
+        self._keep(worker)
         return worker
 
     # -- publish-subscribe -----------------------------------------------
@@ -478,8 +478,14 @@ class Connection:
         options = self._subscribe_options(pattern, name, policy, buffer, start, consume)
         subscriber = Subscriber(pattern, handler, retry_policy, concurrency, options)
         await subscriber._start(self.transport)
-        self._workers.append(subscriber)
+        self._keep(subscriber)
         return subscriber
+
+    def _keep(self, worker: Worker) -> None:
+        # Workers and subscribers stopped by hand are let go here, so a
+        # connection that opens many short subscriptions does not grow.
+        self._workers = [w for w in self._workers if not w.closed]
+        self._workers.append(worker)
 
     async def subscribe(
         self,

@@ -112,6 +112,7 @@ class EventStream:
     def __init__(self, start: Any) -> None:
         self._start = start  # async (handler) -> Subscriber
         self._subscriber: Subscriber | None = None
+        self._ended: Subscriber | None = None
         self._handed: asyncio.Queue[tuple[Event, asyncio.Future[None]]] = asyncio.Queue(1)
         self._current: asyncio.Future[None] | None = None
 
@@ -122,9 +123,12 @@ class EventStream:
 
     @property
     def subscriber(self) -> Subscriber:
-        if self._subscriber is None:
+        """The Subscriber underneath (once started; still there once ended,
+        for its stats)."""
+        subscriber = self._subscriber or self._ended
+        if subscriber is None:
             raise RuntimeError("the subscription has not started; iterate it or use async with")
-        return self._subscriber
+        return subscriber
 
     async def __aenter__(self) -> EventStream:
         if self._subscriber is None:
@@ -163,6 +167,7 @@ class EventStream:
 
     async def aclose(self) -> None:
         subscriber, self._subscriber = self._subscriber, None
+        self._ended = subscriber or self._ended
         if self._current is not None and not self._current.done():
             self._current.set_result(None)  # the loop left after it: done with it
         self._current = None

@@ -344,6 +344,11 @@ class Worker:
         self.queue = worker.queue
 
     @property
+    def closed(self) -> bool:
+        """True once it stopped (drained or closed) and its runners ended."""
+        return _runner.call(lambda: self._worker.closed)
+
+    @property
     def idle(self) -> bool:
         """True when no delivery is waiting or being handled here."""
         return _runner.call(lambda: self._worker.idle)

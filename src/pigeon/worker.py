@@ -152,6 +152,11 @@ class Worker:
         self.counts["abandoned"] += len(lost)
 
     @property
+    def closed(self) -> bool:
+        """True once it stopped (drained or closed) and its runners ended."""
+        return self._closing and all(task.done() for task in self._tasks)
+
+    @property
     def idle(self) -> bool:
         """True when no delivery is waiting or being handled here."""
         return not self._pending and self._busy == 0
