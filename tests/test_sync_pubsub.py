@@ -153,7 +153,7 @@ def test_subscription_without_with_and_a_failing_body() -> None:
         again = next(events)
         assert again.seq == 2 and again.message.attempt == 2
         events.close()
-        assert not _started(events)  # closed: no subscriber any more
+        assert events.subscriber.closed  # closed: it stopped (its stats stay)
 
         with pytest.raises(ZeroDivisionError):
             with conn.subscription("news.*") as failing:
@@ -161,7 +161,7 @@ def test_subscription_without_with_and_a_failing_body() -> None:
                 conn.publish("news.b", "boom")
                 for _ in failing:
                     1 / 0  # noqa: B018 - the body fails on the event
-        assert not _started(failing)
+        assert failing.subscriber.closed
         # The body's error went to the retry policy, as a handler's would.
         assert running.stats()["handler_errors"] == 1
         assert running.stats()["acked"] == 0
