@@ -137,6 +137,13 @@ class PullConsumer:
             now = time.monotonic()
             if self.outstanding and now > self._request_deadline:
                 self.outstanding = 0
+                if nc.is_connected:
+                    # Neither its messages nor a timeout status came: JetStream
+                    # drops a pull for a consumer that no longer exists (one
+                    # deleted while the pull waited may not say so).
+                    self.counts["unanswered_pulls"] += 1
+                    await self._recreate()
+                    now = time.monotonic()
             credit = self.options.prefetch - self.held - len(self.backlog) - self.outstanding
             if self.draining:
                 credit = 0
