@@ -3,17 +3,21 @@ durable subscriptions of topics nothing retains live on.
 
 Rule 1: ``retain(pattern)`` creates (or updates) the stream
 ``<stream>_T_<pattern made safe>_<hash>`` on the subject
-``<prefix>.t.<pattern>``, limits retention, limits from the Retention:
+``<prefix>.r.<pattern>``, where publishers of its topics send them; it
+republishes what it stored to ``<prefix>.t.<topic>``, where plain
+subscribers listen. So they get a retained topic's messages once each, as
+stored and numbered, never a publish the stream refused (storing.py).
+Limits retention, limits from the Retention:
 ``max_count`` is ``max_msgs_per_subject`` (per topic, as the core's Rule 5
 keeps it), ``max_bytes`` the stream's ``max_bytes`` (all topics of the
 pattern together: JetStream has no per-subject byte limit), ``max_age``
 its ``max_age``. It discards old messages unless a ``block`` subscription
-made it discard new ones (Rule 5). A pattern whose subjects overlap another
-stream's (another retained pattern, a subscription stream, a stream pigeon
-did not make) is refused with ConfigurationError: a topic is held by one
-stream.
-Rule 2: a durable subscription (a name) on topics no stream holds gets a
-subscription stream ``<stream>_S_<pattern made safe>_<hash>``: interest
+made it discard new ones (Rule 5). A pattern overlapping another retained
+pattern is refused with ConfigurationError: a topic is kept by one stream.
+Rule 2: a durable subscription (a name) on topics no retained pattern
+covers gets a subscription stream ``<stream>_S_<pattern made safe>_<hash>``
+on ``<prefix>.t.<pattern>`` (so it takes plain publishes and what retained
+streams republish alike): interest
 retention (a message goes once every durable subscription of it has acked
 it), ``max_msgs`` = ``buffer + prefetch`` (``2 * buffer + prefetch`` for
 policy ``disconnect``; raised, never lowered, by later subscribers),
@@ -21,16 +25,17 @@ discarding old messages (``drop-oldest``) or, once a ``block``
 subscription asked, new ones. It keeps no history: a replay of it
 is refused like one of topics not retained.
 Rule 3: a publisher learns which topics a stream holds from a listing of
-the streams on ``<prefix>.t.>``: the first publish of a topic waits for a
+the streams on ``<prefix>.r.>`` and ``<prefix>.t.>``: the first publish of a topic waits for a
 listing made after it (one listing serves every topic waiting), later ones
 use the latest listing, made again in the background at most every
 ``REFRESH`` seconds while publishing. So a stream made by another process
 before a topic's first publish here is always used; one made later, within
-``REFRESH`` s of being made (publishes in between are still stored by the
-stream, as core NATS publishes, but unconfirmed by it).
-Rule 4: a subscription that replays or is durable needs one stream holding
-every topic of its pattern; one that holds only part of them is a
-ConfigurationError saying what to retain.
+``REFRESH`` s of being made (publishes in between go out on core NATS:
+a retained stream does not keep them, a subscription stream does).
+Rule 4: a subscription that replays needs one retained pattern covering
+its own (one covering only part of it is a ConfigurationError saying what
+to retain); a durable one uses such a retained stream if there is one,
+else a subscription stream.
 Rule 5: a ``block`` subscription makes its stream discard new messages at
 its limits (per subject for ``max_count``), so a publish there is refused
 (Backpressure) instead of trimming what the subscriber has not read. The
@@ -55,6 +60,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -81,8 +87,17 @@ class TopicStream:
 
     name: str
     pattern: str  # the pigeon pattern (without the subject prefix)
-    subject: str  # ``<prefix>.t.<pattern>``
-    retained: bool  # limits retention (history); else a subscription stream
+    root: str  # ``<prefix>.r.`` (retained) or ``<prefix>.t.`` (subscription stream)
+    retained: bool
+
+    @property
+    def subject(self) -> str:
+        """The subject it takes messages on."""
+        return self.root + self.pattern
+
+    def subject_of(self, topic: str) -> str:
+        """Where a publish on ``topic`` goes to be stored here."""
+        return self.root + topic
 
 
 def covers(outer: str, inner: str) -> bool:
@@ -116,8 +131,10 @@ class TopicStreams:
         self.js = js
         self.options = options
         self.counts = counts
-        self.root = f"{options.prefix}.t."
+        self.root = f"{options.prefix}.t."  # topics, where subscribers listen
+        self.kept_root = f"{options.prefix}.r."  # retained topics, where they are stored
         self.streams: dict[str, TopicStream] = {}  # by stream name
+        self._foreign: set[str] = set()  # streams on those subjects pigeon did not make
         self._by_topic: dict[str, TopicStream | None] = {}
         self._listed_at = -math.inf  # when the latest listing that worked began
         self._listing: asyncio.Task[None] | None = None
@@ -183,21 +200,11 @@ class TopicStreams:
             log.debug("listing the topic streams failed: %s", task.exception())
 
     async def _list(self, began: float) -> None:
-        names: list[str] = []
-        offset = 0
-        while True:
-            reply = await self.api(
-                "list the topic streams",
-                f"{API}.STREAM.NAMES",
-                {"subject": self.root + ">", "offset": offset},
-            )
-            page = reply.get("streams") or []
-            names.extend(page)
-            offset += len(page)
-            if not page or offset >= int(reply.get("total", 0)):
-                break
+        names = await self._names(self.kept_root + ">") + await self._names(self.root + ">")
         found: dict[str, TopicStream] = {}
         for name in names:
+            if name in self._foreign:
+                continue
             known = self.streams.get(name) or await self._describe(name)
             if known is not None:
                 found[name] = known
@@ -206,6 +213,22 @@ class TopicStreams:
             self.streams = found
             self._by_topic.clear()
         self._listed_at = max(self._listed_at, began)
+
+    async def _names(self, subject: str) -> list[str]:
+        """The streams whose subjects overlap ``subject``."""
+        names: list[str] = []
+        offset = 0
+        while True:
+            reply = await self.api(
+                "list the topic streams",
+                f"{API}.STREAM.NAMES",
+                {"subject": subject, "offset": offset},
+            )
+            page = reply.get("streams") or []
+            names.extend(page)
+            offset += len(page)
+            if not page or offset >= int(reply.get("total", 0)):
+                return names
 
     async def _describe(self, name: str) -> TopicStream | None:
         """The topic stream ``name``, or None if it is gone or not one of ours."""
@@ -216,17 +239,19 @@ class TopicStreams:
             if isinstance(exc.__cause__, nats.js.errors.NotFoundError):
                 return None  # deleted since it was listed
             raise
-        return self._topic_stream(info)
+        stream = self._topic_stream(info)
+        if stream is None:
+            self._foreign.add(name)
+        return stream
 
     def _topic_stream(self, info: StreamInfo) -> TopicStream | None:
         subjects = info.config.subjects or []
-        if len(subjects) != 1 or not subjects[0].startswith(self.root):
-            return None  # not made by pigeon: publishes are stored there all the same
-        retained = info.config.retention == RetentionPolicy.LIMITS
-        stream = TopicStream(
-            info.config.name or "", subjects[0][len(self.root) :], subjects[0], retained
-        )
-        return stream
+        name = info.config.name or ""
+        if len(subjects) == 1:
+            for root, retained in ((self.kept_root, True), (self.root, False)):
+                if subjects[0].startswith(root):
+                    return TopicStream(name, subjects[0][len(root) :], root, retained)
+        return None  # not made by pigeon (a plain publish is stored there all the same)
 
     # -- retain (Rule 1) -------------------------------------------------
 
@@ -247,7 +272,8 @@ class TopicStreams:
         name = self.stream_name(pattern, "T")
         config = StreamConfig(
             name=name,
-            subjects=[self.subject(pattern)],
+            subjects=[self.kept_root + pattern],
+            republish=RePublish(src=self.kept_root + pattern, dest=self.root + _mapped(pattern)),
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_msgs_per_subject=retention.max_count or -1,
@@ -297,9 +323,8 @@ class TopicStreams:
                     )
                 if info.config.retention != config.retention:
                     raise ConfigurationError(
-                        f"{what}: the stream exists with {info.config.retention} retention; "
-                        f"a pattern held for durable subscriptions cannot become retained "
-                        f"(retain() it before subscribing with a name), nor the reverse"
+                        f"{what}: the stream exists with {info.config.retention} retention, "
+                        f"not {config.retention}: delete it, or use another stream= option"
                     )
                 keep(info.config)
                 if _differs(info.config, config):
@@ -309,8 +334,8 @@ class TopicStreams:
             if isinstance(cause, nats.js.errors.APIError) and cause.err_code == OVERLAP:
                 raise ConfigurationError(
                     f"{what}: its subjects overlap another stream's (another retained "
-                    f"pattern, the stream of durable subscriptions of an overlapping "
-                    f"pattern, or a stream not made by pigeon): a topic is held by one stream"
+                    f"pattern, durable subscriptions of an overlapping pattern, or a stream "
+                    f"not made by pigeon): a topic is kept by one stream"
                 ) from cause
             raise
         stream = self._topic_stream(info)
@@ -337,49 +362,49 @@ class TopicStreams:
                 only partly held by streams.
             TransportError, Timeout: JetStream did not answer.
         """
-        reply = await self.api(
-            f"find the stream of {pattern!r}",
-            f"{API}.STREAM.NAMES",
-            {"subject": self.subject(pattern)},
-        )
         overlapping: list[TopicStream] = []
-        for name in reply.get("streams") or []:
-            stream = await self._describe(name)
-            if stream is not None:
-                self._learn(stream)
-                overlapping.append(stream)
-        holding = [s for s in overlapping if covers(s.pattern, pattern)]
-        if holding:
-            stream = holding[0]
-            if history and not stream.retained:
-                raise ConfigurationError(
-                    f"{why} needs history, and topic(s) {pattern!r} are not retained (stream "
-                    f"{stream.name} holds them for durable subscriptions only): declare them "
-                    f"with retain() first"
-                )
-            if not stream.retained:
-                return await self._subscription_stream(stream.pattern, block, limit)
+        for root in (self.kept_root, self.root):
+            for name in await self._names(root + pattern):
+                stream = None if name in self._foreign else await self._describe(name)
+                if stream is not None:
+                    self._learn(stream)
+                    overlapping.append(stream)
+        retained = [s for s in overlapping if s.retained]
+        kept = [s for s in retained if covers(s.pattern, pattern)]
+        if kept:
             if block:
-                await self.discard_new(stream)
-            return stream
-        if overlapping:
-            held = ", ".join(repr(s.pattern) for s in overlapping)
-            raise ConfigurationError(
-                f"{why} needs one stream holding every topic of {pattern!r}, but only part "
-                f"of them are held (by {held}): subscribe within that pattern, or retain() "
-                f"one covering {pattern!r}"
-            )
+                await self.discard_new(kept[0])
+            return kept[0]
         if history:
+            if retained:
+                held = ", ".join(repr(s.pattern) for s in retained)
+                raise ConfigurationError(
+                    f"{why} needs one retained pattern covering {pattern!r}, but only part "
+                    f"of its topics are retained (by {held}): subscribe within a retained "
+                    f"pattern, or retain() one covering {pattern!r}"
+                )
             raise ConfigurationError(
                 f"{why} needs history, and topic(s) {pattern!r} are not retained: declare "
                 f"them with retain() first"
+            )
+        # A durable subscription on topics no retained pattern covers.
+        others = [s for s in overlapping if not s.retained]
+        holding = [s for s in others if covers(s.pattern, pattern)]
+        if holding:
+            return await self._subscription_stream(holding[0].pattern, block, limit)
+        if others:
+            names = ", ".join(repr(s.pattern) for s in others)
+            raise ConfigurationError(
+                f"{why}: durable subscriptions of {names} hold part of the topics of "
+                f"{pattern!r}, and a topic is held by one stream: subscribe within that "
+                f"pattern, or retain() one covering {pattern!r}"
             )
         return await self._subscription_stream(pattern, block, limit)
 
     async def _subscription_stream(self, pattern: str, block: bool, limit: int) -> TopicStream:
         config = StreamConfig(
             name=self.stream_name(pattern, "S"),
-            subjects=[self.subject(pattern)],
+            subjects=[self.root + pattern],
             retention=RetentionPolicy.INTEREST,
             storage=StorageType.FILE,
             max_msgs=limit,
@@ -432,6 +457,17 @@ class TopicStreams:
             if error:
                 nats.js.errors.APIError.from_error(error)  # raises the matching APIError
         return reply
+
+
+def _mapped(pattern: str) -> str:
+    """``pattern`` as a republish destination: each ``*`` names the token it took."""
+    tokens = pattern.split(".")
+    wildcards = 0
+    for i, token in enumerate(tokens):
+        if token == "*":
+            wildcards += 1
+            tokens[i] = f"{{{{wildcard({wildcards})}}}}"
+    return ".".join(tokens)
 
 
 def _differs(have: StreamConfig, want: StreamConfig) -> bool:

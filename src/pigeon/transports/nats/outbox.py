@@ -1,26 +1,24 @@
-"""Publishing on topics: numbered here, sent over core NATS or, for a
-retained topic, through JetStream.
+"""Publishing on topics: who numbers a message, and how it goes out.
 
-Rule 1: NATS hosts no topic, so the publisher numbers (the core's Rule 2):
-one :class:`Renumbering` per transport, its source the transport's session
-id; every message carries TOPIC, SEQ and SOURCE. A number whose publish
-never went out (refused, too large, closed) is given back when no later one
-was handed out since, so subscribers see no gap for it.
-Rule 2: which stream holds a topic is known from a listing of the topic
+Rule 1: which stream holds a topic is known from a listing of the topic
 streams (history.py Rule 3): a topic's first publishes here wait, in
 order, for a listing made after the first of them; later ones use the
-latest listing.
-Rule 3: a topic no stream holds goes out on core NATS, in publish order,
+latest listing. A message is numbered when its way is known, in publish
+order.
+Rule 2: a retained topic is numbered by its stream, the topic's host (the
+core's Rule 2): SEQ continues the topic's last number in the stream and
+SOURCE is the stream's name, whichever connection publishes, so its
+numbers are one sequence per topic from 1, as on pigeon's own hosts, and
+``from_seq`` counts them (storing.py).
+Rule 3: any other topic is numbered by the publisher: one
+:class:`Renumbering` per transport, SOURCE its session id. A number whose
+publish never went out (refused, too large, closed) is given back when no
+later one was handed out since, so subscribers see no gap for it.
+Rule 4: a topic no stream holds goes out on core NATS, in publish order,
 from one writer task; its future resolves once a flush (PING/PONG) after it
 came back: the server has taken it and handed it to the subscribers it had.
-Rule 4: a topic a stream holds (retained, or for durable subscriptions)
-goes through JetStream (``Nats-Msg-Id`` is ``<topic>:<id>``), so it is
-stored; its future resolves on the pub ack.
-One not acknowledged (a timeout, a reconnect) is published again with the
-same id until ``send_timeout``; JetStream drops the duplicate. A stream at
-its limits that discards new messages refuses it: Backpressure at once.
-The message has then still reached the plain subscribers (core NATS hands
-a publish to them before the stream looks at it).
+A topic a stream holds goes through JetStream and resolves on the pub ack
+(storing.py).
 Rule 5: ``outbox_limit`` publishes awaiting confirmation make
 ``publish_nowait`` raise Backpressure.
 """
@@ -31,12 +29,11 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 
-import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from ..._core import headers as pigeon_headers
 from ..._core import topics
 from ...errors import (
     Backpressure,
@@ -50,13 +47,13 @@ from ...errors import (
 from ...message import Message
 from . import envelope
 from .errors import map_exceptions
-from .history import TopicStream, TopicStreams
+from .history import TopicStreams
 from .options import NatsOptions
 from .publisher import _fail
+from .storing import EXPECTED_LAST, Pending, StoredSends
 
 log = logging.getLogger("pigeon.nats")
 
-FULL = 10077  # JetStream's error code for "maximum messages (per subject, bytes) exceeded"
 _MAX_UNUSED = 10_000  # numbers given back and waiting for the ones after them
 _MAX_DECIDED = 100_000  # topics whose first listing is remembered
 
@@ -83,17 +80,6 @@ class Renumbering(topics.Numbering):
             del self._unused[topic]
 
 
-@dataclass(slots=True)
-class _Pending:
-    topic: str
-    id: str
-    seq: int
-    subject: str
-    body: bytes
-    headers: dict[str, str]
-    future: asyncio.Future[None]
-
-
 class TopicOutbox:
     """The topic publishes of one connection.
 
@@ -102,7 +88,7 @@ class TopicOutbox:
         js: its JetStream context.
         options: the transport's options (timeouts, outbox limit).
         counts: the topic counters (``published``, ``confirmed``...).
-        streams: which topics are retained, and where.
+        streams: which topics a stream holds.
         source: the session id numbering this connection's publishes.
         max_message_size: the largest body allowed.
     """
@@ -118,18 +104,17 @@ class TopicOutbox:
         max_message_size: int,
     ) -> None:
         self.nc = nc
-        self.js = js
         self.options = options
         self.counts = counts
         self.streams = streams
         self.numbering = Renumbering(source)
         self.max_message_size = max_message_size
-        self._gated: dict[str, list[_Pending]] = {}  # waiting for a listing (Rule 2)
+        self.stored = StoredSends(nc, js, options, counts, streams, self._failed)
+        self._gated: dict[str, list[Pending]] = {}  # waiting for a listing (Rule 1)
         self._decided: set[str] = set()  # topics past their first listing
         self._gates: set[asyncio.Task[None]] = set()
-        self._core: deque[_Pending] = deque()  # waiting for the writer
-        self._unflushed: list[_Pending] = []  # written, waiting for the flush
-        self._retained: dict[asyncio.Task[None], asyncio.Future[None]] = {}
+        self._core: deque[Pending] = deque()  # waiting for the writer
+        self._unflushed: list[Pending] = []  # written, waiting for the flush
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -137,10 +122,10 @@ class TopicOutbox:
     @property
     def unconfirmed(self) -> int:
         gated = sum(len(waiting) for waiting in self._gated.values())
-        return gated + len(self._core) + len(self._unflushed) + len(self._retained)
+        return gated + len(self._core) + len(self._unflushed) + self.stored.unconfirmed
 
     def publish_nowait(self, topic: str, message: Message) -> asyncio.Future[None]:
-        """Number ``message`` and start publishing it on ``topic``.
+        """Start publishing ``message`` on ``topic`` (numbered on its way, Rule 1).
 
         Raises:
             ConfigurationError: a bad topic, or a header NATS cannot carry.
@@ -158,20 +143,15 @@ class TopicOutbox:
             raise MessageTooLarge(len(message.body), self.max_message_size)
         if self.unconfirmed >= self.options.outbox_limit:
             raise Backpressure("the NATS topic outbox", self.options.outbox_limit)
-        envelope.to_headers(message)  # refuses headers NATS cannot carry, before numbering
-        seq = self.numbering.next(topic)
-        headers = envelope.to_headers(
-            topics.stamp(message, topic, seq, self.numbering.source), check=False
-        )
-        # max_payload counts the headers too.
-        wire = len(message.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 16
+        headers = envelope.to_headers(message)  # refuses headers NATS cannot carry
+        # max_payload counts the headers too, with the numbering still to come.
+        wire = len(message.body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        wire += _numbering_size(topic, message.id, self.numbering.source)
         if wire > self.nc.max_payload:
-            self.numbering.give_back(topic, seq)
             raise MessageTooLarge(wire, self.nc.max_payload)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(
-            topic, message.id, seq, self.streams.subject(topic), message.body, headers, future
-        )
+        subject = self.streams.subject(topic)
+        pending = Pending(topic, message.id, subject, message.body, headers, future)
         self.counts["published"] += 1
         if topic in self._decided:
             self.streams.maybe_refresh()
@@ -200,21 +180,35 @@ class TopicOutbox:
         for pending in waiting:  # in publish order, with no await in between
             self._dispatch(pending)
 
-    def _dispatch(self, pending: _Pending) -> None:
+    def _dispatch(self, pending: Pending) -> None:
         if pending.future.done():  # failed at close
             return
         stream = self.streams.stream_for(pending.topic)
-        if stream is None:
-            self._core.append(pending)
-            self._start_writer()
-            self._wake.set()
+        if stream is not None and stream.retained:
+            self.stored.send_numbered(stream, pending)  # Rule 2
             return
-        pending.headers[envelope.MSG_ID] = envelope.dedupe_id(pending.topic, pending.id)
-        task = asyncio.get_running_loop().create_task(self._send_retained(stream, pending))
-        self._retained[task] = pending.future
-        task.add_done_callback(self._retained.pop)
+        pending.seq = self.numbering.next(pending.topic)  # Rule 3
+        pending.headers.update(
+            {
+                pigeon_headers.TOPIC: pending.topic,
+                pigeon_headers.SEQ: str(pending.seq),
+                pigeon_headers.SOURCE: self.numbering.source,
+            }
+        )
+        if stream is not None:
+            self.stored.send(stream, pending)
+            return
+        self._core.append(pending)
+        self._start_writer()
+        self._wake.set()
 
-    # -- core NATS (Rule 2) ----------------------------------------------
+    def _failed(self, item: Pending, exc: BaseException, give_back: bool) -> None:
+        if give_back and item.seq:
+            self.numbering.give_back(item.topic, item.seq)
+        if _fail(item.future, exc):
+            self.counts["publish_failures"] += 1
+
+    # -- core NATS (Rule 4) ----------------------------------------------
 
     def _start_writer(self) -> None:
         if self._writer is None or self._writer.done():
@@ -232,7 +226,7 @@ class TopicOutbox:
                     ):
                         await self.nc.publish(item.subject, item.body, headers=item.headers)
                 except PigeonError as exc:
-                    self._failed(item, exc)
+                    self._failed(item, exc, True)
                 else:
                     self._unflushed.append(item)
             if not self._unflushed:
@@ -245,97 +239,12 @@ class TopicOutbox:
                     await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
             except PigeonError as exc:
                 for item in written:
-                    self._failed(item, exc, give_back=False)  # it may have gone out
+                    self._failed(item, exc, False)  # it may have gone out
             else:
                 for item in written:
                     if not item.future.done():
                         item.future.set_result(None)
                 self.counts["confirmed"] += len(written)
-
-    def _failed(self, item: _Pending, exc: BaseException, *, give_back: bool = True) -> None:
-        if give_back:
-            self.numbering.give_back(item.topic, item.seq)
-        if _fail(item.future, exc):
-            self.counts["publish_failures"] += 1
-
-    # -- JetStream (Rule 3) ----------------------------------------------
-
-    async def _send_retained(self, stream: TopicStream, item: _Pending) -> None:
-        options = self.options
-        deadline = time.monotonic() + options.send_timeout
-        pause = 0.05
-        while not item.future.done():
-            try:
-                with map_exceptions(
-                    f"publish on {item.topic!r}",
-                    timeout=options.ack_timeout,
-                    size=len(item.body),
-                    limit=self.nc.max_payload,
-                ):
-                    await self.js.publish(
-                        item.subject,
-                        item.body,
-                        headers=dict(item.headers),
-                        timeout=options.ack_timeout,
-                    )
-            except (Timeout, TransportError) as exc:
-                cause = exc.__cause__
-                if isinstance(cause, nats.js.errors.APIError) and cause.err_code == FULL:
-                    self.counts["refused"] += 1
-                    limit = await self._limit(stream)
-                    what = f"retained topic {item.topic!r} (stream {stream.name}, discard new)"
-                    self._failed(item, Backpressure(what, limit))
-                    return
-                # Not confirmed: is the stream still there? (Deleted, it stays
-                # unconfirmed for ever; core subscribers had it all the same.)
-                await self._relist()
-                if self.streams.stream_for(item.topic) is None:
-                    self._failed(
-                        item,
-                        TransportError(
-                            f"publish on {item.topic!r}: stream {stream.name} that held it is "
-                            f"gone (it may have reached plain subscribers)"
-                        ),
-                        give_back=False,
-                    )
-                    return
-                if time.monotonic() + pause >= deadline or self._closed:
-                    error = TransportError(
-                        f"publish on {item.topic!r} not confirmed within "
-                        f"{options.send_timeout} s: {exc}"
-                    )
-                    error.__cause__ = exc
-                    self._failed(item, error, give_back=False)
-                    return
-                self.counts["publish_retries"] += 1
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
-            except PigeonError as exc:  # too large, refused: resending cannot help
-                self._failed(item, exc)
-                return
-            else:
-                self.counts["confirmed"] += 1
-                self.counts["stored"] += 1
-                if not item.future.done():
-                    item.future.set_result(None)
-
-    async def _relist(self) -> None:
-        try:
-            await self.streams.listed_since(time.monotonic())
-        except PigeonError:
-            pass  # the resend decides
-
-    async def _limit(self, stream: TopicStream) -> int:
-        """The message limit a full stream has, for Backpressure (0: bytes or age)."""
-        try:
-            with map_exceptions(f"look at stream {stream.name}", timeout=self.options.ack_timeout):
-                config = (await self.js.stream_info(stream.name)).config
-        except PigeonError:
-            return 0
-        for limit in (config.max_msgs_per_subject, config.max_msgs):
-            if limit is not None and limit > 0:
-                return limit
-        return 0
 
     # -- flushing and closing --------------------------------------------
 
@@ -349,7 +258,7 @@ class TopicOutbox:
             *(p.future for waiting in self._gated.values() for p in waiting),
             *(p.future for p in self._core),
             *(p.future for p in self._unflushed),
-            *self._retained.values(),
+            *self.stored.futures(),
         ]
         if not futures:
             return
@@ -370,11 +279,23 @@ class TopicOutbox:
         for item in items:
             if _fail(item.future, error):
                 self.counts["unconfirmed_at_close"] += 1
-        for task, future in list(self._retained.items()):
-            task.cancel()
-            if _fail(future, error):
-                self.counts["unconfirmed_at_close"] += 1
-        tasks = [*self._gates, *self._retained, *([self._writer] if self._writer else [])]
+        tasks = [*self._gates, *([self._writer] if self._writer else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.stored.close(error)
+
+
+def _numbering_size(topic: str, message_id: str, source: str) -> int:
+    """The most the numbering and JetStream headers add to a message."""
+    added = {
+        pigeon_headers.TOPIC: topic,
+        pigeon_headers.SEQ: "9" * 19,
+        pigeon_headers.SOURCE: "x" * max(len(source), 256),  # a stream's name, or ours
+        envelope.MSG_ID: envelope.dedupe_id(topic, message_id),
+        EXPECTED_LAST: "9" * 19,
+    }
+    # A retained stream's republish adds Nats-Stream, -Subject, -Sequence
+    # and -Last-Sequence.
+    republished = 4 * 24 + 256 + len(topic) + 64 + 2 * 19
+    return sum(len(k) + len(v) + 4 for k, v in added.items()) + 16 + republished

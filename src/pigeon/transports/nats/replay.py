@@ -14,7 +14,7 @@ nack ``-NAK`` with its delay, reject (and a delivery past
 ``max_attempts``) dead-letters into the queue ``<name>.dead`` of the
 work-queue stream, then ``+TERM``.
 Rule 3: without a name it is an ephemeral consumer of its own, placed at
-``start`` (history.py Rules 4 and 5), deleted when the subscription is
+``start`` (positions.py), deleted when the subscription is
 cancelled (and by JetStream after ``inactive_threshold`` if this process
 died). It has no dead-letter queue: reject is ``+TERM``, counted
 ``rejected`` with the latest reason in stats.
@@ -27,12 +27,12 @@ which more than ``buffer`` messages are still pending for this consumer
 (JetStream's ``num_pending``) ends the subscription (it is nak'd back, a
 durable keeps its position), counted ``disconnected``, and
 ``on_disconnect(reason)`` is called once; ``block`` (durable only) makes
-the stream discard new messages at its limits (history.py Rule 6).
+the stream discard new messages at its limits (history.py Rule 5).
 Rule 6: a consumer that vanished (deleted, or an ephemeral one after
 inactivity) is made again, with the same name, from the stream sequence
 after the last one delivered here, so nothing is replayed twice.
-Rule 7: a delivered message carries its stream sequence in ``STREAM_SEQ``
-(the value ``from_seq`` takes) besides the publisher's TOPIC, SEQ, SOURCE.
+Rule 7: a ``from_seq`` start skips the history numbered below it in its
+topic (positions.py Rule 1): acked here, counted ``skipped``, not handed on.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -54,7 +53,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo
 from ..._core import headers as pigeon_headers
 from ..._core.topics import SlowPolicy
 from ...errors import ConfigurationError, PigeonError
-from ...message import new_id
+from ...message import Message, new_id
 from ..base import ConsumeOptions, Delivery, DeliverySink, SubscribeOptions
 from . import positions
 from .deadletter import DeadLetters
@@ -65,7 +64,6 @@ from .pull import PullConsumer
 
 log = logging.getLogger("pigeon.nats")
 
-STREAM_SEQ = pigeon_headers.PREFIX + "stream-seq"  # Rule 7
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _API = "$JS.API"
 
@@ -138,7 +136,7 @@ class TopicConsumer(PullConsumer):
             dead_letters,
             counts,
             queue=options.name or pattern,
-            subject=streams.subject(pattern),
+            subject=stream.subject_of(pattern),
             sink=sink,
             options=options.consume,
             pull_expires=pull_expires,
@@ -154,6 +152,7 @@ class TopicConsumer(PullConsumer):
         self.ephemeral = options.name is None
         self.durable = durable_name(options.name) if options.name else f"e_{new_id()}"
         self.last_seq = 0  # the last stream sequence delivered here (Rule 6)
+        self.placement = positions.Placement()  # where it started (Rule 7)
         self._created = False
         self._cut = False
         self._ending: asyncio.Task[None] | None = None
@@ -162,13 +161,13 @@ class TopicConsumer(PullConsumer):
 
     async def _create(self) -> None:
         if self._created:
+            if await self._existing() is not None:
+                return  # still there (a pull went unanswered for another reason)
             self.topic_counts["consumers_recreated"] += 1
             if self.last_seq:
                 start = positions.after(self.last_seq)
             else:
-                start = await positions.start_config(
-                    self.streams, self.retained, self.pattern, self.sub_options.start
-                )
+                start = self.placement.config
             await self._put(self._config(start))
             return
         if not self.ephemeral:
@@ -181,10 +180,10 @@ class TopicConsumer(PullConsumer):
                 await self._put(config)
                 self._created = True
                 return
-        start = await positions.start_config(
+        self.placement = await positions.place(
             self.streams, self.retained, self.pattern, self.sub_options.start
         )
-        await self._put(self._config(start))
+        await self._put(self._config(self.placement.config))
         self._created = True
 
     def _config(self, start: dict[str, Any]) -> ConsumerConfig:
@@ -240,6 +239,19 @@ class TopicConsumer(PullConsumer):
 
     # -- deliveries (Rules 5 and 7) --------------------------------------
 
+    def _skipped(self, message: Message, seq: int) -> bool:
+        """Is this history numbered below ``from_seq`` in its topic (Rule 7)?"""
+        placement = self.placement
+        if not placement.below or seq > placement.cut:
+            return False
+        found = message.headers
+        number = found.get(pigeon_headers.SEQ, "")
+        return (
+            found.get(pigeon_headers.SOURCE) == placement.source
+            and number.isdigit()
+            and int(number) < placement.below
+        )
+
     async def _admit(self, delivery: Delivery, meta: Msg.Metadata) -> bool:
         msg: Msg = delivery.tag
         if self._cut:
@@ -247,12 +259,14 @@ class TopicConsumer(PullConsumer):
             return False
         seq = meta.sequence.stream
         self.last_seq = max(self.last_seq, seq)
-        topic = msg.subject[len(self.streams.root) :]
+        topic = msg.subject[len(self.retained.root) :]
         delivery.queue = topic
-        message = checked(delivery.message, topic, self.topic_counts)
-        delivery.message = msgspec.structs.replace(
-            message, headers={**message.headers, STREAM_SEQ: str(seq)}
-        )
+        delivery.message = checked(delivery.message, topic, self.topic_counts)
+        if self._skipped(delivery.message, seq):
+            self.topic_counts["skipped"] += 1
+            await self._quietly(msg.ack(), "ack")
+            self._wake.set()  # credit it did not take: the pull loop may ask again
+            return False
         behind = meta.num_pending
         if self.sub_options.policy == SlowPolicy.DISCONNECT and behind > self.sub_options.buffer:
             await self._quietly(msg.nak(), "nak")

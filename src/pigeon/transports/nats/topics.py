@@ -5,21 +5,24 @@ Rule 1: topic ``a.b`` is the core NATS subject ``<prefix>.t.a.b``; a
 pattern maps the same way, since NATS's ``*`` and ``>`` mean what pigeon's
 do. Queues (``<prefix>.q.``) and services (``<prefix>.svc.``) never
 overlap topics.
-Rule 2: the publisher numbers (nothing hosts a topic on NATS): SEQ is the
-publisher's per-topic number and SOURCE this transport's session id
-(outbox.py). Gap detection runs on those, per (source, topic), so a
-subscriber whose filter skips other topics of a stream sees no false gap.
-A retained message also carries its stream sequence (``STREAM_SEQ``),
-which is what ``from_seq`` counts on NATS (history.py Rule 4).
+Rule 2: a retained topic is numbered by its stream, its host: SEQ counts
+the topic's messages from 1 whoever publishes, SOURCE is the stream's name,
+and ``from_seq`` counts those numbers (storing.py, positions.py). Any other
+topic is numbered by the publisher: SEQ per topic, SOURCE this transport's
+session id (outbox.py). Gap detection runs per (source, topic) either way,
+so a subscriber whose filter skips other topics of a stream sees no false
+gap.
 Rule 3: a subscription without a name or a start is plain: core NATS, a
 local buffer with the slow-subscriber policy (plain.py). One with a name
 (durable, shared) or a start (replay) is a JetStream consumer on the stream
-of a retained pattern (replay.py); without one holding its whole pattern
-it is a ConfigurationError saying to ``retain()`` first.
+holding its pattern (replay.py): a retained one, or for a name on topics
+nothing retains, a subscription stream made for it (history.py Rule 2). A
+replay of topics not retained is a ConfigurationError saying to
+``retain()`` them first.
 Rule 4: ``block`` cannot hold back a core NATS publisher: refused
 (ConfigurationError) unless the subscription is durable, whose stream then
 discards new messages at its limits, so publishes are refused with
-Backpressure (history.py Rule 6).
+Backpressure (history.py Rule 5).
 Rule 5: everything is counted in ``stats()["topics"]``; nats-py's slow
 consumer reports on topic subjects are counted as ``slow_consumer``.
 """
