@@ -241,10 +241,15 @@ class QueueLedger:
         backlog.loaded(last, taken, size, more)
         return taken
 
-    def put_fresh(self, messages: list[Message]) -> None:
-        """Enqueue messages whose ids were minted just now (see ``put``)."""
+    def put_fresh(self, messages: list[Message], size: int | None = None) -> None:
+        """Enqueue messages whose ids were minted just now (see ``put``).
+
+        ``size``: their ``message_size`` together, when the caller knows it
+        (copies of one message have one size: it is not summed again)."""
         self.stats.received += len(messages)
-        self.bytes_held += sum(message_size(m.body, m.headers) for m in messages)
+        if size is None:
+            size = sum(message_size(m.body, m.headers) for m in messages)
+        self.bytes_held += size
         self._ready.extend(messages)
 
     def remember(self, message_id: str) -> bool:

@@ -162,6 +162,24 @@ class QueueHost:
             self._mark(queue)
         return len(messages)
 
+    def takes_all(self, queue: str, bodies: int) -> bool:
+        """Whether fresh puts into ``queue`` of messages with ``bodies``
+        bytes of bodies in all would each be taken now, one after the
+        other: the node stays below its memory limit and the queue has no
+        ``max_length`` or ``max_bytes``. False says nothing more: put them
+        with ``put``, which checks each. See ``took``."""
+        rules = self.policies.for_queue(queue)
+        if rules.max_length is not None or rules.max_bytes is not None:
+            return False
+        return self.table.below_limit(bodies)
+
+    def took(self, queue: str, bodies: int) -> None:
+        """Messages were put straight into ``queue``'s ledger after
+        ``takes_all`` said yes: counted against the memory alarm as ``put``
+        counts them, and dispatched."""
+        self.table.added(bodies)
+        self._mark(queue)
+
     async def put_many(self, queue: str, messages: list[Message]) -> list[bool | None]:
         """Store (when durable) and enqueue; per message as ``put`` answers.
 

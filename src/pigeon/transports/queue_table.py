@@ -122,6 +122,19 @@ class QueueTable:
         """
         return self.memory_room(ledger, [0]) == 0
 
+    def below_limit(self, size: int) -> bool:
+        """Whether ``size`` more bytes of bodies keep the node below
+        ``max_memory`` (Rule 1): sends adding up to them are all taken,
+        whatever queue they go to."""
+        limit = self.max_memory
+        if limit is None:
+            return True
+        now = time.monotonic()
+        if now - self._bytes_counted_at >= MEMORY_RECOUNT:
+            self._bytes_counted_at = now
+            self._bytes_held = self.bytes_held()
+        return self._bytes_held + size < limit
+
     def memory_room(self, ledger: QueueLedger, sizes: list[int]) -> int:
         """How many of a batch of sends (their ``sizes``, in order) to
         ``ledger``'s queue the memory alarm takes: ``memory_full`` applied

@@ -25,6 +25,12 @@ Rule 5: each subscription holds its own copy of a message. What it drops
 is counted here and told to its subscribers in the next message they get,
 in the header ``headers.MISSED``: exact whatever the pattern, however late
 the subscriber joined, and however many share the subscription.
+Rule 6: a ``drop-oldest`` subscription takes the copies of many publishes
+(``publish_many``) in one go: the oldest it would drop one by one are
+dropped together, counted each, and told in the next message exactly as
+one by one. When a bound of the node (memory, a queue's ``max_length`` or
+``max_bytes``) could refuse one of them, they go one by one, so each
+refusal is counted and told where it happened.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from .._core import headers
+from .._core.limits import message_size
 from .._core.topics import (
     Numbering,
     RetainedLog,
@@ -80,9 +87,33 @@ def _missed(message: Message) -> int:
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else 0
 
 
-def _add_missed(message: Message, count: int) -> None:
+def _add_missed(message: Message, count: int) -> int:
+    """Add ``count`` to the message's missed header; returns how much its
+    ``message_size`` grew (a queue holding it counts its bytes)."""
     # Only ever on this subscription's own copy (see _copy).
-    message.headers[headers.MISSED] = str(_missed(message) + count)
+    held = message.headers
+    before = held.get(headers.MISSED)
+    after = held[headers.MISSED] = str(_missed(message) + count)
+    if before is None:
+        return len(headers.MISSED) + len(after)
+    return len(after) - len(before)
+
+
+def _missed_in(messages: list[Message]) -> int:
+    """The missed headers of ``messages`` together."""
+    told = 0
+    for message in messages:
+        value = message.headers.get(headers.MISSED)
+        if value is not None and value != "0":
+            told += _missed(message)
+    return told
+
+
+_PUBLISHED = Published(True)
+# Bytes a missed header may add to what a subscription's queue holds in one
+# go (Rule 6): two of them, each up to 18 digits.
+_TOLD_BYTES = 2 * (len(headers.MISSED) + 18)
+_RESENT = Published(False)
 
 
 async def _all_written(writes: list[Awaitable[Any]]) -> None:
@@ -203,13 +234,120 @@ class TopicHost:
         self.counts["published"] += 1
         if not bound:
             self.counts["unrouted"] += 1
+        one, sizes = [stamped], [message_size(stamped.body, stamped.headers) if bound else 0]
         for sub in list(bound):
+            if self._in_bulk(sub) and self._deliver_many(sub, one, sizes, len(stamped.body)):
+                continue
             written = self._deliver(sub, stamped)
             if written is not None:
                 writes.append(written)
         if not writes:
-            return Published(True)
+            return _PUBLISHED
         return Published(True, asyncio.ensure_future(_all_written(writes)))
+
+    def publish_many(self, topic: str, messages: list[Message]) -> list[Published]:
+        """``publish`` each of ``messages`` on ``topic`` (already checked),
+        in order; answers as those calls one by one would. When every
+        subscription bound to the topic drops its oldest, each gets the
+        copies in one go (Rule 6)."""
+        bound = self._route(topic)
+        if not all(self._in_bulk(sub) for sub in bound):
+            return [self.publish(topic, message) for message in messages]
+        recent, numbering, history, counts = self._recent, self.numbering, self.history, self.counts
+        source, store, now = numbering.source, self.store, self.clock()
+        results: list[Published] = []
+        stamped: list[Message] = []
+        for message in messages:
+            if message.id in recent:
+                counts["duplicates"] += 1
+                results.append(_RESENT)
+                continue
+            recent[message.id] = None
+            if len(recent) > DEDUPE:
+                recent.popitem(last=False)
+            seq = numbering.next(topic)
+            marked = stamp(message, topic, seq, source, counts_drops=True)
+            stamped.append(marked)
+            if history.add(topic, seq, marked, now) and store is not None:
+                kept = asyncio.ensure_future(_all_written([store.keep(marked)]))
+                results.append(Published(True, kept))
+            else:
+                results.append(_PUBLISHED)
+        counts["published"] += len(stamped)
+        if not bound:
+            counts["unrouted"] += len(stamped)
+        if not stamped or not bound:
+            return results
+        sizes = [message_size(m.body, m.headers) for m in stamped]
+        if self._take_all(bound, sum(sizes)):
+            bodies = sum(len(m.body) for m in stamped)
+            for sub in list(bound):
+                if not self._deliver_many(sub, stamped, sizes, bodies):
+                    for marked in stamped:
+                        self._deliver(sub, marked)  # (no writes: _in_bulk)
+        else:
+            # A bound of the node may refuse some: one by one, publish after
+            # publish, so each refusal falls where it would (the node's
+            # memory is shared by every subscription).
+            for marked in stamped:
+                for sub in list(bound):
+                    self._deliver(sub, marked)
+        return results
+
+    def _take_all(self, bound: list[TopicSubscription], size: int) -> bool:
+        # Every copy of messages of ``size`` bytes in all would be taken.
+        host = self.host
+        for sub in bound:
+            if sub.queue not in host.queues or not host.takes_all(sub.queue, 0):
+                return False
+        return host.table.below_limit(len(bound) * (size + _TOLD_BYTES))
+
+    def _in_bulk(self, sub: TopicSubscription) -> bool:
+        # Copies of many publishes go into its queue in one go (Rule 6).
+        return sub.policy is SlowPolicy.DROP_OLDEST and not (sub.durable and self.store is not None)
+
+    def _deliver_many(
+        self, sub: TopicSubscription, stamped: list[Message], sizes: list[int], bodies: int
+    ) -> bool:
+        """Rule 6: put a copy of each of ``stamped`` (``sizes`` their
+        ``message_size``, ``bodies`` their bodies' bytes) into the queue of
+        ``sub``, a ``drop-oldest`` one, as ``_deliver`` would one by one.
+        False, having done nothing, when a bound of the node could refuse a
+        copy: then ``_deliver`` each, which tells each refusal."""
+        host = self.host
+        ledger = host.queues.get(sub.queue)
+        size = sum(sizes)
+        if ledger is None or not host.takes_all(sub.queue, size + _TOLD_BYTES):
+            return False
+        count = len(stamped)
+        waiting = ledger.ready_count
+        # One by one, each copy that finds ``buffer`` or more waiting drops
+        # the oldest, so the oldest ``drops`` of what waits followed by the
+        # copies go: what waited first, then the first copies ("lost").
+        drops = max(0, count - max(0, sub.buffer - waiting))
+        old = min(drops, waiting)
+        lost = drops - old
+        told = 0  # missed, for whoever is next after the dropped ones
+        if drops:
+            dropped = ledger.take_ready(old) if old else []
+            told = drops + _missed_in(dropped)
+            sub.dropped += drops
+            self.counts["dropped"] += drops
+            ledger.stats.received += lost  # (each was put, then dropped)
+        replace = msgspec.structs.replace
+        copies = [replace(m, headers=dict(m.headers)) for m in stamped[lost:]]
+        if lost:
+            size -= sum(sizes[:lost])
+        if told and old < waiting:  # the next is one that waited
+            ledger.bytes_held += _add_missed(ledger.peek_ready(1)[0], told)
+            told = 0
+        told += sub.unmarked  # refused before (the first copy carries it, dropped or not)
+        sub.unmarked = 0
+        if told:
+            size += _add_missed(copies[0], told)
+        ledger.put_fresh(copies, size)
+        host.took(sub.queue, bodies)
+        return True
 
     def _deliver(self, sub: TopicSubscription, message: Message) -> Awaitable[Any] | None:
         # Each subscription gets its own copy: its queue counts attempts and
@@ -242,7 +380,10 @@ class TopicHost:
             self.host.forget_stored(sub.queue, dropped)
         assert ledger is not None
         head = ledger.peek_ready(1)
-        _add_missed(head[0] if head else incoming, 1 + _missed(dropped[0]))
+        if head:
+            ledger.bytes_held += _add_missed(head[0], 1 + _missed(dropped[0]))
+        else:
+            _add_missed(incoming, 1 + _missed(dropped[0]))
 
     def _refused(self, sub: TopicSubscription, count: int) -> None:
         # A copy the node's bounds refused: counted, and told with the next.
