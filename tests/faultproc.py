@@ -1,7 +1,8 @@
 """Child processes for the fault tests: a worker that reports and never
-settles, a server that records each execution, and a producer with a durable
-outbox. Run as ``python tests/faultproc.py ROLE URL [options]``; events go to
-stdout as JSON lines, errors to stderr.
+settles, a named subscriber, a server that records each execution, and a
+producer with a durable outbox. Run as
+``python tests/faultproc.py ROLE URL [options]``; events go to stdout as
+JSON lines, errors to stderr.
 
 A server binds URL (``tcp://127.0.0.1:0`` for any free port) and reports the
 address it got in its ``ready`` event.
@@ -36,6 +37,23 @@ async def hanging_worker(url: str, queue: str) -> None:
             await asyncio.Event().wait()
 
         await conn.consume(queue, hang, prefetch=1)
+        emit(ev="ready")
+        await asyncio.Event().wait()
+
+
+async def subscriber(url: str, pattern: str, name: str, mode: str) -> None:
+    """A named subscriber that reports each event; ``hang`` never settles
+    (to be killed mid-event), ``ack`` acks each."""
+    async with pigeon.connect(url, heartbeat=HEARTBEAT) as conn:
+
+        async def handle(event: pigeon.Event) -> None:
+            emit(
+                ev="got", seq=event.seq, missed=event.missed, redelivered=event.message.redelivered
+            )
+            if mode == "hang":
+                await asyncio.Event().wait()
+
+        await conn.subscribe(pattern, handle, name=name, prefetch=1)
         emit(ev="ready")
         await asyncio.Event().wait()
 
@@ -79,6 +97,11 @@ async def outbox_producer(url: str, outbox: str, count: str) -> None:
 
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    roles = {"hanging_worker": hanging_worker, "server": server, "outbox_producer": outbox_producer}
+    roles = {
+        "hanging_worker": hanging_worker,
+        "subscriber": subscriber,
+        "server": server,
+        "outbox_producer": outbox_producer,
+    }
     coro = roles[role](*args)
     asyncio.run(coro)

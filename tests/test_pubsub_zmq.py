@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from brokers import describe, port_taken
+from test_faults import Child
 
 import pigeon
 from pigeon.security.keys import new_keys
@@ -143,6 +144,40 @@ def test_a_durable_node_killed_keeps_history_and_named_subscriptions(tmp_path: P
         asyncio.run(after_the_restart())
     finally:
         node.kill()
+
+
+def test_a_named_subscriber_killed_mid_event_hands_it_to_the_next(tmp_path: Path) -> None:
+    """kill -9 a subscriber of a named subscription while it handles an
+    event: the next subscriber with that name gets the rest and, once the
+    node has given the dead one up, that event again, marked redelivered;
+    nothing is missed."""
+
+    async def scenario() -> None:
+        async with pigeon.connect(bind="tcp://127.0.0.1:0", heartbeat=0.5) as hub:
+            url = str(hub.stats()["bound"][0])
+            first = Child(tmp_path, "subscriber", url, "audit.>", "audit", "hang")
+            second = None
+            try:
+                await first.wait("ready")
+                for n in range(3):
+                    await hub.publish("audit.login", n)
+                await first.wait("got")
+                first.kill()
+                second = Child(tmp_path, "subscriber", url, "audit.>", "audit", "ack")
+                await wait_until_events(second, 3)
+                got = sorted((e["seq"], e["redelivered"], e["missed"]) for e in second.events[1:])
+                assert got == [(1, True, 0), (2, False, 0), (3, False, 0)], got
+                assert hub.stats()["queues"]["pigeon.sub.audit"]["consumers_lost"] == 1
+            finally:
+                first.close()
+                if second is not None:
+                    second.close()
+
+    asyncio.run(scenario())
+
+
+async def wait_until_events(child: Child, count: int) -> None:
+    await until(lambda: sum(e["ev"] == "got" for e in child.poll()) >= count, f"{count} events")
 
 
 def test_a_subscriber_whose_link_is_cut_misses_nothing(tmp_path: Path) -> None:
