@@ -432,6 +432,8 @@ class RouterSide:
             self._handshakes.close()
         self.responder.close()
         self.relay.close()
+        if self.topics is not None:
+            self.topics.close()
         if self.pump is not None:
             self.pump.close()
         else:

@@ -13,13 +13,23 @@ Rule 3: a Consume of a subscription's queue that this node does not hold
 turned into a plain queue that nothing publishes to.
 Rule 4: a subscription cut off by its policy is a Verdict withdrawing the
 grant, sent to each of its consumers, with the reason.
+Rule 5: a peer's publishes are taken in ``SLICE`` at a time, the loop
+running between slices, so dispatch to subscribers and every other peer's
+frames get turns while a big Send frame (up to ``MAX_FRAME_ITEMS``
+publishes) comes in. Each slice is answered once published (confirmed, or
+refused). A peer's frames are taken in the order they came, a Subscribe of
+that peer after what it sent before; and past ``PEER_WAITING`` publishes
+waiting for one peer, or ``ALL_WAITING`` for all, all of that peer's are
+taken at once (memory stays bounded, a flood costs its own sender time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 from ..._core import frames
 from ..._core.acl import Verb
@@ -32,6 +42,20 @@ from .security import Guard
 
 Send = Callable[[bytes, frames.Frame], None]
 Refusal = tuple[str, RefusalReason, str]
+
+SLICE = 1000  # publishes taken in per loop step (Rule 5)
+PEER_WAITING = 20_000  # publishes of one peer waiting their turn, at most
+ALL_WAITING = 100_000  # ... of all peers together
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A Send frame of publishes, taken in from ``at`` on."""
+
+    topic: str
+    messages: list[Message]
+    allowed: bool
+    at: int = 0
 
 
 def publish_queue(topic: str) -> str:
@@ -48,20 +72,86 @@ class RouterTopics:
         self.guard = guard
         self._refused: dict[tuple[bytes, str], frames.Verdict] = {}  # Rule 2
         topics.on_disconnect = self.cut  # Rule 4
+        self._waiting: dict[bytes, deque[_Waiting]] = {}  # Rule 5, by peer
+        self._peer_counts: dict[bytes, int] = {}
+        self._all_count = 0
+        self._scheduled: set[bytes] = set()  # peers whose next slice is due
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def publish(self, identity: bytes, user: str, queue: str, messages: list[Message]) -> None:
         """Publish a peer's Send to ``pigeon.publish.TOPIC``, and answer it:
         confirmed once published (and, on a durable node, stored), or
-        refused."""
+        refused; ``SLICE`` at a time (Rule 5)."""
         topic = queue.removeprefix(PUBLISH_PREFIX)
-        if self.guard is not None and not self.guard.allows(user, Verb.SEND, topic):
+        allowed = self.guard is None or self.guard.allows(user, Verb.SEND, topic)
+        waiting = self._waiting.get(identity)
+        if waiting is None:
+            if len(messages) <= SLICE:
+                self._publish(identity, topic, messages, allowed)
+                return
+            self._publish(identity, topic, messages[:SLICE], allowed)
+            waiting = self._waiting[identity] = deque()
+            if identity not in self._scheduled:
+                self._scheduled.add(identity)
+                self._get_loop().call_soon(self._next_slice, identity)
+            waiting.append(_Waiting(topic, messages, allowed, SLICE))
+            self._count(identity, len(messages) - SLICE)
+        else:
+            waiting.append(_Waiting(topic, messages, allowed))
+            self._count(identity, len(messages))
+        if self._peer_counts[identity] > PEER_WAITING or self._all_count > ALL_WAITING:
+            self._catch_up(identity)
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _count(self, identity: bytes, count: int) -> None:
+        self._peer_counts[identity] = self._peer_counts.get(identity, 0) + count
+        self._all_count += count
+
+    def _next_slice(self, identity: bytes) -> None:
+        self._scheduled.discard(identity)
+        if self._closed or identity not in self._waiting:
+            return  # (taken in at once meanwhile: _catch_up)
+        self._take(identity, SLICE)
+        if identity in self._waiting:
+            self._scheduled.add(identity)
+            self._get_loop().call_soon(self._next_slice, identity)
+
+    def _catch_up(self, identity: bytes) -> None:
+        """Take in all that waits of ``identity``'s publishes, now."""
+        if identity in self._waiting:
+            self._take(identity, self._peer_counts[identity])
+
+    def _take(self, identity: bytes, budget: int) -> None:
+        # Up to ``budget`` of the peer's waiting publishes, in order.
+        waiting = self._waiting[identity]
+        while budget > 0 and waiting:
+            head = waiting[0]
+            part = head.messages[head.at : head.at + budget]
+            head.at += len(part)
+            budget -= len(part)
+            if head.at >= len(head.messages):
+                waiting.popleft()
+            self._count(identity, -len(part))
+            self._publish(identity, head.topic, part, head.allowed)
+        if not waiting:
+            del self._waiting[identity]
+            del self._peer_counts[identity]
+
+    def _publish(self, identity: bytes, topic: str, messages: list[Message], allowed: bool) -> None:
+        if not allowed:
             denied = [(m.id, RefusalReason.FORBIDDEN, topic) for m in messages]
             self._send(identity, frames.Refuse(denied))
             return
         confirmed: list[str] = []
         refused: list[Refusal] = []
-        for message in messages:
-            published = self.topics.publish(topic, message)
+        for message, published in zip(
+            messages, self.topics.publish_many(topic, messages), strict=True
+        ):
             if published.result is None:
                 why = f"a 'block' subscriber of topic {topic!r} has no room"
                 refused.append((message.id, RefusalReason.FULL, why))
@@ -76,6 +166,13 @@ class RouterTopics:
         if refused:
             self._send(identity, frames.Refuse(refused))
 
+    def close(self) -> None:
+        """Take in nothing more (what waits is never confirmed: resent)."""
+        self._closed = True
+        self._waiting.clear()
+        self._peer_counts.clear()
+        self._all_count = 0
+
     def _stored(self, identity: bytes, message_id: str, done: asyncio.Future[None]) -> None:
         error = None if done.cancelled() else done.exception()
         if done.cancelled() or error is not None:
@@ -86,6 +183,7 @@ class RouterTopics:
             self._send(identity, frames.Confirm([message_id]))
 
     def subscribe(self, identity: bytes, user: str, frame: frames.Subscribe) -> None:
+        self._catch_up(identity)  # after what the peer published before (Rule 5)
         key = (identity, frame.queue)
         self._refused.pop(key, None)
         verdict = frames.Verdict(Verb.CONSUME.value, frame.queue, False)
