@@ -153,3 +153,20 @@ def test_closing_takes_in_nothing_more() -> None:
         assert len(world.confirmed()) == SLICE
 
     asyncio.run(main())
+
+
+def test_past_the_waiting_bytes_a_peer_is_taken_in_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(topic_side, "ALL_WAITING_BYTES", 4 * SLICE)
+
+    async def main() -> None:
+        world = World()
+        world.router.publish(b"p", "", QUEUE, batch("a", 3 * SLICE))  # 1 B bodies
+        world.router.publish(b"q", "", QUEUE, batch("b", 2 * SLICE))
+        assert len(world.confirmed(b"p")) == SLICE
+        assert len(world.confirmed(b"q")) == 2 * SLICE
+        await turns()
+        assert len(world.confirmed(b"p")) == 3 * SLICE
+
+    asyncio.run(main())

@@ -19,7 +19,8 @@ frames get turns while a big Send frame (up to ``MAX_FRAME_ITEMS``
 publishes) comes in. Each slice is answered once published (confirmed, or
 refused). A peer's frames are taken in the order they came, a Subscribe of
 that peer after what it sent before; and past ``PEER_WAITING`` publishes
-waiting for one peer, or ``ALL_WAITING`` for all, all of that peer's are
+(or ``PEER_WAITING_BYTES`` of bodies) waiting for one peer, or
+``ALL_WAITING`` (``ALL_WAITING_BYTES``) for all, all of that peer's are
 taken at once (memory stays bounded, a flood costs its own sender time).
 """
 
@@ -44,17 +45,21 @@ Send = Callable[[bytes, frames.Frame], None]
 Refusal = tuple[str, RefusalReason, str]
 
 SLICE = 1000  # publishes taken in per loop step (Rule 5)
-PEER_WAITING = 20_000  # publishes of one peer waiting their turn, at most
-ALL_WAITING = 100_000  # ... of all peers together
+# Publishes of one peer waiting their turn, at most: a connection's own
+# bound on its unconfirmed sends (``outbox_limit``), or 16 MiB of bodies.
+PEER_WAITING, PEER_WAITING_BYTES = 100_000, 16 << 20
+ALL_WAITING, ALL_WAITING_BYTES = 200_000, 64 << 20  # ... of all peers together
 
 
 @dataclass(slots=True)
 class _Waiting:
-    """A Send frame of publishes, taken in from ``at`` on."""
+    """A Send frame of publishes, taken in from ``at`` on (``size``: the
+    bytes of their bodies)."""
 
     topic: str
     messages: list[Message]
     allowed: bool
+    size: int
     at: int = 0
 
 
@@ -73,8 +78,8 @@ class RouterTopics:
         self._refused: dict[tuple[bytes, str], frames.Verdict] = {}  # Rule 2
         topics.on_disconnect = self.cut  # Rule 4
         self._waiting: dict[bytes, deque[_Waiting]] = {}  # Rule 5, by peer
-        self._peer_counts: dict[bytes, int] = {}
-        self._all_count = 0
+        self._peer_counts: dict[bytes, tuple[int, int]] = {}  # waiting: (publishes, bytes)
+        self._all_count = self._all_bytes = 0
         self._scheduled: set[bytes] = set()  # peers whose next slice is due
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -95,12 +100,19 @@ class RouterTopics:
             if identity not in self._scheduled:
                 self._scheduled.add(identity)
                 self._get_loop().call_soon(self._next_slice, identity)
-            waiting.append(_Waiting(topic, messages, allowed, SLICE))
-            self._count(identity, len(messages) - SLICE)
+            at = SLICE
         else:
-            waiting.append(_Waiting(topic, messages, allowed))
-            self._count(identity, len(messages))
-        if self._peer_counts[identity] > PEER_WAITING or self._all_count > ALL_WAITING:
+            at = 0
+        frame = _Waiting(topic, messages, allowed, sum(len(m.body) for m in messages), at)
+        waiting.append(frame)
+        self._count(identity, len(messages) - at, frame.size)
+        count, size = self._peer_counts[identity]
+        if (
+            count > PEER_WAITING
+            or size > PEER_WAITING_BYTES
+            or self._all_count > ALL_WAITING
+            or self._all_bytes > ALL_WAITING_BYTES
+        ):
             self._catch_up(identity)
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
@@ -108,9 +120,11 @@ class RouterTopics:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def _count(self, identity: bytes, count: int) -> None:
-        self._peer_counts[identity] = self._peer_counts.get(identity, 0) + count
+    def _count(self, identity: bytes, count: int, size: int) -> None:
+        held, held_bytes = self._peer_counts.get(identity, (0, 0))
+        self._peer_counts[identity] = (held + count, held_bytes + size)
         self._all_count += count
+        self._all_bytes += size
 
     def _next_slice(self, identity: bytes) -> None:
         self._scheduled.discard(identity)
@@ -124,7 +138,7 @@ class RouterTopics:
     def _catch_up(self, identity: bytes) -> None:
         """Take in all that waits of ``identity``'s publishes, now."""
         if identity in self._waiting:
-            self._take(identity, self._peer_counts[identity])
+            self._take(identity, self._peer_counts[identity][0])
 
     def _take(self, identity: bytes, budget: int) -> None:
         # Up to ``budget`` of the peer's waiting publishes, in order.
@@ -136,7 +150,9 @@ class RouterTopics:
             budget -= len(part)
             if head.at >= len(head.messages):
                 waiting.popleft()
-            self._count(identity, -len(part))
+                self._count(identity, -len(part), -head.size)  # (counted whole)
+            else:
+                self._count(identity, -len(part), 0)
             self._publish(identity, head.topic, part, head.allowed)
         if not waiting:
             del self._waiting[identity]
@@ -171,7 +187,7 @@ class RouterTopics:
         self._closed = True
         self._waiting.clear()
         self._peer_counts.clear()
-        self._all_count = 0
+        self._all_count = self._all_bytes = 0
 
     def _stored(self, identity: bytes, message_id: str, done: asyncio.Future[None]) -> None:
         error = None if done.cancelled() else done.exception()
