@@ -311,7 +311,7 @@ class QueueHost:
     def forget_stored(self, queue: str, messages: list[Message]) -> None:
         """Delete from the store messages taken out of ``queue`` unacked
         (a subscription dropping its oldest): written behind, like acks."""
-        self._write(persistence.ack_ops(queue, messages))
+        self._write([*persistence.ack_ops(queue, messages)])
 
     def _write_done(self, future: asyncio.Future[list[bool]]) -> None:
         self._writes.discard(future)
