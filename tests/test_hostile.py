@@ -192,6 +192,39 @@ def test_a_flood_of_queue_names_is_bounded() -> None:
     _scenario(attack, max_queues=2_000, heartbeat=0.5)
 
 
+def test_a_flood_of_subscriptions_is_bounded() -> None:
+    """One peer making subscriptions (and never consuming them) gets its
+    share, then a refusal that says why; others still subscribe."""
+
+    async def attack(node: pigeon.Connection, url: str) -> None:
+        raw = Raw(url)
+        subscribes = [
+            frames.encode(frames.Subscribe(f"pigeon.tmp.flood.{n}", "flood.>")) for n in range(1500)
+        ]
+        for start in range(0, len(subscribes), limits.MAX_BATCH_FRAMES):
+            await raw.send_raw(
+                frames.encode_batch(subscribes[start : start + limits.MAX_BATCH_FRAMES])
+            )
+        await raw.send(frames.Consume("pigeon.tmp.flood.1499", 1))
+        verdicts = [f for f in await raw.collect(1.0) if isinstance(f, frames.Verdict)]
+        assert [(v.allowed, v.reason) for v in verdicts] == [
+            (False, "a peer makes at most 1000 subscriptions here")
+        ]
+        raw.close()
+        assert len(node.stats()["topics"]["subscriptions"]) == 1000
+        async with pigeon.connect(url) as other:
+            got: list[int] = []
+            await other.subscribe("flood.>", lambda e: got.append(e.seq))
+            await node.publish("flood.x", 1)
+            for _ in range(200):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            assert got == [1]
+
+    _scenario(attack, heartbeat=0.5)
+
+
 def test_stats_requests_are_not_kept() -> None:
     async def attack(node: pigeon.Connection, url: str) -> None:
         raw = Raw(url)

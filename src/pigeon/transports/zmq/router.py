@@ -401,6 +401,8 @@ class RouterSide:
             self.host.consumer_lost(consumer_key)
             if self.topics is not None:
                 self.topics.left(consumer[1], consumer_key, lost=True)
+        if self.topics is not None:
+            self.topics.peer_lost(identity)
         self.liveness.forget(identity)
         if self.guard is not None:
             self.guard.forget(identity)

@@ -22,6 +22,10 @@ that peer after what it sent before; and past ``PEER_WAITING`` publishes
 (or ``PEER_WAITING_BYTES`` of bodies) waiting for one peer, or
 ``ALL_WAITING`` (``ALL_WAITING_BYTES``) for all, all of that peer's are
 taken at once (memory stays bounded, a flood costs its own sender time).
+Rule 6: a peer may make at most ``MAX_QUEUES_PER_PEER`` subscriptions that
+still stand, so the node's own cap (``topic_host.MAX_SUBSCRIPTIONS``) keeps
+room for others; the refusals kept for a Consume still to come are bounded
+too (``MAX_WAITING_REFUSALS``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 
 from ..._core import frames
 from ..._core.acl import Verb
+from ..._core.limits import MAX_QUEUES_PER_PEER
 from ..._core.policy import PUBLISH_PREFIX, RefusalReason
 from ..._core.topics import StartAt, check_policy
 from ...errors import ConfigurationError, ReplayTrimmed
@@ -44,6 +49,7 @@ from .security import Guard
 Send = Callable[[bytes, frames.Frame], None]
 Refusal = tuple[str, RefusalReason, str]
 
+MAX_WAITING_REFUSALS = 10_000  # refused Subscribes whose Consume has not come (Rule 6)
 SLICE = 100  # publishes taken in per loop step (Rule 5): measured best of 50-1000
 # Publishes of one peer waiting their turn, at most: a connection's own
 # bound on its unconfirmed sends (``outbox_limit``), or 16 MiB of bodies.
@@ -76,6 +82,7 @@ class RouterTopics:
         self._send = send
         self.guard = guard
         self._refused: dict[tuple[bytes, str], frames.Verdict] = {}  # Rule 2
+        self._made: dict[bytes, set[str]] = {}  # subscriptions each peer made (Rule 6)
         topics.on_disconnect = self.cut  # Rule 4
         self._waiting: dict[bytes, deque[_Waiting]] = {}  # Rule 5, by peer
         self._peer_counts: dict[bytes, tuple[int, int]] = {}  # waiting: (publishes, bytes)
@@ -204,7 +211,11 @@ class RouterTopics:
         self._refused.pop(key, None)
         verdict = frames.Verdict(Verb.CONSUME.value, frame.queue, False)
         if self.guard is not None and not self.guard.allows(user, Verb.CONSUME, frame.pattern):
-            self._refused[key] = verdict
+            self._refuse(key, verdict)
+            return
+        if frame.queue not in self.topics.subscriptions and not self._room_for(identity):
+            why = f"a peer makes at most {MAX_QUEUES_PER_PEER} subscriptions here"
+            self._refuse(key, frames.Verdict(Verb.CONSUME.value, frame.queue, False, reason=why))
             return
         durable = frame.queue.startswith("pigeon.sub.")
         try:
@@ -219,7 +230,7 @@ class RouterTopics:
                 ).check(),
             )
         except ReplayTrimmed as exc:
-            self._refused[key] = frames.Verdict(
+            trimmed = frames.Verdict(
                 Verb.CONSUME.value,
                 frame.queue,
                 False,
@@ -227,10 +238,41 @@ class RouterTopics:
                 trimmed_topic=exc.topic,
                 first_retained=exc.first_retained,
             )
+            self._refuse(key, trimmed)
+            return
         except (ConfigurationError, ValueError) as exc:
-            self._refused[key] = frames.Verdict(
-                Verb.CONSUME.value, frame.queue, False, reason=str(exc)
-            )
+            verdict = frames.Verdict(Verb.CONSUME.value, frame.queue, False, reason=str(exc))
+            self._refuse(key, verdict)
+            return
+        self._made.setdefault(identity, set()).add(frame.queue)
+
+    def _room_for(self, identity: bytes) -> bool:
+        """Rule 6: a peer may make at most MAX_QUEUES_PER_PEER subscriptions
+        that still stand (the node's own cap keeps room for the others)."""
+        made = self._made.get(identity)
+        if not made:
+            return True
+        made.intersection_update(self.topics.subscriptions)
+        return len(made) < MAX_QUEUES_PER_PEER
+
+    def _refuse(self, key: tuple[bytes, str], verdict: frames.Verdict) -> None:
+        # Kept for the Consume that follows; bounded, since a peer may send
+        # Subscribes and never that Consume.
+        self._refused[key] = verdict
+        if len(self._refused) > MAX_WAITING_REFUSALS:
+            del self._refused[next(iter(self._refused))]
+
+    def peer_lost(self, identity: bytes) -> None:
+        """Forget a lost peer: what it had waiting is dropped unconfirmed (it
+        resends what it still wants; a resend is published once, Rule 4 of
+        the topic host)."""
+        self._made.pop(identity, None)
+        if self._waiting.pop(identity, None) is not None:
+            count, size = self._peer_counts.pop(identity)
+            self._all_count -= count
+            self._all_bytes -= size
+        for key in [key for key in self._refused if key[0] == identity]:
+            del self._refused[key]
 
     def consume_refusal(self, identity: bytes, user: str, queue: str) -> frames.Verdict | None:
         """Why a Consume of ``queue`` is refused, if it is a subscription's
