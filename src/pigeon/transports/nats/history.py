@@ -135,6 +135,7 @@ class TopicStreams:
         self.kept_root = f"{options.prefix}.r."  # retained topics, where they are stored
         self.streams: dict[str, TopicStream] = {}  # by stream name
         self._foreign: set[str] = set()  # streams on those subjects pigeon did not make
+        self._learned_at: dict[str, float] = {}  # streams seen or made here, when
         self._by_topic: dict[str, TopicStream | None] = {}
         self._listed_at = -math.inf  # when the latest listing that worked began
         self._listing: asyncio.Task[None] | None = None
@@ -163,6 +164,7 @@ class TopicStreams:
         return found
 
     def _learn(self, stream: TopicStream) -> None:
+        self._learned_at[stream.name] = time.monotonic()
         if self.streams.get(stream.name) != stream:
             self.streams[stream.name] = stream
             self._by_topic.clear()
@@ -187,6 +189,13 @@ class TopicStreams:
         if self._listing is None or self._listing.done():
             self._begin_listing()
 
+    async def close(self) -> None:
+        """Stop a listing still running."""
+        task, self._listing = self._listing, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     def _begin_listing(self) -> asyncio.Task[None]:
         self._listing_began = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._list(self._listing_began))
@@ -209,6 +218,11 @@ class TopicStreams:
             if known is not None:
                 found[name] = known
         self.counts["stream_listings"] += 1
+        for name, stream in self.streams.items():
+            # One made or seen here since the listing began stays: a server
+            # of a cluster may list it only a moment later.
+            if name not in found and self._learned_at.get(name, -math.inf) >= began:
+                found[name] = stream
         if found != self.streams:
             self.streams = found
             self._by_topic.clear()
@@ -347,7 +361,14 @@ class TopicStreams:
     # -- subscriptions on streams (Rules 2, 4 and 5) ---------------------
 
     async def for_subscription(
-        self, pattern: str, *, why: str, history: bool, block: bool, limit: int
+        self,
+        pattern: str,
+        *,
+        why: str,
+        history: bool,
+        block: bool,
+        limit: int,
+        durable: str | None = None,
     ) -> TopicStream:
         """The stream a durable or replaying subscription to ``pattern`` consumes.
 
@@ -356,6 +377,8 @@ class TopicStreams:
             history: it replays (needs a retained pattern).
             block: its policy is ``block`` (Rule 5).
             limit: ``buffer + prefetch``, for a subscription stream (Rule 2).
+            durable: the durable consumer's name: a stream that has it
+                already is its stream (made before a retain(), say).
 
         Raises:
             ConfigurationError: history of topics not retained, or a pattern
@@ -369,6 +392,15 @@ class TopicStreams:
                 if stream is not None:
                     self._learn(stream)
                     overlapping.append(stream)
+        if durable is not None:
+            for stream in overlapping:
+                if covers(stream.pattern, pattern) and await self._has(stream, durable):
+                    if block:
+                        if stream.retained:
+                            await self.discard_new(stream)
+                        else:
+                            await self._subscription_stream(stream.pattern, block, limit)
+                    return stream
         retained = [s for s in overlapping if s.retained]
         kept = [s for s in retained if covers(s.pattern, pattern)]
         if kept:
@@ -400,6 +432,17 @@ class TopicStreams:
                 f"pattern, or retain() one covering {pattern!r}"
             )
         return await self._subscription_stream(pattern, block, limit)
+
+    async def _has(self, stream: TopicStream, consumer: str) -> bool:
+        """Does ``stream`` have the consumer ``consumer``?"""
+        try:
+            with map_exceptions(f"look at stream {stream.name}", timeout=self.options.ack_timeout):
+                await self.js.consumer_info(stream.name, consumer)
+        except PigeonError as exc:
+            if isinstance(exc.__cause__, nats.js.errors.NotFoundError):
+                return False
+            raise
+        return True
 
     async def _subscription_stream(self, pattern: str, block: bool, limit: int) -> TopicStream:
         config = StreamConfig(

@@ -54,7 +54,7 @@ from .history import TopicStreams
 from .options import NatsOptions
 from .outbox import TopicOutbox
 from .plain import PlainSubscription, TopicCounts
-from .replay import TopicConsumer
+from .replay import TopicConsumer, durable_name
 
 log = logging.getLogger("pigeon.nats")
 
@@ -186,6 +186,7 @@ class Topics:
                 history=options.start.replays,
                 block=policy == SlowPolicy.BLOCK,
                 limit=_limit(policy, options),
+                durable=None if options.name is None else durable_name(options.name),
             )
             subscription = TopicConsumer(
                 self.nc,
@@ -247,6 +248,7 @@ class Topics:
         await self.outbox.close(url)
         for subscription in list(self.subscriptions):
             await subscription.cancel()
+        await self.streams.close()
 
     def stats(self) -> dict[str, Any]:
         return {
