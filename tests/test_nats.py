@@ -24,14 +24,21 @@ def server_url() -> str:
 
 
 async def _delete_stream(url: str, stream: str) -> None:
+    """Delete ``stream`` and every stream named after it (the topic and
+    subscription streams pub-sub makes beside it: ``<stream>_T_…``, …)."""
     import nats
     import nats.js.errors
 
     nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
     try:
-        await nc.jetstream().delete_stream(stream)
-    except nats.js.errors.NotFoundError:
-        pass
+        js = nc.jetstream()
+        names = [info.config.name for info in await js.streams_info()]
+        for name in names:
+            if name == stream or (name or "").startswith(stream + "_"):
+                try:
+                    await js.delete_stream(name)
+                except nats.js.errors.NotFoundError:
+                    pass
     finally:
         await nc.close()
 
