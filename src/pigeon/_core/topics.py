@@ -122,11 +122,21 @@ def is_wildcard(pattern: str) -> bool:
 
 def matches(pattern: str, topic: str) -> bool:
     """True if ``topic`` matches ``pattern`` (Rule 1)."""
-    want, have = pattern.split("."), topic.split(".")
+    return covers(pattern, topic)
+
+
+def covers(outer: str, inner: str) -> bool:
+    """True if every topic matching pattern ``inner`` matches pattern
+    ``outer`` (a topic is a pattern without wildcards: then it is
+    ``matches``). A ``*`` in ``inner`` is covered only by ``*`` or ``>``, a
+    ``>`` only by ``>``."""
+    want, have = outer.split("."), inner.split(".")
     for i, segment in enumerate(want):
         if segment == ">":
             return len(have) > i
-        if i >= len(have) or (segment != "*" and segment != have[i]):
+        if i >= len(have) or have[i] == ">":
+            return False
+        if segment != "*" and segment != have[i]:
             return False
     return len(want) == len(have)
 

@@ -35,7 +35,7 @@ import math
 from typing import Any
 
 from ..._core.ledger import dead_letter_queue
-from ..._core.topics import Retention, SlowPolicy, check_pattern, check_topic
+from ..._core.topics import Retention, SlowPolicy, check_pattern, check_topic, covers
 from ...errors import ConfigurationError
 from ..base import SubscribeOptions
 
@@ -216,19 +216,6 @@ def stream_arguments(pattern: str, retention: Retention) -> dict[str, Any]:
         arguments["x-max-age"] = f"{max(1, math.ceil(retention.max_age))}s"
     arguments["x-stream-max-segment-size-bytes"] = min(MAX_SEGMENT, max(MIN_SEGMENT, segment))
     return arguments
-
-
-def covers(outer: str, inner: str) -> bool:
-    """True if every topic matching pattern ``inner`` matches ``outer``."""
-    want, have = outer.split("."), inner.split(".")
-    for i, segment in enumerate(want):
-        if segment == ">":
-            return len(have) > i
-        if i >= len(have) or have[i] == ">":
-            return False
-        if segment != "*" and segment != have[i]:
-            return False
-    return len(want) == len(have)
 
 
 def retained_candidates(pattern: str) -> list[str]:

@@ -67,7 +67,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
-from ..._core.topics import Retention, check_pattern, matches
+from ..._core.topics import Retention, check_pattern, covers, matches
 from ...errors import ConfigurationError, PigeonError
 from .errors import map_exceptions
 from .options import NatsOptions
@@ -98,19 +98,6 @@ class TopicStream:
     def subject_of(self, topic: str) -> str:
         """Where a publish on ``topic`` goes to be stored here."""
         return self.root + topic
-
-
-def covers(outer: str, inner: str) -> bool:
-    """True if every topic ``inner`` matches also matches ``outer`` (both patterns)."""
-    want, have = outer.split("."), inner.split(".")
-    for i, segment in enumerate(want):
-        if segment == ">":
-            return len(have) > i
-        if i >= len(have) or have[i] == ">":
-            return False
-        if segment != "*" and segment != have[i]:
-            return False
-    return len(want) == len(have)
 
 
 class TopicStreams:
