@@ -129,9 +129,34 @@ class NatsCluster:
     # -- starting and stopping --------------------------------------------
 
     def start(self) -> None:
-        """Start every server and wait until JetStream has a meta leader."""
+        """Start every server and wait until JetStream has a meta leader
+        that sees every other server current (before that, a stream with
+        3 replicas may be refused: "no suitable peers for placement")."""
         brokers.retry_on_port_clash(self._start_once, attempts=3)
         self.wait_for_meta_leader()
+        self.wait_for_every_peer()
+
+    def wait_for_every_peer(self, timeout: float = START_TIMEOUT) -> None:
+        if len(self.nodes) == 1:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in self.live():
+                try:
+                    meta = node.monitor("jsz").get("meta_cluster") or {}
+                except OSError:
+                    continue
+                if meta.get("leader") != node.name:
+                    continue
+                peers = meta.get("replicas") or []
+                if len(peers) == len(self.nodes) - 1 and all(
+                    p.get("current") and not p.get("offline") for p in peers
+                ):
+                    return
+            if time.monotonic() > deadline:
+                logs = "\n".join(brokers.tail(n.log.read_bytes(), 1500) for n in self.nodes)
+                pytest.fail(f"JetStream's peers not all current after {timeout} s\n{logs}")
+            time.sleep(0.1)
 
     def _start_once(self) -> None:
         ports: set[int] = set()
