@@ -132,7 +132,7 @@ def run_fanout(
         row["uncounted"] = row["lost"] - row["missed"]
         before_first = sum(r["first_seq"] - 1 for r in subs if r["first_seq"])
         if before_first:
-            notes.append(f"{before_first} lost before a subscriber's first delivery")
+            notes.append(f"{before_first} of them before a subscriber's first delivery")
         if repeats := sum(r["repeats"] for r in subs):
             notes.append(f"{repeats} repeats")
         if redelivered := sum(r["redelivered"] for r in subs):
