@@ -124,7 +124,7 @@ def run_fanout(
         "received": received,
         "lost": sent * n_subs - received,
     }
-    notes = []
+    notes = [f"lost {row['lost']} of {sent * n_subs}"] if row["lost"] else []
     if "missed" in subs[0]:  # pigeon: what the subscribers and the host counted
         row["gaps"] = sum(r["gaps"] for r in subs)
         row["missed"] = sum(r["missed"] for r in subs)
@@ -132,15 +132,13 @@ def run_fanout(
         row["uncounted"] = row["lost"] - row["missed"]
         before_first = sum(r["first_seq"] - 1 for r in subs if r["first_seq"])
         if before_first:
-            notes.append(f"{before_first} of them before a subscriber's first delivery")
+            notes.append(f"{before_first} of them before a subscriber's first delivery (counted)")
         if repeats := sum(r["repeats"] for r in subs):
             notes.append(f"{repeats} repeats")
         if redelivered := sum(r["redelivered"] for r in subs):
             notes.append(f"{redelivered} first deliveries flagged redelivered")
         if unhandled := sum(r["delivered"] for r in subs) - received:
             notes.append(f"{unhandled} delivered but never handled")
-    if row["lost"]:
-        notes.append(f"lost {row['lost']} of {sent * n_subs}")
     row["note"] = "; ".join(notes) or None
     return row
 
