@@ -177,7 +177,7 @@ def test_retention_arguments() -> None:
     }
     with pytest.raises(ConfigurationError, match="max_bytes and/or max_age instead"):
         amqp_topics.stream_arguments("a.>", Retention(max_count=5))
-    assert amqp_topics.covers("a.>", "a.b.*") and not amqp_topics.covers("a.*", "a.>")
+    assert covers("a.>", "a.b.*") and not covers("a.*", "a.>")
     assert amqp_topics.retained_candidates("a.b") == ["a.b", "a.>", ">"]
 
 

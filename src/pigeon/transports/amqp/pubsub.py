@@ -36,7 +36,7 @@ from typing import Any
 import aiormq.exceptions
 from aio_pika.abc import AbstractRobustConnection
 
-from ..._core.topics import Numbering, Retention, SlowPolicy, stamp
+from ..._core.topics import Numbering, Retention, SlowPolicy, covers, stamp
 from ...errors import (
     Backpressure,
     ConfigurationError,
@@ -56,7 +56,6 @@ from .subscribers import EphemeralSubscription, NamedSubscription
 from .topics import (
     TOPIC_EXCHANGE,
     binding_key,
-    covers,
     ephemeral_queue,
     named_queue,
     overflow_queue,
