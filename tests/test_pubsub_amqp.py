@@ -15,7 +15,7 @@ import brokers
 import pytest
 
 from pigeon._core import headers
-from pigeon._core.topics import GapTracker, Retention, SlowPolicy, StartAt
+from pigeon._core.topics import GapTracker, Retention, SlowPolicy, StartAt, covers
 from pigeon.errors import (
     Backpressure,
     ConfigurationError,
