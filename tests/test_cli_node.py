@@ -130,3 +130,49 @@ def test_node_keeps_dead_letters_across_restarts_and_replays_them(tmp_path) -> N
     finally:
         if node.proc.poll() is None:
             node.stop()
+
+
+# -- exit codes, and what the commands say when nothing answers ---------------
+
+
+def _run(*args: str, stdout: int | None = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PIGEON, *args], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=2 * WAIT
+    )
+
+
+def test_nothing_reachable_is_said_in_those_words_and_exits_69() -> None:
+    from brokers import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    for command in (["queues", address], ["dead", address, "jobs"], ["replay", address, "jobs"]):
+        done = _run(*command, "--timeout", "1")
+        assert done.returncode == 69, completed(done)
+        assert f"Nothing reachable at {address}" in done.stderr, completed(done)
+        assert "Traceback" not in done.stderr
+
+
+def test_a_broker_url_is_a_usage_error_that_says_why() -> None:
+    done = _run("queues", "nats://127.0.0.1:4222", "--timeout", "1")
+    assert done.returncode == 2, completed(done)
+    assert "asks a brokerless pigeon node" in done.stderr
+    assert "connect_grace" not in done.stderr  # no option leaks into the message
+
+
+def test_a_closed_pipe_ends_quietly_and_replay_speaks_json(tmp_path: Path) -> None:
+    node = start_node(ANY_PORT, str(tmp_path / "node.db"), tmp_path)
+    try:
+        reader = subprocess.Popen(
+            [*PIGEON, "queues", node.url, "--json", "--timeout", str(WAIT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert reader.stdout is not None and reader.stderr is not None
+        reader.stdout.close()  # as `| head` does once it has read enough
+        err = reader.stderr.read().decode()
+        reader.stderr.close()
+        assert reader.wait(2 * WAIT) == 0 and "Traceback" not in err, err
+        replayed = json.loads(cli("replay", node.url, "jobs", "--json"))
+        assert replayed == {"queue": "jobs", "replayed": 0}
+    finally:
+        node.stop()

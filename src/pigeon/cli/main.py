@@ -1,14 +1,20 @@
-"""``pigeon``: run the demo, a node, a bridge, the benchmark; see ``pigeon --help``."""
+"""``pigeon``: run the demo, a node, a bridge, the benchmark; see ``pigeon --help``.
+
+Exit codes (``cli.exits``): 0 ok, 1 the operation failed, 2 a usage or
+configuration error, 69 nothing reachable at the address given.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 
 from .._extras import DISTRIBUTION, install_hint
-from ..errors import PigeonError
+from ..errors import ConfigurationError, PigeonError
 from . import bridge, demo, keys, node
+from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Unreachable
 
 
 def version() -> str:
@@ -57,9 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a command is required")
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (``pigeon queues --json | head``): end quietly,
+        # and let nothing else write to the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Unreachable as exc:
+        print(f"pigeon {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except PigeonError as exc:
         print(f"pigeon {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

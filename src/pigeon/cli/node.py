@@ -13,6 +13,9 @@ import pigeon
 from pigeon._core import topics
 from pigeon.transports.zmq.admin import DEAD_SERVICE, INFO_SERVICE, REPLAY_SERVICE
 
+from ..transports import ZMQ_SCHEMES
+from .exits import Unreachable
+
 
 def add_parsers(subparsers: Any) -> None:
     node = subparsers.add_parser("node", help="run a node that hosts queues for other processes")
@@ -123,6 +126,7 @@ def add_parsers(subparsers: Any) -> None:
     replay.add_argument("url")
     replay.add_argument("queue")
     replay.add_argument("--limit", type=int, default=None)
+    replay.add_argument("--json", action="store_true", help="print the answer as JSON")
     replay.add_argument("--timeout", type=float, default=3.0)
     _add_key_options(replay)
     replay.set_defaults(func=run_replay)
@@ -257,24 +261,51 @@ def _reload(node: pigeon.Connection) -> None:
     print(f"pigeon node: ACL reloaded ({stopped} consumer(s) lost their grant)", flush=True)
 
 
+def _node_url(url: str, command: str) -> str:
+    """The admin commands ask a brokerless node's admin services."""
+    scheme = url.partition("://")[0]
+    if scheme not in ZMQ_SCHEMES:
+        raise pigeon.ConfigurationError(
+            f"pigeon {command} asks a brokerless pigeon node (tcp://, ipc:// or inproc://), "
+            f"not {scheme}://; use the broker's own tools for its queues"
+        )
+    return url
+
+
+async def _reached(conn: pigeon.Connection, url: str, call: Any) -> Any:
+    """Await ``call``; a call that no node answered because none is up at
+    ``url`` is ``Unreachable`` (exit 69), not NoResponders."""
+    try:
+        return await call
+    except (pigeon.NoResponders, pigeon.TransportError) as exc:
+        links = conn.stats().get("links", {})
+        if isinstance(exc, pigeon.NoPigeonNode) or not any(
+            link.get("up") for link in links.values()
+        ):
+            raise Unreachable(url, str(exc)) from exc
+        raise
+
+
 def _ask(args: argparse.Namespace, service: str, payload: Any) -> Any:
-    url, timeout = args.url, args.timeout
+    url, timeout = _node_url(args.url, args.command), args.timeout
 
     async def main() -> Any:
         # The node is expected to be there: wait for its handshake as long
         # as the whole timeout, not just the default grace.
         async with pigeon.connect(url, connect_grace=timeout, **_key_options(args)) as conn:
-            return (await conn.request(service, payload, timeout=timeout)).decode()
+            reply = await _reached(conn, url, conn.request(service, payload, timeout=timeout))
+            return reply.decode()
 
     return asyncio.run(main())
 
 
 def _all_pages(args: argparse.Namespace) -> dict[str, Any]:
     """pigeon.info answers a page of queues at a time; gather them all."""
-    url, timeout = args.url, args.timeout
+    url, timeout = _node_url(args.url, args.command), args.timeout
 
     async def main() -> dict[str, Any]:
         async with pigeon.connect(url, connect_grace=timeout, **_key_options(args)) as conn:
+            await _reached(conn, url, conn.request(INFO_SERVICE, {"limit": 1}, timeout=timeout))
             info: dict[str, Any] = {}
             queues: dict[str, Any] = {}
             after: str | None = ""
@@ -324,5 +355,8 @@ def run_dead(args: argparse.Namespace) -> int:
 
 def run_replay(args: argparse.Namespace) -> int:
     answer = _ask(args, REPLAY_SERVICE, {"queue": args.queue, "limit": args.limit})
+    if args.json:
+        print(json.dumps({"queue": args.queue, "replayed": answer["replayed"]}))
+        return 0
     print(f"replayed {answer['replayed']} dead letter(s) into {args.queue!r}")
     return 0
