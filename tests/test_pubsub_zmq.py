@@ -303,3 +303,26 @@ def test_pigeon_node_refuses_a_bad_retain(option: str, error: str) -> None:
         timeout=WAIT,
     )
     assert done.returncode == 2 and error in done.stderr, done.stderr
+
+
+def test_short_subscriptions_leave_nothing_behind() -> None:
+    """Each subscription of its own has a new queue name: a connecting node
+    that opens and ends many keeps nothing of the ended ones, nor does the
+    node that hosted them."""
+
+    async def scenario() -> None:
+        async with pigeon.connect(bind="tcp://127.0.0.1:0") as hub:
+            url = str(hub.stats()["bound"][0])
+            async with pigeon.connect(url) as far:
+                for n in range(50):
+                    async with far.subscription("t.>") as events:
+                        await hub.publish("t.x", n)
+                        async for _event in events:
+                            break
+                consumers = far.transport.consumers  # type: ignore[attr-defined]
+                assert (len(consumers._verdicts), len(consumers.granted)) == (0, 0)
+                assert len(far.stats()["workers"]) <= 1
+            assert hub.stats()["topics"]["subscriptions"] == {}
+            assert not [q for q in hub.stats()["queues"] if q.startswith("pigeon.tmp.")]
+
+    asyncio.run(scenario())

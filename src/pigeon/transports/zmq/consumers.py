@@ -93,10 +93,10 @@ class RemoteConsumers:
         await self._changed.wait_until(answered, time.monotonic() + self.verdict_timeout)
         refused = [link for link in asking if self._verdicts.get((link, queue)) is False]
         if refused:
-            self.cancel(queue)
             address = refused[0].address
             reason = self._reasons.get((refused[0], queue))
             trimmed = self._trimmed.get((refused[0], queue))
+            self.cancel(queue)
             if trimmed is not None and subscribe is not None:
                 raise ReplayTrimmed(trimmed[0], subscribe.from_seq or 0, trimmed[1])
             if reason and subscribe is not None:
@@ -124,6 +124,12 @@ class RemoteConsumers:
         draining = queue in self._draining
         self._draining.discard(queue)
         for link in self.links:
+            # What hosts answered for it goes too: subscriptions' queue
+            # names are new each time, and would pile up here.
+            self._verdicts.pop((link, queue), None)
+            self._reasons.pop((link, queue), None)
+            self._trimmed.pop((link, queue), None)
+            self.granted.pop((link.address, queue), None)
             link.subscriptions.pop(queue, None)
             if link.consumers.pop(queue, None) is not None or draining:
                 link.send_frame(frames.Cancel(queue))
