@@ -24,7 +24,6 @@ from pigeon._core.topics import (
     check_pattern,
     check_policy,
     check_topic,
-    is_wildcard,
     matches,
     numbered,
     stamp,
@@ -114,11 +113,6 @@ def test_invalid_patterns_name_the_rule(pattern: str, rule: str) -> None:
     with pytest.raises(ValueError, match="pattern") as info:
         check_pattern(pattern)
     assert rule in str(info.value)
-
-
-def test_is_wildcard() -> None:
-    assert is_wildcard("a.*") and is_wildcard(">") and is_wildcard("a.*.c")
-    assert not is_wildcard("a.b") and not is_wildcard("a")
 
 
 @pytest.mark.parametrize(

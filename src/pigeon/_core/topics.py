@@ -116,10 +116,6 @@ def check_pattern(pattern: object) -> str:
     return pattern
 
 
-def is_wildcard(pattern: str) -> bool:
-    return any(s in ("*", ">") for s in pattern.split("."))
-
-
 def matches(pattern: str, topic: str) -> bool:
     """True if ``topic`` matches ``pattern`` (Rule 1)."""
     return covers(pattern, topic)
