@@ -1,4 +1,9 @@
-"""``pigeon``: run the demo, a node, a bridge, the benchmark; see ``pigeon --help``.
+"""``pigeon``: run apps and nodes, send and watch messages, operate queues,
+run the demo and the benchmark; see ``pigeon --help``.
+
+The command line is built on click (commands, options, help) with rich for
+tables, live views and progress. Each command lives in its own module and
+registers a click command here.
 
 Exit codes (``cli.exits``): 0 ok, 1 the operation failed, 2 a usage or
 configuration error, 69 nothing reachable at the address given.
@@ -9,11 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from importlib import metadata
+from typing import Any
+
+import click
 
 from .._extras import DISTRIBUTION, install_hint
 from ..errors import ConfigurationError, PigeonError
-from . import bridge, demo, keys, node
 from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Unreachable
 
 
@@ -28,52 +36,113 @@ def version() -> str:
         return __version__
 
 
-def _bench(argv: list[str]) -> int:
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (``pigeon queues --json | head``): end
+            # quietly, and let nothing else write to the closed pipe at exit.
+            # (Caught here: click itself would exit 1 on it.)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(EXIT_OK) from None
+
+
+@click.group(
+    cls=_Group,
+    name="pigeon",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=True,
+)
+@click.option("--version", "show_version", is_flag=True, help="print the version and exit")
+@click.pass_context
+def cli(ctx: click.Context, show_version: bool) -> None:
+    """Message queues for Python."""
+    if show_version:
+        click.echo(f"pigeon {version()}")
+        ctx.exit(EXIT_OK)
+    if ctx.invoked_subcommand is None:
+        raise click.UsageError("a command is required", ctx)
+
+
+def argparse_command(
+    name: str, help: str, add_parser: Callable[[Any], None]
+) -> click.Command:
+    """A click command that hands its arguments to an argparse parser made
+    by ``add_parser`` (used while a command still parses its own options)."""
+
+    @click.command(
+        name=name,
+        help=help,
+        context_settings={"ignore_unknown_options": True, "help_option_names": []},
+        add_help_option=False,
+    )
+    @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+    def command(argv: tuple[str, ...]) -> None:
+        parser = argparse.ArgumentParser(prog="pigeon")
+        subparsers = parser.add_subparsers(dest="command")
+        add_parser(subparsers)
+        args = parser.parse_args([name, *argv])
+        sys.exit(int(args.func(args)))
+
+    return command
+
+
+@cli.command(
+    name="bench",
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def bench(argv: tuple[str, ...]) -> None:
+    """Benchmark pigeon beside pyzmq, NATS and RabbitMQ (own options: see
+    pigeon bench --help)."""
     try:
         from ..bench import main as bench_main
     except ImportError as exc:
-        print(
-            f"pigeon bench needs its extras ({exc}): {install_hint('bench')}",
-            file=sys.stderr,
-        )
-        return 2
-    return bench_main(argv)
+        click.echo(f"pigeon bench needs its extras ({exc}): {install_hint('bench')}", err=True)
+        sys.exit(EXIT_USAGE)
+    sys.exit(bench_main(list(argv)))
+
+
+def _register() -> None:
+    from . import bridge, demo, keys, node
+
+    for module in (demo, keys, bridge):
+        name = module.__name__.rsplit(".", 1)[1]
+        cli.add_command(argparse_command(name, (module.__doc__ or "").split("\n")[0], module.add_parser))
+    for name in ("node", "queues", "dead", "replay"):
+        cli.add_command(argparse_command(name, f"pigeon {name}", node.add_parsers))
+
+
+_register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    # The benchmark parses its own options.
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
-    parser = argparse.ArgumentParser(prog="pigeon", description="Message queues for Python.")
-    parser.add_argument(
-        "--version", action="store_true", help="print the version of pigeon and exit"
-    )
-    subparsers = parser.add_subparsers(dest="command")
-    demo.add_parser(subparsers)
-    node.add_parsers(subparsers)
-    keys.add_parser(subparsers)
-    bridge.add_parser(subparsers)
-    subparsers.add_parser("bench", help="benchmark pigeon beside pyzmq, NATS and RabbitMQ")
-    args = parser.parse_args(argv)
-    if args.version:
-        print(f"pigeon {version()}")
-        return 0
-    if args.command is None:
-        parser.error("a command is required")
+    """Run the command line; returns the exit code (see module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "pigeon"
     try:
-        return int(args.func(args))
-    except BrokenPipeError:
-        # The reader went away (``pigeon queues --json | head``): end quietly,
-        # and let nothing else write to the closed pipe at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        cli.main(argv, prog_name="pigeon", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            click.echo(exc.code, err=True)  # a refusal worded by the command
+            return EXIT_USAGE
+        return EXIT_OK if exc.code is None else int(exc.code)
     except Unreachable as exc:
-        print(f"pigeon {args.command}: {exc}", file=sys.stderr)
+        click.echo(f"pigeon {command}: {exc}", err=True)
         return EXIT_UNAVAILABLE
     except PigeonError as exc:
-        print(f"pigeon {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        click.echo(f"pigeon {command}: {type(exc).__name__}: {exc}", err=True)
         return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":
