@@ -65,9 +65,7 @@ def cli(ctx: click.Context, show_version: bool) -> None:
         raise click.UsageError("a command is required", ctx)
 
 
-def argparse_command(
-    name: str, help: str, add_parser: Callable[[Any], None]
-) -> click.Command:
+def argparse_command(name: str, help: str, add_parser: Callable[[Any], None]) -> click.Command:
     """A click command that hands its arguments to an argparse parser made
     by ``add_parser`` (used while a command still parses its own options)."""
 
@@ -110,7 +108,9 @@ def _register() -> None:
 
     for module in (demo, keys, bridge):
         name = module.__name__.rsplit(".", 1)[1]
-        cli.add_command(argparse_command(name, (module.__doc__ or "").split("\n")[0], module.add_parser))
+        cli.add_command(
+            argparse_command(name, (module.__doc__ or "").split("\n")[0], module.add_parser)
+        )
     for name in ("node", "queues", "dead", "replay"):
         cli.add_command(argparse_command(name, f"pigeon {name}", node.add_parsers))
 
