@@ -93,6 +93,7 @@ class QueueHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.refused = 0
         self.backlog_errors = 0
+        self.purged = 0  # messages removed by ``purge`` (an operator's decision)
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -441,6 +442,20 @@ class QueueHost:
             target.restore(message)  # seen before, so it stays marked redelivered
         self._write([op for m in messages for op in persistence.replay_ops(queue, m)])
         self._mark(queue)
+        return len(messages)
+
+    def purge(self, queue: str) -> int:
+        """Remove the ready messages of ``queue`` held in memory (of a dead
+        letter queue: its dead letters), and their stored rows. Messages in
+        flight or delayed stay; a durable queue's backlog still on disk is
+        left (``ready_count`` says how much). Returns how many went."""
+        ledger = self.queues.get(queue)
+        if ledger is None:
+            return 0
+        messages = ledger.take_ready()
+        self.purged += len(messages)
+        # Stored rows go as an ack would take them (a dead letter's row with it).
+        self._write([*persistence.ack_ops(queue, messages)])
         return len(messages)
 
     # -- scheduling ------------------------------------------------------

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from .._core.policy import least_loaded
+from .._core.service_stats import ServiceCounts
 from ..errors import NoResponders, Rejected, Timeout
 from ..message import Message
 from .base import (
@@ -128,6 +131,15 @@ class LocalServices:
         # Calls whose deadline passed before their handler started or while
         # it ran: nobody waits for their answer.
         self.expired_requests = 0
+        self.counts = ServiceCounts()  # calls, errors and latency of each service
+
+    def servers(self, service: str) -> int:
+        """How many handlers here serve ``service``."""
+        return len(self._servers.get(service, ()))
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Calls, errors and latency percentiles of each service called here."""
+        return self.counts.snapshot()
 
     def names(self) -> list[str]:
         return sorted(self._servers)
@@ -171,7 +183,18 @@ class LocalServices:
             raise NoResponders(service)
         server = least_loaded(servers, _outstanding, next(self._rotation))
         assert server is not None  # servers is not empty
-        return self._answer(service, await self._run(server, message, timeout), timeout)
+        started = time.perf_counter()
+        try:
+            outcome = await self._run(server, message, timeout)
+        except asyncio.CancelledError:  # its caller's deadline passed
+            self.counts.record(service, time.perf_counter() - started, failed=True)
+            raise
+        self.counts.record(
+            service,
+            time.perf_counter() - started,
+            failed=bool(outcome.error or outcome.expired or outcome.reply is None),
+        )
+        return self._answer(service, outcome, timeout)
 
     async def call_all(self, service: str, message: Message, *, timeout: float) -> list[Message]:
         """Run every local server's handler on ``message``; the replies of

@@ -1,6 +1,7 @@
 """Services every serving node answers, for the ``pigeon`` command:
 ``pigeon.info`` (stats), ``pigeon.dead`` (list dead letters),
 ``pigeon.replay`` (move dead letters back to their queue),
+``pigeon.purge`` (remove a queue's ready messages, or its dead letters),
 ``pigeon.declare`` (set the policy of a queue name or pattern) and
 ``pigeon.retain`` (keep history of topics)."""
 
@@ -23,13 +24,15 @@ from ..topic_host import TopicHost
 INFO_SERVICE = "pigeon.info"
 DEAD_SERVICE = "pigeon.dead"
 REPLAY_SERVICE = "pigeon.replay"
+PURGE_SERVICE = "pigeon.purge"
 DECLARE_SERVICE = "pigeon.declare"
 RETAIN_SERVICE = "pigeon.retain"
 ADMIN_SERVICES = frozenset(
-    {INFO_SERVICE, DEAD_SERVICE, REPLAY_SERVICE, DECLARE_SERVICE, RETAIN_SERVICE}
+    {INFO_SERVICE, DEAD_SERVICE, REPLAY_SERVICE, PURGE_SERVICE, DECLARE_SERVICE, RETAIN_SERVICE}
 )
 # Read-only answers: cheap to make again, large to keep, so never cached
-# (replay is not read-only: a retried replay must get the first answer).
+# (replay and purge are not read-only: a retried one must get the first
+# answer, not move or remove more).
 UNCACHED_SERVICES = frozenset({INFO_SERVICE, DEAD_SERVICE})
 
 
@@ -39,6 +42,11 @@ PAGE = 1000  # queues per pigeon.info answer
 class _QueueRequest(msgspec.Struct):
     queue: str
     limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+
+
+class _PurgeRequest(msgspec.Struct):
+    queue: str
+    dead: bool = False  # its dead letters (``<queue>.dead``) instead
 
 
 class _InfoRequest(msgspec.Struct):
@@ -94,6 +102,17 @@ class RetainRequest(msgspec.Struct):
     max_age: float | None = None
 
 
+def dead_letter_row(letter: Message) -> dict[str, Any]:
+    """A dead letter as ``pigeon dead`` shows it (the body's first 200 bytes)."""
+    return {
+        "id": letter.id,
+        "reason": policy.dead_reason(letter.headers),
+        "attempts": letter.headers.get(headers.ATTEMPTS, ""),
+        "content_type": letter.content_type,
+        "body": letter.body[:200].decode("utf-8", "replace"),
+    }
+
+
 def register(
     services: LocalServices,
     host: QueueHost,
@@ -112,21 +131,25 @@ def register(
         ledger = host.queues.get(dead_letter_queue(request.queue))
         letters: list[dict[str, Any]] = []
         if ledger is not None:
-            for letter in ledger.peek_ready(request.limit or 100):
-                letters.append(
-                    {
-                        "id": letter.id,
-                        "reason": policy.dead_reason(letter.headers),
-                        "attempts": letter.headers.get(headers.ATTEMPTS, ""),
-                        "content_type": letter.content_type,
-                        "body": letter.body[:200].decode("utf-8", "replace"),
-                    }
-                )
+            letters = [dead_letter_row(m) for m in ledger.peek_ready(request.limit or 100)]
         return make_message(letters)
 
     async def replay(message: Message) -> Message:
         request = _queue_request(message)
         return make_message({"replayed": host.replay_dead(request.queue, request.limit)})
+
+    async def purge(message: Message) -> Message:
+        # Only a peer with admin rights gets here on a node with keys.
+        try:
+            request = message.decode(_PurgeRequest)
+        except DecodeError as exc:
+            raise DecodeError(f"expected {{'queue': str, 'dead': bool}}: {exc}") from exc
+        queue = dead_letter_queue(request.queue) if request.dead else request.queue
+        purged = host.purge(queue)
+        ledger = host.queues.get(queue)
+        return make_message(
+            {"queue": queue, "purged": purged, "ready": ledger.ready_count if ledger else 0}
+        )
 
     async def declare(message: Message) -> Message:
         # Only a peer with admin rights gets here on a node with keys (the
@@ -154,3 +177,4 @@ def register(
     services.add(DECLARE_SERVICE, declare)
     services.add(DEAD_SERVICE, dead)
     services.add(REPLAY_SERVICE, replay)
+    services.add(PURGE_SERVICE, purge)

@@ -14,10 +14,12 @@ form a loop.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ..._core import frames
+from ..._core.service_stats import ServiceCounts
 from ...message import Message
 from ..local import LocalServices
 from .admin import ADMIN_SERVICES
@@ -62,6 +64,7 @@ class Relay:
             self._targets, LocalServices(), attempt_timeout=attempt_timeout, heard=Waiters()
         )
         self.refused_services = 0  # advertised, but the peer may not serve them (ACL)
+        self.counts = ServiceCounts()  # calls relayed, by service
 
     def services(self) -> set[str]:
         """Every service some peer offers here."""
@@ -106,7 +109,17 @@ class Relay:
 
     async def call(self, service: str, message: Message, *, timeout: float) -> Message:
         """Relay a call (see :meth:`Caller.request`)."""
-        return await self.caller.request(service, message, timeout=timeout)
+        started, failed = time.perf_counter(), True
+        try:
+            reply = await self.caller.request(service, message, timeout=timeout)
+            failed = False
+            return reply
+        finally:
+            self.counts.record(service, time.perf_counter() - started, failed=failed)
+
+    def servers(self, service: str) -> int:
+        """How many peers here serve ``service``."""
+        return sum(1 for peer in self.peers.values() if peer.offers(service))
 
     def on_reply(self, identity: bytes, reply: frames.Reply) -> None:
         """A server answered: only the one the call went to counts."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from ..._core.service_stats import ServiceTally
 from ..host import QueueHost
 from ..local import LocalServices
 from ..topic_host import TopicHost
@@ -80,6 +81,8 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         + node.caller.services.expired_requests,
         # Calls relayed to servers connected to this node (see relay.py).
         "relay": router.relay.stats() if router else None,
+        # Calls, errors and latency of each service served or relayed here.
+        "service_stats": _service_stats(node),
         "reply_cache_hits": router.responder.replies.hits if router else 0,
         # Sends and requests refused because their peer was over its budget
         # of work held for it (see pigeon._core.budget).
@@ -117,6 +120,7 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "store": node.host.store.stats() if node.host.store is not None else None,
         "outbox": sender.outbox.stats() if sender.outbox is not None else None,
         "queues_forgotten": node.host.table.forgotten,
+        "purged": node.host.purged,
         "queues_refused": node.host.table.refused,
         "bytes_held": node.host.bytes_held(),
         "memory_refused": node.host.table.memory_refused,
@@ -124,6 +128,24 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "queues": node.host.stats(),
         "topics": node.topics.stats(),
     }
+
+
+def _service_stats(node: CountedNode) -> dict[str, dict[str, Any]]:
+    """Per service: servers (local handlers, or peers it is relayed to) and
+    what was counted of its calls here."""
+    relay = node.router.relay if node.router is not None else None
+    none_yet = ServiceTally().snapshot()
+    out: dict[str, dict[str, Any]] = {}
+    for name, counts in node.services.stats().items():
+        out[name] = {"servers": node.services.servers(name), **counts}
+    if relay is not None:
+        for name, counts in relay.counts.snapshot().items():
+            out.setdefault(name, {"servers": relay.servers(name), **counts})
+        for name in relay.services():
+            out.setdefault(name, {"servers": relay.servers(name), **none_yet})
+    for name in node.services.names():
+        out.setdefault(name, {"servers": node.services.servers(name), **none_yet})
+    return out
 
 
 def _link_stats(link: Link) -> dict[str, Any]:
