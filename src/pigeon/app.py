@@ -48,6 +48,7 @@ from . import sync
 from ._core import topics
 from ._core.backoff import RetryPolicy
 from .connection import Connection, connect
+from .errors import ConfigurationError
 from .message import Message
 from .subscriber import Event
 from .transports import Delivery
@@ -150,7 +151,7 @@ class _WorkerSpec:
     queue: str
     handler: Callable[[Any], Any]
     prefetch: int
-    concurrency: int
+    concurrency: int | None  # None: the app's default (App.configure)
     retry: RetryPolicy | None
     lease_ttl: float
 
@@ -186,18 +187,52 @@ class App:
         self._services: list[tuple[str, Callable[[Any], Any]]] = []
         self._subscribers: list[_SubscriberSpec] = []
         self._retained: list[_RetainSpec] = []
+        self._concurrency = 1  # for handlers that do not set their own
         self.connection: Connection | None = None
+
+    def configure(
+        self,
+        *,
+        url: str | list[str] | None = None,
+        concurrency: int | None = None,
+        **options: Any,
+    ) -> None:
+        """Change how the app will run, before it starts (``pigeon run``
+        calls this with its options).
+
+        Args:
+            url: connect here instead of the URL the app was built with
+                (a node it binds, if any, is kept).
+            concurrency: how many handlers each worker and subscriber runs at
+                once, for those that did not set ``concurrency=`` themselves
+                (1 unless set here).
+            options: connect options (e.g. ``key``, ``server_key``), merged
+                over those the app was built with.
+
+        Raises:
+            ConfigurationError: ``concurrency`` is not a positive int.
+        """
+        old_url, bind, old_options = self._connect_args
+        if concurrency is not None:
+            if not isinstance(concurrency, int) or isinstance(concurrency, bool):
+                raise ConfigurationError(f"concurrency must be an int, not {concurrency!r}")
+            if concurrency < 1:
+                raise ConfigurationError(f"concurrency must be at least 1, not {concurrency}")
+            self._concurrency = concurrency
+        self._connect_args = (old_url if url is None else url, bind, {**old_options, **options})
 
     def worker(
         self,
         queue: str,
         *,
         prefetch: int = 64,
-        concurrency: int = 1,
+        concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         lease_ttl: float = 30.0,
     ) -> Callable[[F], F]:
-        """Register the decorated function as a worker of ``queue``.
+        """Register the decorated function as a worker of ``queue``
+        (``concurrency``: handlers run at once; unset, the app's default,
+        see :meth:`configure`).
 
         Raises:
             TypeError: the function cannot take what it asks for (see
@@ -238,7 +273,7 @@ class App:
         last: int | None = None,
         last_per_subject: bool = False,
         prefetch: int = 64,
-        concurrency: int = 1,
+        concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         lease_ttl: float = 30.0,
     ) -> Callable[[F], F]:
@@ -306,12 +341,15 @@ class App:
                 spec.queue,
                 spec.handler,
                 prefetch=spec.prefetch,
-                concurrency=spec.concurrency,
+                concurrency=self._concurrency if spec.concurrency is None else spec.concurrency,
                 retry=spec.retry,
                 lease_ttl=spec.lease_ttl,
             )
         for subscriber in self._subscribers:
-            await conn.subscribe(subscriber.pattern, subscriber.handler, **subscriber.options)
+            subscribe_options = subscriber.options
+            if subscribe_options["concurrency"] is None:
+                subscribe_options = {**subscribe_options, "concurrency": self._concurrency}
+            await conn.subscribe(subscriber.pattern, subscriber.handler, **subscribe_options)
         return conn
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -319,22 +357,25 @@ class App:
         if self.connection is not None:
             await self.connection.close(timeout)
 
-    async def run_async(self, stop: asyncio.Event | None = None) -> None:
-        """Run until ``stop`` is set (or forever), then stop cleanly."""
-        await self.start()
+    async def run_async(self, stop: asyncio.Event | None = None, *, grace: float = 5.0) -> None:
+        """Run until ``stop`` is set (or forever), then stop cleanly, letting
+        running handlers finish for up to ``grace`` seconds. A start that
+        fails half-way closes what it opened."""
         try:
+            await self.start()
             await (stop or asyncio.Event()).wait()
         finally:
-            await self.stop()
+            await self.stop(grace)
 
-    def run(self) -> None:
-        """Run until Ctrl-C or SIGTERM, then drain and stop."""
+    def run(self, *, grace: float = 5.0) -> None:
+        """Run until Ctrl-C or SIGTERM, then drain (for up to ``grace``
+        seconds) and stop."""
 
         async def main() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await self.run_async(stop)
+            await self.run_async(stop, grace=grace)
 
         asyncio.run(main())
