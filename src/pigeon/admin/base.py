@@ -67,6 +67,10 @@ class Admin(abc.ABC):
         None), ``version`` (the broker's, or None), ``services`` (names) and
         ``peers`` (see ``peers()``); a node adds every stat it counts."""
 
+    async def overview(self) -> dict[str, Any]:
+        """``info()`` with ``queues``: what ``pigeon queues --json`` prints."""
+        return {**(await self.info()), "queues": await self.queues()}
+
     @abc.abstractmethod
     async def queues(self) -> dict[str, QueueRow]:
         """Every queue by name, each with ``QUEUE_FIELDS`` (Rule 1 to 3)."""

@@ -5,6 +5,7 @@ on a node with keys)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -42,6 +43,7 @@ class NodeAdmin(Admin):
         await conn.start()
         admin = cls(url, conn, timeout)
         try:
+            await _until_linked(conn, url, timeout)
             await admin.ping()
         except BaseException:
             await conn.close(timeout=1.0)
@@ -72,9 +74,9 @@ class NodeAdmin(Admin):
         info["queues"] = queues
         return info
 
-    async def stats(self) -> dict[str, Any]:
-        """The node's own stats, every queue included (what ``pigeon queues
-        --json`` prints): ``info()`` plus ``queues`` in the node's shape."""
+    async def overview(self) -> dict[str, Any]:
+        """The node's own stats with every queue (what ``pigeon queues
+        --json`` prints)."""
         info = await self._all_pages()
         info["queues"] = _with_dead_counts(info["queues"])
         return {**_described(self.url, info), **info}
@@ -121,6 +123,19 @@ class NodeAdmin(Admin):
             await self._conn.close(timeout=1.0)
 
 
+async def _until_linked(conn: connection.Connection, url: str, timeout: float) -> None:
+    """Wait until a link is up; raise ``Unreachable`` as soon as every link's
+    connect was refused (rather than after the whole timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        links = conn.stats().get("links", {}).values()
+        if any(link.get("up") for link in links):
+            return
+        if links and all(link.get("connect_failures", 0) > 0 for link in links):
+            raise Unreachable(masked(url), "connection refused")
+        await asyncio.sleep(0.02)
+
+
 def _described(url: str, info: dict[str, Any]) -> dict[str, Any]:
     return {
         "transport": "zmq",
@@ -162,5 +177,5 @@ def node_peers(info: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for address, link in sorted((info.get("links") or {}).items())
     ]
-    peers += info.get("connected_peers") or []
+    peers += info.get("relayed_servers") or []
     return peers

@@ -96,6 +96,8 @@ class Link:
         self.auth_error: AuthenticationError | None = None  # the last handshake failed
         self.auth_failures = 0
         self.times_lost = 0  # times this link went down (connection lost, heartbeats missed)
+        # Connect attempts that failed (nothing listened) before one worked.
+        self.connect_failures = 0
         self.shaken_at: float | None = None  # the first ZeroMQ handshake done
         self.foreign: Foreign | None = None  # the peer showed it is no pigeon node
         self.foreign_peers = 0
@@ -133,6 +135,7 @@ class Link:
             on_ready=self._handshake_done,
             on_refused=self._handshake_refused,
             on_dropped=lambda: self._is_foreign(Foreign.HANDSHAKE),
+            on_retried=self._connect_retried,
         )
         sock.connect(address)
         self.pump = Pump(
@@ -176,6 +179,10 @@ class Link:
     @property
     def hosts_queues(self) -> bool:
         return self.up and self.remote is not None and self.remote.hosts_queues
+
+    def _connect_retried(self) -> None:
+        if self.shaken_at is None:
+            self.connect_failures += 1
 
     def _handshake_done(self) -> None:
         self.auth_error = None

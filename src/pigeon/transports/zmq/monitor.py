@@ -65,8 +65,12 @@ class ConnectionMonitor(_Watcher):
         on_ready: Callable[[], None],
         on_refused: Callable[[int], None],
         on_dropped: Callable[[], None] | None = None,
+        on_retried: Callable[[], None] | None = None,
     ) -> None:
         self._on_lost = on_lost
+        # A connect attempt failed (refused: nothing listens there yet) and
+        # libzmq will try again.
+        self._on_retried = on_retried
         self._on_ready = on_ready
         self._on_refused = on_refused
         # A connection dropped in the handshake with no event saying why:
@@ -75,7 +79,7 @@ class ConnectionMonitor(_Watcher):
         self._on_dropped = on_dropped
         self._shaking = False
         events = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-        super().__init__(sock, events | FAILED_HANDSHAKES)
+        super().__init__(sock, events | zmq.EVENT_CONNECT_RETRIED | FAILED_HANDSHAKES)
 
     def _event(self, event: Mapping[str, Any]) -> None:
         kind = event["event"]
@@ -89,6 +93,9 @@ class ConnectionMonitor(_Watcher):
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._shaking = False
             self._on_ready()
+        elif kind == zmq.EVENT_CONNECT_RETRIED:
+            if self._on_retried is not None:
+                self._on_retried()
         elif kind & FAILED_HANDSHAKES:
             self._shaking = False
             self._on_refused(int(kind))

@@ -83,6 +83,9 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "relay": router.relay.stats() if router else None,
         # Calls, errors and latency of each service served or relayed here.
         "service_stats": _service_stats(node),
+        # Servers connected to this node whose services it relays (the first
+        # MAX_LISTED of them; "servers" in "relay" counts them all).
+        "relayed_servers": _relayed_servers(node),
         "reply_cache_hits": router.responder.replies.hits if router else 0,
         # Sends and requests refused because their peer was over its budget
         # of work held for it (see pigeon._core.budget).
@@ -148,11 +151,31 @@ def _service_stats(node: CountedNode) -> dict[str, dict[str, Any]]:
     return out
 
 
+MAX_LISTED = 100
+
+
+def _relayed_servers(node: CountedNode) -> list[dict[str, Any]]:
+    if node.router is None:
+        return []
+    peers = [p for p in node.router.relay.peers.values() if p.services][:MAX_LISTED]
+    return [
+        {
+            "address": None,  # a peer that connected here: its address is its own
+            "node": peer.identity.decode("utf-8", "replace"),
+            "up": True,
+            "services": sorted(peer.services),
+        }
+        for peer in peers
+    ]
+
+
 def _link_stats(link: Link) -> dict[str, Any]:
     """A link, and what the node at its end said in its last Hello."""
     remote = link.remote
     return {
         "up": link.up,
+        # Connect attempts refused before the first handshake (nothing listens).
+        "connect_failures": link.connect_failures,
         "node": remote.node if remote is not None else None,
         "services": sorted(remote.services) if remote is not None else [],
         "hosts_queues": remote.hosts_queues if remote is not None else False,
