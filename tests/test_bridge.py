@@ -121,7 +121,7 @@ def test_cli_bad_spec_is_a_usage_error(args, says) -> None:
         timeout=60,
     )
     assert done.returncode == 2, done.stderr
-    assert "usage: pigeon bridge" in done.stderr and says in done.stderr, done.stderr
+    assert "Usage: pigeon bridge" in done.stderr and says in done.stderr, done.stderr
 
 
 # -- each kind, against raw sockets ------------------------------------------

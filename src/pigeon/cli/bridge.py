@@ -7,9 +7,10 @@ import argparse
 import asyncio
 import json
 import signal
-from collections.abc import Callable
+import sys
 from typing import Any
 
+import click
 import zmq.asyncio
 
 import pigeon
@@ -18,7 +19,7 @@ from pigeon.bridge.base import DEFAULT_MAX_IN_FLIGHT
 
 from .._core.bridging import USAGE, BridgeSpec, Endpoint, Kind, parse_endpoint, parse_spec
 from ..errors import ConfigurationError
-from .node import _add_key_options, _key_options
+from .options import connect_options, key_options
 
 DESCRIPTION = """\
 Bridge plain ZeroMQ peers and pigeon. A plain message is its body as one
@@ -26,6 +27,7 @@ frame; multipart or empty ones are counted and dropped (a REQ client gets a
 one-frame 'pigeon.error ...' answer instead). A URL may start with bind: or
 connect: to override the default.
 
+\b
   --pull URL=QUEUE           a plain PUSH peer feeds QUEUE (connects). At-most-once
                              until the queue's host confirms it stored a message.
   --push URL=QUEUE           QUEUE feeds plain PULL peers (binds). A delivery is
@@ -43,68 +45,89 @@ queue), and the counters are printed.
 """
 
 
-def _spec(kind: Kind) -> Callable[[str], BridgeSpec]:
-    def parse(text: str) -> BridgeSpec:
+class _SpecType(click.ParamType[BridgeSpec]):
+    """One ``--pull``/``--push``/``--rep``/``--req`` value, checked by the core."""
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+        self.name = USAGE[kind]
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> BridgeSpec:
+        if isinstance(value, BridgeSpec):
+            return value
         try:
-            return parse_spec(kind, text)
+            return parse_spec(self.kind, value)
         except ConfigurationError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
+            self.fail(str(exc), param, ctx)
 
 
-def _node(text: str) -> Endpoint:
-    try:
-        return parse_endpoint(text, bind_by_default=False, what="--node URL")
-    except ConfigurationError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+class _NodeType(click.ParamType[Endpoint]):
+    name = "URL"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Endpoint:
+        if isinstance(value, Endpoint):
+            return value
+        try:
+            return parse_endpoint(value, bind_by_default=False, what="--node URL")
+        except ConfigurationError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "bridge",
-        help="bridge plain ZeroMQ PUSH/PULL/REQ/REP peers and pigeon queues and services",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for kind, what in (
-        (Kind.PULL, "read a plain PUSH peer at URL into QUEUE (connects by default)"),
-        (Kind.PUSH, "push QUEUE to plain PULL peers at URL (binds by default)"),
-        (Kind.REP, "serve SERVICE by calling plain REP servers (connects by default)"),
-        (Kind.REQ, "answer plain REQ clients at URL with SERVICE (binds by default)"),
+def _spec_options(fn: Any) -> Any:
+    for kind, what in reversed(
+        (
+            (Kind.PULL, "read a plain PUSH peer at URL into QUEUE (connects by default)"),
+            (Kind.PUSH, "push QUEUE to plain PULL peers at URL (binds by default)"),
+            (Kind.REP, "serve SERVICE by calling plain REP servers (connects by default)"),
+            (Kind.REQ, "answer plain REQ clients at URL with SERVICE (binds by default)"),
+        )
     ):
-        parser.add_argument(
+        fn = click.option(
             f"--{kind.value}",
-            action="append",
-            default=[],
-            type=_spec(kind),
+            kind.value,
+            multiple=True,
+            type=_SpecType(kind),
             metavar=USAGE[kind],
             help=f"{what}; repeatable",
-        )
-    parser.add_argument(
-        "--node",
-        action="append",
-        required=True,
-        type=_node,
-        metavar="URL",
-        help="the pigeon side: a node to connect to, or bind:URL to host the queues and "
-        "services here (repeatable)",
-    )
-    parser.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=DEFAULT_MAX_IN_FLIGHT,
-        help=f"messages each bridge holds at most (default {DEFAULT_MAX_IN_FLIGHT})",
-    )
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=5.0,
-        help="seconds to finish what is in flight on stop (default 5)",
-    )
-    parser.add_argument("--json", action="store_true", help="end with one JSON line of the stats")
-    _add_key_options(parser)
-    parser.set_defaults(func=run)
+        )(fn)
+    return fn
+
+
+@click.command(
+    name="bridge",
+    help=DESCRIPTION,
+    short_help="Bridge plain ZeroMQ PUSH/PULL/REQ/REP peers and pigeon queues and services.",
+)
+@_spec_options
+@click.option(
+    "--node",
+    multiple=True,
+    required=True,
+    type=_NodeType(),
+    metavar="URL",
+    help="the pigeon side: a node to connect to, or bind:URL to host the queues and "
+    "services here (repeatable)",
+)
+@click.option(
+    "--max-in-flight",
+    type=int,
+    default=DEFAULT_MAX_IN_FLIGHT,
+    help=f"messages each bridge holds at most (default {DEFAULT_MAX_IN_FLIGHT})",
+)
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=5.0,
+    help="seconds to finish what is in flight on stop (default 5)",
+)
+@click.option("--json", is_flag=True, help="end with one JSON line of the stats")
+@key_options
+def bridge(**settings: Any) -> None:
+    sys.exit(run(argparse.Namespace(**settings)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
         bridges: list[PlainBridge] = []
         try:
             async with pigeon.connect(
-                connect_urls or None, bind=bind_urls or None, **_key_options(args)
+                connect_urls or None,
+                bind=bind_urls or None,
+                **connect_options(args.key, args.server_key),
             ) as conn:
                 for spec in specs:
                     bridge = open_bridge(

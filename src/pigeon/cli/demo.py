@@ -18,6 +18,8 @@ import tempfile
 from collections import Counter
 from typing import Any
 
+import click
+
 from .._ports import quiet_port
 from ..security.keys import new_keys
 from . import demo_roles
@@ -283,53 +285,57 @@ async def _run_processes(
         await child.stop()
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("demo", help="run the fountain/processors/responders demo")
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help="produce for N seconds, then drain and stop (default: until Ctrl-C)",
-    )
-    parser.add_argument("--rate", type=float, default=2.5, help="words per second (default 2.5)")
-    parser.add_argument(
-        "--processes",
-        action="store_true",
-        help="run each service in its own OS process over tcp loopback",
-    )
-    parser.add_argument(
-        "--chaos",
-        action="store_true",
-        help="kill -9 a processor and a responder while running (implies --processes)",
-    )
-    parser.add_argument("--json", action="store_true", help="end with one JSON line of the summary")
-    parser.add_argument(
-        "--durable",
-        action="store_true",
-        help="keep the word queue in a SQLite store (with --chaos the fountain, "
-        "which hosts it, is killed -9 and restarted too)",
-    )
-    parser.add_argument(
-        "--url", default=None, help="run on a broker (nats://… or amqp://…) instead of brokerless"
-    )
-    parser.add_argument(
-        "--secure",
-        action="store_true",
-        help="make keys and an ACL first, and run every link with CURVE (brokerless only)",
-    )
-    parser.add_argument(
-        "--with-seed",
-        action="store_true",
-        help="run the seed's own fountain and responders (raw pyzmq, examples/seed/) "
-        "with pigeon processors between them, through a pigeon bridge",
-    )
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=60.0,
-        help="seconds to wait for in-flight words after producing (default 60)",
-    )
-    parser.set_defaults(func=run)
+@click.command(name="demo")
+@click.option(
+    "--seconds",
+    type=float,
+    default=None,
+    help="produce for N seconds, then drain and stop (default: until Ctrl-C)",
+)
+@click.option("--rate", type=float, default=2.5, help="words per second (default 2.5)")
+@click.option(
+    "--processes",
+    is_flag=True,
+    help="run each service in its own OS process over tcp loopback",
+)
+@click.option(
+    "--chaos",
+    is_flag=True,
+    help="kill -9 a processor and a responder while running (implies --processes)",
+)
+@click.option("--json", is_flag=True, help="end with one JSON line of the summary")
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="keep the word queue in a SQLite store (with --chaos the fountain, "
+    "which hosts it, is killed -9 and restarted too)",
+)
+@click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    help="run on a broker (nats://… or amqp://…) instead of brokerless",
+)
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="make keys and an ACL first, and run every link with CURVE (brokerless only)",
+)
+@click.option(
+    "--with-seed",
+    is_flag=True,
+    help="run the seed's own fountain and responders (raw pyzmq, examples/seed/) "
+    "with pigeon processors between them, through a pigeon bridge",
+)
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=60.0,
+    help="seconds to wait for in-flight words after producing (default 60)",
+)
+def demo(**settings: Any) -> None:
+    """Run the fountain/processors/responders demo."""
+    sys.exit(run(argparse.Namespace(**settings)))
 
 
 def run(args: argparse.Namespace) -> int:

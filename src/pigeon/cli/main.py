@@ -106,12 +106,9 @@ def bench(argv: tuple[str, ...]) -> None:
 def _register() -> None:
     from . import bridge, demo, keys, node
 
-    for module in (demo, keys, bridge):
-        name = module.__name__.rsplit(".", 1)[1]
-        cli.add_command(
-            argparse_command(name, (module.__doc__ or "").split("\n")[0], module.add_parser)
-        )
-    for name in ("node", "queues", "dead", "replay"):
+    for command in (node.node_command, demo.demo, bridge.bridge, keys.keys):
+        cli.add_command(command)
+    for name in ("queues", "dead", "replay"):
         cli.add_command(argparse_command(name, f"pigeon {name}", node.add_parsers))
 
 

@@ -7,7 +7,10 @@ import argparse
 import asyncio
 import json
 import signal
+import sys
 from typing import Any
+
+import click
 
 import pigeon
 from pigeon._core import topics
@@ -18,94 +21,6 @@ from .exits import Unreachable
 
 
 def add_parsers(subparsers: Any) -> None:
-    node = subparsers.add_parser("node", help="run a node that hosts queues for other processes")
-    node.add_argument(
-        "--bind",
-        action="append",
-        required=True,
-        metavar="URL",
-        help="address to serve on, e.g. tcp://127.0.0.1:5555 (repeatable)",
-    )
-    node.add_argument(
-        "--store", metavar="PATH", help="SQLite file that makes the hosted queues durable"
-    )
-    node.add_argument(
-        "--synchronous",
-        choices=("full", "normal"),
-        default="full",
-        help="full: every confirm is fsynced (default); normal: faster, "
-        "may lose the last confirms on power loss",
-    )
-    node.add_argument(
-        "--min-free-disk",
-        type=_size,
-        metavar="BYTES",
-        help="refuse new messages while less than this is free on the store's "
-        "filesystem (default 64M; 0 turns it off; K, M, G suffixes)",
-    )
-    node.add_argument(
-        "--salvage",
-        action="store_true",
-        help="open a damaged store anyway: keep what checks out, quarantine the rest",
-    )
-    node.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
-    node.add_argument(
-        "--key", metavar="PATH.key_secret", help="this node's secret key (or PIGEON_KEY)"
-    )
-    node.add_argument(
-        "--allow", metavar="ACL.toml", help="the client keys let in and what each may do"
-    )
-    node.add_argument(
-        "--insecure",
-        action="store_true",
-        help="serve an address other machines reach without keys",
-    )
-    node.add_argument(
-        "--max-attempts",
-        type=int,
-        default=0,
-        help="deliveries after which a message is dead-lettered (default 0: no host limit)",
-    )
-    node.add_argument(
-        "--max-queues", type=int, default=10_000, help="queues held at most (default 10000)"
-    )
-    node.add_argument(
-        "--queues",
-        metavar="FILE",
-        help='per-queue policies: a TOML file of [queue."NAME"] tables (names or patterns) '
-        "with max_attempts, max_length, max_bytes, max_prefetch, lease_ttl, max_lease_ttl",
-    )
-    node.add_argument(
-        "--max-prefetch",
-        type=int,
-        default=1000,
-        help="unsettled deliveries one consumer may hold (default 1000)",
-    )
-    node.add_argument(
-        "--max-lease-ttl",
-        type=float,
-        default=3600.0,
-        metavar="SECONDS",
-        help="longest lease a consumer may ask for (default 3600)",
-    )
-    node.add_argument(
-        "--max-memory",
-        type=int,
-        default=128 << 20,
-        metavar="BYTES",
-        help="bytes of bodies held before the fullest queues refuse sends (default 128 MiB)",
-    )
-    node.add_argument(
-        "--retain",
-        action="append",
-        default=[],
-        type=_retention,
-        metavar="PATTERN:BOUNDS",
-        help="keep history of the topics PATTERN matches, e.g. 'prices.>:count=100,age=3600' "
-        "(count messages per topic, bytes, age in seconds; repeatable)",
-    )
-    node.set_defaults(func=run_node)
-
     queues = subparsers.add_parser("queues", help="show the queues a node hosts")
     queues.add_argument("url", help="the node's address, e.g. tcp://127.0.0.1:5555")
     queues.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -190,6 +105,110 @@ def _key_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.server_key:
         options["server_key"] = args.server_key
     return options
+
+
+class _SizeType(click.ParamType[int]):
+    name = "BYTES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return _size(value)
+        except argparse.ArgumentTypeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _RetentionType(click.ParamType[tuple[str, dict[str, Any]]]):
+    name = "PATTERN:BOUNDS"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, dict[str, Any]]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return _retention(value)
+        except argparse.ArgumentTypeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.command(name="node")
+@click.option(
+    "--bind",
+    multiple=True,
+    required=True,
+    metavar="URL",
+    help="address to serve on, e.g. tcp://127.0.0.1:5555 (repeatable)",
+)
+@click.option("--store", metavar="PATH", help="SQLite file that makes the hosted queues durable")
+@click.option(
+    "--synchronous",
+    type=click.Choice(["full", "normal"]),
+    default="full",
+    help="full: every confirm is fsynced (default); normal: faster, "
+    "may lose the last confirms on power loss",
+)
+@click.option(
+    "--min-free-disk",
+    type=_SizeType(),
+    metavar="BYTES",
+    help="refuse new messages while less than this is free on the store's "
+    "filesystem (default 64M; 0 turns it off; K, M, G suffixes)",
+)
+@click.option(
+    "--salvage",
+    is_flag=True,
+    help="open a damaged store anyway: keep what checks out, quarantine the rest",
+)
+@click.option("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+@click.option("--key", metavar="PATH.key_secret", help="this node's secret key (or PIGEON_KEY)")
+@click.option("--allow", metavar="ACL.toml", help="the client keys let in and what each may do")
+@click.option("--insecure", is_flag=True, help="serve an address other machines reach without keys")
+@click.option(
+    "--max-attempts",
+    type=int,
+    default=0,
+    help="deliveries after which a message is dead-lettered (default 0: no host limit)",
+)
+@click.option("--max-queues", type=int, default=10_000, help="queues held at most (default 10000)")
+@click.option(
+    "--queues",
+    metavar="FILE",
+    help='per-queue policies: a TOML file of [queue."NAME"] tables (names or patterns) '
+    "with max_attempts, max_length, max_bytes, max_prefetch, lease_ttl, max_lease_ttl",
+)
+@click.option(
+    "--max-prefetch",
+    type=int,
+    default=1000,
+    help="unsettled deliveries one consumer may hold (default 1000)",
+)
+@click.option(
+    "--max-lease-ttl",
+    type=float,
+    default=3600.0,
+    metavar="SECONDS",
+    help="longest lease a consumer may ask for (default 3600)",
+)
+@click.option(
+    "--max-memory",
+    type=int,
+    default=128 << 20,
+    metavar="BYTES",
+    help="bytes of bodies held before the fullest queues refuse sends (default 128 MiB)",
+)
+@click.option(
+    "--retain",
+    multiple=True,
+    type=_RetentionType(),
+    metavar="PATTERN:BOUNDS",
+    help="keep history of the topics PATTERN matches, e.g. 'prices.>:count=100,age=3600' "
+    "(count messages per topic, bytes, age in seconds; repeatable)",
+)
+def node_command(**settings: Any) -> None:
+    """Run a node that hosts queues for other processes."""
+    sys.exit(run_node(argparse.Namespace(**settings)))
 
 
 def run_node(args: argparse.Namespace) -> int:
