@@ -8,6 +8,8 @@ import time
 from collections.abc import Generator, Iterable
 from typing import Any
 
+from . import _clock
+from ._core import delay as not_before_rules
 from ._core import limits, topics
 from ._core.backoff import RetryPolicy
 from .errors import Backpressure, ClosedError, ConfigurationError, NotStartedError, Timeout
@@ -78,6 +80,30 @@ def _expiry(ttl: float | None, now: float) -> float | None:
     return None if ttl is None else now + _positive(ttl, "ttl")
 
 
+def _with_not_before(
+    headers: dict[str, str] | None, delay: float | None, not_before: float | None
+) -> dict[str, str] | None:
+    """``headers`` with the not-before header of ``delay`` or ``not_before``
+    (``pigeon._core.delay``), read against one wall-clock reading.
+
+    Raises:
+        ConfigurationError: a rule of ``pigeon._core.delay`` is broken.
+    """
+    if delay is None and not_before is None:
+        return headers
+    try:
+        extra = not_before_rules.not_before_header(
+            delay, not_before, _clock.wall(), limits.DEFAULT_MAX_DELAY
+        )
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if not extra:
+        return headers
+    if headers is not None and not isinstance(headers, dict):
+        return headers  # make_message names the type error
+    return {**(headers or {}), **extra}
+
+
 class Connection:
     """A process's handle on one transport.
 
@@ -138,6 +164,8 @@ class Connection:
         content_type: str | None = None,
         message_id: str | None = None,
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> asyncio.Future[None]:
         """Queue ``payload`` for ``queue`` without waiting; the returned future
         resolves when the host has stored it (see :meth:`flush`).
@@ -145,14 +173,22 @@ class Connection:
         ``ttl``: seconds from now after which nobody should run it; a message
         still unrun then is dead-lettered with the reason ``expired``.
 
+        ``delay`` (seconds from now) or ``not_before`` (seconds since the
+        epoch): the message is stored now but not delivered before then
+        (at most 30 days ahead; a node may hold it less, see its
+        ``max_delay``). It travels as the header ``x-pigeon-not-before``.
+
         Raises:
             NotStartedError: the connection is not started yet.
             ClosedError: the connection is closed.
-            ConfigurationError: ``queue`` is not a usable name.
+            ConfigurationError: ``queue`` is not a usable name, or ``delay``
+                and ``not_before`` break a rule (both given, negative or not a
+                number, too far ahead).
             MessageTooLarge: the body is over the transport's limit.
             Backpressure: the outbox or queue is full.
             TypeError: the payload or headers cannot be encoded.
         """
+        headers = _with_not_before(headers, delay, not_before)
         return self._queue_one(
             queue, payload, headers, content_type, message_id, _expiry(ttl, time.time())
         )
@@ -186,11 +222,14 @@ class Connection:
         headers: dict[str, str] | None = None,
         content_type: str | None = None,
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> asyncio.Future[None]:
         """Queue many payloads for ``queue`` at once; the returned future
         resolves when the host has stored all of them. Cheaper per message
         than ``send_nowait`` (one clock read, one check, one hand-over).
-        ``ttl`` is as for :meth:`send_nowait`, the same for every message.
+        ``ttl``, ``delay`` and ``not_before`` are as for :meth:`send_nowait`,
+        the same for every message.
 
         Raises:
             the same as :meth:`send_nowait`, before any message is queued.
@@ -199,6 +238,7 @@ class Connection:
             self._check_open()
         queue = _check_name(queue, "queue")
         deadline = _expiry(ttl, time.time())
+        headers = _with_not_before(headers, delay, not_before)
         messages = make_messages(
             payloads, content_type=content_type, headers=headers, deadline=deadline
         )
@@ -218,9 +258,12 @@ class Connection:
         message_id: str | None = None,
         timeout: float = 30.0,
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> None:
         """Send ``payload`` to ``queue`` and wait until the host stored it.
-        ``ttl`` is as for :meth:`send_nowait`.
+        ``ttl``, ``delay`` and ``not_before`` are as for :meth:`send_nowait`
+        (the confirm comes when it is stored, not when it is due).
 
         When the outbox or the queue is full, ``send`` waits for room (where
         ``send_nowait`` raises :class:`~pigeon.errors.Backpressure`), within
@@ -235,6 +278,7 @@ class Connection:
         """
         timeout = _positive(timeout, "timeout")
         expires = _expiry(ttl, time.time())  # once: a wait for room does not move it
+        headers = _with_not_before(headers, delay, not_before)  # once, likewise
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         refusals = 0

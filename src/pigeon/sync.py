@@ -482,6 +482,8 @@ class Connection:
         content_type: str | None = None,
         message_id: str | None = None,
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> concurrent.futures.Future[None]:
         return _runner.submit(
             self._conn.send_nowait,
@@ -491,6 +493,8 @@ class Connection:
             content_type=content_type,
             message_id=message_id,
             ttl=ttl,
+            delay=delay,
+            not_before=not_before,
         )
 
     def send_many(
@@ -501,6 +505,8 @@ class Connection:
         headers: dict[str, str] | None = None,
         content_type: str | None = None,
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> concurrent.futures.Future[None]:
         return _runner.submit(
             self._conn.send_many,
@@ -509,6 +515,8 @@ class Connection:
             headers=headers,
             content_type=content_type,
             ttl=ttl,
+            delay=delay,
+            not_before=not_before,
         )
 
     def send(
@@ -521,6 +529,8 @@ class Connection:
         message_id: str | None = None,
         timeout: float = 30.0,
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> None:
         _runner.run(
             self._conn.send(
@@ -531,6 +541,8 @@ class Connection:
                 message_id=message_id,
                 timeout=timeout,
                 ttl=ttl,
+                delay=delay,
+                not_before=not_before,
             )
         )
 

@@ -889,6 +889,9 @@ def test_snapshot_reports_depths_and_counters() -> None:
         "ttl_expired": 0,
         "consumers_lost": 0,
         "stale_settles": 0,
+        "scheduled": 0,
+        "delay_clamped": 0,
+        "bad_not_before": 0,
     }
     assert led.stats.as_dict() == {
         k: v

@@ -21,6 +21,9 @@ REDELIVERED = "x-pigeon-redelivered"  # "1": this copy may have been seen before
 CREATED_AT = "x-pigeon-created-at"  # float seconds since the epoch
 DEADLINE = "x-pigeon-deadline"  # float seconds since the epoch
 ERROR = "x-pigeon-error"  # on a reply: the server's handler failed with this
+# Not to be delivered before this wall-clock time (float seconds since the
+# epoch); see ``pigeon._core.delay``.
+NOT_BEFORE = "x-pigeon-not-before"
 
 # Publish-subscribe (see ``pigeon._core.topics``): set on every published
 # message by whoever numbers it (the topic's host, or the publisher).

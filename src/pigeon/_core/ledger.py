@@ -30,6 +30,10 @@ dead-lettered as ``expired`` when its turn to be handed out comes, unrun.
 Rule 8: a draining consumer gets nothing more but keeps its leases, which it
 settles as usual (a worker stopping gracefully: it finishes what it runs and
 hands back the rest itself).
+Rule 9: a message that asks not to be delivered before a time (the
+``x-pigeon-not-before`` header, ``pigeon._core.delay``) waits as DELAYED
+until then, however it came in (sent, stored, read back after a restart);
+it is placed at the next dispatch, which knows the time.
 
 The ledger does no I/O and reads no clock: callers pass ``now``.
 """
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LocalProtocolError
 from ..message import Message
+from . import delay as not_before
 from . import headers
 from .limits import message_size
 from .paging import DiskBacklog, PageRequest, Window
@@ -114,6 +119,9 @@ class QueueStats:
     ttl_expired: int = 0  # dead-lettered unrun: their deadline passed (Rule 7)
     consumers_lost: int = 0
     stale_settles: int = 0
+    scheduled: int = 0  # came with a not-before time still ahead (Rule 9)
+    delay_clamped: int = 0  # ... further ahead than max_delay: held max_delay only
+    bad_not_before: int = 0  # ... not a number: delivered at once
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -132,6 +140,7 @@ class QueueLedger:
         dedupe_size: how many ids of forgotten (acked) messages are at least
             remembered to drop resends (at most twice as many are); ids still
             held are always recognised.
+        max_delay: the longest a message's not-before time holds it (Rule 9).
     """
 
     name: str
@@ -139,8 +148,11 @@ class QueueLedger:
     max_attempts: int | None = None
     dedupe_size: int = 100_000
     initial_credit: int | None = None
+    max_delay: float = not_before.DEFAULT_MAX_DELAY
     stats: QueueStats = field(default_factory=QueueStats)
     _ready: deque[Message] = field(default_factory=deque)
+    # Messages with a not-before header, until a dispatch places them (Rule 9).
+    _unplaced: list[Message] = field(default_factory=list)
     _delayed: list[tuple[float, int, Message]] = field(default_factory=list)
     _consumers: dict[Hashable, _Consumer] = field(default_factory=dict)
     bytes_held: int = 0  # bodies and headers held: ready, delayed and in flight
@@ -161,15 +173,22 @@ class QueueLedger:
         if fresh:
             self.stats.received += 1
             self.bytes_held += message_size(message.body, message.headers)
-            self._ready.append(message)
+            self._enter(message)
             return True
         if not self.remember(message.id):
             self.stats.duplicates += 1
             return False
         self.stats.received += 1
         self.bytes_held += message_size(message.body, message.headers)
-        self._ready.append(message)
+        self._enter(message)
         return True
+
+    def _enter(self, message: Message) -> None:
+        # Rule 9: a header check only when there are headers at all.
+        if message.headers and headers.NOT_BEFORE in message.headers:
+            self._unplaced.append(message)
+        else:
+            self._ready.append(message)
 
     def admit(self, message: Message) -> bool:
         """Enqueue a message a durable store has just stored as new.
@@ -185,7 +204,7 @@ class QueueLedger:
         self._held.add(message.id)
         self.stats.received += 1
         self.bytes_held += message_size(message.body, message.headers)
-        self._ready.append(message)
+        self._enter(message)
         return True
 
     def stored(self, message: Message) -> bool:
@@ -236,7 +255,7 @@ class QueueLedger:
             if ready_at > now:
                 heapq.heappush(self._delayed, (ready_at, next(self._seq), message))
             else:
-                self._ready.append(message)
+                self._enter(message)
             taken += 1
         backlog.loaded(last, taken, size, more)
         return taken
@@ -284,7 +303,7 @@ class QueueLedger:
         if ready_at > 0.0:
             heapq.heappush(self._delayed, (ready_at, next(self._seq), message))
         else:
-            self._ready.append(message)
+            self._enter(message)
 
     # -- consumers -------------------------------------------------------
 
@@ -345,13 +364,16 @@ class QueueLedger:
         even share of what is ready, so shares differ by at most one and each
         consumer gets a batch per frame.
 
-        ``wall`` is the wall-clock time that messages' deadlines are read
-        against (Rule 7); None skips that check.
+        ``wall`` is the wall-clock time that messages' deadlines and
+        not-before times are read against (Rules 7 and 9); None skips the
+        deadline check and hands out messages waiting for a time at once.
 
         Returns:
             ``(batches, dead)``: per consumer the messages it now holds a lease
             on, and messages dead-lettered under Rules 5 and 7.
         """
+        if self._unplaced:
+            self._place(now, wall)
         self._promote_due(now)
         dead: list[Message] = []
         ready = self._ready
@@ -399,6 +421,26 @@ class QueueLedger:
                 self._consumers[cid] = self._consumers.pop(cid)
         stats.delivered += sum(len(b) for b in batches.values())
         return [(cid, msgs) for cid, msgs in batches.items() if msgs], dead
+
+    def _place(self, now: float, wall: float | None) -> None:
+        """Rule 9: messages with a not-before time join the delayed heap on
+        the caller's clock (``now``), or the ready queue if it has passed."""
+        unplaced, self._unplaced = self._unplaced, []
+        stats = self.stats
+        for message in unplaced:
+            if wall is None:
+                self._ready.append(message)
+                continue
+            reading, wait = not_before.read(message.headers, wall, self.max_delay)
+            if reading is not_before.Reading.BAD:
+                stats.bad_not_before += 1
+            elif reading is not_before.Reading.CLAMPED:
+                stats.delay_clamped += 1
+            if wait > 0:
+                stats.scheduled += 1
+                heapq.heappush(self._delayed, (now + wait, next(self._seq), message))
+            else:
+                self._ready.append(message)
 
     def _promote_due(self, now: float) -> None:
         delayed = self._delayed
@@ -540,6 +582,8 @@ class QueueLedger:
 
     def next_wakeup(self) -> float | None:
         """The earliest time a lease expires or a delayed message is due."""
+        if self._unplaced:
+            return float("-inf")  # to be placed by a dispatch now
         times = [
             next(iter(owner.leases.values()))[1]
             for owner in self._consumers.values()
@@ -572,7 +616,7 @@ class QueueLedger:
 
     @property
     def delayed_count(self) -> int:
-        return len(self._delayed)
+        return len(self._delayed) + len(self._unplaced)
 
     @property
     def in_flight_count(self) -> int:
@@ -584,12 +628,13 @@ class QueueLedger:
         return (
             not self._ready
             and not self._delayed
+            and not self._unplaced
             and not self._consumers
             and not self.backlog.paging
         )
 
     def has_work(self) -> bool:
-        return bool(self._ready) or bool(self._delayed)
+        return bool(self._ready) or bool(self._delayed) or bool(self._unplaced)
 
     def is_dispatchable(self) -> bool:
         return bool(self._ready) and any(c.credit > 0 for c in self._consumers.values())
@@ -599,7 +644,7 @@ class QueueLedger:
         return {
             "ready": self.ready_count,
             "on_disk": self.backlog.count,
-            "delayed": len(self._delayed),
+            "delayed": self.delayed_count,
             "in_flight": self.in_flight_count,
             "consumers": len(self._consumers),
             **self.stats.as_dict(),

@@ -35,6 +35,7 @@ DEFAULT_MAX_PREFETCH = 1000
 MAX_QUEUES_PER_PEER = 1000  # queues one peer may consume on a node at once
 DEFAULT_MAX_LEASE_TTL = 3600.0
 DEFAULT_INITIAL_CREDIT = 32  # deliveries a new consumer may hold before it settles any
+DEFAULT_MAX_DELAY = 30 * 86_400.0  # seconds a not-before time may hold a message (a month)
 
 
 def check_name(name: object, what: str) -> str:
@@ -94,6 +95,7 @@ class QueuePolicy:
     initial_credit: int = DEFAULT_INITIAL_CREDIT
     max_length: int | None = None
     max_bytes: int | None = None
+    max_delay: float = DEFAULT_MAX_DELAY  # the longest a not-before time holds a message
 
     def room(self, ready: int, held_bytes: int, count: int, sizes: Iterable[int]) -> int:
         """How many of ``count`` sends (``sizes`` in order, read only for a

@@ -27,7 +27,7 @@ INT_FIELDS = {
     "max_length": (1, 2**62),
     "max_bytes": (1, 2**62),
 }
-SECONDS_FIELDS = ("lease_ttl", "max_lease_ttl")
+SECONDS_FIELDS = ("lease_ttl", "max_lease_ttl", "max_delay")
 FIELDS = frozenset(INT_FIELDS) | frozenset(SECONDS_FIELDS)
 MAX_OVERRIDES = 10_000  # names and patterns one node keeps overrides for
 

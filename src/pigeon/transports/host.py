@@ -266,6 +266,7 @@ class QueueHost:
             rules = self.policies.for_queue(name)
             ledger.max_attempts = rules.max_attempts or None
             ledger.lease_ttl = rules.lease_ttl
+            ledger.max_delay = rules.max_delay
         return made
 
     def restore(self, skip: frozenset[str] = frozenset()) -> int:

@@ -70,6 +70,7 @@ class QueueTable:
                 queue,
                 lease_ttl=rules.lease_ttl,
                 max_attempts=rules.max_attempts or None,
+                max_delay=rules.max_delay,
                 window=self.window,
                 initial_credit=self.initial_credit,
             )

@@ -19,6 +19,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from ... import _clock
+from ..._core import delay
 from ..._core.topics import Retention
 from ...errors import (
     AuthenticationError,
@@ -43,6 +45,7 @@ from .pubsub import PubSub
 from .rpc import Requester, ServiceRegistration
 from .security import LOST_AFTER_HANDSHAKE, connection_lost, tls_problem
 from .topology import Topology
+from .topology import delay_queue as delay_queue_name
 
 log = logging.getLogger("pigeon.amqp")
 
@@ -226,10 +229,32 @@ class AmqpTransport:
         if len(message.body) > self.max_message_size:
             raise MessageTooLarge(len(message.body), self.max_message_size)
         self.counts["sent"] += 1
+        if message.headers and delay.NOT_BEFORE in message.headers:
+            wait = delay.read(message.headers, _clock.wall(), delay.DEFAULT_MAX_DELAY)[1]
+            if wait > 0:
+                return self._send_later(queue, message, wait)
         return publisher.publish(
             queue,
             lambda resend: to_amqp(message, redelivered=resend),
             None if topology.ready(queue) else (lambda: topology.work_queue(queue)),
+        )
+
+    def _send_later(self, queue: str, message: Message, wait: float) -> asyncio.Future[None]:
+        """Publish to the delay queue of ``queue`` whose TTL is ``wait``
+        rounded up (``topology.delay_step_ms``): the broker moves it into
+        ``queue`` once the TTL runs out, so it is never early."""
+        topology, publisher = self._live()
+
+        async def prepare() -> None:
+            # The queue first: a delay queue dead-letters into it.
+            await topology.work_queue(queue)
+            await topology.delay_queue(queue, wait)
+
+        self.counts["sent_delayed"] += 1
+        return publisher.publish(
+            delay_queue_name(queue, wait),
+            lambda resend: to_amqp(message, redelivered=resend),
+            prepare,
         )
 
     async def flush(self, timeout: float) -> None:

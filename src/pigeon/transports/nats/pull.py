@@ -21,7 +21,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ..._core import policy
+from ... import _clock
+from ..._core import delay, policy
 from ...errors import PigeonError
 from ...message import Message
 from ..base import ConsumeOptions, Delivery, DeliverySink
@@ -206,6 +207,16 @@ class PullConsumer:
             attempt=attempt,
             redelivered=attempt > 1,
         )
+        if message.headers and delay.NOT_BEFORE in message.headers:
+            wait = delay.read(message.headers, _clock.wall(), delay.DEFAULT_MAX_DELAY)[1]
+            if wait > 0:
+                # Not due: back to JetStream until it is (its nak delay is
+                # the only timer a 2.9 server has). This counts as one of
+                # JetStream's deliveries, so its first run is flagged.
+                self.counts["held"] += 1
+                await self._quietly(msg.nak(delay=wait), "nak")
+                self._wake.set()
+                return
         delivery = Delivery(self.queue, message, self, tag=msg)
         if not await self._admit(delivery, meta):
             return
