@@ -35,6 +35,7 @@ from .errors import (
     TransportError,
 )
 from .message import BYTES, JSON, MSGPACK, TEXT, Message
+from .middleware import Middleware, Outcome, RequestOutcome
 from .subscriber import Event, EventStream, Subscriber
 from .transports import Delivery
 from .worker import Server, Worker
@@ -62,14 +63,17 @@ __all__ = [
     "MSGPACK",
     "Message",
     "MessageTooLarge",
+    "Middleware",
     "NoPigeonNode",
     "NoResponders",
     "NotStartedError",
+    "Outcome",
     "PigeonError",
     "ProtocolError",
     "Rejected",
     "RemoteProtocolError",
     "ReplayTrimmed",
+    "RequestOutcome",
     "RetryPolicy",
     "Server",
     "StoreError",

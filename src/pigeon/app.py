@@ -40,7 +40,7 @@ import asyncio
 import inspect
 import signal
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +50,7 @@ from ._core.backoff import RetryPolicy
 from .connection import Connection, connect
 from .errors import ConfigurationError
 from .message import Message
+from .middleware import Middleware, check_middleware
 from .subscriber import Event
 from .transports import Delivery
 from .worker import call_handler
@@ -180,9 +181,11 @@ class App:
         url: str | list[str] | None = None,
         *,
         bind: str | list[str] | None = None,
+        middleware: Sequence[Middleware] = (),
         **options: Any,
     ) -> None:
         self._connect_args = (url, bind, options)
+        self._middleware = list(check_middleware(middleware))
         self._workers: list[_WorkerSpec] = []
         self._services: list[tuple[str, Callable[[Any], Any]]] = []
         self._subscribers: list[_SubscriberSpec] = []
@@ -220,6 +223,16 @@ class App:
                 raise ConfigurationError(f"concurrency must be at least 1, not {concurrency}")
             self._concurrency = concurrency
         self._connect_args = (old_url if url is None else url, bind, {**old_options, **options})
+
+    def use(self, *middleware: Middleware) -> None:
+        """Add middleware (``pigeon.Middleware``) before the app starts, as
+        ``App(..., middleware=[...])`` does (``pigeon run --metrics-port``
+        adds ``pigeon.metrics.PrometheusMetrics`` this way).
+
+        Raises:
+            TypeError: one is not a ``pigeon.Middleware``.
+        """
+        self._middleware.extend(check_middleware(list(middleware)))
 
     def worker(
         self,
@@ -325,7 +338,7 @@ class App:
         """Connect, declare what is retained, then start every service,
         worker and subscriber."""
         url, bind, options = self._connect_args
-        conn = await connect(url, bind=bind, **options)
+        conn = await connect(url, bind=bind, middleware=self._middleware, **options)
         self.connection = conn
         for retained in self._retained:
             await conn.retain(

@@ -4,19 +4,31 @@ the same on every transport: ``send``, ``consume``, ``request``, ``serve``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Sequence
+from time import perf_counter
 from typing import Any
 
-from . import _clock
+from . import _clock, tracing
 from ._core import delay as not_before_rules
 from ._core import limits, topics
 from ._core.backoff import RetryPolicy
-from .errors import Backpressure, ClosedError, ConfigurationError, NotStartedError, Timeout
+from .errors import (
+    Backpressure,
+    ClosedError,
+    ConfigurationError,
+    NoResponders,
+    NotStartedError,
+    Timeout,
+)
 from .message import Message, make_message, make_messages
+from .middleware import Hooks, Middleware, RequestOutcome, check_middleware
 from .subscriber import EventHandler, EventStream, Subscriber
 from .transports import ConsumeOptions, SubscribeOptions, Transport, open_transport
 from .worker import Handler, Server, ServiceFunction, Worker
+
+log = logging.getLogger("pigeon.connection")
 
 __all__ = ["Connection", "connect"]
 
@@ -111,8 +123,11 @@ class Connection:
     ``conn = await pigeon.connect(...)`` and ``await conn.close()``.
     """
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, *, middleware: Sequence[Middleware] = ()) -> None:
         self.transport = transport
+        found = check_middleware(middleware)
+        # None without middleware: the hot path checks only that.
+        self._hooks = Hooks(found) if found else None
         self._started = False
         self._closed = False
         self._workers: list[Worker] = []
@@ -130,6 +145,9 @@ class Connection:
         if not self._started:
             await self.transport.start()
             self._started = True
+            log.debug("connected: %s", self.transport.url)
+            if self._hooks is not None:
+                self._hooks.on_connect(self)
         return self
 
     def __await__(self) -> Generator[Any, None, Connection]:
@@ -212,7 +230,15 @@ class Connection:
             message_id=message_id,
             deadline=deadline,
         )
+        if self._hooks is not None or tracing.current() is not None:
+            self._observe_send(queue, message)
         return self.transport.send_nowait(queue, message, fresh=message_id is None)
+
+    def _observe_send(self, queue: str, message: Message) -> None:
+        # Hooks first: a middleware's own traceparent (its span) is kept.
+        if self._hooks is not None:
+            self._hooks.on_send(queue, message)
+        tracing.inject(message.headers)
 
     def send_many(
         self,
@@ -242,6 +268,9 @@ class Connection:
         messages = make_messages(
             payloads, content_type=content_type, headers=headers, deadline=deadline
         )
+        if self._hooks is not None or tracing.current() is not None:
+            for message in messages:
+                self._observe_send(queue, message)
         send_many = getattr(self.transport, "send_many", None)
         if send_many is not None:
             return send_many(queue, messages)  # type: ignore[no-any-return]
@@ -397,6 +426,7 @@ class Connection:
             policy,
             concurrency,
             abandon_on_host_loss=bool(abandon_on_host_loss),
+            hooks=self._hooks,
         )
         options = ConsumeOptions(prefetch, _positive(lease_ttl, "lease_ttl"), policy.max_attempts)
         await worker._start(self.transport, options)
@@ -425,6 +455,10 @@ class Connection:
             self._check_open()
         topic = _check_topic(topic)
         message = make_message(payload, content_type=content_type, headers=headers)
+        if self._hooks is not None or tracing.current() is not None:
+            if self._hooks is not None:
+                self._hooks.on_publish(topic, message)
+            tracing.inject(message.headers)
         return self.transport.publish_nowait(topic, message)
 
     async def publish(
@@ -521,6 +555,7 @@ class Connection:
         start = topics.StartAt(from_seq, from_time, last, last_per_subject)
         options = self._subscribe_options(pattern, name, policy, buffer, start, consume)
         subscriber = Subscriber(pattern, handler, retry_policy, concurrency, options)
+        subscriber._hooks = self._hooks  # a Worker underneath: the same hooks
         await subscriber._start(self.transport)
         self._keep(subscriber)
         return subscriber
@@ -680,9 +715,42 @@ class Connection:
         message = make_message(
             payload, content_type=content_type, headers=headers, deadline=time.time() + timeout
         )
-        return await self.transport.request(
-            _check_name(service, "service"), message, timeout=timeout
-        )
+        service = _check_name(service, "service")
+        if self._hooks is None and tracing.current() is None:
+            return await self.transport.request(service, message, timeout=timeout)
+        reply: Message = await self._observed_request(service, message, timeout, None)
+        return reply
+
+    async def _observed_request(
+        self, service: str, message: Message, timeout: float, min_replies: int | None
+    ) -> Any:
+        """A request (or, with ``min_replies``, a scatter-gather) with the
+        middleware's hooks around it, carrying the current trace context."""
+        hooks = self._hooks
+        if hooks is not None:
+            hooks.before_request(service, message)
+        tracing.inject(message.headers)
+        outcome = RequestOutcome.ERROR
+        start = perf_counter()
+        try:
+            result: Any
+            if min_replies is None:
+                result = await self.transport.request(service, message, timeout=timeout)
+            else:
+                result = await self.transport.request_all(
+                    service, message, timeout=timeout, min_replies=min_replies
+                )
+            outcome = RequestOutcome.OK
+            return result
+        except NoResponders:
+            outcome = RequestOutcome.NO_RESPONDERS
+            raise
+        except Timeout:
+            outcome = RequestOutcome.TIMEOUT
+            raise
+        finally:
+            if hooks is not None:
+                hooks.after_request(service, message, outcome, perf_counter() - start)
 
     async def request_all(
         self,
@@ -709,9 +777,13 @@ class Connection:
         message = make_message(
             payload, content_type=content_type, headers=headers, deadline=time.time() + timeout
         )
-        replies = await self.transport.request_all(
-            _check_name(service, "service"), message, timeout=timeout, min_replies=min_replies
-        )
+        service = _check_name(service, "service")
+        if self._hooks is None and tracing.current() is None:
+            replies = await self.transport.request_all(
+                service, message, timeout=timeout, min_replies=min_replies
+            )
+        else:
+            replies = await self._observed_request(service, message, timeout, min_replies)
         if len(replies) < min_replies:
             raise Timeout(
                 f"{len(replies)} of the {min_replies} replies wanted from service {service!r} "
@@ -724,7 +796,7 @@ class Connection:
         self._check_open()
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        server = Server(_check_name(service, "service"), handler)
+        server = Server(_check_name(service, "service"), handler, hooks=self._hooks)
         await server._start(self.transport)
         self._servers.append(server)
         return server
@@ -753,6 +825,8 @@ class Connection:
         stats = dict(self.transport.stats())
         stats["workers"] = [w.stats() for w in self._workers]
         stats["servers"] = [s.stats() for s in self._servers]
+        stats["hook_errors"] = 0 if self._hooks is None else self._hooks.errors
+        stats["tracing"] = tracing.counts()
         return stats
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -772,6 +846,7 @@ class Connection:
             return_exceptions=True,
         )
         await self.transport.close(timeout)  # whatever a drain raised
+        log.debug("closed: %s", self.transport.url)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -810,7 +885,11 @@ async def _all_stored(futures: list[asyncio.Future[None]]) -> None:
 
 
 def connect(
-    url: str | list[str] | None = None, *, bind: str | list[str] | None = None, **options: Any
+    url: str | list[str] | None = None,
+    *,
+    bind: str | list[str] | None = None,
+    middleware: Sequence[Middleware] = (),
+    **options: Any,
 ) -> Connection:
     """Open a connection; start it with ``async with`` or ``await``.
 
@@ -819,6 +898,8 @@ def connect(
             ``ipc://PATH``, ``inproc://NAME``, ``nats://…``, ``amqp://…``,
             or a list of ZeroMQ addresses.
         bind: ZeroMQ address(es) to serve on; the node then hosts queues.
+        middleware: hooks around every send, handle, request and publish
+            (``pigeon.Middleware``; see docs/observability.md).
         options: transport options (e.g. ``heartbeat``, ``max_message_size``;
             ``discover="file:///path/nodes.txt"``, ``"dns://HOST:PORT"`` or
             ``"srv://NAME"`` finds ZeroMQ nodes to connect to, with or
@@ -826,11 +907,13 @@ def connect(
 
     Raises:
         ConfigurationError: unknown scheme or unusable combination.
+        TypeError: ``middleware`` is not a list of ``pigeon.Middleware``.
     """
+    found = check_middleware(middleware)
     connect_urls = _as_list(url, "url")
     bind_urls = _as_list(bind, "bind")
     if not connect_urls and not bind_urls and options.get("discover") is None:
         raise ConfigurationError(
             "connect() needs a URL, bind= for a node that serves, or discover= to find nodes"
         )
-    return Connection(open_transport(connect_urls, bind_urls, **options))
+    return Connection(open_transport(connect_urls, bind_urls, **options), middleware=found)

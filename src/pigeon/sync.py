@@ -16,7 +16,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from . import connection as _async
@@ -27,6 +27,7 @@ from ._core import topics
 from ._core.backoff import RetryPolicy
 from .errors import SubscriberDisconnected
 from .message import Message
+from .middleware import Middleware
 from .transports.tasks import start_task
 
 __all__ = [
@@ -749,7 +750,12 @@ class Connection:
 
 
 def connect(
-    url: str | list[str] | None = None, *, bind: str | list[str] | None = None, **options: Any
+    url: str | list[str] | None = None,
+    *,
+    bind: str | list[str] | None = None,
+    middleware: Sequence[Middleware] = (),
+    **options: Any,
 ) -> Connection:
-    """Blocking twin of :func:`pigeon.connect`; start it with ``with`` or ``.start()``."""
-    return Connection(_async.connect(url, bind=bind, **options))
+    """Blocking twin of :func:`pigeon.connect`; start it with ``with`` or ``.start()``.
+    Middleware hooks run on the loop thread (see ``pigeon.Middleware``)."""
+    return Connection(_async.connect(url, bind=bind, middleware=middleware, **options))

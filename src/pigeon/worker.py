@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
+from . import tracing
 from ._core.backoff import DeadLetter, RetryPolicy, on_failure
 from ._core.policy import (
     EXPIRED_REASON,
@@ -19,10 +22,14 @@ from ._core.policy import (
     over_attempt_limit,
     past_deadline,
 )
+from ._core.tracecontext import TRACEPARENT
 from .errors import PigeonError
 from .message import Message, make_message
+from .middleware import Hooks, Outcome, RequestOutcome
 from .transports import ConsumeOptions, Delivery, Subscription, Transport
 from .transports.base import ServerStopping
+
+log = logging.getLogger("pigeon.worker")
 
 Handler = Callable[[Delivery], Awaitable[Any] | Any]
 ServiceFunction = Callable[[Message], Awaitable[Any] | Any]
@@ -31,6 +38,24 @@ ServiceFunction = Callable[[Message], Awaitable[Any] | Any]
 # Deliveries one thread hand-off runs a plain handler on, one after another:
 # a hand-off costs about as much as a small handler, so it is shared.
 PLAIN_BATCH = 64
+
+
+def _run_plain_observed(
+    handler: Callable[[Any], Any], arguments: list[Any], contexts: list[tracing.TraceContext | None]
+) -> list[tuple[bool, Any, float]]:
+    """``_run_plain`` for observed deliveries: each runs in its own trace
+    context, and its handler seconds are measured."""
+    outcomes: list[tuple[bool, Any, float]] = []
+    for argument, context in zip(arguments, contexts, strict=True):
+        token = tracing.set_current(context)
+        start = perf_counter()
+        try:
+            outcomes.append((True, handler(argument), perf_counter() - start))
+        except Exception as exc:  # each delivery's failure is its own
+            outcomes.append((False, exc, perf_counter() - start))
+        finally:
+            tracing.leave(token)
+    return outcomes
 
 
 def _run_plain(handler: Callable[[Any], Any], arguments: list[Any]) -> list[tuple[bool, Any]]:
@@ -67,8 +92,12 @@ class Worker:
         concurrency: int,
         *,
         abandon_on_host_loss: bool = True,
+        hooks: Hooks | None = None,
     ) -> None:
         self.queue = queue
+        # The connection's middleware (None: none, and the hot path checks
+        # only that).
+        self._hooks = hooks
         self.handler = handler
         self.policy = policy
         self.concurrency = concurrency
@@ -106,6 +135,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run()) for _ in range(self.concurrency)]
         self._subscription = await transport.consume(self.queue, self._sink, options)
+        log.debug("consumer started: %s (concurrency %d)", self.queue, self.concurrency)
 
     def _sink(self, deliveries: list[Delivery]) -> None:
         if self._draining:  # sent before the host heard we are draining
@@ -204,6 +234,15 @@ class Worker:
         batch = [pending.popleft() for _ in range(take)]
         self._busy += len(batch)
         self._in_progress.update(batch)
+        if self._hooks is not None or any(TRACEPARENT in d.message.headers for d in batch):
+            try:
+                await self._run_plain_observed(batch)
+            finally:
+                self._busy -= len(batch)
+                for delivery in batch:
+                    if delivery.settled:
+                        self._in_progress.discard(delivery)
+            return
         try:
             runnable = [d for d in batch if not await self._refused_unrun(d)]
             outcomes = await asyncio.to_thread(_run_plain, self.handler, runnable)
@@ -215,6 +254,47 @@ class Worker:
                 if delivery.settled:  # a cancelled one stays, for close() to nack
                     self._in_progress.discard(delivery)
 
+    async def _run_plain_observed(self, batch: list[Delivery]) -> None:
+        """``_run_plain_batch`` with the middleware's hooks, each delivery in
+        the trace context it carries (set again in the handler's thread)."""
+        hooks = self._hooks
+        runnable: list[Delivery] = []
+        contexts: list[tracing.TraceContext | None] = []
+        for delivery in batch:
+            token = tracing.enter(delivery.message.headers)
+            try:
+                if await self._refused_unrun(delivery):
+                    continue
+                if hooks is not None:
+                    hooks.before_handle(delivery)  # may make its own span current
+                runnable.append(delivery)
+                contexts.append(tracing.current())
+            finally:
+                tracing.leave(token)
+        try:
+            outcomes = await asyncio.to_thread(
+                _run_plain_observed, self.handler, runnable, contexts
+            )
+        except BaseException:
+            if hooks is not None:
+                for delivery in runnable:
+                    hooks.after_handle(delivery, Outcome.ERROR, 0.0)
+            raise
+        for index, (delivery, (ok, result, seconds)) in enumerate(
+            zip(runnable, outcomes, strict=True)
+        ):
+            try:
+                outcome = await self._finish(delivery, ok, result)
+            except BaseException:
+                if hooks is not None:  # cut short: this one and the rest end here
+                    for cut, (_ok, _result, cut_seconds) in zip(
+                        runnable[index:], outcomes[index:], strict=True
+                    ):
+                        hooks.after_handle(cut, Outcome.ERROR, cut_seconds)
+                raise
+            if hooks is not None:
+                hooks.after_handle(delivery, outcome, seconds)
+
     async def _refused_unrun(self, delivery: Delivery) -> bool:
         """Count a delivery in; True (and rejected) if workers before this
         one used up its attempts, or its deadline passed before it could run."""
@@ -224,6 +304,7 @@ class Worker:
         if message.deadline is not None and past_deadline(message, time.time()):
             counts["expired"] += 1
             counts["dead_lettered"] += 1
+            self._dead_lettered(delivery, EXPIRED_REASON)
             await delivery.reject(EXPIRED_REASON)
             return True
         if message.redelivered:
@@ -233,11 +314,13 @@ class Worker:
                 # policy says it has had its attempts (the host may have a
                 # limit of its own, too).
                 counts["dead_lettered"] += 1
-                await delivery.reject(attempt_limit_reason(self.queue, message.attempt - 1))
+                reason = attempt_limit_reason(self.queue, message.attempt - 1)
+                self._dead_lettered(delivery, reason)
+                await delivery.reject(reason)
                 return True
         return False
 
-    async def _finish(self, delivery: Delivery, ok: bool, result: Any) -> None:
+    async def _finish(self, delivery: Delivery, ok: bool, result: Any) -> Outcome:
         """Settle a delivery its handler has run on: ack, or the retry policy."""
         if ok and inspect.isawaitable(result):
             try:
@@ -247,17 +330,21 @@ class Worker:
             except Exception as exc:
                 ok, result = False, exc
         if not ok:
-            await self._failed(delivery, result)
-            return
-        if not delivery.settled:
-            self.counts["acked"] += 1
-            # The plain ack, without the coroutine Delivery.ack() would add.
-            delivery.settled = True
-            pending = delivery._settler.ack(delivery)
-            if pending is not None:
-                await pending
+            return await self._failed(delivery, result)
+        if delivery.settled:
+            return Outcome.SETTLED
+        self.counts["acked"] += 1
+        # The plain ack, without the coroutine Delivery.ack() would add.
+        delivery.settled = True
+        pending = delivery._settler.ack(delivery)
+        if pending is not None:
+            await pending
+        return Outcome.ACKED
 
     async def _handle(self, delivery: Delivery) -> None:
+        if self._hooks is not None or TRACEPARENT in delivery.message.headers:
+            await self._handle_observed(delivery)
+            return
         if await self._refused_unrun(delivery):
             return
         try:
@@ -269,19 +356,70 @@ class Worker:
             return
         await self._finish(delivery, True, result)
 
-    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+    async def _handle_observed(self, delivery: Delivery) -> None:
+        """``_handle`` with the middleware's hooks around the handler, in the
+        trace context the message carries."""
+        hooks = self._hooks
+        token = tracing.enter(delivery.message.headers)
+        try:
+            if await self._refused_unrun(delivery):
+                return
+            if hooks is not None:
+                hooks.before_handle(delivery)
+            outcome = Outcome.ERROR
+            start = perf_counter()
+            try:
+                try:
+                    result = await self.handler(delivery)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a handler failure is data for the retry policy
+                    seconds = perf_counter() - start
+                    outcome = await self._failed(delivery, exc)
+                else:
+                    seconds = perf_counter() - start
+                    outcome = await self._finish(delivery, True, result)
+            except BaseException:
+                if hooks is not None:
+                    hooks.after_handle(delivery, Outcome.ERROR, perf_counter() - start)
+                raise
+            if hooks is not None:
+                hooks.after_handle(delivery, outcome, seconds)
+        finally:
+            tracing.leave(token)
+
+    async def _failed(self, delivery: Delivery, exc: Exception) -> Outcome:
         counts = self.counts
         counts["handler_errors"] += 1
+        if log.isEnabledFor(logging.WARNING):
+            log.warning(
+                "handler error on %s (message %s, attempt %d): %s: %s",
+                self.queue,
+                delivery.message.id,
+                delivery.message.attempt,
+                type(exc).__name__,
+                exc,
+            )
         if delivery.settled:
-            return
+            return Outcome.ERROR
         error = f"{type(exc).__name__}: {exc}"
         verdict = on_failure(self.policy, delivery.message.attempt, error, random.random())
         if isinstance(verdict, DeadLetter):
             counts["dead_lettered"] += 1
+            self._dead_lettered(delivery, verdict.reason)
             await delivery.reject(verdict.reason)
-        else:
-            counts["retried"] += 1
-            await delivery.nack(verdict.delay, error)
+            return Outcome.DEAD_LETTERED
+        counts["retried"] += 1
+        if self._hooks is not None:
+            self._hooks.on_retry(delivery, verdict.delay, error)
+        await delivery.nack(verdict.delay, error)
+        return Outcome.RETRIED
+
+    def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
+        """Tell the log and the middleware that this worker dead-letters ``delivery``."""
+        log.warning("dead letter from %s (message %s): %s", self.queue, delivery.message.id, reason)
+        if self._hooks is not None:
+            self._hooks.on_dead_letter(delivery, reason)
 
     async def drain(self, grace: float = 30.0) -> None:
         """Stop gracefully: take nothing more, hand back at once what has not
@@ -291,6 +429,7 @@ class Worker:
         if self._closing:
             return
         self._closing = True
+        log.debug("consumer draining: %s", self.queue)
         subscription = self._subscription
         drain = getattr(subscription, "drain", None)
         if drain is not None:
@@ -316,6 +455,7 @@ class Worker:
         await self._hand_back(unfinished, "worker stopped")
         if self._draining and subscription is not None:
             await subscription.cancel()
+        log.debug("consumer stopped: %s (%s)", self.queue, self.counts)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop, letting running handlers finish for up to ``timeout``
@@ -343,9 +483,12 @@ class Worker:
 class Server:
     """Serves one service with ``handler(message) -> reply payload``."""
 
-    def __init__(self, service: str, handler: ServiceFunction) -> None:
+    def __init__(
+        self, service: str, handler: ServiceFunction, *, hooks: Hooks | None = None
+    ) -> None:
         self.service = service
         self.handler = handler
+        self._hooks = hooks  # the connection's middleware, or None
         self.counts = {"handled": 0, "failed": 0, "cut": 0}
         # Tasks running a request here, for drain() to wait for (or cut).
         self._running: set[asyncio.Task[Any]] = set()
@@ -354,6 +497,31 @@ class Server:
         self._async_handler = inspect.iscoroutinefunction(handler)
 
     async def _serve(self, message: Message) -> Message:
+        if self._hooks is not None or TRACEPARENT in message.headers:
+            return await self._serve_observed(message)
+        return await self._run_handler(message)
+
+    async def _serve_observed(self, message: Message) -> Message:
+        """``_serve`` with the middleware's hooks around the handler, in the
+        trace context the request carries."""
+        hooks = self._hooks
+        token = tracing.enter(message.headers)
+        try:
+            if hooks is not None:
+                hooks.before_serve(self.service, message)
+            outcome = RequestOutcome.ERROR
+            start = perf_counter()
+            try:
+                reply = await self._run_handler(message)
+                outcome = RequestOutcome.OK
+                return reply
+            finally:
+                if hooks is not None:
+                    hooks.after_serve(self.service, message, outcome, perf_counter() - start)
+        finally:
+            tracing.leave(token)
+
+    async def _run_handler(self, message: Message) -> Message:
         task = asyncio.current_task()
         running = self._running
         if task is not None:
@@ -382,6 +550,7 @@ class Server:
     async def _start(self, transport: Transport) -> None:
         """Begin serving (called by :meth:`pigeon.Connection.serve`)."""
         self._registration = await transport.serve(self.service, self._serve)
+        log.debug("server started: %s", self.service)
 
     async def drain(self, grace: float = 30.0) -> None:
         """Stop gracefully: withdraw the service, so callers send new
@@ -392,6 +561,7 @@ class Server:
         registration, self._registration = self._registration, None
         if registration is None:
             return
+        log.debug("server draining: %s (%d running)", self.service, len(self._running))
         await registration.cancel()
         if self._running:
             _done, still = await asyncio.wait(set(self._running), timeout=grace)
@@ -400,6 +570,7 @@ class Server:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
+        log.debug("server stopped: %s", self.service)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop: :meth:`drain` with a grace of ``timeout`` seconds."""
