@@ -112,7 +112,14 @@ def _register() -> None:
         cli.add_command(argparse_command(name, f"pigeon {name}", node.add_parsers))
 
 
+def _register_run() -> None:
+    from .run import run
+
+    cli.add_command(run)
+
+
 _register()
+_register_run()
 
 
 def main(argv: list[str] | None = None) -> int:

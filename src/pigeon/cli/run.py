@@ -1,0 +1,155 @@
+"""``pigeon run MODULE[:ATTR]``: run an app's workers, services and
+subscribers in ``--workers`` processes under one supervisor, which restarts
+a crashed process with backoff, drains them all on SIGTERM or Ctrl-C, and
+restarts them when the code changes (``--reload``).
+
+The app is loaded here first, so a mistake in it (no module, no attribute,
+not an App, an exception while importing) ends the command at once with one
+line naming it (the traceback with ``--log-level DEBUG``), exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+
+import click
+
+from .._core import limits
+from .._core.supervise import Supervision
+from .._extras import install_hint
+from ..errors import ConfigurationError
+from ..transports.nats.security import redact
+from .app_process import setup_logging, spec
+from .load import AppNotLoaded, load_app, parse_reference, source_directory
+from .options import connect_options, key_options, log_options, url_option
+from .supervisor import Supervisor, watch_files
+
+log = logging.getLogger("pigeon.run")
+
+DEFAULT_GRACE = 30.0
+MAX_WORKERS = 256  # processes on one machine: more is a typo
+MAX_CONCURRENCY = 10_000
+
+
+@click.command(name="run")
+@click.argument("app_reference", metavar="MODULE[:ATTR]")
+@click.option(
+    "--workers",
+    envvar="PIGEON_WORKERS",
+    type=click.IntRange(1, MAX_WORKERS),
+    default=1,
+    show_default=True,
+    help="app processes to run (or PIGEON_WORKERS)",
+)
+@click.option(
+    "--concurrency",
+    envvar="PIGEON_CONCURRENCY",
+    type=click.IntRange(1, MAX_CONCURRENCY),
+    default=None,
+    help="handlers each worker and subscriber runs at once in each process, for those "
+    "that set no concurrency= of their own (default 1; or PIGEON_CONCURRENCY)",
+)
+@click.option(
+    "--grace",
+    envvar="PIGEON_GRACE",
+    type=click.FloatRange(0, limits.MAX_SECONDS),
+    default=DEFAULT_GRACE,
+    show_default=True,
+    metavar="SECONDS",
+    help="on SIGTERM or Ctrl-C, how long running handlers may finish (or PIGEON_GRACE)",
+)
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="restart the processes when a .py file under the app's directory changes "
+    "(development; needs the reload extra)",
+)
+@click.option(
+    "--metrics-port",
+    envvar="PIGEON_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="serve Prometheus metrics of every process on this port (needs the metrics "
+    "extra; or PIGEON_METRICS_PORT)",
+)
+@url_option
+@key_options
+@log_options
+def run(
+    app_reference: str,
+    workers: int,
+    concurrency: int | None,
+    grace: float,
+    reload: bool,
+    metrics_port: int | None,
+    url: str | None,
+    key: str | None,
+    server_key: str | None,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run an app: its workers, services and subscribers, in N processes."""
+    setup_logging(log_level, log_format)
+    cwd = os.getcwd()
+    try:
+        reference = parse_reference(app_reference, cwd)
+        app = load_app(reference)
+        app.configure(concurrency=concurrency)  # checked here, used by each process
+    except AppNotLoaded as exc:
+        log.debug("the app cannot be loaded", exc_info=exc.__cause__ or exc)
+        raise
+    env = dict(os.environ)
+    on_exit = None
+    metrics_dir = None
+    if reload:
+        _need("watchfiles", "--reload", "reload")
+    if metrics_port is not None:
+        _need("prometheus_client", "--metrics-port", "metrics")
+        metrics_dir = tempfile.mkdtemp(prefix="pigeon-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        on_exit = _serve_metrics(metrics_port, metrics_dir)
+    task = spec(
+        app=app_reference,
+        cwd=cwd,
+        url=url,
+        options=connect_options(key, server_key),
+        concurrency=concurrency,
+        grace=grace,
+        log_level=log_level,
+        log_format=log_format,
+        metrics=metrics_port is not None,
+    )
+    supervisor = Supervisor(
+        task, Supervision(workers, grace, reload_enabled=reload), env=env, on_exit=on_exit
+    )
+    where = f" on {redact(url)}" if url else ""
+    processes = "1 process" if workers == 1 else f"{workers} processes"
+    log.info("running %s in %s%s", app_reference, processes, where)
+    if reload:
+        directory = source_directory(reference)
+        watch_files(directory, supervisor)
+        log.info("reloading when a .py file under %s changes", directory)
+    try:
+        code = supervisor.run()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("stopped (exit code %d)", code)
+    sys.exit(code)
+
+
+def _need(module: str, option: str, extra: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise ConfigurationError(f"{option} needs {module}: {install_hint(extra)}") from None
+
+
+def _serve_metrics(port: int, directory: str) -> Callable[[int], None]:
+    raise ConfigurationError("--metrics-port: pigeon.metrics is not available yet")
