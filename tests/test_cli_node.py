@@ -152,10 +152,10 @@ def test_nothing_reachable_is_said_in_those_words_and_exits_69() -> None:
         assert "Traceback" not in done.stderr
 
 
-def test_a_broker_url_is_a_usage_error_that_says_why() -> None:
-    done = _run("queues", "nats://127.0.0.1:4222", "--timeout", "1")
+def test_a_url_no_backend_speaks_is_a_usage_error_that_says_why() -> None:
+    done = _run("queues", "http://127.0.0.1:4222", "--timeout", "1")
     assert done.returncode == 2, completed(done)
-    assert "asks a brokerless pigeon node" in done.stderr
+    assert "no admin backend for http://" in done.stderr
     assert "connect_grace" not in done.stderr  # no option leaks into the message
 
 

@@ -7,17 +7,12 @@ address given (``EX_UNAVAILABLE`` of sysexits.h).
 
 from __future__ import annotations
 
-from ..errors import PigeonError
+# The admin layer raises it (pigeon.admin); a command may too.
+from ..admin.errors import Unreachable
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "Unreachable"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
-
-
-class Unreachable(PigeonError):
-    """Nothing answered at the address a command was given."""
-
-    def __init__(self, address: str, why: str = "") -> None:
-        super().__init__(f"Nothing reachable at {address}" + (f" ({why})" if why else ""))
-        self.address = address

@@ -108,8 +108,10 @@ def _register() -> None:
 
     for command in (node.node_command, demo.demo, bridge.bridge, keys.keys):
         cli.add_command(command)
-    for name in ("queues", "dead", "replay"):
-        cli.add_command(argparse_command(name, f"pigeon {name}", node.add_parsers))
+    from .operate import COMMANDS as operating
+
+    for command in operating:
+        cli.add_command(command)
 
 
 def _register_run() -> None:

@@ -1,11 +1,11 @@
 """``pigeon node``: a standalone node hosting (durable) queues for many
-producers and workers; and ``pigeon queues``: what a node hosts."""
+producers and workers (``pigeon queues`` and the other operating commands,
+in ``cli.operate``, show and change what it hosts)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 from typing import Any
@@ -14,37 +14,6 @@ import click
 
 import pigeon
 from pigeon._core import topics
-from pigeon.transports.zmq.admin import DEAD_SERVICE, INFO_SERVICE, REPLAY_SERVICE
-
-from ..transports import ZMQ_SCHEMES
-from .exits import Unreachable
-
-
-def add_parsers(subparsers: Any) -> None:
-    queues = subparsers.add_parser("queues", help="show the queues a node hosts")
-    queues.add_argument("url", help="the node's address, e.g. tcp://127.0.0.1:5555")
-    queues.add_argument("--json", action="store_true", help="print the raw JSON")
-    queues.add_argument("--timeout", type=float, default=3.0)
-    _add_key_options(queues)
-    queues.set_defaults(func=run_queues)
-
-    dead = subparsers.add_parser("dead", help="list a queue's dead letters on a node")
-    dead.add_argument("url")
-    dead.add_argument("queue")
-    dead.add_argument("--limit", type=int, default=20)
-    dead.add_argument("--json", action="store_true", help="print the raw JSON")
-    dead.add_argument("--timeout", type=float, default=3.0)
-    _add_key_options(dead)
-    dead.set_defaults(func=run_dead)
-
-    replay = subparsers.add_parser("replay", help="move a queue's dead letters back into it")
-    replay.add_argument("url")
-    replay.add_argument("queue")
-    replay.add_argument("--limit", type=int, default=None)
-    replay.add_argument("--json", action="store_true", help="print the answer as JSON")
-    replay.add_argument("--timeout", type=float, default=3.0)
-    _add_key_options(replay)
-    replay.set_defaults(func=run_replay)
 
 
 def _retention(text: str) -> tuple[str, dict[str, Any]]:
@@ -85,26 +54,6 @@ def _size(text: str) -> int:
     if not digits.isdigit():
         raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
     return int(digits) * scale
-
-
-def _add_key_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--key", metavar="PATH.key_secret", help="this client's secret key (or PIGEON_KEY)"
-    )
-    parser.add_argument(
-        "--server-key",
-        metavar="NODE.key",
-        help="the node's public key (or PIGEON_SERVER_KEY)",
-    )
-
-
-def _key_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if args.key:
-        options["key"] = args.key
-    if args.server_key:
-        options["server_key"] = args.server_key
-    return options
 
 
 class _SizeType(click.ParamType[int]):
@@ -278,104 +227,3 @@ def _reload(node: pigeon.Connection) -> None:
         print(f"pigeon node: ACL not reloaded, the old one stays: {exc}", flush=True)
         return
     print(f"pigeon node: ACL reloaded ({stopped} consumer(s) lost their grant)", flush=True)
-
-
-def _node_url(url: str, command: str) -> str:
-    """The admin commands ask a brokerless node's admin services."""
-    scheme = url.partition("://")[0]
-    if scheme not in ZMQ_SCHEMES:
-        raise pigeon.ConfigurationError(
-            f"pigeon {command} asks a brokerless pigeon node (tcp://, ipc:// or inproc://), "
-            f"not {scheme}://; use the broker's own tools for its queues"
-        )
-    return url
-
-
-async def _reached(conn: pigeon.Connection, url: str, call: Any) -> Any:
-    """Await ``call``; a call that no node answered because none is up at
-    ``url`` is ``Unreachable`` (exit 69), not NoResponders."""
-    try:
-        return await call
-    except (pigeon.NoResponders, pigeon.TransportError) as exc:
-        links = conn.stats().get("links", {})
-        if isinstance(exc, pigeon.NoPigeonNode) or not any(
-            link.get("up") for link in links.values()
-        ):
-            raise Unreachable(url, str(exc)) from exc
-        raise
-
-
-def _ask(args: argparse.Namespace, service: str, payload: Any) -> Any:
-    url, timeout = _node_url(args.url, args.command), args.timeout
-
-    async def main() -> Any:
-        # The node is expected to be there: wait for its handshake as long
-        # as the whole timeout, not just the default grace.
-        async with pigeon.connect(url, connect_grace=timeout, **_key_options(args)) as conn:
-            reply = await _reached(conn, url, conn.request(service, payload, timeout=timeout))
-            return reply.decode()
-
-    return asyncio.run(main())
-
-
-def _all_pages(args: argparse.Namespace) -> dict[str, Any]:
-    """pigeon.info answers a page of queues at a time; gather them all."""
-    url, timeout = _node_url(args.url, args.command), args.timeout
-
-    async def main() -> dict[str, Any]:
-        async with pigeon.connect(url, connect_grace=timeout, **_key_options(args)) as conn:
-            await _reached(conn, url, conn.request(INFO_SERVICE, {"limit": 1}, timeout=timeout))
-            info: dict[str, Any] = {}
-            queues: dict[str, Any] = {}
-            after: str | None = ""
-            while after is not None:
-                reply = await conn.request(INFO_SERVICE, {"after": after}, timeout=timeout)
-                info = reply.decode()
-                queues.update(info["queues"])
-                after = info.get("next")
-            info["queues"] = queues
-            return info
-
-    return asyncio.run(main())
-
-
-def run_queues(args: argparse.Namespace) -> int:
-    info = _all_pages(args)
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    columns = (
-        "ready",
-        "delayed",
-        "in_flight",
-        "consumers",
-        "received",
-        "acked",
-        "redelivered",
-        "dead_lettered",
-    )
-    print(f"{'queue':<24}" + "".join(f"{c:>14}" for c in columns))
-    for name, queue in sorted(info.get("queues", {}).items()):
-        print(f"{name:<24}" + "".join(f"{queue.get(c, 0):>14}" for c in columns))
-    return 0
-
-
-def run_dead(args: argparse.Namespace) -> int:
-    letters = _ask(args, DEAD_SERVICE, {"queue": args.queue, "limit": args.limit})
-    if args.json:
-        print(json.dumps(letters))
-        return 0
-    for letter in letters:
-        print(f"{letter['id']}  attempts={letter['attempts']}  {letter['reason']}")
-        print(f"    {letter['body']!r}")
-    print(f"{len(letters)} dead letter(s) shown for {args.queue!r}")
-    return 0
-
-
-def run_replay(args: argparse.Namespace) -> int:
-    answer = _ask(args, REPLAY_SERVICE, {"queue": args.queue, "limit": args.limit})
-    if args.json:
-        print(json.dumps({"queue": args.queue, "replayed": answer["replayed"]}))
-        return 0
-    print(f"replayed {answer['replayed']} dead letter(s) into {args.queue!r}")
-    return 0
