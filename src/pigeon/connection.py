@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Generator, Iterable, Sequence
 from time import perf_counter
 from typing import Any
@@ -208,7 +207,7 @@ class Connection:
         """
         headers = _with_not_before(headers, delay, not_before)
         return self._queue_one(
-            queue, payload, headers, content_type, message_id, _expiry(ttl, time.time())
+            queue, payload, headers, content_type, message_id, _expiry(ttl, _clock.wall())
         )
 
     def _queue_one(
@@ -263,7 +262,7 @@ class Connection:
         if self._closed or not self._started:
             self._check_open()
         queue = _check_name(queue, "queue")
-        deadline = _expiry(ttl, time.time())
+        deadline = _expiry(ttl, _clock.wall())
         headers = _with_not_before(headers, delay, not_before)
         messages = make_messages(
             payloads, content_type=content_type, headers=headers, deadline=deadline
@@ -306,7 +305,7 @@ class Connection:
             (and everything :meth:`send_nowait` raises but ``Backpressure``)
         """
         timeout = _positive(timeout, "timeout")
-        expires = _expiry(ttl, time.time())  # once: a wait for room does not move it
+        expires = _expiry(ttl, _clock.wall())  # once: a wait for room does not move it
         headers = _with_not_before(headers, delay, not_before)  # once, likewise
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -713,7 +712,7 @@ class Connection:
         # the request late (frozen, or behind a slow link) knows the caller
         # gave up; handlers see it as Message.deadline.
         message = make_message(
-            payload, content_type=content_type, headers=headers, deadline=time.time() + timeout
+            payload, content_type=content_type, headers=headers, deadline=_clock.wall() + timeout
         )
         service = _check_name(service, "service")
         if self._hooks is None and tracing.current() is None:
@@ -775,7 +774,7 @@ class Connection:
         if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 0:
             raise ConfigurationError(f"min_replies must be an int >= 0, not {min_replies!r}")
         message = make_message(
-            payload, content_type=content_type, headers=headers, deadline=time.time() + timeout
+            payload, content_type=content_type, headers=headers, deadline=_clock.wall() + timeout
         )
         service = _check_name(service, "service")
         if self._hooks is None and tracing.current() is None:

@@ -8,13 +8,12 @@ import asyncio
 import inspect
 import logging
 import random
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
-from . import tracing
+from . import _clock, tracing
 from ._core.backoff import DeadLetter, RetryPolicy, on_failure
 from ._core.policy import (
     EXPIRED_REASON,
@@ -301,7 +300,7 @@ class Worker:
         counts = self.counts
         counts["received"] += 1
         message = delivery.message
-        if message.deadline is not None and past_deadline(message, time.time()):
+        if message.deadline is not None and past_deadline(message, _clock.wall()):
             counts["expired"] += 1
             counts["dead_lettered"] += 1
             self._dead_lettered(delivery, EXPIRED_REASON)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+from .. import _clock
 from .._core import persistence, policy
 from .._core.ledger import QueueLedger, dead_letter_queue
 from .._core.limits import QueuePolicy, message_size
@@ -386,7 +386,7 @@ class QueueHost:
         if ledger is None:
             self.unknown_queue_settles += len(acks) + len(nacks) + len(rejects) + len(extends)
             return [*acks, *(n[0] for n in nacks), *(r[0] for r in rejects), *extends]
-        now = time.monotonic()
+        now = self._get_loop().time()
         durable = self.committer is not None
         ops: list[Op | None] = []
         stale: list[str] = []
@@ -402,7 +402,7 @@ class QueueHost:
             if message is None:
                 stale.append(mid)
             elif durable and delay > 0:
-                ops.append(persistence.requeue_op(queue, message, time.time() + delay))
+                ops.append(persistence.requeue_op(queue, message, _clock.wall() + delay))
         for mid, reason in rejects:
             dead = ledger.reject(mid, consumer, reason)
             if dead is not None:
@@ -469,7 +469,8 @@ class QueueHost:
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        now, wall = time.monotonic(), time.time()
+        # The loop's clock and _clock.wall: the two a test clock moves.
+        now, wall = self._get_loop().time(), _clock.wall()
         dirty, self._dirty = self._dirty, set()
         for queue in dirty:
             ledger = self.queues.get(queue)
@@ -513,7 +514,7 @@ class QueueHost:
             self._get_loop().call_later(BACKLOG_RETRY, self._mark, queue)
             return
         page = done.result()
-        wall, mono = time.time(), time.monotonic()
+        wall, mono = _clock.wall(), self._get_loop().time()
         rows = [
             (position, row.message, mono + (row.ready_at - wall) if row.ready_at > wall else 0.0)
             for position, row in page.rows
@@ -532,14 +533,13 @@ class QueueHost:
             if self._timer_at <= at:
                 return
             self._timer.cancel()
-        loop = self._get_loop()
-        # Map monotonic time onto the loop's clock, which may differ.
+        # Ledger times are on the loop's clock (see _dispatch).
         self._timer_at = at
-        self._timer = loop.call_at(loop.time() + max(0.0, at - time.monotonic()), self._on_timer)
+        self._timer = self._get_loop().call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        now = time.monotonic()
+        now = self._get_loop().time()
         for name, ledger in self.queues.items():
             ledger.expire(now)
             if ledger.has_work():

@@ -36,7 +36,6 @@ refusal is counted and told where it happened.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from .. import _clock
 from .._core import headers
 from .._core.limits import message_size
 from .._core.topics import (
@@ -164,7 +164,7 @@ class TopicHost:
         source: str,
         *,
         on_disconnect: Disconnected | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = _clock.wall,
         orphan_grace: float = ORPHAN_GRACE,
     ) -> None:
         self.host = host
