@@ -11,12 +11,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from brokers import AMQP_URL, NATS_URL, require
 
 import pigeon
 import pigeon.sync
 from pigeon import tracing
 from pigeon.testing.conformance import unique, wait_until
-from tests.brokers import AMQP_URL, NATS_URL, require
 
 WAIT = 30.0
 URLS = ["memory://mw", "bind", "nats", "amqp"]

@@ -15,6 +15,9 @@ import click
 import pigeon
 from pigeon._core import topics
 
+from ..logs import configure as configure_logs
+from .options import log_options
+
 
 def _retention(text: str) -> tuple[str, dict[str, Any]]:
     """``PATTERN:count=N,bytes=B,age=S`` as (pattern, retain() keywords)."""
@@ -155,9 +158,35 @@ class _RetentionType(click.ParamType[tuple[str, dict[str, Any]]]):
     help="keep history of the topics PATTERN matches, e.g. 'prices.>:count=100,age=3600' "
     "(count messages per topic, bytes, age in seconds; repeatable)",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="serve Prometheus metrics on PORT at /metrics (0: any free port; needs the metrics extra)",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="HOST",
+    help="the address the metrics endpoint listens on",
+)
+@log_options
 def node_command(**settings: Any) -> None:
     """Run a node that hosts queues for other processes."""
+    configure_logs(settings.pop("log_level"), settings.pop("log_format"))
     sys.exit(run_node(argparse.Namespace(**settings)))
+
+
+def _metrics(port: int | None) -> list[Any]:
+    """The middleware ``--metrics-port`` asks for (none without it)."""
+    if port is None:
+        return []
+    try:
+        from .. import metrics
+    except ImportError as exc:
+        raise click.UsageError(f"--metrics-port: {exc}") from None
+    return [metrics.PrometheusMetrics()]
 
 
 def run_node(args: argparse.Namespace) -> int:
@@ -182,12 +211,14 @@ def run_node(args: argparse.Namespace) -> int:
         if args.min_free_disk is not None:
             options["min_free_disk"] = args.min_free_disk
 
+    middleware = _metrics(getattr(args, "metrics_port", None))
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with pigeon.connect(bind=args.bind, **options) as node:
+        async with pigeon.connect(bind=args.bind, middleware=middleware, **options) as node:
             for pattern, bounds in args.retain:
                 await node.retain(pattern, **bounds)
             if args.allow:
@@ -201,6 +232,17 @@ def run_node(args: argparse.Namespace) -> int:
             )
             keys = f"; keys on, ACL {args.allow}" if args.allow else ""
             print(f"pigeon node: serving {where}; queues {kept}{keys}", flush=True)
+            if middleware:
+                from ..metrics import serve_metrics
+
+                try:
+                    endpoint = serve_metrics(args.metrics_port, args.metrics_host)
+                except OSError as exc:
+                    raise pigeon.ConfigurationError(
+                        f"--metrics-port {args.metrics_port}: cannot listen on "
+                        f"{args.metrics_host}: {exc.strerror or exc}"
+                    ) from None
+                print(f"pigeon node: metrics on {endpoint.url}", flush=True)
             report = (stats.get("store") or {}).get("salvage")
             if report:
                 print(
