@@ -364,3 +364,24 @@ def test_the_pytest_plugin_in_a_users_test_run(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 passed" in run.stdout
+
+
+def test_a_delayed_send_is_delivered_once_its_time_comes() -> None:
+    got: list[str] = []
+    app = pigeon.App("memory://ignored")
+
+    @app.worker("reminders")
+    async def remind(text: str) -> None:
+        got.append(text)
+
+    with TestApp(app).sync() as t:
+        t.send("reminders", "in a minute", delay=60.0)
+        t.send("reminders", "in two", not_before=t.clock.wall() + 120.0)
+        assert t.queue("reminders")["delayed"] == 2
+        t.advance(59)
+        assert got == []
+        t.advance(2)
+        assert got == ["in a minute"]
+        t.advance(60)
+        assert got == ["in a minute", "in two"]
+

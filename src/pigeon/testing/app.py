@@ -29,6 +29,7 @@ from .._core.ledger import QueueLedger, dead_letter_queue
 from ..connection import Connection, connect
 from ..errors import ClosedError, ConfigurationError, NotStartedError, Timeout
 from ..message import Message, new_id
+from ..middleware import Middleware
 from ..transports.memory import MemoryTransport
 from .clock import DEFAULT_SETTLE_TIMEOUT, LoopClock
 
@@ -152,14 +153,16 @@ class TestApp:
 
     async def _start_app(self) -> Connection:
         # The app connects where it was told; here, for this run only, to a
-        # memory hub of its own (its transport options are for that URL).
+        # memory hub of its own (its transport options are for that URL),
+        # with a middleware that records what it sends.
         app = self.app
-        saved = app._connect_args
+        saved = app._connect_args, list(app._middleware)
         app._connect_args = (self.url, None, {})
+        app._middleware.append(_Recorder(self))
         try:
             return await app.start()
         finally:
-            app._connect_args = saved
+            app._connect_args, app._middleware = saved
 
     async def close(self) -> None:
         """Stop the app (running handlers get ``STOP_GRACE`` seconds of the
@@ -253,7 +256,8 @@ class TestApp:
 
     def sent(self, queue: str) -> list[Message]:
         """Messages the app itself sent to ``queue`` (not the test's), oldest
-        first."""
+        first, as they left it (a send that waited for room in a full queue
+        is seen once per try)."""
         return list(self._sent.get(queue, ()))
 
     def published(self, topic: str) -> list[Message]:
@@ -358,25 +362,8 @@ class TestApp:
         self.errors.append(Failure(kind, name, message, error))
 
     def _watch(self, conn: Connection) -> None:
-        """Record what the app sends and what its handlers raise."""
-        transport = conn.transport
-        send_nowait = transport.send_nowait
-        publish_nowait = transport.publish_nowait
-
-        def recorded_send(
-            queue: str, message: Message, *, fresh: bool = False
-        ) -> asyncio.Future[None]:
-            future = send_nowait(queue, message, fresh=fresh)
-            self._record(self._sent, queue, message)
-            return future
-
-        def recorded_publish(topic: str, message: Message) -> asyncio.Future[None]:
-            future = publish_nowait(topic, message)
-            self._record(self._published, topic, message)
-            return future
-
-        transport.send_nowait = recorded_send  # type: ignore[method-assign]
-        transport.publish_nowait = recorded_publish  # type: ignore[method-assign]
+        """Record what the app's handlers raise: the exceptions themselves,
+        which middleware sees only as text."""
         for worker in conn._workers:
             pattern = getattr(worker, "pattern", None)
             kind, name = ("subscriber", pattern) if pattern else ("worker", worker.queue)
@@ -407,6 +394,19 @@ class TestApp:
                 raise
 
         return watched
+
+
+class _Recorder(Middleware):
+    """Records what the app under test sends and publishes."""
+
+    def __init__(self, test_app: TestApp) -> None:
+        self.test_app = test_app
+
+    def on_send(self, queue: str, message: Message) -> None:
+        self.test_app._record(self.test_app._sent, queue, message)
+
+    def on_publish(self, topic: str, message: Message) -> None:
+        self.test_app._record(self.test_app._published, topic, message)
 
 
 class SyncTestApp:
@@ -517,6 +517,10 @@ class SyncTestApp:
         self._run(self.test_app.settle())
 
     # Inspection: the TestApp's own.
+
+    @property
+    def app(self) -> App:
+        return self.test_app.app
 
     @property
     def errors(self) -> list[Failure]:
