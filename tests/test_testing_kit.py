@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import subprocess
 import sys
 import textwrap
@@ -385,3 +386,22 @@ def test_a_delayed_send_is_delivered_once_its_time_comes() -> None:
         t.advance(60)
         assert got == ["in a minute", "in two"]
 
+
+DOC = Path(__file__).parent.parent / "docs" / "testing.md"
+
+
+def test_the_docs_example_runs_as_printed(tmp_path: Path) -> None:
+    # Each file of the example is the block after a line that names it and ends in ':'.
+    files = re.findall(r"`([\w.]+\.py)`[^\n`]*:\n\n```python\n(.*?)```", DOC.read_text(), re.S)
+    assert [name for name, _ in files] == ["shop.py", "conftest.py", "test_shop.py"]
+    for name, code in files:
+        (tmp_path / name).write_text(code)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "4 passed" in run.stdout
