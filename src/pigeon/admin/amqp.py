@@ -1,16 +1,259 @@
-"""The admin backend of amqp:// URLs (being built: every call says so)."""
+"""The admin backend of ``amqp://`` (and ``amqps://``): AMQP 0-9-1 methods
+only (the management HTTP API is not assumed to be enabled).
+
+- Which queues: AMQP has no method that lists them. Every pigeon AMQP
+  transport records the work queues it declares in the inventory, a small
+  stream queue ``pigeon.inventory`` bounded in bytes
+  (``pigeon.transports.amqp.inventory``); ``open_admin(url, queues=[...])``
+  (``--queue NAME``) adds names pigeon did not declare.
+- Counts: a passive ``queue.declare`` of ``Q`` gives ``ready`` (its message
+  count) and ``consumers``; of ``Q.dead``, ``dead``. The broker says nothing
+  else per queue over AMQP: the other fields are None.
+- ``dead``: ``basic.get`` without ack on a channel of its own, then the
+  channel is closed and the broker puts them back (each look is a delivery:
+  they come back marked redelivered, and on RabbitMQ 4.x it counts toward a
+  quorum queue's delivery limit).
+- ``replay``: ``basic.get`` from ``Q.dead``, publish into ``Q`` with publisher
+  confirms, and only then ``basic.ack`` the letter.
+- ``purge``: ``queue.purge`` (ready messages only: unacked ones stay).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from .base import Admin
-from .errors import NotSupported
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from .._core import headers as pigeon_headers
+from .._core import policy
+from .._core.ledger import DEAD_SUFFIX, dead_letter_queue
+from ..errors import AuthenticationError, DeliveryError, PigeonError, TransportError
+from ..transports.amqp import envelope, inventory
+from ..transports.amqp.errors import map_exceptions
+from ..transports.amqp.options import parse as parse_options
+from .base import Admin, QueueRow, ServiceRow, queue_row
+from .errors import Unreachable
+
+MAX_LETTERS = 10_000  # dead letters taken per call at most
+INVENTORY_IDLE = 0.3  # seconds without a new inventory entry: the end is reached
+MAX_INVENTORY = 100_000  # entries read at most
 
 
-class AmqpAdmin:
-    """Placeholder until the amqp backend lands."""
+class AmqpAdmin(Admin):
+    """Admin of pigeon's queues on a RabbitMQ broker; see the module docstring."""
+
+    transport = "amqp"
+
+    def __init__(
+        self, address: str, connection: AbstractConnection, names: list[str], timeout: float
+    ) -> None:
+        self.url = address
+        self._connection = connection
+        self._names = names
+        self._timeout = timeout
 
     @classmethod
-    async def open(cls, url: str, *, timeout: float = 3.0, **options: Any) -> Admin:
-        raise NotSupported("admin", "amqp", "not available in this version yet")
+    async def open(
+        cls, url: str, *, timeout: float = 3.0, queues: list[str] | None = None, **options: Any
+    ) -> AmqpAdmin:
+        """Connect (``Unreachable`` if no broker answers)."""
+        settings, urls = parse_options(url, {"connect_timeout": timeout, **options})
+        extra: dict[str, Any] = {}
+        if settings.tls is not None:
+            extra["ssl_context"] = settings.tls.ssl_context()
+        try:
+            with map_exceptions(f"connect to {settings.address}", address=settings.address):
+                connection = await aio_pika.connect(
+                    urls[0],
+                    timeout=timeout,
+                    client_properties={"connection_name": "pigeon admin"},
+                    **extra,
+                )
+        except AuthenticationError:
+            raise  # something answered, and refused us
+        except TransportError as exc:
+            raise Unreachable(settings.address, str(exc)) from exc
+        return cls(settings.address, connection, list(queues or ()), timeout)
+
+    @contextlib.asynccontextmanager
+    async def _channel(self, *, confirms: bool = False) -> AsyncIterator[AbstractChannel]:
+        """A channel of its own: a refused passive declare closes it."""
+        channel = self._connection.channel(publisher_confirms=confirms)
+        with map_exceptions("open a channel", address=self.url):
+            await channel.initialize()
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(PigeonError):
+                    with map_exceptions("close a channel", address=self.url):
+                        await channel.close()
+
+    async def _count(self, queue: str) -> tuple[int, int] | None:
+        """(ready, consumers) of ``queue``, or None if there is none."""
+        async with self._channel() as channel:
+            try:
+                with map_exceptions(f"look for queue {queue!r}", address=self.url):
+                    declared = await channel.declare_queue(queue, passive=True)
+            except DeliveryError:  # no such queue
+                return None
+            result = declared.declaration_result
+            return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def inventory(self) -> list[str]:
+        """The queue names in the inventory (see the module docstring)."""
+        names: set[str] = set()
+        async with self._channel() as channel:
+            try:
+                with map_exceptions(f"read {inventory.QUEUE}", address=self.url):
+                    await channel.set_qos(prefetch_count=1000)
+                    queue = await channel.declare_queue(inventory.QUEUE, passive=True)
+            except DeliveryError:  # nothing recorded yet
+                return []
+            entries: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                entries.put_nowait(message.body)
+                await message.ack()
+
+            with map_exceptions(f"read {inventory.QUEUE}", address=self.url):
+                tag = await queue.consume(take, arguments={"x-stream-offset": "first"})
+            deadline = time.monotonic() + self._timeout
+            while len(names) < MAX_INVENTORY and time.monotonic() < deadline:
+                try:
+                    body = await asyncio.wait_for(entries.get(), INVENTORY_IDLE)
+                except TimeoutError:
+                    break  # caught up: nothing more came for a while
+                names.add(body.decode("utf-8", "replace"))
+            with contextlib.suppress(PigeonError):
+                with map_exceptions(f"stop reading {inventory.QUEUE}", address=self.url):
+                    await queue.cancel(tag)
+        return sorted(names)
+
+    async def info(self) -> dict[str, Any]:
+        properties = getattr(self._connection.transport, "connection", None)
+        server = getattr(properties, "server_properties", None) or {}
+        version = server.get("version")
+        product = server.get("product")
+        return {
+            "transport": "amqp",
+            "address": self.url,
+            "node": server.get("cluster_name"),
+            "version": f"{product} {version}" if product and version else version,
+            "services": [],
+            "peers": await self.peers(),
+        }
+
+    async def queues(self) -> dict[str, QueueRow]:
+        names = set(await self.inventory()) | set(self._names)
+        names |= {dead_letter_queue(n) for n in names if not n.endswith(DEAD_SUFFIX)}
+        counts = {name: await self._count(name) for name in sorted(names)}
+        rows: dict[str, QueueRow] = {}
+        for name, count in counts.items():
+            if count is None:
+                continue  # recorded once, since deleted
+            letters = (
+                counts.get(dead_letter_queue(name)) if not name.endswith(DEAD_SUFFIX) else None
+            )
+            rows[name] = queue_row(
+                {
+                    "ready": count[0],
+                    "consumers": count[1],
+                    "dead": letters[0] if letters else 0,
+                }
+            )
+        return rows
+
+    async def services(self) -> dict[str, ServiceRow]:
+        return {}
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "address": self.url,
+                "node": None,
+                "up": not self._connection.is_closed,
+                "services": [],
+            }
+        ]
+
+    async def dead(self, queue: str, limit: int = 20) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        async with self._channel() as channel:
+            try:
+                with map_exceptions(f"look at {dead_letter_queue(queue)!r}", address=self.url):
+                    letters = await channel.declare_queue(dead_letter_queue(queue), passive=True)
+                    for _ in range(min(limit, MAX_LETTERS)):
+                        incoming = await letters.get(no_ack=False, fail=False)
+                        if incoming is None:
+                            break
+                        rows.append(_letter_row(incoming))
+            except DeliveryError:  # no such queue
+                return []
+            # Closing the channel gives every letter taken back to the broker.
+        return rows
+
+    async def replay(self, queue: str, limit: int | None = None) -> int:
+        moved = 0
+        async with self._channel(confirms=True) as channel:
+            try:
+                with map_exceptions(f"look at {dead_letter_queue(queue)!r}", address=self.url):
+                    letters = await channel.declare_queue(dead_letter_queue(queue), passive=True)
+            except DeliveryError:
+                return 0
+            # Only the letters there now: one that dies again while this runs
+            # (a worker still failing on it) waits for the next replay.
+            there = int(letters.declaration_result.message_count or 0)
+            while moved < min(limit or MAX_LETTERS, there):
+                with map_exceptions(f"replay into {queue!r}", address=self.url):
+                    incoming = await letters.get(no_ack=False, fail=False)
+                    if incoming is None:
+                        break
+                    message = envelope.from_amqp(incoming)
+                    message.headers = policy.without_dead_letter_headers(message.headers)
+                    # Confirmed into the queue before the letter is acked away.
+                    await channel.default_exchange.publish(
+                        envelope.to_amqp(message, redelivered=True), routing_key=queue
+                    )
+                    await incoming.ack()
+                moved += 1
+        return moved
+
+    async def purge(self, queue: str, *, dead: bool = False) -> int:
+        name = dead_letter_queue(queue) if dead else queue
+        async with self._channel() as channel:
+            try:
+                with map_exceptions(f"purge {name!r}", address=self.url):
+                    declared = await channel.declare_queue(name, passive=True)
+                    purged = await declared.purge()
+            except DeliveryError:
+                return 0
+        return int(purged.message_count or 0)
+
+    async def ping(self) -> float:
+        started = time.perf_counter()
+        async with self._channel():
+            pass  # channel.open and its ok: one round trip (and a close)
+        return time.perf_counter() - started
+
+    async def close(self) -> None:
+        if not self._connection.is_closed:
+            with contextlib.suppress(PigeonError):
+                with map_exceptions("close", address=self.url):
+                    await self._connection.close()
+
+
+def _letter_row(incoming: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
+    message = envelope.from_amqp(incoming)
+    return {
+        "id": message.id,
+        "reason": policy.dead_reason(message.headers),
+        "attempts": message.headers.get(pigeon_headers.ATTEMPTS, ""),
+        "content_type": message.content_type,
+        "body": message.body[:200].decode("utf-8", "replace"),
+    }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,10 @@ def _run(
     options: dict[str, Any],
     work: Callable[[Admin], Awaitable[T]],
 ) -> T:
+    # aio-pika logs a refused connection itself; the command says it once.
+    for name in ("aio_pika", "aiormq"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
     async def main() -> T:
         async with await open_admin(url, timeout=timeout, **options) as admin:
             return await work(admin)

@@ -10,6 +10,9 @@ For a work queue ``Q`` pigeon declares:
   dead-letters it back into ``Q``. Delays are rounded *up* to one of four
   steps per doubling, so there are few such queues; each deletes itself
   (``x-expires``) once unused.
+
+The first time a connection declares ``Q``, it records the name in the
+inventory (:mod:`.inventory`), where ``pigeon queues`` finds it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +31,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from ..._core.ledger import DEAD_SUFFIX, dead_letter_queue
 from ...errors import DeliveryError, PigeonError
+from . import inventory
 from .errors import map_exceptions
 
 SERVICE_PREFIX = "pigeon.svc."
@@ -134,10 +139,19 @@ class Topology:
         address: the broker address, for error messages.
     """
 
-    def __init__(self, connection: AbstractRobustConnection, queue_type: str, address: str) -> None:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        queue_type: str,
+        address: str,
+        counts: Counter[str] | None = None,
+    ) -> None:
         self.connection = connection
         self.queue_type = queue_type
         self.address = address
+        self.counts: Counter[str] = Counter() if counts is None else counts
+        # Work queues recorded in the broker's inventory from this connection.
+        self.inventoried: set[str] = set()
         self.declared: dict[str, asyncio.Future[None]] = {}
         self.exchanges: dict[str, asyncio.Future[None]] = {}
         self._declared_at: dict[str, float] = {}
@@ -191,6 +205,11 @@ class Topology:
         """
         if queue.endswith(DEAD_SUFFIX):
             await self._once(queue, queue_arguments(queue, self.queue_type))
+        if queue not in self.inventoried:
+            # So pigeon queues can find it (AMQP cannot list queues).
+            self.inventoried.add(queue)
+            if not await inventory.record(self.connection, queue, self.address):
+                self.counts["inventory_errors"] += 1
             return
         dead = dead_letter_queue(queue)
         await self._once(dead, queue_arguments(dead, self.queue_type))

@@ -167,7 +167,7 @@ class AmqpTransport:
             await connection.close()
             raise
         self._connection = connection
-        self._topology = Topology(connection, settings.queue_type, self.address)
+        self._topology = Topology(connection, settings.queue_type, self.address, self.counts)
         self._publisher = publisher
         self._requester = Requester(self._live_connection, self.address, self.counts)
         self._broadcaster = Broadcaster(self._live_connection, self.address, self.counts)
