@@ -104,6 +104,9 @@ def bench(argv: tuple[str, ...]) -> None:
 
 
 def _register() -> None:
+    from .dashboard import dashboard
+
+    cli.add_command(dashboard)
     from . import bridge, demo, keys, node
 
     for command in (node.node_command, demo.demo, bridge.bridge, keys.keys):
