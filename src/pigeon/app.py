@@ -45,12 +45,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import sync
+from ._core import schedule as schedules
 from ._core import topics
 from ._core.backoff import RetryPolicy
 from .connection import Connection, connect
 from .errors import ConfigurationError
 from .message import Message
 from .middleware import Middleware, check_middleware
+from .scheduler import Scheduler, check_schedule_handler, mode_for
 from .subscriber import Event
 from .transports import Delivery
 from .worker import call_handler
@@ -190,6 +192,8 @@ class App:
         self._services: list[tuple[str, Callable[[Any], Any]]] = []
         self._subscribers: list[_SubscriberSpec] = []
         self._retained: list[_RetainSpec] = []
+        self._schedules: list[tuple[schedules.Schedule, Callable[..., Any]]] = []
+        self._scheduler: Scheduler | None = None
         self._concurrency = 1  # for handlers that do not set their own
         self.connection: Connection | None = None
 
@@ -321,6 +325,54 @@ class App:
 
         return register
 
+    def every(self, seconds: float, *, name: str | None = None) -> Callable[[F], F]:
+        """Run the decorated function once every ``seconds`` across all the
+        running copies of this app (periods start at multiples of
+        ``seconds`` since the epoch). It takes no argument, or one: the
+        period's scheduled start as an aware UTC ``datetime``. ``name``
+        (default: the function's name) must be the same in every copy; its
+        ticks go to the queue ``pigeon.schedule.<name>``. See docs/apps.md.
+
+        Raises:
+            ConfigurationError: ``seconds`` is not 0.01 to 1e9, or a bad name.
+            TypeError: the function takes more than one argument.
+        """
+        return self._schedule(lambda n: schedules.check_every(n, seconds), name)
+
+    def cron(self, expression: str, *, name: str | None = None) -> Callable[[F], F]:
+        """Run the decorated function at the times of a five-field cron
+        ``expression`` (UTC, e.g. ``"*/5 * * * *"``), once per time across
+        all the running copies of this app; otherwise as :meth:`every`.
+
+        Raises:
+            ConfigurationError: the expression does not parse (the reason
+                says why), or a bad name.
+            TypeError: the function takes more than one argument.
+        """
+        return self._schedule(lambda n: schedules.check_cron(n, expression), name)
+
+    def _schedule(
+        self, make: Callable[[str], schedules.Schedule], name: str | None
+    ) -> Callable[[F], F]:
+        def register(fn: F) -> F:
+            schedule_name = fn.__name__ if name is None else name
+            try:
+                schedule = make(schedule_name)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(str(exc)) from None
+            if any(s.name == schedule.name for s, _ in self._schedules):
+                raise ConfigurationError(f"schedule {schedule.name!r} is declared twice")
+            check_schedule_handler(fn)
+            self._schedules.append((schedule, fn))
+            return fn
+
+        return register
+
+    def schedule_stats(self) -> dict[str, dict[str, int]]:
+        """Per schedule, what this copy did: ticks ``sent``, periods
+        ``ran``, ``failures``, ``repeats`` (RabbitMQ) and ``late_sends``."""
+        return {} if self._scheduler is None else self._scheduler.stats()
+
     def retain(
         self,
         pattern: str,
@@ -363,10 +415,15 @@ class App:
             if subscribe_options["concurrency"] is None:
                 subscribe_options = {**subscribe_options, "concurrency": self._concurrency}
             await conn.subscribe(subscriber.pattern, subscriber.handler, **subscribe_options)
+        if self._schedules:
+            self._scheduler = Scheduler(conn, self._schedules, mode_for(conn.transport.url))
+            await self._scheduler.start()
         return conn
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Let running handlers finish, then close the connection."""
+        if self._scheduler is not None:
+            await self._scheduler.stop()
         if self.connection is not None:
             await self.connection.close(timeout)
 

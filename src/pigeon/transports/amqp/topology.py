@@ -30,6 +30,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from ..._core.ledger import DEAD_SUFFIX, dead_letter_queue
+from ..._core.schedule import QUEUE_PREFIX as SCHEDULE_PREFIX
 from ...errors import DeliveryError, PigeonError
 from . import inventory
 from .errors import map_exceptions
@@ -70,6 +71,10 @@ def queue_arguments(name: str, queue_type: str) -> dict[str, Any]:
     if not name.endswith(DEAD_SUFFIX):
         arguments["x-dead-letter-exchange"] = ""
         arguments["x-dead-letter-routing-key"] = dead_letter_queue(name)
+        if name.startswith(SCHEDULE_PREFIX):
+            # A schedule's ticks go to one consumer at a time, which keeps
+            # one per period (``pigeon._core.schedule`` Rule 3).
+            arguments["x-single-active-consumer"] = True
     return arguments
 
 
