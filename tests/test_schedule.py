@@ -232,3 +232,24 @@ def test_a_schedule_handler_takes_at_most_the_time() -> None:
     app.every(1, name="x")(lambda: None)
     with pytest.raises(ConfigurationError, match="declared twice"):
         app.every(2, name="x")(lambda: None)
+
+
+@pytest.mark.timeout(120)
+def test_the_apps_doc_example_runs() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "apps.md").read_text()
+    section = doc.split("## Delayed and periodic work", 1)[1].split("\n## ", 1)[0]
+    # The fragments show one call each; the complete programs run.
+    programs = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+        if "asyncio.run(" in block
+    ]
+    assert programs
+    for program in programs:
+        done = subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert "reminder: stand up" in done.stdout
+        runs, periods = re.search(r"(\d+) runs in (\d+) periods", done.stdout).groups()  # type: ignore[union-attr]
+        assert runs == periods and int(runs) >= 2, done.stdout
