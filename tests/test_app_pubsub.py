@@ -169,10 +169,15 @@ def test_app_subscriber_takes_the_options_of_connection_subscribe() -> None:
         return [(p.name, p.kind, p.default) for p in params]
 
     # Connection.subscribe(self, pattern, handler, *, ...) and
-    # App.subscriber(self, pattern, *, ...): the same pattern and options.
+    # App.subscriber(self, pattern, *, ...): the same pattern and options,
+    # but for concurrency, whose default in an app is the app's own
+    # (App.configure(concurrency=), pigeon run --concurrency).
     connection = options(pigeon.Connection.subscribe, 1)
     del connection[1]  # handler
-    assert options(pigeon.App.subscriber, 1) == connection
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    assert ("concurrency", keyword, 1) in connection
+    expected = [("concurrency", keyword, None) if o[0] == "concurrency" else o for o in connection]
+    assert options(pigeon.App.subscriber, 1) == expected
 
 
 def test_app_subscriber_options_are_checked_at_start() -> None:

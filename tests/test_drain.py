@@ -246,3 +246,32 @@ def test_a_lost_link_is_counted() -> None:
             await wait_until(lambda: client.stats()["links_lost"] == 1, WAIT, "the loss")
 
     asyncio.run(asyncio.wait_for(scenario(), 100))
+
+
+def test_a_handler_finishing_while_its_connection_closes_may_still_send() -> None:
+    async def scenario() -> None:
+        running = asyncio.Event()
+        release = asyncio.Event()
+        async with pigeon.connect(bind=ANY_PORT) as host:
+            conn = await pigeon.connect(bound(host))
+            await _links_up(conn)
+
+            async def handle(delivery: pigeon.Delivery) -> None:
+                running.set()
+                await release.wait()
+                await conn.send("receipts", delivery.message.text)  # part of its work
+
+            worker = await conn.consume("jobs", handle, lease_ttl=LEASE)
+            await host.send("jobs", "m0")
+            await asyncio.wait_for(running.wait(), WAIT)
+            closing = asyncio.create_task(conn.close(WAIT))
+            await wait_until(lambda: worker.stats()["waiting"] == 0, WAIT, "the drain")
+            release.set()
+            await asyncio.wait_for(closing, 2 * WAIT)
+            assert worker.stats()["retried"] == 0, worker.stats()
+            receipts: list[str] = []
+            await host.consume("receipts", lambda d: receipts.append(d.message.text))
+            await wait_until(lambda: receipts == ["m0"], WAIT, "the receipt")
+            assert host.stats()["queues"]["jobs"]["ready"] == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 100))

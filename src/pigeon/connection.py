@@ -128,6 +128,7 @@ class Connection:
         # None without middleware: the hot path checks only that.
         self._hooks = Hooks(found) if found else None
         self._started = False
+        self._closing = False  # close() is draining the workers and servers
         self._closed = False
         self._workers: list[Worker] = []
         self._servers: list[Server] = []
@@ -833,17 +834,21 @@ class Connection:
         nothing new is taken, what runs may finish within ``timeout``, the
         rest is handed back at once), wait for sends to be confirmed, then
         close. Never waits much longer than ``timeout``."""
-        if self._closed:
+        if self._closed or self._closing:
             return
-        self._closed = True
+        self._closing = True
         if not self._started:
+            self._closed = True
             return
         # Servers first, so callers stop choosing this node while workers finish.
+        # Still open meanwhile: a handler that finishes may send, publish or
+        # call as part of its work.
         outcomes = await asyncio.gather(
             *(server.drain(timeout) for server in self._servers),
             *(worker.drain(timeout) for worker in self._workers),
             return_exceptions=True,
         )
+        self._closed = True
         await self.transport.close(timeout)  # whatever a drain raised
         log.debug("closed: %s", self.transport.url)
         for outcome in outcomes:

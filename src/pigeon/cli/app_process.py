@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import Any
 
+from .. import logs
 from .._core.supervise import EXIT_CANNOT_LOAD
 from ..app import App
 from ..errors import ConfigurationError, PigeonError
@@ -53,26 +54,23 @@ def spec(
 
 def setup_logging(level: str, log_format: str) -> None:
     """Logs to stderr at ``level``, one line per record, as text or JSON."""
-    try:
-        from .. import logs  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        logging.basicConfig(
-            level=level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-    else:
-        logs.configure(level=level.upper(), format=log_format)
+    logs.configure(level=level, fmt=log_format)
 
 
 def _load(task: dict[str, Any]) -> App:
     reference = parse_reference(task["app"], task["cwd"])
     app = load_app(reference)
     app.configure(url=task["url"], concurrency=task["concurrency"], **task["options"])
+    if task["metrics"]:
+        from ..metrics import PrometheusMetrics
+
+        # PROMETHEUS_MULTIPROC_DIR is set: what it counts is summed with the
+        # other processes' at the supervisor's endpoint.
+        app.use(PrometheusMetrics())
     return app
 
 
-async def _run(app: App, grace: float, lifeline: int | None) -> None:
+async def _run(app: App, grace: float, lifeline: int | None, slot: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -95,7 +93,12 @@ async def _run(app: App, grace: float, lifeline: int | None) -> None:
             stop.set()
 
         loop.add_reader(lifeline, supervisor_gone)
-    await app.run_async(stop, grace=grace)
+    try:
+        await app.start()
+        log.info("process %d (pid %d) ready", slot, os.getpid())
+        await stop.wait()
+    finally:
+        await app.stop(grace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CANNOT_LOAD
     log.debug("process %d (pid %d) runs %s", slot, os.getpid(), task["app"])
     try:
-        asyncio.run(_run(app, float(task["grace"]), lifeline))
+        asyncio.run(_run(app, float(task["grace"]), lifeline, slot))
     except ConfigurationError as exc:
         # A bad URL or option: a restart would fail the same way.
         log.error("process %d: %s: %s", slot, type(exc).__name__, exc)

@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 
 import click
 
@@ -75,8 +74,16 @@ MAX_CONCURRENCY = 10_000
     type=click.IntRange(0, 65535),
     default=None,
     metavar="PORT",
-    help="serve Prometheus metrics of every process on this port (needs the metrics "
-    "extra; or PIGEON_METRICS_PORT)",
+    help="serve the Prometheus metrics of every process at /metrics on PORT (0: any free "
+    "port; needs the metrics extra; or PIGEON_METRICS_PORT)",
+)
+@click.option(
+    "--metrics-host",
+    envvar="PIGEON_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="HOST",
+    help="the address the metrics endpoint listens on (or PIGEON_METRICS_HOST)",
 )
 @url_option
 @key_options
@@ -88,6 +95,7 @@ def run(
     grace: float,
     reload: bool,
     metrics_port: int | None,
+    metrics_host: str,
     url: str | None,
     key: str | None,
     server_key: str | None,
@@ -104,16 +112,13 @@ def run(
     except AppNotLoaded as exc:
         log.debug("the app cannot be loaded", exc_info=exc.__cause__ or exc)
         raise
-    env = dict(os.environ)
-    on_exit = None
-    metrics_dir = None
     if reload:
-        _need("watchfiles", "--reload", "reload")
-    if metrics_port is not None:
-        _need("prometheus_client", "--metrics-port", "metrics")
-        metrics_dir = tempfile.mkdtemp(prefix="pigeon-metrics-")
-        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        on_exit = _serve_metrics(metrics_port, metrics_dir)
+        try:
+            import watchfiles  # noqa: F401
+        except ImportError:
+            hint = install_hint("reload")
+            raise ConfigurationError(f"--reload needs watchfiles: {hint}") from None
+    endpoint = None if metrics_port is None else _MetricsEndpoint(metrics_port, metrics_host)
     task = spec(
         app=app_reference,
         cwd=cwd,
@@ -126,30 +131,55 @@ def run(
         metrics=metrics_port is not None,
     )
     supervisor = Supervisor(
-        task, Supervision(workers, grace, reload_enabled=reload), env=env, on_exit=on_exit
+        task,
+        Supervision(workers, grace, reload_enabled=reload),
+        env=dict(os.environ),  # with PROMETHEUS_MULTIPROC_DIR for --metrics-port
+        on_exit=None if endpoint is None else endpoint.process_exited,
     )
     where = f" on {redact(url)}" if url else ""
     processes = "1 process" if workers == 1 else f"{workers} processes"
     log.info("running %s in %s%s", app_reference, processes, where)
+    if endpoint is not None:
+        log.info("metrics of every process on %s", endpoint.url)
     if reload:
-        directory = source_directory(reference)
-        watch_files(directory, supervisor)
-        log.info("reloading when a .py file under %s changes", directory)
+        watched = source_directory(reference)
+        watch_files(watched, supervisor)
+        log.info("reloading when a .py file under %s changes", watched)
     try:
         code = supervisor.run()
     finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if endpoint is not None:
+            endpoint.close()
     log.info("stopped (exit code %d)", code)
     sys.exit(code)
 
 
-def _need(module: str, option: str, extra: str) -> None:
-    try:
-        __import__(module)
-    except ImportError:
-        raise ConfigurationError(f"{option} needs {module}: {install_hint(extra)}") from None
+class _MetricsEndpoint:
+    """One Prometheus endpoint for every app process: each writes its
+    metrics to a directory of its own run (``PROMETHEUS_MULTIPROC_DIR``, set
+    here before any process starts), and the endpoint serves their sum."""
 
+    def __init__(self, port: int, host: str) -> None:
+        try:
+            from .. import metrics
+        except ImportError as exc:
+            raise ConfigurationError(f"--metrics-port: {exc}") from None
+        self._metrics = metrics
+        self.directory = tempfile.mkdtemp(prefix="pigeon-run-metrics-")
+        metrics.prepare_multiprocess(self.directory)
+        try:
+            self._server = metrics.serve_metrics(port, host, multiprocess_dir=self.directory)
+        except OSError as exc:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise ConfigurationError(
+                f"--metrics-port {port}: cannot listen on {host}: {exc.strerror or exc}"
+            ) from None
+        self.url = self._server.url
 
-def _serve_metrics(port: int, directory: str) -> Callable[[int], None]:
-    raise ConfigurationError("--metrics-port: pigeon.metrics is not available yet")
+    def process_exited(self, pid: int) -> None:
+        """Its live gauges stop counting; its counters still do."""
+        self._metrics.process_exited(pid, self.directory)
+
+    def close(self) -> None:
+        self._server.close()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -125,7 +125,7 @@ class Supervisor:
         if self.core.stopping and returncode == 0:
             log.info("process %d (pid %d) drained and stopped", slot, proc.pid)
         elif returncode == EXIT_CANNOT_LOAD:
-            log.error("process %d (pid %d) cannot load the app", slot, proc.pid)
+            log.error("process %d (pid %d) cannot load the app: not restarted", slot, proc.pid)
         elif returncode < 0:
             name = signal.Signals(-returncode).name
             log.warning("process %d (pid %d) was ended by %s", slot, proc.pid, name)
