@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -155,6 +156,69 @@ def invoiced(got: queue.Queue[Any], ids: set[str], run: Run) -> None:
 
 
 # -- the docs' app -------------------------------------------------------------
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The samples at a Prometheus endpoint: ``name{labels}`` to value."""
+    with urllib.request.urlopen(url, timeout=WAIT) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def sample(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` with these labels (and any others)."""
+    total = 0.0
+    for key, value in samples.items():
+        family, _, rest = key.partition("{")
+        if family == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
+@pytest.mark.timeout(300)
+def test_the_docs_app_in_two_processes_serves_metrics_that_count_its_messages(
+    tmp_path: Path, node: Node
+) -> None:
+    run = Run(tmp_path, str(SHOP), "--workers", "2", "--metrics-port", "0", "--url", node.url)
+    try:
+        run.ready(2)
+        found = re.search(r"metrics of every process on (http://\S+)", run.log())
+        assert found, run.describe()
+        endpoint = found.group(1)
+        with pigeon.sync.connect(node.url, heartbeat=0.5) as conn:
+            invoices = collect(conn, "shop.invoices")
+            invoiced(invoices, place_orders(conn, 20), run)
+            assert conn.request("shop.price", "apple", timeout=WAIT).decode() == 0.5
+
+        def counted() -> bool:
+            samples = scrape(endpoint)
+            return (
+                sample(samples, "pigeon_messages_handled_total", queue="shop.orders") >= 20
+                and sample(samples, "pigeon_requests_served_total", service="shop.price") >= 1
+            )
+
+        wait_for(counted, "the metrics", run)
+        samples = scrape(endpoint)
+        # Each order was handled once, by one of the two processes, and sent
+        # one invoice: the endpoint sums what both counted.
+        handled = sample(samples, "pigeon_messages_handled_total", queue="shop.orders")
+        assert handled == 20, samples
+        acked = sample(
+            samples, "pigeon_messages_handled_total", queue="shop.orders", outcome="acked"
+        )
+        assert acked == 20
+        assert sample(samples, "pigeon_messages_sent_total", queue="shop.invoices") == 20
+        assert sample(samples, "pigeon_handler_seconds_count", queue="shop.orders") == 20
+        assert sample(samples, "pigeon_published_total") == 20
+        assert sample(samples, "pigeon_requests_served_total", outcome="ok") == 1
+        assert run.stop() == 0, run.describe()
+    finally:
+        run.ensure_stopped()
 
 
 @pytest.mark.timeout(300)
