@@ -13,12 +13,14 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import pigeon
+import pigeon.sync
 from pigeon import _clock
 from pigeon.errors import ClosedError, ConfigurationError, NotStartedError, Rejected, Timeout
 from pigeon.testing import SyncTestApp, TestApp
@@ -387,6 +389,37 @@ def test_a_delayed_send_is_delivered_once_its_time_comes() -> None:
         assert got == ["in a minute", "in two"]
 
 
+def test_a_schedule_runs_once_per_period_the_clock_passes() -> None:
+    app = pigeon.App("memory://ignored")
+    minutes: list[float] = []
+    quarters: list[float] = []
+
+    @app.every(60)
+    async def each_minute(at: datetime) -> None:
+        minutes.append(at.timestamp())
+
+    @app.cron("*/15 * * * *")
+    def each_quarter(at: datetime) -> None:  # a plain one: run in a thread
+        quarters.append(at.timestamp())
+
+    @app.every(1800, name="report")
+    async def failing_report() -> None:
+        raise OSError("disk full")
+
+    with TestApp(app).sync() as t:
+        t.advance(3600)
+        assert len(minutes) == 60
+        assert len(set(minutes)) == 60 and all(m % 60 == 0 for m in minutes)
+        assert len(quarters) == 4 and all(q % 900 == 0 for q in quarters)
+        t.advance(60)
+        assert len(minutes) == 61
+        # A scheduled function's failure is counted by the app, and shown here.
+        assert [(f.kind, f.name, str(f.error)) for f in t.errors] == [
+            ("schedule", "report", "disk full")
+        ] * 2
+        assert t.app.schedule_stats()["report"]["failures"] == 2
+
+
 DOC = Path(__file__).parent.parent / "docs" / "testing.md"
 
 
@@ -404,4 +437,23 @@ def test_the_docs_example_runs_as_printed(tmp_path: Path) -> None:
         timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "4 passed" in run.stdout
+    assert "5 passed" in run.stdout
+
+
+def test_a_plain_handler_settles_by_hand_from_its_thread() -> None:
+    seen: list[int] = []
+    app = pigeon.App("memory://ignored")
+
+    @app.worker("by-hand")
+    def by_hand(delivery: pigeon.sync.Delivery) -> None:
+        seen.append(delivery.message.attempt)
+        if delivery.message.attempt == 1:
+            delivery.nack(delay=30.0)  # a blocking call, settled on the app's loop
+
+    with TestApp(app).sync() as t:
+        t.send("by-hand", "x")
+        t.advance(29)
+        assert seen == [1]
+        t.advance(1)
+        assert seen == [1, 2]
+        assert t.queue("by-hand")["acked"] == 1

@@ -16,6 +16,7 @@ blocking call that runs the loop until the app is idle again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -59,9 +60,10 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A handler that raised: where (``"worker"``, ``"service"`` or
-    ``"subscriber"`` and its queue, service or pattern), on what, and the
-    exception. The app retried or answered as usual; this is the record."""
+    """A handler that raised: where (``"worker"``, ``"service"``,
+    ``"subscriber"`` or ``"schedule"`` and its queue, service, pattern or
+    schedule name), on what, and the exception. The app retried, answered
+    or counted it as usual; this is the record."""
 
     kind: str
     name: str
@@ -154,15 +156,20 @@ class TestApp:
     async def _start_app(self) -> Connection:
         # The app connects where it was told; here, for this run only, to a
         # memory hub of its own (its transport options are for that URL),
-        # with a middleware that records what it sends.
+        # with a middleware that records what it sends, and its scheduled
+        # functions watched (the scheduler counts their failures, no more).
         app = self.app
-        saved = app._connect_args, list(app._middleware)
+        saved = app._connect_args, list(app._middleware), app._schedules
         app._connect_args = (self.url, None, {})
         app._middleware.append(_Recorder(self))
+        app._schedules = [
+            (schedule, self._watched("schedule", schedule.name, fn))
+            for schedule, fn in app._schedules
+        ]
         try:
             return await app.start()
         finally:
-            app._connect_args, app._middleware = saved
+            app._connect_args, app._middleware, app._schedules = saved
 
     async def close(self) -> None:
         """Stop the app (running handlers get ``STOP_GRACE`` seconds of the
@@ -371,26 +378,29 @@ class TestApp:
         for server in conn._servers:
             server.handler = self._watched("service", server.service, server.handler)
 
-    def _watched(self, kind: str, name: str, handler: Callable[[Any], Any]) -> Any:
-        # The same kind of callable as the handler: a worker runs a plain one
-        # in a thread and awaits an async one (inspect.iscoroutinefunction).
+    def _watched(self, kind: str, name: str, handler: Callable[..., Any]) -> Any:
+        # The same kind of callable as the handler, with its signature
+        # (functools.wraps): a worker runs a plain one in a thread and awaits
+        # an async one, and a scheduler passes the time to one that takes it.
         failed = self._failed
         if inspect.iscoroutinefunction(handler):
 
-            async def watched_async(argument: Any) -> Any:
+            @functools.wraps(handler)
+            async def watched_async(*arguments: Any) -> Any:
                 try:
-                    return await handler(argument)
+                    return await handler(*arguments)
                 except Exception as exc:
-                    failed(kind, name, argument, exc)
+                    failed(kind, name, arguments[0] if arguments else None, exc)
                     raise
 
             return watched_async
 
-        def watched(argument: Any) -> Any:
+        @functools.wraps(handler)
+        def watched(*arguments: Any) -> Any:
             try:
-                return handler(argument)
+                return handler(*arguments)
             except Exception as exc:  # recorded from the handler's thread
-                failed(kind, name, argument, exc)
+                failed(kind, name, arguments[0] if arguments else None, exc)
                 raise
 
         return watched
