@@ -23,7 +23,7 @@ import pigeon
 import pigeon.sync
 from pigeon import _clock
 from pigeon.errors import ClosedError, ConfigurationError, NotStartedError, Rejected, Timeout
-from pigeon.testing import SyncTestApp, TestApp
+from pigeon.testing import LoopClock, SyncTestApp, TestApp
 
 
 def no_retry_jitter(max_attempts: int = 3, base_delay: float = 10.0) -> pigeon.RetryPolicy:
@@ -457,3 +457,30 @@ def test_a_plain_handler_settles_by_hand_from_its_thread() -> None:
         t.advance(1)
         assert seen == [1, 2]
         assert t.queue("by-hand")["acked"] == 1
+
+
+def test_the_loop_clock_fires_each_timer_at_its_own_time_in_order() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        clock = LoopClock()
+        clock.install()
+        try:
+            fired: list[tuple[str, float]] = []
+            start = loop.time()
+            for name, delay in (("c", 30.0), ("a", 10.0), ("b", 20.0), ("late", 100.0)):
+                loop.call_later(delay, lambda n=name: fired.append((n, loop.time() - start)))
+            await clock.advance(50)
+            assert [name for name, _ in fired] == ["a", "b", "c"]
+            # Each saw the clock at its own time (plus the real time that passed).
+            for (_, seen), due in zip(fired, (10.0, 20.0, 30.0), strict=True):
+                assert due <= seen < due + 5
+            assert clock.next_timer() is not None  # "late" still waits
+            assert not clock.busy()
+        finally:
+            clock.uninstall()
+        with pytest.raises(ClosedError):
+            await clock.advance(1)
+        with pytest.raises(ClosedError):
+            clock.install()
+
+    asyncio.run(main())
