@@ -287,6 +287,9 @@ def test_misuse_is_refused_with_a_clear_error() -> None:
     asyncio.run(main())
     with pytest.raises(ConfigurationError, match="max_recorded"):
         TestApp(app, max_recorded=-1)
+    for bad_timeout in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigurationError, match="settle_timeout"):
+            TestApp(app, settle_timeout=bad_timeout)
     blocking = TestApp(app).sync()
     with pytest.raises(NotStartedError):
         blocking.advance(1)

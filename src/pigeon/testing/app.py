@@ -32,7 +32,7 @@ from ..errors import ClosedError, ConfigurationError, NotStartedError, Timeout
 from ..message import Message, new_id
 from ..middleware import Middleware
 from ..transports.memory import MemoryTransport
-from .clock import DEFAULT_SETTLE_TIMEOUT, LoopClock
+from .clock import DEFAULT_SETTLE_TIMEOUT, LoopClock, check_settle_timeout
 
 if TYPE_CHECKING:
     from ..app import App
@@ -96,7 +96,7 @@ class TestApp:
             raise ConfigurationError(f"max_recorded must be an int >= 0, not {max_recorded!r}")
         self.app = app
         self.url = f"memory://pigeon-test-{new_id()}"
-        self.settle_timeout = settle_timeout
+        self.settle_timeout = check_settle_timeout(settle_timeout)
         self.max_recorded = max_recorded
         self.errors: list[Failure] = []
         self._sent: dict[str, list[Message]] = {}

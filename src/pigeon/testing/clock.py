@@ -37,6 +37,19 @@ DEFAULT_SETTLE_TIMEOUT = 30.0  # real seconds a settle may take before it fails
 _IDLE_LOOKS = 2
 
 
+def check_settle_timeout(seconds: float) -> float:
+    """``seconds`` if it is a usable ``settle_timeout``.
+
+    Raises:
+        ConfigurationError: not a positive, finite number.
+    """
+    if not isinstance(seconds, int | float) or not (0 < seconds < math.inf):
+        raise ConfigurationError(
+            f"settle_timeout must be a positive number of seconds, not {seconds!r}"
+        )
+    return float(seconds)
+
+
 class LoopClock:
     """The clock of one running loop, moved by hand (see module docstring).
 
@@ -51,12 +64,8 @@ class LoopClock:
         *,
         settle_timeout: float = DEFAULT_SETTLE_TIMEOUT,
     ) -> None:
-        if not (settle_timeout > 0) or math.isinf(settle_timeout):
-            raise ConfigurationError(
-                f"settle_timeout must be a positive number of seconds, not {settle_timeout!r}"
-            )
+        self.settle_timeout = check_settle_timeout(settle_timeout)
         self.loop = loop or asyncio.get_running_loop()
-        self.settle_timeout = settle_timeout
         self.offset = 0.0  # seconds this clock is ahead of real time
         self.threads = 0  # thread jobs started on the loop and not yet done
         self._installed = False
