@@ -24,6 +24,7 @@ from .errors import (
 from .message import Message, make_message, make_messages
 from .middleware import Hooks, Middleware, RequestOutcome, check_middleware
 from .subscriber import EventHandler, EventStream, Subscriber
+from .tracing import current as current_trace
 from .transports import ConsumeOptions, SubscribeOptions, Transport, open_transport
 from .worker import Handler, Server, ServiceFunction, Worker
 
@@ -230,7 +231,7 @@ class Connection:
             message_id=message_id,
             deadline=deadline,
         )
-        if self._hooks is not None or tracing.current() is not None:
+        if self._hooks is not None or current_trace() is not None:
             self._observe_send(queue, message)
         return self.transport.send_nowait(queue, message, fresh=message_id is None)
 
@@ -268,7 +269,7 @@ class Connection:
         messages = make_messages(
             payloads, content_type=content_type, headers=headers, deadline=deadline
         )
-        if self._hooks is not None or tracing.current() is not None:
+        if self._hooks is not None or current_trace() is not None:
             for message in messages:
                 self._observe_send(queue, message)
         send_many = getattr(self.transport, "send_many", None)
@@ -455,7 +456,7 @@ class Connection:
             self._check_open()
         topic = _check_topic(topic)
         message = make_message(payload, content_type=content_type, headers=headers)
-        if self._hooks is not None or tracing.current() is not None:
+        if self._hooks is not None or current_trace() is not None:
             if self._hooks is not None:
                 self._hooks.on_publish(topic, message)
             tracing.inject(message.headers)
@@ -716,7 +717,7 @@ class Connection:
             payload, content_type=content_type, headers=headers, deadline=_clock.wall() + timeout
         )
         service = _check_name(service, "service")
-        if self._hooks is None and tracing.current() is None:
+        if self._hooks is None and current_trace() is None:
             return await self.transport.request(service, message, timeout=timeout)
         reply: Message = await self._observed_request(service, message, timeout, None)
         return reply
@@ -778,7 +779,7 @@ class Connection:
             payload, content_type=content_type, headers=headers, deadline=_clock.wall() + timeout
         )
         service = _check_name(service, "service")
-        if self._hooks is None and tracing.current() is None:
+        if self._hooks is None and current_trace() is None:
             replies = await self.transport.request_all(
                 service, message, timeout=timeout, min_replies=min_replies
             )

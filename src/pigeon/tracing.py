@@ -18,7 +18,7 @@ error; see ``pigeon._core.tracecontext`` for the rules.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 
@@ -48,9 +48,10 @@ _current: ContextVar[TraceContext | None] = ContextVar("pigeon_trace", default=N
 _counts = {"malformed_traceparent": 0, "dropped_tracestate": 0, "no_room_for_traceparent": 0}
 
 
-def current() -> TraceContext | None:
-    """The trace context of the handler running here, or of :func:`trace`."""
-    return _current.get()
+# The trace context of the handler running here, or of :func:`trace` (the
+# contextvar's own getter: a send checks it, and a Python call would cost
+# more than the check).
+current: Callable[[], TraceContext | None] = _current.get
 
 
 def set_current(context: TraceContext | None) -> Token[TraceContext | None]:
