@@ -11,10 +11,8 @@ configuration error, 69 nothing reachable at the address given.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -65,27 +63,6 @@ def cli(ctx: click.Context, show_version: bool) -> None:
         raise click.UsageError("a command is required", ctx)
 
 
-def argparse_command(name: str, help: str, add_parser: Callable[[Any], None]) -> click.Command:
-    """A click command that hands its arguments to an argparse parser made
-    by ``add_parser`` (used while a command still parses its own options)."""
-
-    @click.command(
-        name=name,
-        help=help,
-        context_settings={"ignore_unknown_options": True, "help_option_names": []},
-        add_help_option=False,
-    )
-    @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-    def command(argv: tuple[str, ...]) -> None:
-        parser = argparse.ArgumentParser(prog="pigeon")
-        subparsers = parser.add_subparsers(dest="command")
-        add_parser(subparsers)
-        args = parser.parse_args([name, *argv])
-        sys.exit(int(args.func(args)))
-
-    return command
-
-
 @cli.command(
     name="bench",
     context_settings={"ignore_unknown_options": True, "help_option_names": []},
@@ -107,9 +84,13 @@ def _register() -> None:
     from .dashboard import dashboard
 
     cli.add_command(dashboard)
-    from . import bridge, demo, keys, node
+    from . import bridge, demo, events, keys, messages, node
 
     for command in (node.node_command, demo.demo, bridge.bridge, keys.keys):
+        cli.add_command(command)
+    for command in (messages.send, messages.request, messages.publish):
+        cli.add_command(command)
+    for command in (events.subscribe, events.tail):
         cli.add_command(command)
     from .operate import COMMANDS as operating
 
