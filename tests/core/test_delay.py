@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pigeon._core import delay, headers
 from pigeon._core.ledger import QueueLedger
+from pigeon._core.queue_policies import QueuePolicies
 from pigeon.message import make_message
 
 NOW = 1_700_000_000.0
@@ -154,3 +155,12 @@ def test_a_resend_of_a_delayed_message_is_a_duplicate() -> None:
     assert led.put(message)  # type: ignore[arg-type]
     assert not led.put(message)  # type: ignore[arg-type]
     assert led.stats.duplicates == 1 and led.delayed_count == 1
+
+
+def test_max_delay_is_a_queue_policy_field() -> None:
+    policies = QueuePolicies()
+    assert policies.for_queue("q").max_delay == delay.DEFAULT_MAX_DELAY
+    assert policies.declare("reports.*", {"max_delay": 3600}).max_delay == 3600.0
+    assert policies.for_queue("reports.daily").max_delay == 3600.0
+    with pytest.raises(ValueError, match="max_delay must be"):
+        policies.declare("q", {"max_delay": -1})

@@ -128,7 +128,8 @@ class _RetentionType(click.ParamType[tuple[str, dict[str, Any]]]):
     "--queues",
     metavar="FILE",
     help='per-queue policies: a TOML file of [queue."NAME"] tables (names or patterns) '
-    "with max_attempts, max_length, max_bytes, max_prefetch, lease_ttl, max_lease_ttl",
+    "with max_attempts, max_length, max_bytes, max_prefetch, lease_ttl, max_lease_ttl, "
+    "max_delay",
 )
 @click.option(
     "--max-prefetch",
