@@ -1,5 +1,5 @@
 """Every Python example in the README and in docs/durability.md, transports.md,
-security.md, discovery.md and pubsub.md runs."""
+security.md, discovery.md, pubsub.md and observability.md runs."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ DOCS = [
     README.parent / "docs" / "security.md",
     README.parent / "docs" / "discovery.md",
     README.parent / "docs" / "pubsub.md",
+    README.parent / "docs" / "observability.md",
 ]
 
 

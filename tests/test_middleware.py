@@ -287,3 +287,26 @@ def test_untraced_messages_carry_no_traceparent_and_malformed_ones_are_counted()
         assert seen[1][0] is None and seen[2][0] is None  # ignored, and handled
 
     asyncio.run(main())
+
+
+def test_trace_context_follows_a_blocking_call_from_a_plain_handler() -> None:
+    async def main() -> None:
+        seen: list[tracing.TraceContext | None] = []
+        async with pigeon.connect(bind="tcp://127.0.0.1:0") as node:
+            address = node.stats()["bound"][0]
+            with pigeon.sync.connect(address) as blocking:
+
+                def forward(delivery: pigeon.Delivery) -> None:  # in a thread
+                    blocking.send("tr-sync-b", "forwarded")
+
+                async def last(delivery: pigeon.Delivery) -> None:
+                    seen.append(tracing.current())
+
+                await node.consume("tr-sync-a", forward)
+                await node.consume("tr-sync-b", last)
+                with tracing.trace() as root:
+                    await node.send("tr-sync-a", "start")
+                await wait_until(lambda: bool(seen), WAIT, "the forwarded message")
+        assert seen[0] is not None and seen[0].trace_id == root.trace_id
+
+    asyncio.run(main())
