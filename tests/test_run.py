@@ -37,16 +37,23 @@ READY = re.compile(r"process (\d+) \(pid (\d+)\) ready")
 
 
 class Run:
-    """``pigeon run ARGS`` in ``cwd``, its stderr (the log) and stdout in files."""
+    """``pigeon run ARGS`` in ``cwd`` (default ``logs``), its stderr (the log)
+    and stdout in files in ``logs``."""
 
-    def __init__(self, cwd: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        logs: Path,
+        *args: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         stamp = time.monotonic_ns()
-        self.err = cwd / f"run-{stamp}.err"
-        self.out = cwd / f"run-{stamp}.out"
+        self.err = logs / f"run-{stamp}.err"
+        self.out = logs / f"run-{stamp}.out"
         with open(self.err, "wb") as err, open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
                 [*PIGEON, "run", *args],
-                cwd=cwd,
+                cwd=cwd or logs,
                 stdout=out,
                 stderr=err,
                 env={**os.environ, **(env or {})},
@@ -180,11 +187,36 @@ def sample(samples: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
+def readme_command(prefix: str) -> list[str]:
+    """The words of the README's command line that starts with ``prefix``
+    (without a trailing ``&`` or comment)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Run an app", 1)[1].split("\n## ", 1)[0]
+    for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            if line.startswith(prefix):
+                return line.partition("#")[0].strip().removesuffix("&").split()
+    raise AssertionError(f"the README shows no {prefix!r} in 'Run an app'")
+
+
+def test_the_docs_show_the_example_app_as_it_is() -> None:
+    shop, client = SHOP.read_text(), CLIENT.read_text()
+    readme = (REPO / "README.md").read_text()
+    apps = (REPO / "docs" / "apps.md").read_text()
+    assert shop in re.findall(r"```py\n(.*?)```", readme, flags=re.S)
+    assert re.findall(r"```py\n(.*?)```", apps, flags=re.S)[:2] == [shop, client]
+    assert readme_command("python") == ["python", "examples/app/client.py"]
+
+
 @pytest.mark.timeout(300)
 def test_the_docs_app_in_two_processes_serves_metrics_that_count_its_messages(
     tmp_path: Path, node: Node
 ) -> None:
-    run = Run(tmp_path, str(SHOP), "--workers", "2", "--metrics-port", "0", "--url", node.url)
+    # As the README runs it, on the test's node and on any free port.
+    command = readme_command("pigeon run")
+    assert command[:2] == ["pigeon", "run"] and "--metrics-port" in command
+    command[command.index("--metrics-port") + 1] = "0"
+    run = Run(tmp_path, *command[2:], "--url", node.url, cwd=REPO)
     try:
         run.ready(2)
         found = re.search(r"metrics of every process on (http://\S+)", run.log())
@@ -214,7 +246,7 @@ def test_the_docs_app_in_two_processes_serves_metrics_that_count_its_messages(
         assert acked == 20
         assert sample(samples, "pigeon_messages_sent_total", queue="shop.invoices") == 20
         assert sample(samples, "pigeon_handler_seconds_count", queue="shop.orders") == 20
-        assert sample(samples, "pigeon_published_total") == 20
+        assert sample(samples, "pigeon_published_total", topic="shop.taken.pear") == 20
         assert sample(samples, "pigeon_requests_served_total", outcome="ok") == 1
         assert run.stop() == 0, run.describe()
     finally:
@@ -349,6 +381,36 @@ def test_a_second_interrupt_kills_at_once(tmp_path: Path, node: Node) -> None:
             assert run.stop(signal.SIGINT) == 130, run.describe()
         assert "killing every app process" in run.log()
         assert "ended by SIGKILL" in run.log()
+    finally:
+        run.ensure_stopped()
+
+
+@pytest.mark.timeout(300)
+def test_app_processes_whose_supervisor_is_killed_drain_and_stop(
+    tmp_path: Path, node: Node
+) -> None:
+    run = Run(tmp_path, str(SHOP), "--workers", "2", "--url", node.url)
+    try:
+        run.ready(2)
+        pids = list(run.pids().values())
+        run.proc.kill()
+        run.proc.wait(WAIT)
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            # A zombie is gone too: its parent, the supervisor, is dead, and
+            # init reaps it soon after.
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    return stat.read().split(") ", 1)[1].startswith("Z")
+            except FileNotFoundError:
+                return True
+
+        wait_for(lambda: all(gone(pid) for pid in pids), "the orphans to stop", run)
+        assert run.log().count("the supervisor is gone: draining") == 2, run.describe()
     finally:
         run.ensure_stopped()
 

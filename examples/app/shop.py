@@ -1,5 +1,6 @@
 """A small shop, run with ``pigeon run``: orders arrive on a queue, prices
-come from a service, and every order taken is published for whoever listens.
+come from a service, every order taken is published for whoever listens,
+and the price list goes out once a minute.
 
     pigeon node --bind tcp://127.0.0.1:5555 &
     pigeon run examples/app/shop.py --workers 2
@@ -44,3 +45,9 @@ async def take(order: Order) -> None:
 @app.subscriber("shop.taken.*", name="ledger")  # one copy of each, across processes
 def record(invoice: Invoice) -> None:
     print(f"taken {invoice.order}: {invoice.total:.2f}", flush=True)
+
+
+@app.every(60)  # once a minute across every process (and machine) running the shop
+async def publish_prices() -> None:
+    assert app.connection is not None
+    await app.connection.publish("shop.prices", PRICES)
