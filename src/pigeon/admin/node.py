@@ -142,7 +142,10 @@ def _described(url: str, info: dict[str, Any]) -> dict[str, Any]:
         "address": masked(url),
         "node": info.get("node"),
         "version": info.get("version"),
-        "services": info.get("services", []),
+        # What it serves, and what it relays to servers connected to it.
+        "services": sorted(
+            set(info.get("services", [])) | set((info.get("relay") or {}).get("services", []))
+        ),
         "peers": node_peers(info),
     }
 
