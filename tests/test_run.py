@@ -5,6 +5,7 @@ and import tests write small apps of their own."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import re
@@ -512,3 +513,50 @@ def test_reload_restarts_the_app_when_its_code_changes(tmp_path: Path, node: Nod
         assert run.stop() == 0, run.describe()
     finally:
         run.ensure_stopped()
+
+
+# -- in process: the app reference and App.configure ---------------------------------
+
+
+def test_an_app_reference_names_a_module_or_a_file(tmp_path: Path) -> None:
+    from pigeon.cli.load import AppNotLoaded, parse_reference
+
+    dotted = parse_reference("shop.orders:billing", str(tmp_path))
+    assert (dotted.module, dotted.attribute, dotted.directory) == (
+        "shop.orders",
+        "billing",
+        str(tmp_path),
+    )
+    assert parse_reference("shop", str(tmp_path)).attribute == "app"
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "apps" / "shop.py").write_text("")
+    by_path = parse_reference("apps/shop.py", str(tmp_path))
+    assert (by_path.module, by_path.directory) == ("shop", str(tmp_path / "apps"))
+    for bad in ("shop:9", "apps/none.py", "my-app", ":app", "apps/my-shop.py"):
+        with pytest.raises(AppNotLoaded):
+            parse_reference(bad, str(tmp_path))
+
+
+def test_configure_moves_the_app_and_sets_the_default_concurrency() -> None:
+    app = pigeon.App("tcp://127.0.0.1:9")  # nobody there: configure moves it
+    app.configure(url="memory://configured", concurrency=3)
+
+    @app.worker("default")
+    async def by_default(body: object) -> None: ...
+
+    @app.worker("own", concurrency=2)
+    async def own(body: object) -> None: ...
+
+    async def scenario() -> None:
+        conn = await app.start()
+        try:
+            assert conn.transport.url == "memory://configured"
+            workers = {w.queue: w.concurrency for w in conn._workers}
+            assert workers == {"default": 3, "own": 2}
+        finally:
+            await app.stop()
+
+    asyncio.run(scenario())
+    for bad in (0, True, 1.5):
+        with pytest.raises(pigeon.ConfigurationError):
+            app.configure(concurrency=bad)  # type: ignore[arg-type]

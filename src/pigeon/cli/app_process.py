@@ -95,7 +95,9 @@ async def _run(app: App, grace: float, lifeline: int | None, slot: int) -> None:
         loop.add_reader(lifeline, supervisor_gone)
     try:
         await app.start()
-        log.info("process %d (pid %d) ready", slot, os.getpid())
+        log.info(
+            "process %d (pid %d) ready", slot, os.getpid(), extra={"slot": slot, "pid": os.getpid()}
+        )
         await stop.wait()
     finally:
         await app.stop(grace)

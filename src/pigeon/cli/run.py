@@ -150,7 +150,16 @@ def run(
     finally:
         if endpoint is not None:
             endpoint.close()
-    log.info("stopped (exit code %d)", code)
+    counts = supervisor.core.stats()
+    log.info(
+        "stopped (exit code %d): %d started, %d crashed, %d restarted, %d killed, %d reloads",
+        code,
+        counts["started"],
+        counts["crashed"],
+        counts["restarted"],
+        counts["killed"],
+        counts["reloads"],
+    )
     sys.exit(code)
 
 

@@ -122,15 +122,23 @@ class Supervisor:
     def _exited(self, slot: int, proc: subprocess.Popen[bytes], returncode: int) -> None:
         if self.on_exit is not None:
             self.on_exit(proc.pid)
+        fields = {"slot": slot, "pid": proc.pid, "exit_code": returncode}
         if self.core.stopping and returncode == 0:
-            log.info("process %d (pid %d) drained and stopped", slot, proc.pid)
+            log.info("process %d (pid %d) drained and stopped", slot, proc.pid, extra=fields)
         elif returncode == EXIT_CANNOT_LOAD:
-            log.error("process %d (pid %d) cannot load the app: not restarted", slot, proc.pid)
+            log.error(
+                "process %d (pid %d) cannot load the app: not restarted",
+                slot,
+                proc.pid,
+                extra=fields,
+            )
         elif returncode < 0:
             name = signal.Signals(-returncode).name
-            log.warning("process %d (pid %d) was ended by %s", slot, proc.pid, name)
+            log.warning("process %d (pid %d) was ended by %s", slot, proc.pid, name, extra=fields)
         else:
-            log.warning("process %d (pid %d) exited with code %d", slot, proc.pid, returncode)
+            log.warning(
+                "process %d (pid %d) exited with code %d", slot, proc.pid, returncode, extra=fields
+            )
 
     def _do(self, actions: list[Action]) -> int | None:
         code: int | None = None
@@ -148,6 +156,7 @@ class Supervisor:
                     action.delay,
                     action.crashes,
                     self.core.counts.restarted,
+                    extra={"slot": action.slot, "delay": action.delay, "crashes": action.crashes},
                 )
             elif isinstance(action, Exit):
                 code = action.code
@@ -166,7 +175,8 @@ class Supervisor:
             log.error("process %d could not start: %s", slot, exc)
             return self._do(self.core.exited(slot, 1, time.monotonic()))
         self._procs[slot] = proc
-        log.info("process %d (pid %d) started", slot, proc.pid)
+        fields = {"slot": slot, "pid": proc.pid}
+        log.info("process %d (pid %d) started", slot, proc.pid, extra=fields)
         return None
 
     def _signal(self, slot: int, sig: signal.Signals) -> None:
