@@ -264,6 +264,28 @@ def test_purge_asks_first_on_a_terminal_only_and_a_no_keeps_the_messages(
     assert as_json("queues", node.url)["queues"]["keep"]["ready"] == 1
 
 
+def test_top_quits_on_q_from_a_terminal(node: NodeProcess) -> None:
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        top = subprocess.Popen(
+            [*PIGEON, "top", node.url, "--interval", "0.5"],
+            stdin=secondary,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert top.stdout is not None
+        assert "queues at" in top.stdout.readline()  # it is showing
+        os.write(primary, b"q")
+        out, err = top.communicate(timeout=WAIT)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert top.returncode == 0 and "Traceback" not in err, err
+
+
 # -- brokers --------------------------------------------------------------------
 
 
