@@ -67,11 +67,32 @@ async def delayed_and_not(conn: pigeon.Connection, queue: str) -> dict[str, floa
     due = time.time() + DELAY
     await conn.send(queue, "not_before", not_before=due)
     await conn.send(queue, "plain")
-    got = {body: at for body, at, _ in await receiving}
+    received = await receiving
+    got = {body: at for body, at, _ in received}
     assert got["delay"] >= sent_at + DELAY - SLACK
     assert got["not_before"] >= due - SLACK
     assert got["plain"] < got["delay"] and got["plain"] < got["not_before"]  # order, not speed
     return got
+
+
+async def first_runs_unflagged(conn: pigeon.Connection, queue: str) -> None:
+    """A delayed message's first run is attempt 1, not marked redelivered
+    (a hold on the way is not a delivery), and a retry after it is flagged."""
+    seen: list[tuple[int, bool]] = []
+    done = asyncio.Event()
+
+    async def handler(delivery: pigeon.Delivery) -> None:
+        seen.append((delivery.message.attempt, delivery.message.redelivered))
+        if len(seen) == 1:
+            await delivery.nack(delay=0.2)
+        else:
+            await delivery.ack()
+            done.set()
+
+    await conn.consume(queue, handler)
+    await conn.send(queue, "once", delay=0.5)
+    await asyncio.wait_for(done.wait(), ARRIVAL_TIMEOUT)
+    assert seen == [(1, False), (2, True)]
 
 
 @pytest.mark.timeout(90)
@@ -95,6 +116,7 @@ def test_tcp_through_a_node() -> None:
             url = node.stats()["bound"][0]
             async with pigeon.connect(url) as conn:
                 await delayed_and_not(conn, unique())
+                await first_runs_unflagged(conn, unique())
 
     asyncio.run(scenario())
 
@@ -106,6 +128,7 @@ def test_nats() -> None:
         async with pigeon.connect(require(NATS_URL)) as conn:
             await delayed_and_not(conn, unique())
             assert conn.stats()["held"] >= 2  # naks of early deliveries
+            await first_runs_unflagged(conn, unique())
 
     asyncio.run(scenario())
 
@@ -118,6 +141,7 @@ def test_amqp() -> None:
             queue = unique()
             await delayed_and_not(conn, queue)
             assert conn.stats()["sent_delayed"] == 2
+            await first_runs_unflagged(conn, unique())
             assert any(q.startswith(queue + ".delay.") for q in conn.stats()["declared"])
 
     asyncio.run(scenario())

@@ -35,6 +35,9 @@ log = logging.getLogger("pigeon.nats")
 # off this long after its expiry, so credit cannot leak.
 _GRACE = 1.0
 _RETRY_PAUSE = 0.5
+# Added to a held message's nak delay, so JetStream's timer does not hand it
+# back a hair before its time by the worker's clock.
+_HOLD_MARGIN = 0.01
 
 
 class ConsumerSetup(Protocol):
@@ -207,16 +210,22 @@ class PullConsumer:
             attempt=attempt,
             redelivered=attempt > 1,
         )
-        if message.headers and delay.NOT_BEFORE in message.headers:
-            wait = delay.read(message.headers, _clock.wall(), delay.DEFAULT_MAX_DELAY)[1]
-            if wait > 0:
-                # Not due: back to JetStream until it is (its nak delay is
-                # the only timer a 2.9 server has). This counts as one of
-                # JetStream's deliveries, so its first run is flagged.
+        if message.headers and delay.not_before(message.headers) > 0:
+            # Sent for later: its first delivery always goes back to
+            # JetStream for the time left (a nak delay is the only timer a
+            # 2.9 server has), even when already due, so the hold is always
+            # exactly one of JetStream's deliveries and is taken off the count.
+            if attempt == 1:
+                wait = delay.read(message.headers, _clock.wall(), delay.DEFAULT_MAX_DELAY)[1]
                 self.counts["held"] += 1
-                await self._quietly(msg.nak(delay=wait), "nak")
+                await self._quietly(msg.nak(delay=wait + _HOLD_MARGIN), "nak")
                 self._wake.set()
                 return
+            attempt -= 1
+            message.attempt = attempt
+            message.redelivered = (
+                attempt > 1 or (msg.headers or {}).get(envelope.REDELIVERED) == "1"
+            )
         delivery = Delivery(self.queue, message, self, tag=msg)
         if not await self._admit(delivery, meta):
             return
