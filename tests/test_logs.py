@@ -11,6 +11,7 @@ import pytest
 
 import pigeon
 from pigeon import logs
+from pigeon.testing.conformance import wait_until
 
 
 def test_json_logs_are_one_object_per_line_with_extra_fields() -> None:
@@ -71,3 +72,29 @@ def test_lifecycle_events_are_logged_at_debug_and_errors_at_warning() -> None:
         assert any(message.startswith(event) for message in debug), (event, debug)
     assert any(message.startswith("handler error on logs-jobs") for message in warning)
     assert any(message.startswith("dead letter from logs-jobs") for message in warning)
+
+
+def test_a_link_going_up_and_down_is_logged_at_debug() -> None:
+    stream = io.StringIO()
+    handler = logs.configure(level="DEBUG", fmt="json", stream=stream)
+
+    def messages() -> list[str]:
+        return [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+
+    async def main() -> None:
+        node = await pigeon.connect(bind="tcp://127.0.0.1:0", heartbeat=0.2)
+        address = node.stats()["bound"][0]
+        async with pigeon.connect(address, heartbeat=0.2) as client:
+            await client.send("logs-link", "x")  # confirmed: the link is up
+            assert f"link up: {address}" in messages()
+            await node.close()
+            await wait_until(
+                lambda: any(m.startswith(f"link down: {address}") for m in messages()),
+                30.0,
+                "the link down line",
+            )
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("pigeon").removeHandler(handler)

@@ -249,6 +249,7 @@ class Link:
         if self.up:
             self.up = False
             self.times_lost += 1
+            log.debug("link down: %s (%s)", self.address, why)
             # What this link delivered is lost with it; what comes after
             # it is back is settled through a new settler.
             lost, self.settler = self.settler, LinkSettler(self, self.remote_session)
@@ -261,12 +262,16 @@ class Link:
         self.last_heard = time.monotonic()
         self.foreign = None  # (a node that answers late is a node after all)
         restarted = hello.session != self.remote_session
+        known = bool(self.remote_session)  # heard from before this session
         self.remote = hello
         self.remote_session = hello.session
         if restarted:
             self.settler = LinkSettler(self, hello.session)
             self._settles.clear()
         was_up, self.up = self.up, True
+        if not was_up:
+            again = " (the node restarted)" if restarted and known else ""
+            log.debug("link up: %s%s", self.address, again)
         self._heard.wake()
         if restarted or not was_up or not hello.knows_you:
             # A new remote (or a dropped connection): frames may have been

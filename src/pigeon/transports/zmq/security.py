@@ -10,6 +10,7 @@ Deny by default: a node that binds an address other machines can reach
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ from ...errors import AuthenticationError, ConfigurationError
 from ...security.acl_file import load_acl
 from ...security.keys import KeyPair, load_public, load_secret
 from .admin import ADMIN_SERVICES
+
+log = logging.getLogger("pigeon.security")
+
+# A peer refused again and again would log on every frame: the first ones
+# are logged, then one in this many (every one is counted in ``forbidden``).
+_LOG_FIRST = 10
+_LOG_EVERY = 1000
 
 KEY_ENV = "PIGEON_KEY"
 SERVER_KEY_ENV = "PIGEON_SERVER_KEY"
@@ -166,6 +174,8 @@ class Guard:
         grant = self.acl.grant(user)
         who = grant.name if grant is not None else user[:8] + "…"
         self.last_forbidden = f"{who}: {verb.value} {name!r}"
+        if self.forbidden <= _LOG_FIRST or self.forbidden % _LOG_EVERY == 0:
+            log.warning("refused (forbidden %d so far): %s", self.forbidden, self.last_forbidden)
         return False
 
     def forget(self, identity: bytes) -> None:
