@@ -59,6 +59,10 @@ class Process:
         )
 
     def stop(self, *, kill: bool = False) -> str:
+        """Stop it (SIGTERM, or SIGKILL); its remaining stdout ("" when it
+        was stopped before)."""
+        if self.proc.stdout is None or self.proc.stdout.closed:
+            return ""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:

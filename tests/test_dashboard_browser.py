@@ -51,14 +51,14 @@ def chromium(tmp_path: Path) -> Iterator[Chromium]:
 
 
 @pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[str, Process, Dashboard]]:
+def system(tmp_path: Path) -> Iterator[tuple[str, Process, Process, Dashboard]]:
     """A node with traffic held still, and a dashboard on it."""
     node, url = start_node(tmp_path)
     traffic = dashboard = None
     try:
         traffic = start_traffic(url, tmp_path)
         dashboard = Dashboard(url, tmp_path)
-        yield url, traffic, dashboard
+        yield url, node, traffic, dashboard
     finally:
         for process in (dashboard, traffic, node):
             if process is not None:
@@ -101,9 +101,9 @@ def wait_until_shown(
 
 
 def test_the_page_shows_what_pigeon_queues_says_and_its_buttons_act(
-    chromium: Chromium, system: tuple[str, Process, Dashboard], tmp_path: Path
+    chromium: Chromium, system: tuple[str, Process, Process, Dashboard], tmp_path: Path
 ) -> None:
-    url, traffic, dashboard = system
+    url, node, traffic, dashboard = system
     page = chromium.page()
     page.call("Page.navigate", url=f"{dashboard.address}#token={dashboard.token}")
     page.wait_for("document.body.dataset.ready === 'yes'", "a first reading")
@@ -191,3 +191,14 @@ def test_the_page_shows_what_pigeon_queues_says_and_its_buttons_act(
     queues, _ = wait_until_shown(page, url, "after replay and purge", moving=("events",))
     assert (queues["invoices"]["ready"], queues["invoices"]["dead"]) == (3, 0)
     assert (queues["refunds"]["ready"], queues["refunds"]["dead"]) == (0, 0)
+
+    # The node goes away: the page says so, over the last numbers it read.
+    traffic.stop()
+    node.stop()
+    said = page.wait_for(
+        "!document.getElementById('error').hidden && document.getElementById('error').textContent",
+        "that the node is gone",
+    )
+    assert said.startswith(f"Unreachable: Nothing reachable at {url}"), said
+    assert "numbers below are from" in said
+    assert shown_queues(page)["orders"]["ready"] == "7"

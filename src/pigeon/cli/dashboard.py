@@ -110,7 +110,8 @@ async def _serve(
             raise watcher.failure  # a URL or key it can never use: exit 2
         where = f"{board.address}#token={board.token}" if token is None else board.address
         state = (
-            f"; {watcher.error['message']} yet: the page says so and keeps trying"
+            f"; for now {watcher.error['kind']}: {watcher.error['message']} "
+            "(the page says so, and it keeps trying)"
             if watcher.error
             else ""
         )

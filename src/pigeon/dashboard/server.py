@@ -16,6 +16,9 @@ from ..errors import TransportError
 from .http import DEFAULT_LIMITS, HttpError, Limits, body_length, json_response, parse_head
 from .routes import Routes
 
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 20
+
 
 class DashboardServer:
     """Serves ``routes`` on ``host:port`` (port 0: any free port)."""
@@ -70,11 +73,33 @@ class DashboardServer:
                 writer.write(reply)
                 async with asyncio.timeout(self.request_timeout):
                     await writer.drain()
+                await self._linger(reader, writer)
         except (TimeoutError, ConnectionError):
             self.counts["slow_or_lost"] += 1
         finally:
             self._open -= 1
             writer.close()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, and read what the client still sends for a moment.
+
+        Closing a socket with unread bytes in it makes the kernel send a
+        reset, which may destroy the answer before the client reads it (a
+        refused request is answered before it is read whole). So the answer
+        is followed by our end of the stream, and the rest of the request is
+        read and dropped until the client closes: at most ``LINGER_BYTES``
+        and ``LINGER_SECONDS``.
+        """
+        if not writer.can_write_eof():
+            return
+        writer.write_eof()
+        dropped = 0
+        try:
+            async with asyncio.timeout(LINGER_SECONDS):
+                while dropped < LINGER_BYTES and (chunk := await reader.read(1 << 16)):
+                    dropped += len(chunk)
+        except TimeoutError:
+            pass  # the answer is sent; the client keeps its socket open: close it
 
     async def _reply(self, reader: asyncio.StreamReader) -> bytes:
         """The response to the one request read from ``reader``; b"" when

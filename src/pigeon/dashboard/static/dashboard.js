@@ -202,7 +202,7 @@ async function showLetters(queue) {
     const tr = document.createElement("tr");
     cell(tr, show(letter.id)).classList.add("name");
     cell(tr, show(letter.attempts));
-    cell(tr, show(letter.reason));
+    cell(tr, show(letter.reason)).classList.add("text");
     cell(tr, show(letter.body)).classList.add("body");
     return tr;
   }));
