@@ -82,8 +82,9 @@ def test_the_middleware_counts_sends_handles_retries_dead_letters_and_requests(u
                 await conn.request("m-svc", "x", timeout=WAIT)
                 with pytest.raises(pigeon.NoResponders):
                     await conn.request("m-nobody", "x", timeout=5.0)
+                await conn.subscribe("m.*", lambda event: handled.append(event.topic))
                 await conn.publish("m.news", "hello")
-                await wait_until(lambda: len(handled) == 5, WAIT, "five handled")
+                await wait_until(lambda: len(handled) == 6, WAIT, "six handled")
 
                 def settled() -> bool:
                     now = scrape(endpoint.url)
@@ -126,6 +127,11 @@ def test_the_middleware_counts_sends_handles_retries_dead_letters_and_requests(u
             value(samples, "pigeon_requests_served_total", service="m-svc", outcome="ok", **t) == 1
         )
         assert value(samples, "pigeon_published_total", topic="m.news", **t) == 1
+        # A subscriber's deliveries are counted under their topic.
+        handled_event = value(
+            samples, "pigeon_messages_handled_total", queue="m.news", outcome="acked", **t
+        )
+        assert handled_event == 1
         assert value(samples, "pigeon_queue_ready", queue="m-jobs", **t) == 0
 
     asyncio.run(main())

@@ -276,16 +276,21 @@ class PrometheusMetrics(Middleware):
                     gauge.labels(self.transport, label).set(value)
         asyncio.get_running_loop().call_later(self.refresh, self._refresh_gauges, ref)
 
+    def _queue(self, delivery: Delivery) -> str:
+        # A subscriber's deliveries come from a queue of its own (named
+        # anew per subscription on some transports): its topic says more.
+        return self.names(getattr(delivery, "topic", "") or delivery.queue)
+
     def after_handle(self, delivery: Delivery, outcome: Outcome, seconds: float) -> None:
-        queue = self.names(delivery.queue)
+        queue = self._queue(delivery)
         self.families.handled.labels(self.transport, queue, outcome.value).inc()
         self.families.handler_seconds.labels(self.transport, queue).observe(seconds)
 
     def on_retry(self, delivery: Delivery, delay: float, error: str) -> None:
-        self.families.retries.labels(self.transport, self.names(delivery.queue)).inc()
+        self.families.retries.labels(self.transport, self._queue(delivery)).inc()
 
     def on_dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self.families.dead_letters.labels(self.transport, self.names(delivery.queue)).inc()
+        self.families.dead_letters.labels(self.transport, self._queue(delivery)).inc()
 
     def on_send(self, queue: str, message: Message) -> None:
         self.families.sent.labels(self.transport, self.names(queue)).inc()
