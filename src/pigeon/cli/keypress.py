@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -16,7 +17,9 @@ def quit_keys() -> Iterator[asyncio.Event]:
     one (no Enter needed); off a terminal the event is never set."""
     quit_pressed = asyncio.Event()
     stdin = sys.stdin
-    if not stdin.isatty():
+    if not stdin.isatty() or not _in_foreground(stdin.fileno()):
+        # A background job must not touch the terminal's modes (it would be
+        # stopped, SIGTTOU): it quits on Ctrl-C or a signal only.
         yield quit_pressed
         return
     import termios
@@ -27,8 +30,14 @@ def quit_keys() -> Iterator[asyncio.Event]:
     loop = asyncio.get_running_loop()
 
     def read() -> None:
-        keys = stdin.read(1)
-        if keys and keys in QUIT_KEYS:
+        # os.read, not stdin.read: a text stream may wait to fill a chunk.
+        try:
+            keys = os.read(fd, 64).decode("utf-8", "replace")
+        except OSError:
+            keys = ""
+        if not keys:  # the terminal went away: stop reading it
+            loop.remove_reader(fd)
+        elif QUIT_KEYS & set(keys):
             quit_pressed.set()
 
     tty.setcbreak(fd)
@@ -38,3 +47,10 @@ def quit_keys() -> Iterator[asyncio.Event]:
     finally:
         loop.remove_reader(fd)
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _in_foreground(fd: int) -> bool:
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
