@@ -310,3 +310,18 @@ def test_trace_context_follows_a_blocking_call_from_a_plain_handler() -> None:
         assert seen[0] is not None and seen[0].trace_id == root.trace_id
 
     asyncio.run(main())
+
+
+def test_a_scatter_gather_short_of_replies_ends_in_timeout() -> None:
+    async def main() -> None:
+        recorder = Recorder()
+        async with pigeon.connect("memory://mw-all", middleware=[recorder]) as conn:
+            await conn.serve("mw-all", lambda message: "one")
+            replies = await conn.request_all("mw-all", "x", timeout=1.0)
+            assert [reply.text for reply in replies] == ["one"]
+            with pytest.raises(pigeon.Timeout):
+                await conn.request_all("mw-all", "x", timeout=0.5, min_replies=2)
+        outcomes = [call[2] for call in recorder.named("after_request")]
+        assert outcomes == [pigeon.RequestOutcome.OK, pigeon.RequestOutcome.TIMEOUT]
+
+    asyncio.run(main())

@@ -741,7 +741,9 @@ class Connection:
                 result = await self.transport.request_all(
                     service, message, timeout=timeout, min_replies=min_replies
                 )
-            outcome = RequestOutcome.OK
+            # Too few replies: request_all raises Timeout once this returns.
+            short = min_replies is not None and len(result) < min_replies
+            outcome = RequestOutcome.TIMEOUT if short else RequestOutcome.OK
             return result
         except NoResponders:
             outcome = RequestOutcome.NO_RESPONDERS
