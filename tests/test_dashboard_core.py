@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pigeon.dashboard import guard
-from pigeon.dashboard.history import QueueHistory, rate
+from pigeon.dashboard.history import QueueHistory
 from pigeon.dashboard.http import (
     HttpError,
     Limits,
@@ -179,13 +179,6 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
 # -- history ----------------------------------------------------------------
 
 
-def test_a_rate_is_a_counter_change_per_second_and_none_when_it_went_down() -> None:
-    assert rate((10.0, 100), (12.0, 160)) == 30.0
-    assert rate((10.0, 100), (12.0, 40)) is None  # the node restarted
-    assert rate((10.0, 100), (10.0, 160)) is None
-    assert rate((10.0, None), (12.0, 5)) is None
-
-
 def test_history_keeps_the_last_points_and_rates_per_queue() -> None:
     history = QueueHistory(points=3)
     first = history.add(0.0, {"jobs": {"ready": 1, "in_flight": 0, "received": 10, "acked": 0}})
@@ -199,13 +192,18 @@ def test_history_keeps_the_last_points_and_rates_per_queue() -> None:
     assert series["ready"] == [1, 2, 3]  # the oldest went first
     assert series["received_rate"] == [5.0, 5.0, 5.0]
     assert series["dead"] == [None, None, None]  # not given: unknown, not 0
+    # The node restarted: its counters start again from 0.
+    rates = history.add(4.0, {"jobs": {"ready": 0, "in_flight": 0, "received": 2, "acked": 0}})
+    assert rates == {"jobs": {"received_rate": None, "acked_rate": 0.0}}
+    assert history.series()["jobs"]["received_rate"] == [5.0, 5.0, None]
 
 
 def test_history_forgets_queues_gone_and_follows_at_most_max_queues() -> None:
     history = QueueHistory(points=5, max_queues=2)
-    history.add(0.0, {name: {"ready": 1} for name in ("a", "b", "c")})
+    history.add(0.0, {name: {"ready": 1, "received": 0} for name in ("a", "b", "c")})
     assert sorted(history.series()) == ["a", "b"] and history.untracked == 1
-    history.add(1.0, {"b": {"ready": 1}, "c": {"ready": 2}})
+    rates = history.add(1.0, {"b": {"ready": 1}, "c": {"ready": 2, "received": 4}})
+    assert rates["c"]["received_rate"] == 4.0  # an untracked queue had its rate
     assert sorted(history.series()) == ["b", "c"] and history.untracked == 0
     assert history.series()["c"]["ready"] == [2]
 

@@ -3,13 +3,15 @@ the rates it shows, without I/O (``now`` is passed in).
 
 Rules:
 1. A queue keeps at most ``points`` samples; the oldest goes first.
-2. At most ``max_queues`` queues are followed (the first by name); the rest
-   are shown without a history, and counted in ``untracked``.
+2. At most ``max_queues`` queues keep samples (the first by name); the
+   rest are shown with their rates but no history, and counted in
+   ``untracked``. (The last counters of every queue are kept for its
+   rates: as many as the system itself holds, which bounds them.)
 3. A queue missing from a poll is forgotten: the history holds only what
    the system still has.
-4. A rate is the change of a counter over the time between two polls. A
-   counter that went down (the node restarted) has no rate for that poll,
-   rather than a negative one.
+4. A rate is ``pigeon.admin.rates.rate`` of a counter between two polls
+   (the one ``pigeon queues --watch`` shows): unknown, not negative, for
+   the poll after a counter went down (the node restarted).
 """
 
 from __future__ import annotations
@@ -17,20 +19,12 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from ..admin.rates import rate
+
 # What a sample keeps: gauges as they were, counters as rates.
 GAUGES = ("ready", "in_flight", "dead")
 COUNTERS = ("received", "acked")
 SERIES = (*GAUGES, *(f"{name}_rate" for name in COUNTERS))
-
-
-def rate(before: tuple[float, Any], after: tuple[float, Any]) -> float | None:
-    """Per second between two ``(time, counter)`` readings (rule 4)."""
-    (t0, c0), (t1, c1) = before, after
-    if not isinstance(c0, int | float) or not isinstance(c1, int | float):
-        return None
-    if t1 <= t0 or c1 < c0:
-        return None
-    return (c1 - c0) / (t1 - t0)
 
 
 class QueueHistory:
@@ -52,22 +46,22 @@ class QueueHistory:
         self.untracked = len(queues) - len(followed)
         for gone in set(self._samples) - set(followed):  # rule 3
             del self._samples[gone]
-            self._last.pop(gone, None)
+        for gone in set(self._last) - set(queues):
+            del self._last[gone]
         rates: dict[str, dict[str, Any]] = {}
-        for name in queues:
-            fields = queues[name]
+        for name, fields in queues.items():
             before = self._last.get(name)
             rates[name] = {
                 f"{counter}_rate": (
-                    rate((before[0], before[1].get(counter)), (now, fields.get(counter)))
+                    rate(before[1].get(counter), fields.get(counter), now - before[0])
                     if before
                     else None
                 )
                 for counter in COUNTERS
             }
+            self._last[name] = (now, {c: fields.get(c) for c in COUNTERS})
         for name in followed:
             fields = queues[name]
-            self._last[name] = (now, {c: fields.get(c) for c in COUNTERS})
             sample = tuple(_number(fields.get(g)) for g in GAUGES) + tuple(
                 rates[name][f"{c}_rate"] for c in COUNTERS
             )
