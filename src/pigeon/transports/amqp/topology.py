@@ -42,6 +42,7 @@ DELAY_INFIX = ".delay."
 EXPIRES_MARGIN_MS = 60_000
 REDECLARE_EVERY = EXPIRES_MARGIN_MS / 1000 / 2
 QUEUE_TYPES = ("quorum", "classic")
+INVENTORY_GRACE = 1.0  # seconds a close waits for inventory recordings
 
 
 def service_queue(service: str) -> str:
@@ -157,6 +158,7 @@ class Topology:
         self.counts: Counter[str] = Counter() if counts is None else counts
         # Work queues recorded in the broker's inventory from this connection.
         self.inventoried: set[str] = set()
+        self._recording: set[asyncio.Task[None]] = set()
         self.declared: dict[str, asyncio.Future[None]] = {}
         self.exchanges: dict[str, asyncio.Future[None]] = {}
         self._declared_at: dict[str, float] = {}
@@ -211,10 +213,17 @@ class Topology:
         if queue.endswith(DEAD_SUFFIX):
             await self._once(queue, queue_arguments(queue, self.queue_type))
         if queue not in self.inventoried:
-            # So pigeon queues can find it (AMQP cannot list queues).
+            # So pigeon queues can find it (AMQP cannot list queues). In the
+            # background: sends waiting for this declaration must not wait
+            # for it too, nor overtake the first of them.
             self.inventoried.add(queue)
-            if not await inventory.record(self.connection, queue, self.address):
-                self.counts["inventory_errors"] += 1
+            task = asyncio.get_running_loop().create_task(self._record(queue))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+
+    async def _record(self, queue: str) -> None:
+        if not await inventory.record(self.connection, queue, self.address):
+            self.counts["inventory_errors"] += 1
             return
         dead = dead_letter_queue(queue)
         await self._once(dead, queue_arguments(dead, self.queue_type))
@@ -268,6 +277,15 @@ class Topology:
         future.set_result(None)
 
     async def close(self) -> None:
+        if self._recording:
+            # Let a recording just started end (a short-lived sender's queue
+            # is worth finding too), but not hold the close for long.
+            recording = list(self._recording)
+            _, late = await asyncio.wait(recording, timeout=INVENTORY_GRACE)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=INVENTORY_GRACE)
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             await channel.close()
