@@ -124,7 +124,7 @@ class Routes:
         if status != 200:
             self.action_errors += 1
         else:
-            await self.watcher.poll()  # the page shows the result at once
+            self.watcher.refresh()  # the page shows the result at once
         return json_response(status, answer)
 
     async def _call(self, call: Any) -> tuple[int, Any]:

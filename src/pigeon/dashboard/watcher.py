@@ -53,6 +53,7 @@ class Watcher:
         self.error: dict[str, str] | None = None
         self.failure: BaseException | None = None  # what error describes
         self.read_once = asyncio.Event()  # set when a first poll has ended
+        self._wake = asyncio.Event()
         self.updated: float | None = None  # when the numbers shown were read
         self._data: dict[str, Any] = {"info": {}, "queues": {}, "services": {}, "peers": []}
 
@@ -115,12 +116,21 @@ class Watcher:
         self.error = self.failure = None
         self.updated = now
 
+    def refresh(self) -> None:
+        """Poll now rather than at the end of the interval (after an action,
+        so the page shows its result). Polls stay one after another."""
+        self._wake.set()
+
     async def run(self) -> None:
-        """Poll every ``interval`` seconds until cancelled."""
+        """Poll every ``interval`` seconds (or when refreshed) until cancelled."""
         try:
             while True:
                 await self.poll()
-                await asyncio.sleep(self.interval)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                except TimeoutError:
+                    pass  # the interval passed: the usual case
+                self._wake.clear()
         finally:
             await self.drop()
 
