@@ -212,6 +212,10 @@ class Topology:
         """
         if queue.endswith(DEAD_SUFFIX):
             await self._once(queue, queue_arguments(queue, self.queue_type))
+            return
+        dead = dead_letter_queue(queue)
+        await self._once(dead, queue_arguments(dead, self.queue_type))
+        await self._once(queue, queue_arguments(queue, self.queue_type))
         if queue not in self.inventoried:
             # So pigeon queues can find it (AMQP cannot list queues). In the
             # background: sends waiting for this declaration must not wait
@@ -224,10 +228,6 @@ class Topology:
     async def _record(self, queue: str) -> None:
         if not await inventory.record(self.connection, queue, self.address):
             self.counts["inventory_errors"] += 1
-            return
-        dead = dead_letter_queue(queue)
-        await self._once(dead, queue_arguments(dead, self.queue_type))
-        await self._once(queue, queue_arguments(queue, self.queue_type))
 
     async def delay_queue(self, queue: str, delay: float) -> str:
         """Declare (or re-declare, to keep it from expiring) the delay queue
