@@ -164,3 +164,46 @@ def test_max_delay_is_a_queue_policy_field() -> None:
     assert policies.for_queue("reports.daily").max_delay == 3600.0
     with pytest.raises(ValueError, match="max_delay must be"):
         policies.declare("q", {"max_delay": -1})
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "dispatch", "ack_all"]),
+            st.floats(min_value=-5, max_value=20),  # not-before, relative to the start
+            st.floats(min_value=0, max_value=3),  # time passing
+        ),
+        max_size=40,
+    )
+)
+def test_nothing_is_handed_out_before_its_time_and_nothing_is_lost(
+    steps: list[tuple[str, float, float]],
+) -> None:
+    # The caller's clock (``now``) and the wall clock move together here,
+    # offset as a loop clock and time.time() are.
+    led = QueueLedger("q")
+    led.add_consumer("A", 1000)
+    now, wall = 50.0, NOW
+    due: dict[str, float] = {}
+    delivered: set[str] = set()
+    for action, at, passing in steps:
+        now, wall = now + passing, wall + passing
+        if action == "put":
+            message = later(f"m{len(due)}", NOW + at)
+            led.put(message)  # type: ignore[arg-type]
+            due[message.id] = NOW + at  # type: ignore[attr-defined]
+        else:
+            batches, dead = led.dispatch(now, wall=wall)
+            assert not dead
+            for _, messages in batches:
+                for message in messages:
+                    assert wall >= due[message.id] - 1e-6, "handed out early"
+                    delivered.add(message.id)
+            if action == "ack_all":
+                for _, messages in batches:
+                    led.ack_many([m.id for m in messages], "A")
+    # Far enough ahead, everything put has been handed out.
+    later_now = now + 100
+    batches, _ = led.dispatch(later_now, wall=wall + 100)
+    delivered |= {m.id for _, messages in batches for m in messages}
+    assert delivered == set(due)
