@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -284,6 +285,37 @@ def test_top_quits_on_q_from_a_terminal(node: NodeProcess) -> None:
         os.close(primary)
         os.close(secondary)
     assert top.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_key_without_the_admin_grant_is_refused_and_exits_1(tmp_path: Path) -> None:
+    for name in ("node", "ops", "worker"):
+        ok("keys", "new", str(tmp_path / name))
+    acl = tmp_path / "acl.toml"
+    acl.write_text(
+        '[clients.ops]\nkey = "ops.key"\nadmin = true\n\n'
+        '[clients.worker]\nkey = "worker.key"\nconsume = ["jobs"]\n'
+    )
+    url = f"tcp://127.0.0.1:{free_port()}"
+    node = subprocess.Popen(
+        [*PIGEON, "node", "--bind", url, "--key", str(tmp_path / "node.key_secret")]
+        + ["--allow", str(acl)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert node.stdout is not None and "serving" in node.stdout.readline()
+        server_key = ["--server-key", str(tmp_path / "node.key")]
+        as_ops = ["--key", str(tmp_path / "ops.key_secret"), *server_key]
+        as_worker = ["--key", str(tmp_path / "worker.key_secret"), *server_key]
+        assert as_json("queues", url, *as_ops)["secure"] is True
+        for command in (["queues", url], ["purge", url, "jobs", "--yes"], ["dead", url, "jobs"]):
+            done = run(*command, *as_worker, "--timeout", str(WAIT))
+            assert done.returncode == 1, completed(done)
+            assert "Forbidden" in done.stderr and "Traceback" not in done.stderr
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.communicate(timeout=WAIT)
 
 
 # -- brokers --------------------------------------------------------------------
