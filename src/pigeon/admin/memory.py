@@ -9,7 +9,8 @@ from typing import Any
 
 from .._core.ledger import dead_letter_queue
 from ..transports import memory
-from .base import Admin, QueueRow, ServiceRow, queue_row, service_row
+from ..transports.zmq.admin import dead_letter_row
+from .base import Admin, QueueRow, ServiceRow, service_row
 from .node import _with_dead_counts
 
 
@@ -67,8 +68,6 @@ class MemoryAdmin(Admin):
         ledger = hub.host.queues.get(dead_letter_queue(queue)) if hub is not None else None
         if ledger is None:
             return []
-        from ..transports.zmq.admin import dead_letter_row
-
         return [dead_letter_row(letter) for letter in ledger.peek_ready(limit)]
 
     async def replay(self, queue: str, limit: int | None = None) -> int:
@@ -88,6 +87,3 @@ class MemoryAdmin(Admin):
 
     async def close(self) -> None:
         """Nothing to close: the broker belongs to its connections."""
-
-
-__all__ = ["MemoryAdmin", "queue_row"]

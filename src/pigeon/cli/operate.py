@@ -103,7 +103,7 @@ def queues_command(
     queue_names: tuple[str, ...],
 ) -> None:
     """Show the queues at URL: ready, delayed, in flight, consumers, counters
-    and dead letters (``-``: the system does not say)."""
+    and dead letters (a dash where the system does not say)."""
     options = _admin_options(key, server_key, queue_names)
     if not watch:
         overview = _run(url, timeout, options, lambda admin: admin.overview())
