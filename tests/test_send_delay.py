@@ -117,6 +117,13 @@ def test_tcp_through_a_node() -> None:
             async with pigeon.connect(url) as conn:
                 await delayed_and_not(conn, unique())
                 await first_runs_unflagged(conn, unique())
+            # The node's own sends to a queue it hosts, one and many at once.
+            await delayed_and_not(node, unique())
+            queue = unique()
+            before = time.time()
+            await node.send_many(queue, ["a", "b"], delay=1.0)
+            got = await receive(node, queue, 2)
+            assert all(at >= before + 1.0 - SLACK for _, at, _ in got), got
 
     asyncio.run(scenario())
 

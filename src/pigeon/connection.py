@@ -273,7 +273,9 @@ class Connection:
             for message in messages:
                 self._observe_send(queue, message)
         send_many = getattr(self.transport, "send_many", None)
-        if send_many is not None:
+        # A transport's batch path may put straight into a local queue's
+        # ready list; messages for later go one by one, through the checks.
+        if send_many is not None and (delay is None and not_before is None):
             return send_many(queue, messages)  # type: ignore[no-any-return]
         futures = [self.transport.send_nowait(queue, m, fresh=True) for m in messages]
         return asyncio.ensure_future(_all_stored(futures))
