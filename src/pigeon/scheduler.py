@@ -132,6 +132,7 @@ class Scheduler:
                 await asyncio.sleep(SEND_RETRY)
                 continue
             counts["sent"] += 1
+            log.debug("schedule %r: tick %s sent", schedule.name, tick.message_id)
             last = tick.start
 
     # -- running ---------------------------------------------------------
@@ -150,6 +151,7 @@ class Scheduler:
                 return
             if self.mode is Mode.HOLD and not repeats.take(start):
                 counts["repeats"] += 1
+                log.debug("schedule %r: a repeat of the period at %s", schedule.name, start)
                 await delivery.ack()
                 return
             keeper = asyncio.get_running_loop().create_task(_keep_leased(delivery))
@@ -170,6 +172,7 @@ class Scheduler:
         counts = self.counts[schedule.name]
         args = (datetime.fromtimestamp(start, UTC),) if takes_time else ()
         counts["ran"] += 1
+        log.debug("schedule %r: running the period at %s", schedule.name, start)
         try:
             if inspect.iscoroutinefunction(fn):
                 await fn(*args)
