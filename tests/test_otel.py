@@ -141,3 +141,44 @@ def test_a_failing_handler_and_a_publish_are_spans_too() -> None:
     (published,) = named(exporter, "publish otel.news")
     (event,) = named(exporter, "process otel.news")
     assert is_child(event, published)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_spans_made_in_a_handler_nest_under_its_process_span(plain: bool) -> None:
+    middleware, exporter = spans_kept()
+    tracer = middleware.tracer
+
+    async def main() -> None:
+        async with opened("memory://otel-nest", middleware=[middleware]) as conn:
+            with tracer.start_as_current_span("setup"):
+                # Started inside a span: still, each process span's parent
+                # is the message's traceparent, not this span.
+                if plain:
+
+                    def work(delivery: pigeon.Delivery) -> None:
+                        with tracer.start_as_current_span("inner"):
+                            pass
+
+                    await conn.consume("otel-nest", work)
+                else:
+
+                    async def work_async(delivery: pigeon.Delivery) -> None:
+                        with tracer.start_as_current_span("inner"):
+                            await conn.send("otel-nest-next", "x")
+
+                    await conn.consume("otel-nest", work_async)
+            with tracer.start_as_current_span("outer"):
+                await conn.send("otel-nest", "x")
+            await wait_until(lambda: named(exporter, "inner"), WAIT, "the inner span")
+
+    asyncio.run(main())
+    (outer,) = named(exporter, "outer")
+    (send,) = named(exporter, "send otel-nest")
+    (process,) = named(exporter, "process otel-nest")
+    (inner,) = named(exporter, "inner")
+    assert is_child(send, outer)
+    assert is_child(process, send)
+    assert is_child(inner, process)
+    if not plain:
+        (nested_send,) = named(exporter, "send otel-nest-next")
+        assert is_child(nested_send, inner)

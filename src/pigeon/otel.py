@@ -14,12 +14,17 @@ span                   kind         parent
 ``serve SERVICE``      SERVER       the request's ``traceparent``
 =====================  ===========  ==================================
 
-"The current context" is the handler's (``pigeon.tracing.current()``: a
-``process`` or ``serve`` span) while one runs, else OpenTelemetry's own
-current span, else none (a new trace). The span's context travels in the
-message's ``traceparent`` (and ``tracestate``) header, so the consumer's
-span is the producer's child on every transport. ``send`` and ``publish``
-spans end when the message is handed to the transport.
+"The current context" is OpenTelemetry's current span: while a handler
+runs, its ``process`` or ``serve`` span (current in the handler, plain
+``def`` ones in their thread too, so spans you start there nest under it),
+else the span your code made current, else ``pigeon.tracing.current()``,
+else none (a new trace). A ``process`` or ``serve`` span's parent is only
+ever the message's ``traceparent`` (no ``traceparent``: a new trace).
+
+A producing span's context travels in the message's ``traceparent`` (and
+``tracestate``) header, so the consumer's span is the producer's child on
+every transport. ``send`` and ``publish`` spans end when the message is
+handed to the transport.
 """
 
 from __future__ import annotations
@@ -106,16 +111,24 @@ class OpenTelemetry(Middleware):
         self.tracer = trace.get_tracer("pigeon", __version__, tracer_provider)
         self.system = "pigeon"
         self.dropped = 0
-        self._open: dict[Any, Span] = {}
+        # Open spans, and the token of each that was made current.
+        self._open: dict[Any, tuple[Span, object | None]] = {}
 
     def on_connect(self, connection: Connection) -> None:
         self.system = _system(connection.transport.url)
 
     def _parent(self) -> otel_context.Context | None:
-        here = tracing.current()
-        if here is not None:
-            return _to_otel(here)
-        return None  # OpenTelemetry's own current context, if any
+        """Where a producing span (send, publish, request) hangs."""
+        if trace.get_current_span().get_span_context().is_valid:
+            return None  # OpenTelemetry's own current span
+        return _to_otel(tracing.current())
+
+    @staticmethod
+    def _remote_parent() -> otel_context.Context:
+        """Where a consuming span (process, serve) hangs: the context the
+        message carried (the worker made it pigeon's current one), never
+        whatever span happened to be current where the worker started."""
+        return _to_otel(tracing.current()) or otel_context.Context()
 
     def _attributes(self, operation: str, destination: str, message: Message) -> dict[str, Any]:
         return {
@@ -127,12 +140,27 @@ class OpenTelemetry(Middleware):
             "messaging.message.body.size": len(message.body),
         }
 
-    def _hold(self, key: Any, span: Span) -> None:
+    def _hold(self, key: Any, span: Span, *, current: bool = False) -> None:
+        """Keep ``span`` open under ``key``; ``current``: make it the
+        current span until it ends (in this context: the handler's)."""
         if len(self._open) >= MAX_OPEN_SPANS:
             oldest = next(iter(self._open))
-            self._open.pop(oldest).end()
+            self._open.pop(oldest)[0].end()
             self.dropped += 1
-        self._open[key] = span
+        token = otel_context.attach(trace.set_span_in_context(span)) if current else None
+        self._open[key] = (span, token)
+        if current:
+            tracing.set_current(_to_pigeon(span) or tracing.current())
+
+    def _release(self, key: Any) -> Span | None:
+        """The span kept under ``key``, no longer current."""
+        found = self._open.pop(key, None)
+        if found is None:
+            return None
+        span, token = found
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+        return span
 
     def _produce(self, name: str, operation: str, destination: str, message: Message) -> None:
         span = self.tracer.start_span(
@@ -158,15 +186,14 @@ class OpenTelemetry(Middleware):
         attributes["messaging.message.delivery_attempt"] = delivery.message.attempt
         span = self.tracer.start_span(
             f"process {topic}",
-            context=self._parent(),  # the message's traceparent (set by the worker)
+            context=self._remote_parent(),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
         )
-        self._hold(delivery, span)
-        tracing.set_current(_to_pigeon(span) or tracing.current())
+        self._hold(delivery, span, current=True)
 
     def after_handle(self, delivery: Delivery, outcome: Outcome, seconds: float) -> None:
-        span = self._open.pop(delivery, None)
+        span = self._release(delivery)
         if span is None:
             return
         span.set_attribute("pigeon.outcome", outcome.value)
@@ -194,12 +221,11 @@ class OpenTelemetry(Middleware):
     def before_serve(self, service: str, message: Message) -> None:
         span = self.tracer.start_span(
             f"serve {service}",
-            context=self._parent(),  # the request's traceparent (set by the server)
+            context=self._remote_parent(),
             kind=SpanKind.SERVER,
             attributes=self._attributes("process", service, message),
         )
-        self._hold(("serve", message.id), span)
-        tracing.set_current(_to_pigeon(span) or tracing.current())
+        self._hold(("serve", message.id), span, current=True)
 
     def after_serve(
         self, service: str, message: Message, outcome: RequestOutcome, seconds: float
@@ -207,7 +233,7 @@ class OpenTelemetry(Middleware):
         self._end(("serve", message.id), outcome)
 
     def _end(self, key: Any, outcome: RequestOutcome) -> None:
-        span = self._open.pop(key, None)
+        span = self._release(key)
         if span is None:
             return
         span.set_attribute("pigeon.outcome", outcome.value)

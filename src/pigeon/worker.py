@@ -5,6 +5,7 @@ dead-lettering behave the same everywhere."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import random
@@ -40,20 +41,18 @@ PLAIN_BATCH = 64
 
 
 def _run_plain_observed(
-    handler: Callable[[Any], Any], arguments: list[Any], contexts: list[tracing.TraceContext | None]
+    handler: Callable[[Any], Any], arguments: list[Any], contexts: list[contextvars.Context]
 ) -> list[tuple[bool, Any, float]]:
-    """``_run_plain`` for observed deliveries: each runs in its own trace
-    context, and its handler seconds are measured."""
+    """``_run_plain`` for observed deliveries: each runs in its own context
+    (its trace, and whatever its middleware made current), and its handler
+    seconds are measured."""
     outcomes: list[tuple[bool, Any, float]] = []
     for argument, context in zip(arguments, contexts, strict=True):
-        token = tracing.set_current(context)
         start = perf_counter()
         try:
-            outcomes.append((True, handler(argument), perf_counter() - start))
+            outcomes.append((True, context.run(handler, argument), perf_counter() - start))
         except Exception as exc:  # each delivery's failure is its own
             outcomes.append((False, exc, perf_counter() - start))
-        finally:
-            tracing.leave(token)
     return outcomes
 
 
@@ -258,26 +257,27 @@ class Worker:
         the trace context it carries (set again in the handler's thread)."""
         hooks = self._hooks
         runnable: list[Delivery] = []
-        contexts: list[tracing.TraceContext | None] = []
+        # Each delivery gets a context of its own, entered for its hooks and
+        # its handler (in the thread) alike: what before_handle makes current
+        # (a span) is current in the handler, and after_handle undoes it there.
+        contexts: list[contextvars.Context] = []
         for delivery in batch:
-            token = tracing.enter(delivery.message.headers)
-            try:
-                if await self._refused_unrun(delivery):
-                    continue
-                if hooks is not None:
-                    hooks.before_handle(delivery)  # may make its own span current
-                runnable.append(delivery)
-                contexts.append(tracing.current())
-            finally:
-                tracing.leave(token)
+            if await self._refused_unrun(delivery):
+                continue
+            context = contextvars.copy_context()
+            context.run(tracing.enter, delivery.message.headers)
+            if hooks is not None:
+                context.run(hooks.before_handle, delivery)
+            runnable.append(delivery)
+            contexts.append(context)
         try:
             outcomes = await asyncio.to_thread(
                 _run_plain_observed, self.handler, runnable, contexts
             )
         except BaseException:
             if hooks is not None:
-                for delivery in runnable:
-                    hooks.after_handle(delivery, Outcome.ERROR, 0.0)
+                for delivery, context in zip(runnable, contexts, strict=True):
+                    context.run(hooks.after_handle, delivery, Outcome.ERROR, 0.0)
             raise
         for index, (delivery, (ok, result, seconds)) in enumerate(
             zip(runnable, outcomes, strict=True)
@@ -286,13 +286,13 @@ class Worker:
                 outcome = await self._finish(delivery, ok, result)
             except BaseException:
                 if hooks is not None:  # cut short: this one and the rest end here
-                    for cut, (_ok, _result, cut_seconds) in zip(
-                        runnable[index:], outcomes[index:], strict=True
+                    for cut, context, (_ok, _result, cut_seconds) in zip(
+                        runnable[index:], contexts[index:], outcomes[index:], strict=True
                     ):
-                        hooks.after_handle(cut, Outcome.ERROR, cut_seconds)
+                        context.run(hooks.after_handle, cut, Outcome.ERROR, cut_seconds)
                 raise
             if hooks is not None:
-                hooks.after_handle(delivery, outcome, seconds)
+                contexts[index].run(hooks.after_handle, delivery, outcome, seconds)
 
     async def _refused_unrun(self, delivery: Delivery) -> bool:
         """Count a delivery in; True (and rejected) if workers before this
