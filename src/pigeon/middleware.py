@@ -77,7 +77,8 @@ class Middleware:
         """``delivery`` was dead-lettered by this worker, for ``reason``."""
 
     def on_send(self, queue: str, message: Message) -> None:
-        """``message`` is about to be sent to ``queue``."""
+        """``message`` is about to be sent to ``queue``. (A ``send`` refused
+        for want of room and offered again is seen once per offer.)"""
 
     def on_publish(self, topic: str, message: Message) -> None:
         """``message`` is about to be published on ``topic``."""
