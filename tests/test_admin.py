@@ -15,6 +15,7 @@ import pigeon
 from pigeon.admin import QUEUE_FIELDS, SERVICE_FIELDS, NotSupported, Unreachable, open_admin
 from pigeon.admin.base import queue_row
 from pigeon.admin.rates import queue_rates, rate
+from pigeon.admin.rows import PullCounts, declared_rows, jetstream_rows
 
 WAIT = 30.0
 
@@ -60,6 +61,32 @@ def test_a_row_has_every_field_and_unknown_ones_are_none() -> None:
     row = queue_row({"ready": 3, "on_disk": 1})
     assert set(QUEUE_FIELDS) <= set(row)
     assert row["ready"] == 3 and row["on_disk"] == 1 and row["acked"] is None
+
+
+def test_jetstream_rows_take_ready_and_in_flight_from_the_consumer() -> None:
+    subjects = {
+        "pigeon.q.jobs": 7,  # in the stream: 3 delivered and unacked, 4 not delivered
+        "pigeon.q.jobs.dead": 2,
+        "pigeon.q.idle": 5,  # nobody consumes it yet
+        "pigeon.t.prices": 9,  # a topic, not a queue
+    }
+    consumers = {"pigeon.q.jobs": PullCounts(4, 3, 1), "pigeon.q.quiet": PullCounts(0, 0, 2)}
+    rows = jetstream_rows("pigeon", subjects, consumers)
+    assert sorted(rows) == ["idle", "jobs", "jobs.dead", "quiet"]
+    expected = {"ready": 4, "in_flight": 3, "consumers": 1, "dead": 2, "stored": 7}
+    assert {field: rows["jobs"][field] for field in expected} == expected
+    assert rows["jobs"]["received"] is None and rows["jobs"]["delayed"] is None
+    assert rows["idle"]["ready"] == 5 and rows["idle"]["in_flight"] == 0
+    assert rows["quiet"]["ready"] == 0 and rows["quiet"]["consumers"] == 2
+    assert rows["jobs.dead"]["ready"] == 2
+
+
+def test_declared_rows_leave_out_deleted_queues_and_count_dead_letters() -> None:
+    rows = declared_rows({"jobs": (4, 2), "jobs.dead": (3, 0), "gone": None, "gone.dead": None})
+    assert sorted(rows) == ["jobs", "jobs.dead"]
+    assert rows["jobs"]["ready"] == 4 and rows["jobs"]["consumers"] == 2
+    assert rows["jobs"]["dead"] == 3 and rows["jobs"]["in_flight"] is None
+    assert rows["jobs.dead"]["dead"] == 0
 
 
 # -- backends in process ------------------------------------------------------------

@@ -36,8 +36,9 @@ from ..errors import AuthenticationError, DeliveryError, PigeonError, TransportE
 from ..transports.amqp import envelope, inventory
 from ..transports.amqp.errors import map_exceptions
 from ..transports.amqp.options import parse as parse_options
-from .base import Admin, QueueRow, ServiceRow, queue_row
+from .base import Admin, QueueRow, ServiceRow
 from .errors import Unreachable
+from .rows import declared_rows
 
 MAX_LETTERS = 10_000  # dead letters taken per call at most
 INVENTORY_IDLE = 0.3  # seconds without a new inventory entry: the end is reached
@@ -152,22 +153,7 @@ class AmqpAdmin(Admin):
     async def queues(self) -> dict[str, QueueRow]:
         names = set(await self.inventory()) | set(self._names)
         names |= {dead_letter_queue(n) for n in names if not n.endswith(DEAD_SUFFIX)}
-        counts = {name: await self._count(name) for name in sorted(names)}
-        rows: dict[str, QueueRow] = {}
-        for name, count in counts.items():
-            if count is None:
-                continue  # recorded once, since deleted
-            letters = (
-                counts.get(dead_letter_queue(name)) if not name.endswith(DEAD_SUFFIX) else None
-            )
-            rows[name] = queue_row(
-                {
-                    "ready": count[0],
-                    "consumers": count[1],
-                    "dead": letters[0] if letters else 0,
-                }
-            )
-        return rows
+        return declared_rows({name: await self._count(name) for name in sorted(names)})
 
     async def services(self) -> dict[str, ServiceRow]:
         return {}

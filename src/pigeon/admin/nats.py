@@ -38,8 +38,9 @@ from ..transports.nats import client, envelope
 from ..transports.nats.errors import map_exceptions
 from ..transports.nats.options import parse as parse_options
 from ..transports.nats.security import redact
-from .base import Admin, QueueRow, ServiceRow, queue_row
+from .base import Admin, QueueRow, ServiceRow
 from .errors import Unreachable
+from .rows import PullCounts, jetstream_rows
 
 MAX_SCAN = 10_000  # dead letters looked at per call at most
 
@@ -118,28 +119,16 @@ class NatsAdmin(Admin):
         }
 
     async def queues(self) -> dict[str, QueueRow]:
-        head = f"{self._prefix}.q."
-        counts = {
-            s[len(head) :]: n for s, n in (await self._subjects()).items() if s.startswith(head)
-        }
-        consumers = {}
-        for consumer in await self._consumers():
-            subject = consumer.config.filter_subject or ""
-            if subject.startswith(head):
-                consumers[subject[len(head) :]] = consumer
-        rows: dict[str, QueueRow] = {}
-        for name in sorted(set(counts) | set(consumers)):
-            consumer = consumers.get(name)
-            rows[name] = queue_row(
-                {
-                    "ready": consumer.num_pending if consumer else counts.get(name, 0),
-                    "in_flight": consumer.num_ack_pending if consumer else 0,
-                    "consumers": consumer.num_waiting if consumer else 0,
-                    "dead": counts.get(dead_letter_queue(name), 0),
-                    "stored": counts.get(name, 0),
-                }
+        pulls = {
+            consumer.config.filter_subject: PullCounts(
+                consumer.num_pending or 0,
+                consumer.num_ack_pending or 0,
+                consumer.num_waiting or 0,
             )
-        return rows
+            for consumer in await self._consumers()
+            if consumer.config.filter_subject
+        }
+        return jetstream_rows(self._prefix, await self._subjects(), pulls)
 
     async def services(self) -> dict[str, ServiceRow]:
         return {}
