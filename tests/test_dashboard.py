@@ -208,6 +208,8 @@ def board(tmp_path: Path) -> Any:
 
 
 def test_http_bounds_and_guards_each_refuse_with_a_status_and_are_counted(board: Dashboard) -> None:
+    # A token given is not printed: the banner says where it serves, no more.
+    assert "#token=" not in board.banner and "t" * 20 not in board.banner
     port = int(board.address.rsplit(":", 1)[1].strip("/"))
     host = f"Host: 127.0.0.1:{port}\r\n"
     token = "X-Pigeon-Token: " + "t" * 20 + "\r\n"
