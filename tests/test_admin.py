@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,15 +96,7 @@ def test_declared_rows_leave_out_deleted_queues_and_count_dead_letters() -> None
 async def _traffic(conn: pigeon.Connection, server: pigeon.Connection) -> None:
     """Ready messages in "jobs", dead letters of "bad", calls to "echo"
     (served by ``server``)."""
-    for n in range(4):
-        await conn.send("jobs", {"n": n})
-
-    async def fails(delivery: pigeon.Delivery) -> None:
-        raise ValueError("no stock")
-
-    await conn.consume("bad", fails, retry=pigeon.RetryPolicy(max_attempts=1))
-    for n in range(2):
-        await conn.send("bad", {"n": n})
+    await _traffic_without_calls(conn)
 
     async def echo(message: pigeon.Message) -> object:
         if message.decode() == "boom":
@@ -185,6 +178,46 @@ async def test_the_node_backend_asks_the_node_admin_services() -> None:
                 assert any("echo" in peer["services"] for peer in peers)
                 stats = await admin.info()
                 assert stats["purged"] == 6  # counted by the node
+
+
+def test_a_purge_on_a_durable_node_stays_purged_after_a_restart(tmp_path: Path) -> None:
+    store = str(tmp_path / "node.db")
+    url = f"tcp://127.0.0.1:{free_port()}"
+
+    async def first_life() -> None:
+        async with pigeon.connect(bind=url, store=store, max_attempts=1):
+            async with pigeon.connect(url) as conn:
+                await _traffic_without_calls(conn)
+                async with await open_admin(url, timeout=WAIT) as admin:
+
+                    async def two_dead() -> bool:
+                        return (await admin.queues()).get("bad", {}).get("dead") == 2
+
+                    await _until(two_dead, "two dead letters of 'bad'")
+                    assert await admin.purge("jobs") == 4
+                    assert await admin.purge("bad", dead=True) == 2
+
+    async def second_life() -> None:
+        async with pigeon.connect(bind=url, store=store) as node:
+            queues = node.stats()["queues"]
+            assert queues.get("jobs", {}).get("ready", 0) == 0
+            assert queues.get("bad.dead", {}).get("ready", 0) == 0
+            assert node.stats()["restored"] == 0
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+
+
+async def _traffic_without_calls(conn: pigeon.Connection) -> None:
+    for n in range(4):
+        await conn.send("jobs", {"n": n})
+
+    async def fails(delivery: pigeon.Delivery) -> None:
+        raise ValueError("no stock")
+
+    await conn.consume("bad", fails, retry=pigeon.RetryPolicy(max_attempts=1))
+    for n in range(2):
+        await conn.send("bad", {"n": n})
 
 
 @run
