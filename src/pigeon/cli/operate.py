@@ -19,7 +19,6 @@ from rich.live import Live
 
 from ..admin import Admin, open_admin
 from ..admin.rates import queue_rates
-from ..errors import ConfigurationError
 from . import tables
 from .keypress import quit_keys
 from .options import connect_options, json_option, key_options, timeout_option
@@ -68,12 +67,6 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, default=str))
 
 
-def _interval(value: float) -> float:
-    if value < 0.1:
-        raise ConfigurationError(f"--interval must be at least 0.1 s, not {value}")
-    return value
-
-
 # -- pigeon queues ------------------------------------------------------------
 
 
@@ -82,7 +75,7 @@ def _interval(value: float) -> float:
 @click.option("--watch", is_flag=True, help="keep showing them, with rates per second")
 @click.option(
     "--interval",
-    type=float,
+    type=click.FloatRange(min=0.1),
     default=2.0,
     show_default=True,
     metavar="S",
@@ -112,7 +105,6 @@ def queues_command(
         else:
             tables.console().print(tables.queues_table(overview["queues"]))
         return
-    _interval(interval)
 
     async def watching(admin: Admin) -> None:
         before: dict[str, Any] = {}
@@ -239,7 +231,7 @@ def purge_command(
 @_url_argument
 @click.option(
     "--interval",
-    type=float,
+    type=click.FloatRange(min=0.1),
     default=2.0,
     show_default=True,
     metavar="S",
@@ -264,7 +256,6 @@ def top_command(
 ) -> None:
     """A live view of URL: queues with rates per second, services with calls,
     errors and latency; q or Ctrl-C quits. --json prints one snapshot a line."""
-    _interval(interval)
     options = _admin_options(key, server_key, queue_names)
 
     async def showing(admin: Admin) -> None:
@@ -302,7 +293,9 @@ def top_command(
 @click.command(name="ping", epilog=MEMORY_NOTE)
 @_url_argument
 @click.option("--count", "-c", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--interval", type=float, default=1.0, show_default=True, metavar="S")
+@click.option(
+    "--interval", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="S"
+)
 @json_option
 @timeout_option()
 @key_options
