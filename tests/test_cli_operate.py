@@ -361,3 +361,5 @@ def test_memory_is_this_process_broker_and_the_help_says_so() -> None:
     overview = as_json("queues", "memory://elsewhere")
     assert overview["transport"] == "memory" and overview["queues"] == {}
     assert "empty broker of its own" in " ".join(ok("queues", "--help").split())
+    done = run("ping", "inproc://elsewhere")
+    assert done.returncode == 69 and "reached only from its own process" in done.stderr

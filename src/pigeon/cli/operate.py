@@ -17,7 +17,7 @@ import click
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from ..admin import Admin, open_admin
+from ..admin import Admin, Unreachable, open_admin
 from ..admin.rates import queue_rates
 from . import tables
 from .keypress import quit_keys
@@ -28,7 +28,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 MEMORY_NOTE = (
     "memory:// is the in-process broker of this process: from a separate "
-    "pigeon command it is an empty broker of its own."
+    "pigeon command it is an empty broker of its own (and inproc:// reaches "
+    "nothing)."
 )
 
 
@@ -55,6 +56,10 @@ def _run(
     # aio-pika logs a refused connection itself; the command says it once.
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    if url.startswith("inproc://"):
+        # Only the process that binds it can reach it; this one does not.
+        raise Unreachable(url, "an inproc:// address is reached only from its own process")
 
     async def main() -> T:
         async with await open_admin(url, timeout=timeout, **options) as admin:
