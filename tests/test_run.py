@@ -313,6 +313,8 @@ def test_the_docs_app_runs_on_a_broker(tmp_path: Path, url: str) -> None:
             invoiced(invoices, place_orders(conn, 20), run)
             assert conn.request("shop.price", "plum", timeout=WAIT).decode() == 0.4
         assert "***" in run.log() or "@" not in url  # the password is not logged
+        for pid in run.pids().values():  # nor shown to ps
+            assert url not in Path(f"/proc/{pid}/cmdline").read_text()
         assert run.stop() == 0, run.describe()
     finally:
         run.ensure_stopped()

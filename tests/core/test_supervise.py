@@ -134,6 +134,15 @@ def test_with_reload_a_slot_that_cannot_load_waits_for_the_next_change() -> None
     assert s.reload(1001.0) == [Start(0)]
 
 
+def test_a_change_while_a_process_was_failing_to_load_starts_it_again() -> None:
+    s = supervision(1, reload=True)
+    s.start(0.0)
+    assert s.reload(1.0) == [Terminate(0)]  # the change is heard first
+    assert s.exited(0, EXIT_CANNOT_LOAD, 1.1) == [Start(0)]  # then its failure
+    assert s.exited(0, EXIT_CANNOT_LOAD, 2.0) == []  # no change since: waits
+    assert s.state(0) is SlotState.FAILED
+
+
 def test_reload_restarts_each_process_as_soon_as_it_exits() -> None:
     s = supervision(2, reload=True)
     s.start(0.0)

@@ -20,7 +20,8 @@ Rule 3: a process that exits with :data:`EXIT_CANNOT_LOAD` (the app cannot be
 imported or configured) is never restarted on its own: a restart would fail
 the same way. Without reload, the supervisor stops the others and ends with
 :data:`EXIT_CANNOT_LOAD_SUPERVISOR`; with reload, the slot waits for the next
-change of the files.
+change of the files (or starts at once if they changed while it was
+loading them).
 Rule 4: the first :meth:`Supervision.stop` tells every running process to
 stop (drain) and cancels due restarts; a process still running ``grace``
 plus :data:`KILL_MARGIN` seconds later is killed. A second ``stop`` kills
@@ -191,9 +192,11 @@ class Supervision:
             return []  # not ours to hear twice
         if code == EXIT_CANNOT_LOAD:
             self.counts.failed_to_load += 1
-            state.state = SlotState.FAILED
             state.kill_at = math.inf
-            state.restart_on_exit = False
+            if state.restart_on_exit:
+                # The files changed again since it started: try the new ones.
+                return [self._start(slot, now)]
+            state.state = SlotState.FAILED
             if not self.reload_enabled:
                 self._cannot_load = True
                 return [*self._begin_stop(now), *self._finish()]

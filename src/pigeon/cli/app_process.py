@@ -1,8 +1,11 @@
 """One app process of ``pigeon run``: load the app, run it until SIGTERM or
 SIGINT (or until the supervisor is gone), then drain and exit 0.
 
-The supervisor starts it as ``python -m pigeon.cli.app_process SPEC``, SPEC
-a JSON object (:func:`spec`). Exit codes: 0 drained and stopped;
+The supervisor starts it as ``python -m pigeon.cli.app_process APP SLOT``
+(for ``ps``) with what to do as a JSON object (:func:`spec`) in the
+environment variable ``PIGEON_RUN_TASK``: not in the arguments, which
+every user of the machine may read, since the URL may hold a password.
+Exit codes: 0 drained and stopped;
 ``EXIT_CANNOT_LOAD`` (78) the app cannot be loaded or configured, so a
 restart would fail the same way; anything else is a crash, restarted.
 """
@@ -24,6 +27,8 @@ from ..errors import ConfigurationError, PigeonError
 from .load import load_app, parse_reference
 
 log = logging.getLogger("pigeon.run")
+
+TASK_ENV = "PIGEON_RUN_TASK"
 
 
 def spec(
@@ -103,10 +108,10 @@ async def _run(app: App, grace: float, lifeline: int | None, slot: int) -> None:
         await app.stop(grace)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     """Run one app process; returns its exit code (module docstring)."""
-    args = sys.argv[1:] if argv is None else argv
-    task = json.loads(args[0])
+    # Taken out, so that neither the app nor what it starts sees it.
+    task = json.loads(os.environ.pop(TASK_ENV))
     setup_logging(task["log_level"], task["log_format"])
     slot = task.get("slot", 0)
     lifeline = task.get("lifeline")

@@ -28,10 +28,12 @@ from .._core.supervise import (
     Exit,
     Kill,
     Restarting,
+    SlotState,
     Start,
     Supervision,
     Terminate,
 )
+from .app_process import TASK_ENV
 
 log = logging.getLogger("pigeon.run")
 
@@ -115,15 +117,17 @@ class Supervisor:
             returncode = proc.poll()
             if returncode is not None:
                 del self._procs[slot]
-                self._exited(slot, proc, returncode)
+                self._exited(slot, proc, returncode, self.core.state(slot) is SlotState.STOPPING)
                 code = _first(code, self._do(self.core.exited(slot, returncode, time.monotonic())))
         return _first(code, self._do(self.core.poll(time.monotonic())))
 
-    def _exited(self, slot: int, proc: subprocess.Popen[bytes], returncode: int) -> None:
+    def _exited(
+        self, slot: int, proc: subprocess.Popen[bytes], returncode: int, asked: bool
+    ) -> None:
         if self.on_exit is not None:
             self.on_exit(proc.pid)
         fields = {"slot": slot, "pid": proc.pid, "exit_code": returncode}
-        if self.core.stopping and returncode == 0:
+        if asked and returncode == 0:
             log.info("process %d (pid %d) drained and stopped", slot, proc.pid, extra=fields)
         elif returncode == EXIT_CANNOT_LOAD:
             log.error(
@@ -166,8 +170,8 @@ class Supervisor:
         task = {**self.task, "slot": slot, "lifeline": self._lifeline_read}
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pigeon.cli.app_process", json.dumps(task)],
-                env=self.env,
+                [sys.executable, "-m", "pigeon.cli.app_process", self.task["app"], str(slot)],
+                env={**self.env, TASK_ENV: json.dumps(task)},
                 pass_fds=(self._lifeline_read,),
                 process_group=0,  # see the module docstring
             )
