@@ -90,11 +90,11 @@ async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> 
 class NodeProcess:
     """``pigeon node`` keeping the history of ``news.>``."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, *options: str) -> None:
         self.err = logs / "node.err"
         with open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [*PIGEON, "node", "--bind", ANY_PORT, "--retain", "news.>:count=100"],
+                [*PIGEON, "node", "--bind", ANY_PORT, "--retain", "news.>:count=100", *options],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -260,6 +260,7 @@ def _unlistened(kind: str, port_url: str) -> str:
         "tcp": port_url,
         "nats": f"nats://127.0.0.1:{port}",
         "amqp": f"amqp://guest:guest@127.0.0.1:{port}/",
+        "inproc": "inproc://nobody",  # only its own process reaches it
     }[kind]
 
 
@@ -275,6 +276,7 @@ def _unlistened(kind: str, port_url: str) -> str:
         ("nats", ["subscribe", "news.>"]),
         ("amqp", ["request", "svc", "x"]),
         ("amqp", ["publish", "news.a", "x"]),
+        ("inproc", ["send", "q", "x"]),
     ],
 )
 def test_nothing_reachable_exits_69_within_the_timeout(kind: str, command: list[str]) -> None:
@@ -501,3 +503,16 @@ def test_send_delay_holds_the_message(node: NodeProcess) -> None:
         assert got[0] - sent >= 0.99, got[0] - sent  # not before its time
 
     run(main)
+
+
+def test_a_refused_send_exits_1_naming_the_error(tmp_path: Path) -> None:
+    policies = tmp_path / "queues.toml"
+    policies.write_text('[queue."tiny"]\nmax_length = 2\n')
+    node = NodeProcess(tmp_path, "--queues", str(policies))
+    try:
+        done = cli("send", node.url, "tiny", "x", "--count", "5", "--timeout", "10")
+    finally:
+        node.stop()
+    assert done.returncode == 1, completed(done)
+    assert "Backpressure" in done.stderr and "'tiny'" in done.stderr, completed(done)
+    assert "Traceback" not in done.stderr

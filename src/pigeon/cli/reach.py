@@ -9,12 +9,14 @@ socket connects in the background, so the command waits, within its
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import pigeon
 
+from ..admin.reach import refused_at
 from ..transports import ZMQ_SCHEMES
 from .exits import Unreachable
 from .options import connect_options
@@ -53,6 +55,15 @@ async def open_connection(
         Unreachable: nothing answered at ``url`` within ``timeout``.
         ConfigurationError: the URL or a key option is unusable.
     """
+    if url.startswith("inproc://"):
+        # Only the process that binds it can reach it; a command does not.
+        raise Unreachable(address(url), "an inproc:// address is reached only from its own process")
+    refused = refused_at(url)
+    if refused:
+        raise Unreachable(address(url), refused)
+    for name in ("aio_pika", "aiormq"):
+        # They log a refused connection themselves; the command says it once.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     conn = pigeon.connect(url, **connect_options(key, server_key))
     try:
         await asyncio.wait_for(conn.start(), timeout)
