@@ -24,6 +24,7 @@ from .. import logs
 from .._core.supervise import EXIT_CANNOT_LOAD
 from ..app import App
 from ..errors import ConfigurationError, PigeonError
+from .exits import EXIT_USAGE
 from .load import load_app, parse_reference
 
 log = logging.getLogger("pigeon.run")
@@ -111,7 +112,11 @@ async def _run(app: App, grace: float, lifeline: int | None, slot: int) -> None:
 def main() -> int:
     """Run one app process; returns its exit code (module docstring)."""
     # Taken out, so that neither the app nor what it starts sees it.
-    task = json.loads(os.environ.pop(TASK_ENV))
+    told = os.environ.pop(TASK_ENV, None)
+    if told is None:
+        sys.stderr.write("pigeon.cli.app_process is started by pigeon run (pigeon run --help)\n")
+        return EXIT_USAGE
+    task = json.loads(told)
     setup_logging(task["log_level"], task["log_format"])
     slot = task.get("slot", 0)
     lifeline = task.get("lifeline")
