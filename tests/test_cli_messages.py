@@ -322,6 +322,16 @@ def test_send_with_count_and_rate_reaches_a_consumer(place: Place) -> None:
     run(main)
 
 
+def test_consume_takes_what_send_sent_and_acks_it(place: Place) -> None:
+    for n in range(3):
+        ok("send", place.url, place.queue, f"job {n}")
+    taken = json_lines(ok("consume", place.url, place.queue, "--count", "2", "--json"))
+    assert [m["body"] for m in taken] == ["job 0", "job 1"], taken
+    assert all(m["queue"] == place.queue and m["attempt"] >= 1 for m in taken), taken
+    rest = ok("consume", place.url, place.queue, "--count", "1")
+    assert rest == "job 2\n", rest  # the first two were acked, not handed back
+
+
 def test_request_prints_the_reply_and_with_count_the_latency(place: Place) -> None:
     async def main() -> None:
         async with pigeon.connect(place.url) as conn:

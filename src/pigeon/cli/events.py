@@ -12,6 +12,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 import click
@@ -30,6 +31,31 @@ def _line(event: pigeon.Event, *, as_json: bool) -> str:
             | bodies.as_json(event.message)
         )
     return f"{event.topic} {event.seq} {bodies.as_text(event.message.body)}"
+
+
+async def until_signal(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until it ends or SIGINT/SIGTERM comes; a signal cancels
+    it and is not an error (what was printed so far is the answer).
+
+    Raises:
+        whatever ``work`` raised.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    working = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({working, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        working.cancel()
+    try:
+        await working
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise  # cancelled from outside, not by a signal
 
 
 def follow(
@@ -77,21 +103,8 @@ def follow(
                 if closed:
                     raise BrokenPipeError  # the reader went away: end quietly
 
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            consuming = asyncio.ensure_future(consume())
-            stopping = asyncio.ensure_future(stop.wait())
             try:
-                await asyncio.wait({consuming, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopping.cancel()
-                consuming.cancel()
-            try:
-                await consuming
-            except asyncio.CancelledError:
-                pass  # stopped by a signal: the events printed so far are the answer
+                await until_signal(consume())
             except pigeon.PigeonError as exc:
                 raise_if_gone(conn, url, exc)
                 raise

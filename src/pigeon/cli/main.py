@@ -84,13 +84,13 @@ def _register() -> None:
     from .dashboard import dashboard
 
     cli.add_command(dashboard)
-    from . import bridge, demo, events, keys, messages, node
+    from . import bridge, consume, demo, events, keys, messages, node
 
     for command in (node.node_command, demo.demo, bridge.bridge, keys.keys):
         cli.add_command(command)
     for command in (messages.send, messages.request, messages.publish):
         cli.add_command(command)
-    for command in (events.subscribe, events.tail):
+    for command in (consume.consume, events.subscribe, events.tail):
         cli.add_command(command)
     from .operate import COMMANDS as operating
 
