@@ -46,7 +46,7 @@ def _line(delivery: pigeon.Delivery, *, as_json: bool) -> str:
     return bodies.as_text(message.body)
 
 
-@click.command(name="consume")
+@click.command(name="consume", short_help="Take messages off QUEUE at URL, print and ack each.")
 @click.argument("url")
 @click.argument("queue")
 @click.option(

@@ -133,7 +133,9 @@ def _subscription_options(fn: Any) -> Any:
     return fn
 
 
-@click.command(name="subscribe")
+@click.command(
+    name="subscribe", short_help="Print the events on topics matching PATTERN as they arrive."
+)
 @_subscription_options
 @click.option(
     "--name",
@@ -166,7 +168,9 @@ def subscribe(
     )
 
 
-@click.command(name="tail")
+@click.command(
+    name="tail", short_help="Print the retained events of topics matching PATTERN, then follow."
+)
 @_subscription_options
 @click.option(
     "--last",

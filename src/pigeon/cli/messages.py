@@ -40,7 +40,7 @@ def _message_options(fn: Any) -> Any:
             click.argument("body", required=False),
             click.option(
                 "--file",
-                type=click.Path(dir_okay=False, allow_dash=True),
+                type=click.Path(exists=True, dir_okay=False, allow_dash=True),
                 metavar="PATH",
                 help="read the body from PATH ('-': stdin)",
             ),
@@ -290,7 +290,7 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
-@click.command(name="request")
+@click.command(name="request", short_help="Call SERVICE at URL with BODY and print the reply.")
 @click.argument("url")
 @click.argument("service")
 @_message_options
