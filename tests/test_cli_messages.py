@@ -526,3 +526,59 @@ def test_a_refused_send_exits_1_naming_the_error(tmp_path: Path) -> None:
     assert done.returncode == 1, completed(done)
     assert "Backpressure" in done.stderr and "'tiny'" in done.stderr, completed(done)
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.broker
+def test_tail_on_nats_starts_in_the_stream(tmp_path: Path) -> None:
+    server = brokers.require(brokers.NATS_URL)
+    tag = new_id()
+    place = Place("nats", f"{server}?stream=PIGEON_CLI_{tag}&prefix=cli{tag}")
+    place.stream = f"PIGEON_CLI_{tag}"
+    try:
+
+        async def retain() -> None:
+            async with pigeon.connect(place.url) as conn:
+                await conn.retain("news.>", max_count=10)
+
+        run(retain)
+        ok("publish", place.url, place.topic, "hi", "--count", "3")
+        lines = ok("tail", place.url, "news.>", "--last", "2", "--count", "2").splitlines()
+        assert lines == [f"{place.topic} 2 hi", f"{place.topic} 3 hi"], lines
+    finally:
+        place.clean()
+
+
+def test_a_terminal_gets_a_progress_bar() -> None:
+    import os
+    import pty
+
+    terminal, its_end = pty.openpty()
+    proc = subprocess.Popen(
+        [*PIGEON, "send", "memory://", "q", "x", "--count", "20"],
+        stdin=its_end,
+        stdout=its_end,
+        stderr=its_end,
+    )
+    os.close(its_end)
+    out = b""
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(terminal, selectors.EVENT_READ)
+            deadline = time.monotonic() + 2 * WAIT
+            while time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
+                try:
+                    chunk = os.read(terminal, 4096)
+                except OSError:  # the child ended: its side of the terminal closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        proc.wait(WAIT)
+    finally:
+        os.close(terminal)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "100%" in text and "sent 20 messages to 'q'" in text, text
