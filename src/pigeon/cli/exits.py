@@ -1,7 +1,7 @@
 """What the ``pigeon`` command exits with, in one place.
 
 0 ok; 1 the operation failed (a node answered, and said no); 2 a usage or
-configuration error (argparse's own code); 69 nothing reachable at the
+configuration error (click's own code for a usage error); 69 nothing reachable at the
 address given (``EX_UNAVAILABLE`` of sysexits.h).
 """
 
