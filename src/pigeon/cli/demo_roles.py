@@ -91,7 +91,8 @@ async def processor(
     """Take each word from the queue, get it processed by ``case``, print it.
     ``keys``: this client's ``key`` and the nodes' ``server_key``."""
     where = url or [fountain_url or "", *(responder_urls or [])]
-    async with pigeon.connect(where, **(keys or {})) as conn:
+    options: dict[str, Any] = dict(keys or {})
+    async with pigeon.connect(where, **options) as conn:
 
         async def process(delivery: pigeon.Delivery) -> None:
             word = delivery.message.text
