@@ -94,8 +94,11 @@ class Rejected(DeliveryError):
 class Backpressure(DeliveryError):
     """Raised when a bounded buffer is full and its policy says to raise."""
 
-    def __init__(self, what: str, limit: int) -> None:
-        super().__init__(f"{what} is full ({limit} messages)")
+    def __init__(self, what: str, limit: int | None = None) -> None:
+        # ``limit`` is None where the refusing side does not say which of its
+        # bounds was reached (a queue's length, its bytes, the node's memory).
+        counted = "" if limit is None else f" ({limit} messages)"
+        super().__init__(f"{what} is full{counted}")
         self.what = what
         self.limit = limit
 

@@ -152,8 +152,8 @@ def refusal_error(queue: str, reason: RefusalReason, detail: str) -> PigeonError
     topic = queue.removeprefix(PUBLISH_PREFIX) if queue.startswith(PUBLISH_PREFIX) else None
     if reason is RefusalReason.FULL:
         if topic is not None:
-            return Backpressure(f"topic {topic!r} on its host ({detail})", 0)
-        return Backpressure(f"queue {queue!r} on its host", 0)
+            return Backpressure(f"topic {topic!r} on its host ({detail})")
+        return Backpressure(f"queue {queue!r} on its host")
     if reason is RefusalReason.FORBIDDEN:
         return Forbidden("send", queue if topic is None else topic)
     if reason is RefusalReason.STORE_FAILED:

@@ -65,7 +65,7 @@ class MemoryTransport:
             raise MessageTooLarge(len(message.body), self.max_message_size)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if hub.host.put(queue, message, fresh=fresh) is None:
-            future.set_exception(Backpressure(f"queue {queue!r}", hub.host.max_length or 0))
+            future.set_exception(Backpressure(f"queue {queue!r}"))
         else:
             self.sent += 1
             future.set_result(None)

@@ -109,7 +109,7 @@ class Sender:
         self._check_sizes([message])
         route, link = self.route()
         if route is Route.HOST and self.host.put(queue, message, fresh=fresh) is None:
-            raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
+            raise Backpressure(f"queue {queue!r}")
         self.sent += 1
         return self._dispatch(route, link, queue, [message])
 
@@ -117,7 +117,7 @@ class Sender:
         self._check_sizes(messages)
         route, link = self.route()
         if route is Route.HOST and self.host.put_fresh(queue, messages) < len(messages):
-            raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
+            raise Backpressure(f"queue {queue!r}")
         self.sent += len(messages)
         return self._dispatch(route, link, queue, messages)
 
@@ -165,7 +165,7 @@ class Sender:
                 for queue, messages in batches.items():
                     results = await self.host.put_many(queue, messages)
                     if None in results:
-                        raise Backpressure(f"queue {queue!r}", self.host.max_length or 0)
+                        raise Backpressure(f"queue {queue!r}")
             except asyncio.CancelledError:
                 if not future.done():
                     future.set_exception(
