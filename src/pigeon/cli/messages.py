@@ -22,6 +22,7 @@ import click
 
 import pigeon
 
+from .._core.service_stats import BUCKETS, ServiceTally, upper_edge
 from . import bodies
 from .options import json_option, key_options, timeout_option
 from .reach import open_connection, raise_if_gone
@@ -284,12 +285,6 @@ def publish(
     _report("published", "topic", topic, count, seconds, as_json=as_json)
 
 
-def percentile(ordered: list[float], fraction: float) -> float:
-    """The nearest-rank percentile of the sorted, non-empty ``ordered``."""
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
-
-
 @click.command(name="request", short_help="Call SERVICE at URL with BODY and print the reply.")
 @click.argument("url")
 @click.argument("service")
@@ -310,12 +305,15 @@ def request(
 ) -> None:
     """Call SERVICE at URL with BODY (BODY, --file PATH, or stdin) and print
     the reply: its text on a terminal, its bytes to a pipe. With --count,
-    the calls go one after another and the latency p50/p99 is printed."""
+    the calls go one after another and the latency p50/p99 is printed.
+    With --json, each reply is a line as it comes, then a summary line."""
     value, ctype = bodies.payload(bodies.read_body(body, file), content_type)
+    # Latencies go into the node's fixed buckets, so a long run holds no
+    # more than one counter per bucket; replies are printed as they come.
+    latency = ServiceTally()
 
-    async def main() -> tuple[list[pigeon.Message], list[float], float]:
-        replies: list[pigeon.Message] = []
-        latencies: list[float] = []
+    async def main() -> tuple[pigeon.Message | None, float]:
+        last: pigeon.Message | None = None
         loop = asyncio.get_running_loop()
         async with open_connection(url, timeout=timeout, key=key, server_key=server_key) as conn:
             started = loop.time()
@@ -324,25 +322,24 @@ def request(
                     for index in range(count):
                         await _pace(started, index, rate)
                         sent = loop.time()
-                        reply = await conn.request(
+                        last = await conn.request(
                             service,
                             value,
                             timeout=timeout,
                             headers=headers or None,
                             content_type=ctype,
                         )
-                        latencies.append(loop.time() - sent)
-                        if as_json or count == 1:
-                            replies.append(reply)
+                        latency.record(loop.time() - sent, failed=False)
+                        if as_json:
+                            click.echo(json.dumps(bodies.as_json(last)))
                         advance(1)
             except pigeon.PigeonError as exc:
                 raise_if_gone(conn, url, exc)
                 raise
-            return replies, latencies, loop.time() - started
+            return last, loop.time() - started
 
-    replies, latencies, seconds = asyncio.run(main())
-    ordered = sorted(latencies)
-    p50, p99 = percentile(ordered, 0.50), percentile(ordered, 0.99)
+    last, seconds = asyncio.run(main())
+    p50, p99 = latency.percentile(0.50), latency.percentile(0.99)
     if as_json:
         click.echo(
             json.dumps(
@@ -350,20 +347,29 @@ def request(
                     "requests": count,
                     "seconds": seconds,
                     "rate": count / seconds if seconds > 0 else None,
-                    "p50": p50,
-                    "p99": p99,
-                    "replies": [bodies.as_json(reply) for reply in replies],
+                    "p50": _finite(p50),
+                    "p99": _finite(p99),
                 }
             )
         )
-    elif count == 1:
-        _print_body(replies[0].body)
+    elif count == 1 and last is not None:  # one call made (or it raised)
+        _print_body(last.body)
     else:
         click.echo(
             f"{count} replies from {service!r} in {seconds:.3f} s"
             f"{f' ({count / seconds:,.0f}/s)' if seconds > 0 else ''}; "
-            f"latency p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
+            f"latency p50 {_ms(p50)}, p99 {_ms(p99)}"
         )
+
+
+def _finite(seconds: float | None) -> float | None:
+    """A bucket's edge for JSON: None beyond the last bucket (no JSON number)."""
+    return None if seconds is None or math.isinf(seconds) else seconds
+
+
+def _ms(seconds: float | None) -> str:
+    edge = _finite(seconds)
+    return f"{edge * 1000:.2f} ms" if edge is not None else f"over {upper_edge(BUCKETS - 1):.0f} s"
 
 
 def _print_body(body: bytes) -> None:
