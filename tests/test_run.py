@@ -472,6 +472,22 @@ def test_a_url_no_transport_speaks_ends_it_without_restarts(tmp_path: Path) -> N
     assert "bogus" in done.stderr and "restarting" not in done.stderr, completed(done)
 
 
+@pytest.mark.parametrize("bind", ["'tcp://127.0.0.1:0'", "['ipc:///tmp/x', 'tcp://127.0.0.1:0']"])
+def test_more_than_one_process_of_an_app_that_binds_is_refused(tmp_path: Path, bind: str) -> None:
+    (tmp_path / "serving.py").write_text(f"import pigeon\napp = pigeon.App(bind={bind})\n")
+    done = subprocess.run(
+        [*PIGEON, "run", "serving", "--workers", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == 2, completed(done)
+    assert "'--workers'" in done.stderr and "tcp://127.0.0.1:0" in done.stderr, completed(done)
+    assert "--workers 1" in done.stderr and "pigeon node" in done.stderr, completed(done)
+    assert "started" not in done.stderr and "Traceback" not in done.stderr, completed(done)
+
+
 # -- reload ----------------------------------------------------------------------
 
 VERSIONED_APP = """

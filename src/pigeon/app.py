@@ -228,6 +228,13 @@ class App:
             self._concurrency = concurrency
         self._connect_args = (old_url if url is None else url, bind, {**old_options, **options})
 
+    @property
+    def binds(self) -> list[str]:
+        """The addresses the app binds to serve a node (``bind=``), empty
+        when it only connects: one process at a time can run it."""
+        bind = self._connect_args[1]
+        return [bind] if isinstance(bind, str) else list(bind or [])
+
     def use(self, *middleware: Middleware) -> None:
         """Add middleware (``pigeon.Middleware``) before the app starts, as
         ``App(..., middleware=[...])`` does (``pigeon run --metrics-port``

@@ -112,6 +112,17 @@ def run(
     except AppNotLoaded as exc:
         log.debug("the app cannot be loaded", exc_info=exc.__cause__ or exc)
         raise
+    if workers > 1 and app.binds:
+        # Each process would bind the same address: the second fails on the
+        # port clash and is restarted with backoff, forever.
+        raise click.BadParameter(
+            f"{workers} processes cannot share the app's bind= {', '.join(app.binds)}: it "
+            "serves a node itself, and a second process would clash on that address (or, "
+            "on port 0, serve a node of its own that the first knows nothing of). Run it "
+            "with --workers 1, or build the app with the URL of a node to connect to "
+            "(pigeon node) and run as many processes as you like",
+            param_hint="'--workers'",
+        )
     if reload:
         try:
             import watchfiles  # noqa: F401
