@@ -20,7 +20,7 @@ import pigeon
 from . import bodies
 from .events import until_signal
 from .options import json_option, key_options, timeout_option
-from .reach import open_connection, raise_if_gone
+from .reach import open_connection
 
 # Deliveries leased ahead at most: a few round trips saved, and at most
 # this many handed back when the count is reached.
@@ -94,12 +94,8 @@ def consume(
 
         async with open_connection(url, timeout=timeout, key=key, server_key=server_key) as conn:
             prefetch = min(count or _PREFETCH, _PREFETCH)
-            try:
-                await conn.consume(queue, handle, prefetch=prefetch)
-                await until_signal(_wait(enough))
-            except pigeon.PigeonError as exc:
-                raise_if_gone(conn, url, exc)
-                raise
+            await conn.consume(queue, handle, prefetch=prefetch)
+            await until_signal(_wait(enough))
         if closed:
             raise BrokenPipeError  # the reader went away: end quietly
         return taken

@@ -21,7 +21,7 @@ import pigeon
 
 from . import bodies
 from .options import json_option, key_options, timeout_option
-from .reach import open_connection, raise_if_gone
+from .reach import open_connection
 
 
 def _line(event: pigeon.Event, *, as_json: bool) -> str:
@@ -103,11 +103,7 @@ def follow(
                 if closed:
                     raise BrokenPipeError  # the reader went away: end quietly
 
-            try:
-                await until_signal(consume())
-            except pigeon.PigeonError as exc:
-                raise_if_gone(conn, url, exc)
-                raise
+            await until_signal(consume())
         return seen
 
     seen = asyncio.run(main())

@@ -16,6 +16,7 @@ import math
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -25,7 +26,7 @@ import pigeon
 from .._core.service_stats import BUCKETS, ServiceTally, upper_edge
 from . import bodies
 from .options import json_option, key_options, timeout_option
-from .reach import open_connection, raise_if_gone
+from .reach import open_connection
 
 # Sends in flight before the command waits for their confirmations: enough
 # to keep a link busy, few enough that a refusal is seen soon.
@@ -137,7 +138,7 @@ async def _produce(
     rate: float | None,
     timeout: float,
     nowait: Callable[[], asyncio.Future[None]],
-    waiting: Callable[[], Awaitable[None]],
+    waiting: Callable[[], Awaitable[Any]],
     advance: Advance,
 ) -> float:
     """Send ``count`` messages with ``nowait``; returns the seconds it took.
@@ -160,6 +161,45 @@ async def _produce(
         advance(1)
     await _settle(pending, timeout)
     return loop.time() - started
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """How a command's run of messages goes (its shared options)."""
+
+    count: int
+    rate: float | None
+    timeout: float
+    key: str | None
+    server_key: str | None
+    as_json: bool
+
+
+def _produce_at(
+    url: str,
+    label: str,
+    run: _Run,
+    nowait: Callable[[pigeon.Connection], asyncio.Future[None]],
+    waiting: Callable[[pigeon.Connection], Awaitable[Any]],
+) -> float:
+    """Connect to ``url`` and send ``run.count`` messages with ``nowait``
+    (``waiting`` when one meets Backpressure); returns the seconds it took."""
+
+    async def main() -> float:
+        async with open_connection(
+            url, timeout=run.timeout, key=run.key, server_key=run.server_key
+        ) as conn:
+            with _progress(run.count, label, as_json=run.as_json) as advance:
+                return await _produce(
+                    run.count,
+                    run.rate,
+                    run.timeout,
+                    lambda: nowait(conn),
+                    lambda: waiting(conn),
+                    advance,
+                )
+
+    return asyncio.run(main())
 
 
 def _summary(verb: str, count: int, where: str, seconds: float) -> str:
@@ -207,33 +247,14 @@ def send(
     Each message counts as sent once the queue's host confirmed it stored it.
     """
     value, ctype = bodies.payload(bodies.read_body(body, file), content_type)
-
-    async def main() -> float:
-        async with open_connection(url, timeout=timeout, key=key, server_key=server_key) as conn:
-
-            def nowait() -> asyncio.Future[None]:
-                return conn.send_nowait(
-                    queue, value, headers=headers or None, content_type=ctype, delay=delay
-                )
-
-            async def waiting() -> None:
-                await conn.send(
-                    queue,
-                    value,
-                    headers=headers or None,
-                    content_type=ctype,
-                    timeout=timeout,
-                    delay=delay,
-                )
-
-            try:
-                with _progress(count, f"send {queue}", as_json=as_json) as advance:
-                    return await _produce(count, rate, timeout, nowait, waiting, advance)
-            except pigeon.PigeonError as exc:
-                raise_if_gone(conn, url, exc)
-                raise
-
-    seconds = asyncio.run(main())
+    options: dict[str, Any] = {"headers": headers or None, "content_type": ctype, "delay": delay}
+    seconds = _produce_at(
+        url,
+        f"send {queue}",
+        _Run(count, rate, timeout, key, server_key, as_json),
+        lambda conn: conn.send_nowait(queue, value, **options),
+        lambda conn: conn.send(queue, value, timeout=timeout, **options),
+    )
     _report("sent", "queue", queue, count, seconds, as_json=as_json)
 
 
@@ -260,28 +281,14 @@ def publish(
     Each message counts as published once the topic's host (or broker) took it.
     """
     value, ctype = bodies.payload(bodies.read_body(body, file), content_type)
-
-    async def main() -> float:
-        async with open_connection(url, timeout=timeout, key=key, server_key=server_key) as conn:
-
-            def nowait() -> asyncio.Future[None]:
-                return conn.publish_nowait(
-                    topic, value, headers=headers or None, content_type=ctype
-                )
-
-            async def waiting() -> None:
-                await conn.publish(
-                    topic, value, headers=headers or None, content_type=ctype, timeout=timeout
-                )
-
-            try:
-                with _progress(count, f"publish {topic}", as_json=as_json) as advance:
-                    return await _produce(count, rate, timeout, nowait, waiting, advance)
-            except pigeon.PigeonError as exc:
-                raise_if_gone(conn, url, exc)
-                raise
-
-    seconds = asyncio.run(main())
+    options: dict[str, Any] = {"headers": headers or None, "content_type": ctype}
+    seconds = _produce_at(
+        url,
+        f"publish {topic}",
+        _Run(count, rate, timeout, key, server_key, as_json),
+        lambda conn: conn.publish_nowait(topic, value, **options),
+        lambda conn: conn.publish(topic, value, timeout=timeout, **options),
+    )
     _report("published", "topic", topic, count, seconds, as_json=as_json)
 
 
@@ -317,25 +324,21 @@ def request(
         loop = asyncio.get_running_loop()
         async with open_connection(url, timeout=timeout, key=key, server_key=server_key) as conn:
             started = loop.time()
-            try:
-                with _progress(count, f"request {service}", as_json=as_json) as advance:
-                    for index in range(count):
-                        await _pace(started, index, rate)
-                        sent = loop.time()
-                        last = await conn.request(
-                            service,
-                            value,
-                            timeout=timeout,
-                            headers=headers or None,
-                            content_type=ctype,
-                        )
-                        latency.record(loop.time() - sent, failed=False)
-                        if as_json:
-                            click.echo(json.dumps(bodies.as_json(last)))
-                        advance(1)
-            except pigeon.PigeonError as exc:
-                raise_if_gone(conn, url, exc)
-                raise
+            with _progress(count, f"request {service}", as_json=as_json) as advance:
+                for index in range(count):
+                    await _pace(started, index, rate)
+                    sent = loop.time()
+                    last = await conn.request(
+                        service,
+                        value,
+                        timeout=timeout,
+                        headers=headers or None,
+                        content_type=ctype,
+                    )
+                    latency.record(loop.time() - sent, failed=False)
+                    if as_json:
+                        click.echo(json.dumps(bodies.as_json(last)))
+                    advance(1)
             return last, loop.time() - started
 
     last, seconds = asyncio.run(main())

@@ -52,7 +52,9 @@ async def open_connection(
     """A started connection to ``url``, closed on leaving.
 
     Raises:
-        Unreachable: nothing answered at ``url`` within ``timeout``.
+        Unreachable: nothing answered at ``url`` within ``timeout``, or an
+            operation in the block failed because every link of a ZeroMQ
+            URL is down (the node went away).
         ConfigurationError: the URL or a key option is unusable.
     """
     if url.startswith("inproc://"):
@@ -74,7 +76,11 @@ async def open_connection(
     try:
         if _is_zmq(url):
             await _wait_for_link(conn, url, timeout)
-        yield conn
+        try:
+            yield conn
+        except pigeon.PigeonError as exc:
+            _raise_if_gone(conn, url, exc)
+            raise
     finally:
         # Bounded: a close that cannot confirm what is pending gives up.
         await conn.close(min(timeout, 5.0))
@@ -89,7 +95,7 @@ async def _wait_for_link(conn: pigeon.Connection, url: str, timeout: float) -> N
         await asyncio.sleep(_LINK_POLL)
 
 
-def raise_if_gone(conn: pigeon.Connection, url: str, exc: Exception) -> None:
+def _raise_if_gone(conn: pigeon.Connection, url: str, exc: Exception) -> None:
     """Raise ``Unreachable`` for ``exc``, an operation's failure, when it
     failed because a ZeroMQ URL's every link is down (the node went away);
     else return, for the caller to re-raise ``exc``."""
