@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import pytest
+
+import pigeon
 
 NATS_URL = os.environ.get("PIGEON_NATS_URL", "nats://127.0.0.1:4222")
 AMQP_URL = os.environ.get("PIGEON_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -63,6 +66,23 @@ def unavailable(reason: str) -> NoReturn:
 
 class PortClash(Exception):
     """A port picked ahead was taken by someone else before our bind."""
+
+
+@asynccontextmanager
+async def opened(place: str, **options: Any) -> AsyncIterator[pigeon.Connection]:
+    """A started connection (``options`` as for ``pigeon.connect``) on
+    ``place``: "bind" (a node of its own on a free port), "nats" or "amqp"
+    (the broker, as :func:`require` finds it), or any other URL as it is."""
+    if place == "bind":
+        conn = pigeon.connect(bind=ANY_PORT, **options)
+    elif place == "nats":
+        conn = pigeon.connect(require(NATS_URL), **options)
+    elif place == "amqp":
+        conn = pigeon.connect(require(AMQP_URL), **options)
+    else:
+        conn = pigeon.connect(place, **options)
+    async with conn:
+        yield conn
 
 
 def free_port() -> int:

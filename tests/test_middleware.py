@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from brokers import AMQP_URL, NATS_URL, require
+from brokers import opened
 
 import pigeon
 import pigeon.sync
@@ -20,20 +18,6 @@ from pigeon.testing.conformance import unique, wait_until
 
 WAIT = 30.0
 URLS = ["memory://mw", "bind", "nats", "amqp"]
-
-
-@asynccontextmanager
-async def opened(url: str, **options: Any) -> AsyncIterator[pigeon.Connection]:
-    if url == "bind":
-        conn = pigeon.connect(bind="tcp://127.0.0.1:0", **options)
-    elif url == "nats":
-        conn = pigeon.connect(require(NATS_URL), **options)
-    elif url == "amqp":
-        conn = pigeon.connect(require(AMQP_URL), **options)
-    else:
-        conn = pigeon.connect(url, **options)
-    async with conn:
-        yield conn
 
 
 class Recorder(pigeon.Middleware):

@@ -5,12 +5,9 @@ child on every transport (memory, tcp, NATS, RabbitMQ)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
-from brokers import AMQP_URL, NATS_URL, require
+from brokers import opened
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,20 +18,6 @@ from pigeon.otel import OpenTelemetry
 from pigeon.testing.conformance import unique, wait_until
 
 WAIT = 30.0
-
-
-@asynccontextmanager
-async def opened(url: str, **options: Any) -> AsyncIterator[pigeon.Connection]:
-    if url == "bind":
-        conn = pigeon.connect(bind="tcp://127.0.0.1:0", **options)
-    elif url == "nats":
-        conn = pigeon.connect(require(NATS_URL), **options)
-    elif url == "amqp":
-        conn = pigeon.connect(require(AMQP_URL), **options)
-    else:
-        conn = pigeon.connect(url, **options)
-    async with conn:
-        yield conn
 
 
 def spans_kept() -> tuple[OpenTelemetry, InMemorySpanExporter]:

@@ -361,15 +361,20 @@ def test_the_pytest_plugin_in_a_users_test_run(tmp_path: Path) -> None:
             """
         )
     )
-    run = subprocess.run(
+    run = user_pytest(tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 passed" in run.stdout
+
+
+def user_pytest(directory: Path) -> subprocess.CompletedProcess[str]:
+    """pytest as a user runs it on the tests in ``directory``, a warning an error."""
+    return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
-        cwd=tmp_path,
+        cwd=directory,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "2 passed" in run.stdout
 
 
 def test_a_delayed_send_is_delivered_once_its_time_comes() -> None:
@@ -432,13 +437,7 @@ def test_the_docs_example_runs_as_printed(tmp_path: Path) -> None:
     assert [name for name, _ in files] == ["shop.py", "conftest.py", "test_shop.py"]
     for name, code in files:
         (tmp_path / name).write_text(code)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = user_pytest(tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "5 passed" in run.stdout
 
