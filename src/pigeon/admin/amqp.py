@@ -23,19 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from .._core import headers as pigeon_headers
 from .._core import policy
 from .._core.ledger import DEAD_SUFFIX, dead_letter_queue
 from ..errors import AuthenticationError, DeliveryError, PigeonError, TransportError
 from ..transports.amqp import envelope, inventory
 from ..transports.amqp.errors import map_exceptions
 from ..transports.amqp.options import parse as parse_options
+from ..transports.amqp.topology import plain_channel
+from ..transports.zmq.admin import dead_letter_row
 from .base import Admin, QueueRow, ServiceRow
 from .errors import Unreachable
 from .rows import declared_rows
@@ -81,19 +81,11 @@ class AmqpAdmin(Admin):
             raise Unreachable(settings.address, str(exc)) from exc
         return cls(settings.address, connection, list(queues or ()), timeout)
 
-    @contextlib.asynccontextmanager
-    async def _channel(self, *, confirms: bool = False) -> AsyncIterator[AbstractChannel]:
+    def _channel(
+        self, *, confirms: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[AbstractChannel]:
         """A channel of its own: a refused passive declare closes it."""
-        channel = self._connection.channel(publisher_confirms=confirms)
-        with map_exceptions("open a channel", address=self.url):
-            await channel.initialize()
-        try:
-            yield channel
-        finally:
-            if not channel.is_closed:
-                with contextlib.suppress(PigeonError):
-                    with map_exceptions("close a channel", address=self.url):
-                        await channel.close()
+        return plain_channel(self._connection, self.url, confirms=confirms)
 
     async def _count(self, queue: str) -> tuple[int, int] | None:
         """(ready, consumers) of ``queue``, or None if there is none."""
@@ -178,7 +170,7 @@ class AmqpAdmin(Admin):
                         incoming = await letters.get(no_ack=False, fail=False)
                         if incoming is None:
                             break
-                        rows.append(_letter_row(incoming))
+                        rows.append(dead_letter_row(envelope.from_amqp(incoming)))
             except DeliveryError:  # no such queue
                 return []
             # Closing the channel gives every letter taken back to the broker.
@@ -232,14 +224,3 @@ class AmqpAdmin(Admin):
             with contextlib.suppress(PigeonError):
                 with map_exceptions("close", address=self.url):
                     await self._connection.close()
-
-
-def _letter_row(incoming: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
-    message = envelope.from_amqp(incoming)
-    return {
-        "id": message.id,
-        "reason": policy.dead_reason(message.headers),
-        "attempts": message.headers.get(pigeon_headers.ATTEMPTS, ""),
-        "content_type": message.content_type,
-        "body": message.body[:200].decode("utf-8", "replace"),
-    }

@@ -30,7 +30,6 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import RawStreamMsg
 
-from .._core import headers as pigeon_headers
 from .._core import policy
 from .._core.ledger import dead_letter_queue
 from ..errors import AuthenticationError, PigeonError, Timeout, TransportError
@@ -38,6 +37,7 @@ from ..transports.nats import client, envelope
 from ..transports.nats.errors import map_exceptions
 from ..transports.nats.options import parse as parse_options
 from ..transports.nats.security import redact
+from ..transports.zmq.admin import dead_letter_row
 from .base import Admin, QueueRow, ServiceRow
 from .errors import Unreachable
 from .rows import PullCounts, jetstream_rows
@@ -223,12 +223,4 @@ def _message(msg: RawStreamMsg) -> Any:
 
 
 def _letter_row(msg: RawStreamMsg) -> dict[str, Any]:
-    message = _message(msg)
-    return {
-        "id": message.id,
-        "reason": policy.dead_reason(message.headers),
-        "attempts": message.headers.get(pigeon_headers.ATTEMPTS, ""),
-        "content_type": message.content_type,
-        "body": message.body[:200].decode("utf-8", "replace"),
-        "seq": msg.seq,
-    }
+    return dead_letter_row(_message(msg)) | {"seq": msg.seq}

@@ -96,16 +96,17 @@ def delay_arguments(queue: str, ms: int, queue_type: str) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def plain_channel(
-    connection: AbstractRobustConnection, address: str
+    connection: aio_pika.abc.AbstractConnection, address: str, *, confirms: bool = False
 ) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
-    """A channel for a few declarations, closed afterwards. Not a robust one:
-    a refused declaration closes a channel, and a robust channel would
-    reopen itself and stay open.
+    """A channel for a few declarations (``confirms``: and publishes the
+    broker confirms), closed afterwards. Not a robust one: a refused
+    declaration closes a channel, and a robust channel would reopen itself
+    and stay open.
 
     Raises:
         TransportError: the broker cannot be reached.
     """
-    channel = aio_pika.Channel(connection, publisher_confirms=False)
+    channel = aio_pika.Channel(connection, publisher_confirms=confirms)
     with map_exceptions("open a channel", address=address):
         await channel.initialize()
     try:
