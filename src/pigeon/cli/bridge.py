@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import sys
+from functools import partial
 from typing import Any
 
 import click
@@ -17,9 +18,9 @@ import pigeon
 from pigeon.bridge import PlainBridge, open_bridge
 from pigeon.bridge.base import DEFAULT_MAX_IN_FLIGHT
 
-from .._core.bridging import USAGE, BridgeSpec, Endpoint, Kind, parse_endpoint, parse_spec
+from .._core.bridging import USAGE, BridgeSpec, Kind, parse_endpoint, parse_spec
 from ..errors import ConfigurationError
-from .options import connect_options, key_options
+from .options import Parsed, connect_options, key_options
 
 DESCRIPTION = """\
 Bridge plain ZeroMQ peers and pigeon. A plain message is its body as one
@@ -45,38 +46,6 @@ queue), and the counters are printed.
 """
 
 
-class _SpecType(click.ParamType[BridgeSpec]):
-    """One ``--pull``/``--push``/``--rep``/``--req`` value, checked by the core."""
-
-    def __init__(self, kind: Kind) -> None:
-        self.kind = kind
-        self.name = USAGE[kind]
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> BridgeSpec:
-        if isinstance(value, BridgeSpec):
-            return value
-        try:
-            return parse_spec(self.kind, value)
-        except ConfigurationError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class _NodeType(click.ParamType[Endpoint]):
-    name = "URL"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> Endpoint:
-        if isinstance(value, Endpoint):
-            return value
-        try:
-            return parse_endpoint(value, bind_by_default=False, what="--node URL")
-        except ConfigurationError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 def _spec_options(fn: Any) -> Any:
     for kind, what in reversed(
         (
@@ -90,7 +59,7 @@ def _spec_options(fn: Any) -> Any:
             f"--{kind.value}",
             kind.value,
             multiple=True,
-            type=_SpecType(kind),
+            type=Parsed(USAGE[kind], partial(parse_spec, kind), (ConfigurationError,)),
             metavar=USAGE[kind],
             help=f"{what}; repeatable",
         )(fn)
@@ -107,7 +76,11 @@ def _spec_options(fn: Any) -> Any:
     "--node",
     multiple=True,
     required=True,
-    type=_NodeType(),
+    type=Parsed(
+        "URL",
+        partial(parse_endpoint, bind_by_default=False, what="--node URL"),
+        (ConfigurationError,),
+    ),
     metavar="URL",
     help="the pigeon side: a node to connect to, or bind:URL to host the queues and "
     "services here (repeatable)",

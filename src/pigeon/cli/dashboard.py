@@ -12,7 +12,7 @@ import click
 from ..dashboard import open_dashboard
 from ..dashboard.guard import is_loopback
 from ..errors import ConfigurationError
-from .options import connect_options, key_options, timeout_option
+from .options import connect_options, interval_option, key_options, timeout_option
 
 TOKEN_ENV = "PIGEON_DASHBOARD_TOKEN"
 
@@ -38,14 +38,7 @@ TOKEN_ENV = "PIGEON_DASHBOARD_TOKEN"
     metavar="TOKEN",
     help=f"what replay and purge must carry (or {TOKEN_ENV}; default: a new one, printed)",
 )
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=1.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="how often to read the system",
-)
+@interval_option(1.0)
 @click.option(
     "--history",
     "points",

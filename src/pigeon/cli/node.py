@@ -16,7 +16,7 @@ import pigeon
 from pigeon._core import topics
 
 from ..logs import configure as configure_logs
-from .options import log_options
+from .options import Parsed, log_options
 
 
 def _retention(text: str) -> tuple[str, dict[str, Any]]:
@@ -59,32 +59,6 @@ def _size(text: str) -> int:
     return int(digits) * scale
 
 
-class _SizeType(click.ParamType[int]):
-    name = "BYTES"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return _size(value)
-        except argparse.ArgumentTypeError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class _RetentionType(click.ParamType[tuple[str, dict[str, Any]]]):
-    name = "PATTERN:BOUNDS"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[str, dict[str, Any]]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return _retention(value)
-        except argparse.ArgumentTypeError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 @click.command(name="node")
 @click.option(
     "--bind",
@@ -103,7 +77,7 @@ class _RetentionType(click.ParamType[tuple[str, dict[str, Any]]]):
 )
 @click.option(
     "--min-free-disk",
-    type=_SizeType(),
+    type=Parsed("BYTES", _size, (argparse.ArgumentTypeError,)),
     metavar="BYTES",
     help="refuse new messages while less than this is free on the store's "
     "filesystem (default 64M; 0 turns it off; K, M, G suffixes)",
@@ -154,7 +128,7 @@ class _RetentionType(click.ParamType[tuple[str, dict[str, Any]]]):
 @click.option(
     "--retain",
     multiple=True,
-    type=_RetentionType(),
+    type=Parsed("PATTERN:BOUNDS", _retention, (argparse.ArgumentTypeError,)),
     metavar="PATTERN:BOUNDS",
     help="keep history of the topics PATTERN matches, e.g. 'prices.>:count=100,age=3600' "
     "(count messages per topic, bytes, age in seconds; repeatable)",

@@ -21,7 +21,7 @@ from ..admin import Admin, Unreachable, open_admin
 from ..admin.rates import queue_rates
 from . import tables
 from .keypress import quit_keys
-from .options import connect_options, json_option, key_options, timeout_option
+from .options import connect_options, interval_option, json_option, key_options, timeout_option
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,14 +78,7 @@ def _print_json(value: Any) -> None:
 @click.command(name="queues", epilog=MEMORY_NOTE)
 @_url_argument
 @click.option("--watch", is_flag=True, help="keep showing them, with rates per second")
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=2.0,
-    show_default=True,
-    metavar="S",
-    help="seconds between readings",
-)
+@interval_option(2.0)
 @json_option
 @timeout_option()
 @key_options
@@ -234,14 +227,7 @@ def purge_command(
 
 @click.command(name="top", epilog=MEMORY_NOTE)
 @_url_argument
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=2.0,
-    show_default=True,
-    metavar="S",
-    help="seconds between readings",
-)
+@interval_option(2.0)
 @click.option(
     "--count", type=click.IntRange(min=1), default=None, help="stop after this many readings"
 )

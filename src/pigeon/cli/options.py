@@ -6,11 +6,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+class Parsed(click.ParamType[T]):
+    """An option's value parsed from its text by ``parse``: the errors it
+    raises of the ``errors`` types are usage errors naming the option."""
+
+    def __init__(
+        self, name: str, parse: Callable[[str], T], errors: tuple[type[Exception], ...]
+    ) -> None:
+        self.name = name
+        self._parse = parse
+        self._errors = errors
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> T:
+        if not isinstance(value, str):
+            return cast(T, value)  # a default, given parsed
+        try:
+            return self._parse(value)
+        except self._errors as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def url_option(fn: F) -> F:
@@ -65,6 +86,26 @@ def timeout_option(default: float = 3.0) -> Callable[[F], F]:
             show_default=True,
             metavar="SECONDS",
             help="how long to wait for an answer",
+        )(fn)
+
+    return decorate
+
+
+# Readings of a system more often than this load it more than they show.
+MIN_INTERVAL = 0.1
+
+
+def interval_option(default: float) -> Callable[[F], F]:
+    """``--interval S`` for a command that reads a system again and again."""
+
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--interval",
+            type=click.FloatRange(min=MIN_INTERVAL),
+            default=default,
+            show_default=True,
+            metavar="S",
+            help="seconds between readings",
         )(fn)
 
     return decorate
