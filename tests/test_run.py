@@ -420,6 +420,14 @@ def test_app_processes_whose_supervisor_is_killed_drain_and_stop(
 
 # -- an app that cannot load ---------------------------------------------------
 
+
+def run_at_once(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``pigeon run ARGS``, expected to end by itself at once (a refusal)."""
+    return subprocess.run(
+        [*PIGEON, "run", *args], cwd=cwd, capture_output=True, text=True, timeout=WAIT
+    )
+
+
 BROKEN = {
     "nosuchmodule": ("", "no module named 'nosuchmodule'"),
     "good:nosuch": ("import pigeon\napp = pigeon.App('memory://x')\n", "no attribute 'nosuch'"),
@@ -434,13 +442,7 @@ BROKEN = {
 def test_an_app_that_cannot_load_ends_at_once_with_one_line(tmp_path: Path, reference: str) -> None:
     source, message = BROKEN[reference]
     (tmp_path / "good.py").write_text(source)
-    done = subprocess.run(
-        [*PIGEON, "run", reference, "--workers", "3"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
+    done = run_at_once(reference, "--workers", "3", cwd=tmp_path)
     assert done.returncode == 2, completed(done)
     assert message in done.stderr, completed(done)
     assert "Traceback" not in done.stderr
@@ -450,24 +452,13 @@ def test_an_app_that_cannot_load_ends_at_once_with_one_line(tmp_path: Path, refe
 
 def test_the_traceback_is_shown_at_debug(tmp_path: Path) -> None:
     (tmp_path / "good.py").write_text("raise ValueError('bad config')\n")
-    done = subprocess.run(
-        [*PIGEON, "run", "good", "--log-level", "DEBUG"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
+    done = run_at_once("good", "--log-level", "DEBUG", cwd=tmp_path)
     assert done.returncode == 2, completed(done)
     assert "Traceback" in done.stderr and "bad config" in done.stderr, completed(done)
 
 
 def test_a_url_no_transport_speaks_ends_it_without_restarts(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*PIGEON, "run", str(SHOP), "--url", "bogus://x", "--workers", "2"],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
+    done = run_at_once(str(SHOP), "--url", "bogus://x", "--workers", "2")
     assert done.returncode == 2, completed(done)
     assert "bogus" in done.stderr and "restarting" not in done.stderr, completed(done)
 
@@ -475,13 +466,7 @@ def test_a_url_no_transport_speaks_ends_it_without_restarts(tmp_path: Path) -> N
 @pytest.mark.parametrize("bind", ["'tcp://127.0.0.1:0'", "['ipc:///tmp/x', 'tcp://127.0.0.1:0']"])
 def test_more_than_one_process_of_an_app_that_binds_is_refused(tmp_path: Path, bind: str) -> None:
     (tmp_path / "serving.py").write_text(f"import pigeon\napp = pigeon.App(bind={bind})\n")
-    done = subprocess.run(
-        [*PIGEON, "run", "serving", "--workers", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
+    done = run_at_once("serving", "--workers", "2", cwd=tmp_path)
     assert done.returncode == 2, completed(done)
     assert "'--workers'" in done.stderr and "tcp://127.0.0.1:0" in done.stderr, completed(done)
     assert "--workers 1" in done.stderr and "pigeon node" in done.stderr, completed(done)
