@@ -15,7 +15,7 @@ from brokers import free_port
 import pigeon
 from pigeon.admin import QUEUE_FIELDS, SERVICE_FIELDS, NotSupported, Unreachable, open_admin
 from pigeon.admin.base import queue_row
-from pigeon.admin.rates import queue_rates, rate
+from pigeon.admin.rates import QueueRates, queue_rates, rate
 from pigeon.admin.rows import PullCounts, declared_rows, jetstream_rows
 
 WAIT = 30.0
@@ -56,6 +56,16 @@ def test_queue_rates_per_queue_and_a_new_queue_has_none() -> None:
         "jobs": {"received_per_s": 10.0, "acked_per_s": 5.0},
         "new": {"received_per_s": None, "acked_per_s": None},
     }
+
+
+def test_queue_rates_of_readings_one_after_another() -> None:
+    rates = QueueRates()
+    first = rates.update({"jobs": {"received": 10, "acked": 4}}, now=100.0)
+    assert first == {"jobs": {"received_per_s": None, "acked_per_s": None}}
+    second = rates.update({"jobs": {"received": 30, "acked": 14}}, now=102.0)
+    assert second == {"jobs": {"received_per_s": 10.0, "acked_per_s": 5.0}}
+    third = rates.update({"jobs": {"received": 31, "acked": 14}}, now=103.0)
+    assert third == {"jobs": {"received_per_s": 1.0, "acked_per_s": 0.0}}
 
 
 def test_a_row_has_every_field_and_unknown_ones_are_none() -> None:

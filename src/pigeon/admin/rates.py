@@ -38,3 +38,20 @@ def queue_rates(
             f"{field}_per_s": rate(then.get(field), now.get(field), seconds) for field in fields
         }
     return out
+
+
+class QueueRates:
+    """The rates of each reading of ``queues()`` since the one before it
+    (the first reading's: None, Rule 1); ``now`` is a monotonic clock's."""
+
+    def __init__(self) -> None:
+        self._before: Mapping[str, Mapping[str, Any]] = {}
+        self._then: float | None = None
+
+    def update(
+        self, queues: Mapping[str, Mapping[str, Any]], now: float
+    ) -> dict[str, dict[str, float | None]]:
+        seconds = 0.0 if self._then is None else now - self._then
+        rates = queue_rates(self._before, queues, seconds)
+        self._before, self._then = queues, now
+        return rates

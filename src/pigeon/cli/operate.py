@@ -18,7 +18,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 
 from ..admin import Admin, Unreachable, open_admin
-from ..admin.rates import queue_rates
+from ..admin.rates import QueueRates
 from . import tables
 from .keypress import quit_keys
 from .options import connect_options, interval_option, json_option, key_options, timeout_option
@@ -105,14 +105,11 @@ def queues_command(
         return
 
     async def watching(admin: Admin) -> None:
-        before: dict[str, Any] = {}
-        then = 0.0
+        readings = QueueRates()
         with _live(as_json) as live:
             while True:
                 overview = await admin.overview()
-                now = time.monotonic()
-                rates = queue_rates(before, overview["queues"], now - then if then else 0.0)
-                before, then = overview["queues"], now
+                rates = readings.update(overview["queues"], time.monotonic())
                 if as_json:
                     _print_json({**overview, "rates": rates})
                     sys.stdout.flush()
@@ -250,15 +247,12 @@ def top_command(
     options = _admin_options(key, server_key, queue_names)
 
     async def showing(admin: Admin) -> None:
-        before: dict[str, Any] = {}
-        then = 0.0
+        rates_of = QueueRates()
         readings = 0
         with _live(as_json) as live, quit_keys() as quit_pressed:
             while count is None or readings < count:
                 queues, services = await admin.queues(), await admin.services()
-                now = time.monotonic()
-                rates = queue_rates(before, queues, now - then if then else 0.0)
-                before, then = queues, now
+                rates = rates_of.update(queues, time.monotonic())
                 readings += 1
                 if as_json:
                     _print_json({"queues": queues, "rates": rates, "services": services})
