@@ -10,6 +10,10 @@ its oldest segments past ``MAX_BYTES``, so it never grows without bound; a
 reader takes the union of the names it holds.
 Rule 3: recording is best effort and never holds a send back; a failure is
 counted (``inventory_errors`` in the transport's counts), not raised.
+Rule 4: recording runs on a connection of its own, opened for a batch of
+names and closed after it: a broker refuses a stream declaration it cannot
+serve yet (a node just started) with a connection-level error, which must
+not close the connection the app's messages travel on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection
 
 from ...errors import PigeonError
 from .errors import map_exceptions
@@ -32,16 +36,19 @@ ARGUMENTS: dict[str, Any] = {
 }
 
 
-async def record(connection: AbstractRobustConnection, queue: str, address: str) -> bool:
-    """Add ``queue`` to the inventory (Rule 1); False if that failed (Rule 3)."""
+async def record(connection: AbstractConnection, queues: list[str], address: str) -> bool:
+    """Add ``queues`` to the inventory (Rule 1) on ``connection``, a
+    connection of its own (Rule 4); False if that failed (Rule 3)."""
     channel = aio_pika.Channel(connection, publisher_confirms=False)
     try:
-        with map_exceptions(f"record queue {queue!r} in {QUEUE}", address=address):
+        with map_exceptions(f"record queues {queues!r} in {QUEUE}", address=address):
             await channel.initialize()
             await channel.declare_queue(QUEUE, durable=True, arguments=ARGUMENTS)
-            await channel.default_exchange.publish(
-                aio_pika.Message(queue.encode(), content_type="text/plain"), routing_key=QUEUE
-            )
+            for queue in queues:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(queue.encode(), content_type="text/plain"),
+                    routing_key=QUEUE,
+                )
     except PigeonError:
         return False
     finally:

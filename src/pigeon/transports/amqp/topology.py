@@ -22,12 +22,12 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustChannel, AbstractRobustConnection
 
 from ..._core.ledger import DEAD_SUFFIX, dead_letter_queue
 from ..._core.schedule import QUEUE_PREFIX as SCHEDULE_PREFIX
@@ -144,6 +144,8 @@ class Topology:
         connection: the robust connection.
         queue_type: ``quorum`` or ``classic``.
         address: the broker address, for error messages.
+        open_side: opens a connection of its own for inventory recordings
+            (``inventory`` Rule 4); None: queues are not recorded.
     """
 
     def __init__(
@@ -152,8 +154,11 @@ class Topology:
         queue_type: str,
         address: str,
         counts: Counter[str] | None = None,
+        open_side: Callable[[], Awaitable[AbstractConnection]] | None = None,
     ) -> None:
         self.connection = connection
+        self._open_side = open_side
+        self._unrecorded: list[str] = []
         self.queue_type = queue_type
         self.address = address
         self.counts: Counter[str] = Counter() if counts is None else counts
@@ -217,18 +222,31 @@ class Topology:
         dead = dead_letter_queue(queue)
         await self._once(dead, queue_arguments(dead, self.queue_type))
         await self._once(queue, queue_arguments(queue, self.queue_type))
-        if queue not in self.inventoried:
+        if queue not in self.inventoried and self._open_side is not None:
             # So pigeon queues can find it (AMQP cannot list queues). In the
             # background: sends waiting for this declaration must not wait
-            # for it too, nor overtake the first of them.
+            # for it too, nor overtake the first of them. Names declared
+            # while a recording runs go in the next one.
             self.inventoried.add(queue)
-            task = asyncio.get_running_loop().create_task(self._record(queue))
-            self._recording.add(task)
-            task.add_done_callback(self._recording.discard)
+            self._unrecorded.append(queue)
+            if not self._recording:
+                task = asyncio.get_running_loop().create_task(self._record(self._open_side))
+                self._recording.add(task)
+                task.add_done_callback(self._recording.discard)
 
-    async def _record(self, queue: str) -> None:
-        if not await inventory.record(self.connection, queue, self.address):
-            self.counts["inventory_errors"] += 1
+    async def _record(self, open_side: Callable[[], Awaitable[AbstractConnection]]) -> None:
+        while self._unrecorded:
+            queues, self._unrecorded = self._unrecorded, []
+            try:
+                side = await open_side()
+            except PigeonError:
+                self.counts["inventory_errors"] += 1
+                return
+            try:
+                if not await inventory.record(side, queues, self.address):
+                    self.counts["inventory_errors"] += 1
+            finally:
+                await side.close()
 
     async def delay_queue(self, queue: str, delay: float) -> str:
         """Declare (or re-declare, to keep it from expiring) the delay queue

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
 from ... import _clock
 from ..._core import delay
@@ -167,7 +167,9 @@ class AmqpTransport:
             await connection.close()
             raise
         self._connection = connection
-        self._topology = Topology(connection, settings.queue_type, self.address, self.counts)
+        self._topology = Topology(
+            connection, settings.queue_type, self.address, self.counts, self._open_side
+        )
         self._publisher = publisher
         self._requester = Requester(self._live_connection, self.address, self.counts)
         self._broadcaster = Broadcaster(self._live_connection, self.address, self.counts)
@@ -183,6 +185,33 @@ class AmqpTransport:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._connection else "not started"
         return f"<AmqpTransport {self.address} {state}>"
+
+    async def _open_side(self) -> AbstractConnection:
+        """A plain connection of its own, for the inventory (which must not
+        share the fate of the app's connection: ``inventory`` Rule 4).
+
+        Raises:
+            TransportError: no broker address took it.
+        """
+        settings = self.options
+        options: dict[str, Any] = {}
+        if settings.tls is not None:
+            options["ssl_context"] = self._ssl_context
+        failed: TransportError | None = None
+        for url in self._client_urls:
+            try:
+                with map_exceptions(f"connect to {self.address}", address=self.address):
+                    side: AbstractConnection = await aio_pika.connect(
+                        url,
+                        timeout=settings.connect_timeout,
+                        client_properties={"connection_name": "pigeon inventory"},
+                        **options,
+                    )
+                    return side
+            except TransportError as exc:
+                failed = exc
+        assert failed is not None  # there is at least one address
+        raise failed
 
     def _on_reconnect(self, *_: Any) -> None:
         self.counts["reconnects"] += 1
