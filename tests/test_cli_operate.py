@@ -4,6 +4,7 @@ process), on NATS and on RabbitMQ, with traffic made by the test."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,11 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from brokers import AMQP_URL, NATS_URL, completed, free_port, require
 
 import pigeon
 import pigeon.sync
+from pigeon.transports.amqp import inventory as amqp_inventory
 
 PIGEON = [sys.executable, "-m", "pigeon.cli.main"]
 WAIT = 30.0  # a bound for what takes well under a second on a quiet machine
@@ -363,3 +366,27 @@ def test_memory_is_this_process_broker_and_the_help_says_so() -> None:
     assert "empty broker of its own" in " ".join(ok("queues", "--help").split())
     done = run("ping", "inproc://elsewhere")
     assert done.returncode == 69 and "reached only from its own process" in done.stderr
+
+
+@pytest.mark.broker
+def test_an_inventory_entry_that_is_no_queue_name_is_skipped_and_counted() -> None:
+    """Any AMQP client may write the inventory stream: what is not a queue
+    name is never declared or listed, only counted."""
+    url = require(AMQP_URL)
+    junk = "not a name * > " + uuid.uuid4().hex
+
+    async def write_junk() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(
+                amqp_inventory.QUEUE, durable=True, arguments=amqp_inventory.ARGUMENTS
+            )
+            await channel.default_exchange.publish(
+                aio_pika.Message(junk.encode()), routing_key=amqp_inventory.QUEUE
+            )
+
+    asyncio.run(write_junk())
+    listed = as_json("queues", url)
+    assert junk not in listed["queues"]
+    assert listed["inventory_skipped"] >= 1, listed

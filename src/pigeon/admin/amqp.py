@@ -30,6 +30,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from .._core import policy
 from .._core.ledger import DEAD_SUFFIX, dead_letter_queue
+from .._core.limits import check_name
 from ..errors import AuthenticationError, DeliveryError, PigeonError, TransportError
 from ..transports.amqp import envelope, inventory
 from ..transports.amqp.errors import map_exceptions
@@ -57,6 +58,9 @@ class AmqpAdmin(Admin):
         self._connection = connection
         self._names = names
         self._timeout = timeout
+        # Inventory entries that are not queue names (any client may write
+        # the stream): skipped, never declared, and counted in info().
+        self.inventory_skipped = 0
 
     @classmethod
     async def open(
@@ -122,7 +126,11 @@ class AmqpAdmin(Admin):
                     body = await asyncio.wait_for(entries.get(), INVENTORY_IDLE)
                 except TimeoutError:
                     break  # caught up: nothing more came for a while
-                names.add(body.decode("utf-8", "replace"))
+                name = body.decode("utf-8", "replace")
+                try:
+                    names.add(check_name(name, "queue"))
+                except ValueError:
+                    self.inventory_skipped += 1
             with contextlib.suppress(PigeonError):
                 with map_exceptions(f"stop reading {inventory.QUEUE}", address=self.url):
                     await queue.cancel(tag)
@@ -140,7 +148,12 @@ class AmqpAdmin(Admin):
             "version": f"{product} {version}" if product and version else version,
             "services": [],
             "peers": await self.peers(),
+            "inventory_skipped": self.inventory_skipped,
         }
+
+    async def overview(self) -> dict[str, Any]:
+        queues = await self.queues()  # first: it reads the inventory info() counts
+        return {**(await self.info()), "queues": queues}
 
     async def queues(self) -> dict[str, QueueRow]:
         names = set(await self.inventory()) | set(self._names)
