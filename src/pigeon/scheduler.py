@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import _clock
-from ._core.schedule import Mode, Repeats, Schedule, next_tick
+from ._core.schedule import Mode, Repeats, Schedule, next_tick, tick_start_ok
 from .connection import Connection
 from .errors import PigeonError
 from .transports import Delivery
@@ -145,6 +145,8 @@ class Scheduler:
         async def on_tick(delivery: Delivery) -> None:
             try:
                 start = float(delivery.decode()["start"])
+                if not tick_start_ok(start, _clock.wall()):
+                    raise ValueError(f"a start out of range: {start}")
             except (PigeonError, KeyError, TypeError, ValueError):
                 counts["malformed"] += 1
                 await delivery.reject("not a schedule tick")

@@ -17,6 +17,7 @@ from pigeon._core.schedule import (
     check_cron,
     check_every,
     next_tick,
+    tick_start_ok,
 )
 
 
@@ -120,3 +121,19 @@ def test_a_bad_cron_expression_is_refused(expression: object) -> None:
 def test_a_bad_name_is_refused() -> None:
     with pytest.raises(ValueError, match="schedule name"):
         check_every("two words", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("start", "ok"),
+    [
+        (1000.0, True),  # the period started: a late tick still runs (Rule 4)
+        (0.0, True),
+        (1000.0 + MAX_LEAD, True),  # as far ahead as a copy sends
+        (1000.0 + MAX_LEAD + 29.0, True),  # within the clock slack
+        (1000.0 + 86_400.0, False),  # would hold the queue for a day
+        (math.inf, False),
+        (math.nan, False),
+    ],
+)
+def test_a_tick_start_a_peer_sent_is_range_checked(start: float, ok: bool) -> None:
+    assert tick_start_ok(start, now=1000.0) is ok

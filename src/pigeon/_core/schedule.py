@@ -24,6 +24,11 @@ in which no copy ran is skipped, not made up later. A tick delivered late
 Rule 5: ``lead`` is half a period, at most ``MAX_LEAD`` seconds, so every
 copy's tick of one period is sent within one duplicate window.
 
+Rule 6: a tick is a peer's message: one whose start is not a finite time,
+or lies further ahead than any copy sends a tick (``MAX_LEAD`` plus
+``CLOCK_SLACK``), is not run (``tick_start_ok``); held, it would keep the
+schedule's queue from every later period.
+
 Nothing here reads a clock or does I/O: ``now`` is wall-clock seconds.
 """
 
@@ -41,6 +46,7 @@ from .limits import MAX_SECONDS, check_name
 QUEUE_PREFIX = "pigeon.schedule."
 MAX_LEAD = 30.0  # seconds; below JetStream's default duplicate window (120 s)
 MIN_EVERY = 0.01  # seconds: a shorter period is a mistake, not a schedule
+CLOCK_SLACK = 30.0  # seconds copies' wall clocks may disagree (Rule 6)
 
 
 class Mode(Enum):
@@ -126,6 +132,11 @@ class Repeats:
             oldest = min(self._taken)
             del self._taken[oldest]
         return True
+
+
+def tick_start_ok(start: float, now: float) -> bool:
+    """Whether a tick that says its period starts at ``start`` may run (Rule 6)."""
+    return math.isfinite(start) and start <= now + MAX_LEAD + CLOCK_SLACK
 
 
 def check_every(name: str, seconds: object) -> Schedule:
