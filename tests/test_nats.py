@@ -200,6 +200,49 @@ def test_workers_that_keep_dying_get_dead_lettered(isolated: Isolated) -> None:
     asyncio.run(main())
 
 
+def test_a_consumer_stopping_with_a_pull_open_hands_late_arrivals_back(isolated: Isolated) -> None:
+    """A consumer that stops right after it has what it wanted still has a
+    pull request open; what the server sent for it before it saw the
+    unsubscribe goes back at once (a nak), not after the 60 s lease. The
+    race is narrow, so it is run several times over."""
+    import pigeon
+
+    async def stop_after_two(queue: str) -> None:
+        taken = 0
+        enough = asyncio.Event()
+
+        async def handle(delivery: pigeon.Delivery) -> None:
+            nonlocal taken
+            if enough.is_set():
+                await delivery.nack(reason="had enough")
+                return
+            taken += 1
+            if taken == 2:
+                enough.set()  # returning acks it, and the freed credit pulls again
+
+        async with pigeon.connect(isolated.url) as conn:
+            await conn.consume(queue, handle, prefetch=2, lease_ttl=60)
+            await enough.wait()
+
+    async def take_the_last(queue: str) -> None:
+        got: list[str] = []
+        async with pigeon.connect(isolated.url) as conn:
+            await conn.consume(queue, lambda d: got.append(d.message.text), lease_ttl=60)
+            # Far below the lease: a message left to wait it out fails here.
+            await conformance.wait_until(lambda: got == ["job 2"], 15, f"job 2 of {queue}")
+
+    async def main() -> None:
+        for round_ in range(6):
+            queue = f"late{round_}"
+            async with pigeon.connect(isolated.url) as conn:
+                for n in range(3):
+                    await conn.send(queue, f"job {n}")
+            await stop_after_two(queue)
+            await take_the_last(queue)
+
+    asyncio.run(main())
+
+
 def test_resends_are_dropped_per_queue(isolated: Isolated) -> None:
     """A resend with the same id is stored once; the same id on another queue is its own."""
     import pigeon

@@ -35,6 +35,7 @@ log = logging.getLogger("pigeon.nats")
 # off this long after its expiry, so credit cannot leak.
 _GRACE = 1.0
 _RETRY_PAUSE = 0.5
+_DRAIN_WAIT = 2.0  # seconds to stop listening to an open pull (one round trip)
 # Added to a held message's nak delay, so JetStream's timer does not hand it
 # back a hair before its time by the worker's clock.
 _HOLD_MARGIN = 0.01
@@ -330,9 +331,21 @@ class PullConsumer:
         for delivery in backlog:
             await self._quietly(delivery.tag.nak(), "nak")
         if self._sub is not None:
-            try:
-                with map_exceptions(f"stop consuming {self.queue!r}"):
-                    await self._sub.unsubscribe()
-            except PigeonError:
-                pass  # the connection is gone, and the subscription with it
+            await self._stop_listening(self._sub)
         self.on_cancel(self)
+
+    async def _stop_listening(self, sub: Subscription) -> None:
+        # A pull still open may have messages on the wire that the server
+        # sent before it saw our unsubscribe. Draining (unsubscribe, one
+        # round trip, then the callback runs on what came) hands each back
+        # with a nak in _on_msg; a plain unsubscribe would drop them here and
+        # leave them to wait out their ack wait before anyone else got them.
+        try:
+            with map_exceptions(f"stop consuming {self.queue!r}"):
+                if self.outstanding and self.nc.is_connected:
+                    async with asyncio.timeout(_DRAIN_WAIT):
+                        await sub.drain()  # type: ignore[no-untyped-call]
+                else:
+                    await sub.unsubscribe()
+        except (PigeonError, TimeoutError):
+            self.counts["unsubscribe_failures"] += 1
