@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -46,10 +47,48 @@ def reachable(url: str) -> bool:
         return False
 
 
+# Brokers found not to answer their protocol's greeting, with when to look
+# again: meanwhile every test that needs one fails (or skips) at once instead
+# of each waiting out its own timeouts against a broker that is up but stuck.
+_stuck: dict[str, tuple[str, float]] = {}
+_LOOK_AGAIN = 60.0
+
+
+def greets(url: str, wait: float = 5.0) -> str | None:
+    """None if the broker at ``url`` answers its protocol's opening (NATS
+    sends ``INFO``; RabbitMQ answers the AMQP header with a method frame);
+    otherwise why not. A port that accepts and then says nothing is a stuck
+    broker, which a plain connect would not notice."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+    try:
+        with socket.create_connection((host, port), 1.0) as sock:
+            sock.settimeout(wait)
+            if parts.scheme == "amqp":
+                sock.sendall(b"AMQP\x00\x00\x09\x01")
+                first, expected = sock.recv(1), b"\x01"  # a method frame: Connection.Start
+            else:
+                first, expected = sock.recv(5), b"INFO "
+    except TimeoutError:
+        return f"the broker at {host}:{port} accepted a connection but said nothing in {wait:g} s"
+    except OSError as exc:
+        return f"no broker at {host}:{port} ({exc.strerror or exc})"
+    if not first.startswith(expected):
+        return f"the broker at {host}:{port} answered {first!r}, not its protocol's greeting"
+    return None
+
+
 def require(url: str) -> str:
     """Return ``url`` if its broker answers; otherwise skip (or fail in CI)."""
-    if not reachable(url):
-        unavailable(f"no broker at {url}")
+    reason, until = _stuck.get(url, (None, 0.0))
+    if reason is None or time.monotonic() >= until:
+        # Twice, so one slow moment on a loaded machine is not a stuck broker.
+        reason = greets(url) and greets(url)
+    if reason is not None:
+        _stuck[url] = (reason, max(until, time.monotonic() + _LOOK_AGAIN))
+        unavailable(reason)
+    _stuck.pop(url, None)
     return url
 
 

@@ -27,7 +27,8 @@ URL = os.environ.get("PIGEON_AMQP_URL", f"amqp://guest:guest@{HOST}:{PORT}/")
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture(scope="module", autouse=True)
+# Per test: a broker that gets stuck mid-module fails the rest at once (brokers.require).
+@pytest.fixture(autouse=True)
 def broker() -> None:
     brokers.require(URL)
 

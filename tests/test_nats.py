@@ -18,7 +18,8 @@ NATS_URL = brokers.NATS_URL
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture(scope="module")
+# Per test: a broker that gets stuck mid-module fails the rest at once (brokers.require).
+@pytest.fixture
 def server_url() -> str:
     return brokers.require(NATS_URL)
 

@@ -35,7 +35,8 @@ URL = brokers.AMQP_URL
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture(scope="module", autouse=True)
+# Per test: a broker that gets stuck mid-module fails the rest at once (brokers.require).
+@pytest.fixture(autouse=True)
 def broker() -> None:
     brokers.require(URL)
 

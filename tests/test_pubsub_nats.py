@@ -34,7 +34,8 @@ pytestmark = pytest.mark.broker
 NATS_URL = brokers.NATS_URL
 
 
-@pytest.fixture(scope="module")
+# Per test: a broker that gets stuck mid-module fails the rest at once (brokers.require).
+@pytest.fixture
 def server() -> str:
     return brokers.require(NATS_URL)
 
