@@ -71,12 +71,22 @@ def test_queue_reports_pyzmq_rows(
 
 
 @pytest.mark.timeout(240)
-def test_rpc_reports_latency_and_throughput(capsys: pytest.CaptureFixture[str]) -> None:
+def test_rpc_reports_latency_and_throughput(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.bench import report, runner
+
+    depths = ("1 in flight", "10 in flight", "100 in flight")
+    wanted = [(system, depth) for system in ("pigeon", "pyzmq") for depth in depths]
+    monkeypatch.setitem(runner.REGISTRY, "rpc", only("rpc", *wanted))
     doc = run_json(capsys, "rpc", "--seconds", "1", "--peers", "pyzmq", "--no-curve")
-    rows = {r["variant"]: r for r in pyzmq_rows(doc)}
-    assert set(rows) == {"1 in flight", "10 in flight", "100 in flight"}, doc
+    rows = {(r["system"], r["variant"]): r for r in doc["results"]}
+    assert set(rows) == set(wanted), doc
     for row in rows.values():  # latency and throughput at every depth
         assert 0 < row["p50_us"] <= row["p99_us"] and row["msgs_per_s"] > 0
+    for depth in depths:  # raw pyzmq's row of each depth is set against pigeon's
+        mine, raw = rows["pigeon", depth], rows["pyzmq", depth]
+        assert raw["pigeon_x"] == pytest.approx(report.ratio(raw, mine)) and raw["pigeon_x"] > 0
 
 
 @pytest.mark.timeout(240)
@@ -89,25 +99,43 @@ def test_backlog_reports_peak_rss(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(
-    "system,option",
-    [
-        ("nats", "--nats-url=nats://127.0.0.1:1"),
-        ("rabbitmq", "--amqp-url=amqp://guest:guest@127.0.0.1:1/"),
-        ("redis", "--redis-url=redis://127.0.0.1:1/0"),
-    ],
-)
-def test_unreachable_server_is_skipped(
-    capsys: pytest.CaptureFixture[str], system: str, option: str
+def test_unreachable_servers_are_skipped_with_the_reason(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    doc = run_json(capsys, "rpc", "--seconds", "1", "--peers", system, option, "--no-curve")
-    assert not [r for r in doc["results"] if r["system"] == system]
-    (skip,) = [s for s in doc["skipped"] if s["system"] == system]
-    assert "not reachable" in skip["reason"] and "127.0.0.1:1" in skip["reason"]
+    from pigeon.bench import runner
+
+    peers = ("nats", "rabbitmq", "redis")
+    theirs = [e for e in runner.REGISTRY["queue"] if e.system in peers]
+    assert {e.system for e in theirs} == set(peers)
+    monkeypatch.setitem(runner.REGISTRY, "queue", [*only("queue", ("pigeon", "{size}")), *theirs])
+    doc = run_json(
+        capsys,
+        "queue",
+        "--seconds",
+        "0.5",
+        "--size",
+        "16",
+        "--peers",
+        ",".join(peers),
+        "--nats-url=nats://127.0.0.1:1",
+        "--amqp-url=amqp://guest:guest@127.0.0.1:1/",
+        "--redis-url=redis://127.0.0.1:1/0",
+        "--no-curve",
+    )
+    for system in peers:
+        assert not [r for r in doc["results"] if r["system"] == system], doc
+        (skip,) = [s for s in doc["skipped"] if s["system"] == system]
+        assert "not reachable" in skip["reason"] and "127.0.0.1:1" in skip["reason"], skip
 
 
 @pytest.mark.timeout(120)
-def test_table_is_printed_and_chart_written(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+def test_table_is_printed_and_chart_written(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    from pigeon.bench import runner
+
+    rows = only("rpc", ("pigeon", "1 in flight"), ("pyzmq", "1 in flight"))
+    monkeypatch.setitem(runner.REGISTRY, "rpc", rows)
     chart = tmp_path / "rpc.png"
     argv = ["rpc", "--seconds", "0.3", "--peers", "pyzmq", "--no-curve", "--chart", str(chart)]
     assert main(argv) == 0
