@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import pigeon
+import pigeon.admin
 import pigeon.sync
 
 # The async classes that have a blocking twin.
@@ -33,6 +34,7 @@ TWINS: list[tuple[type, type]] = [
     (pigeon.Subscriber, pigeon.sync.Subscriber),
     (pigeon.Event, pigeon.sync.Event),
     (pigeon.EventStream, pigeon.sync.EventStream),
+    (pigeon.admin.Admin, pigeon.sync.Admin),
 ]
 
 # Async protocol methods and their blocking counterparts.

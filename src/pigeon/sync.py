@@ -28,9 +28,11 @@ from ._core.backoff import RetryPolicy
 from .errors import SubscriberDisconnected
 from .message import Message
 from .middleware import Middleware
+from .sync_admin import Admin, open_admin
 from .transports.tasks import start_task
 
 __all__ = [
+    "Admin",
     "Connection",
     "Delivery",
     "Event",
@@ -39,6 +41,7 @@ __all__ = [
     "Subscriber",
     "Worker",
     "connect",
+    "open_admin",
 ]
 
 T = TypeVar("T")
