@@ -275,3 +275,42 @@ def test_a_handler_finishing_while_its_connection_closes_may_still_send() -> Non
             assert host.stats()["queues"]["jobs"]["ready"] == 0
 
     asyncio.run(asyncio.wait_for(scenario(), 100))
+
+
+def test_an_ack_made_in_the_same_turn_as_the_cancel_reaches_the_host_first() -> None:
+    """A worker's last ack is batched for the end of the loop turn, while
+    stopping consumes sends its Cancel at once. When both happen in one turn
+    (a drain that finds its last handler just done), the ack must still reach
+    the host first: the other way round, the host takes the lease back on the
+    Cancel, finds the ack stale, and the message runs again elsewhere."""
+
+    async def scenario() -> None:
+        held: list[pigeon.Delivery] = []
+        release = asyncio.Event()
+        async with pigeon.connect(bind=ANY_PORT) as host:
+            async with pigeon.connect(bound(host)) as worker:
+                await _links_up(worker)
+
+                async def keep(delivery: pigeon.Delivery) -> None:
+                    held.append(delivery)
+                    await release.wait()  # settled by hand below
+
+                await worker.consume("jobs", keep, lease_ttl=LEASE)
+                await host.send("jobs", "once")
+                await wait_until(lambda: len(held) == 1, WAIT, "the delivery")
+                delivery = held[0]
+                # One turn, no await between: the ack (batched) and the Cancel.
+                delivery.settled = True
+                pending = delivery._settler.ack(delivery)
+                worker.transport.consumers.cancel("jobs")  # type: ignore[attr-defined]
+                if pending is not None:
+                    await pending
+                release.set()
+                await wait_until(
+                    lambda: host.stats()["queues"]["jobs"]["acked"] == 1, WAIT, "the ack"
+                )
+            queue = host.stats()["queues"]["jobs"]
+            assert queue["ready"] == 0 and queue["redelivered"] == 0, queue
+            assert host.stats()["stale_settles"] == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -132,6 +132,10 @@ class RemoteConsumers:
             self.granted.pop((link.address, queue), None)
             link.subscriptions.pop(queue, None)
             if link.consumers.pop(queue, None) is not None or draining:
+                # Settles still batched for this turn leave first: a host
+                # that read the Cancel first would take those leases back
+                # and then find the acks stale (the message would run again).
+                link.flush()
                 link.send_frame(frames.Cancel(queue))
 
     def cancel_all(self) -> None:
