@@ -218,6 +218,20 @@ def completed(done: subprocess.CompletedProcess[str], what: str = "") -> str:
 # -- leaving the shared RabbitMQ as it was ----------------------------------
 
 
+def delete_amqp_queues(url: str, names: list[str]) -> None:
+    """Delete these RabbitMQ queues (gone already is fine)."""
+    import aio_pika
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(url, timeout=5)
+        async with connection:
+            channel = await connection.channel()
+            for name in names:
+                await channel.queue_delete(name)
+
+    asyncio.run(delete())
+
+
 async def delete_idle_queues_recorded_since(url: str, since: float) -> int:
     """Delete the work queues (and their dead-letter queues) that pigeon
     recorded in RabbitMQ's inventory since ``since`` (epoch seconds), where

@@ -146,6 +146,12 @@ def test_demo_durable_chaos_kills_the_queue_host_too() -> None:
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("url", [brokers.NATS_URL, brokers.AMQP_URL], ids=["nats", "amqp"])
 def test_demo_on_a_broker(url: str) -> None:
-    code, out, summary = run_demo("--seconds", "3", "--rate", "50", "--url", brokers.require(url))
+    brokers.require(url)
+    if url.startswith("amqp"):
+        # As on a new user's broker: the demo's queue is declared as it starts.
+        # (RabbitMQ refused the first words on a channel opened before the
+        # quorum queue had its leader; the publisher now sends them again.)
+        brokers.delete_amqp_queues(url, ["words", "words.dead"])
+    code, out, summary = run_demo("--seconds", "3", "--rate", "50", "--url", url)
     assert code == 0, summary["_report"]
     assert_everyone_worked(summary)

@@ -75,6 +75,8 @@ class Publisher:
             "failed": 0,
             "unconfirmed_at_close": 0,
             "channels_renewed": 0,
+            # Publishes refused once (basic.nack) and sent again on a new channel.
+            "refusals_retried": 0,
         }
 
     async def open(self) -> None:
@@ -134,7 +136,7 @@ class Publisher:
         prepare: Prepare | None,
         future: asyncio.Future[None],
     ) -> None:
-        resend = tried = False
+        resend = tried = refused = False
         try:
             while True:
                 try:
@@ -148,6 +150,18 @@ class Publisher:
                     tried = True
                     await self._publish_once(target, build(resend))
                     break
+                except DeliveryError as exc:
+                    if resend or refused or not target.renew or not _refusal(exc):
+                        raise
+                    # Refused (basic.nack), so not stored: once more, on the
+                    # new channel the refusal asked for. A queue declared a
+                    # moment ago by another connection is refused on a
+                    # channel opened before it had its quorum (RabbitMQ 3.10).
+                    refused = True
+                    self.counts["refusals_retried"] += 1
+                    renewing = self._renewing
+                    if renewing is not None:
+                        await asyncio.wait({renewing}, timeout=RENEW_EVERY)
                 except TransportError:
                     if self._closing:
                         raise
@@ -198,15 +212,7 @@ class Publisher:
                 )
                 await exchange.publish(message, routing_key, mandatory=target.mandatory)
         except DeliveryError as exc:
-            cause = exc.__cause__
-            if (
-                target.renew
-                and isinstance(cause, aiormq.exceptions.DeliveryError)
-                and not isinstance(
-                    cause,
-                    aiormq.exceptions.PublishError,  # a return: unroutable, not refused
-                )
-            ):
+            if target.renew and _refusal(exc):
                 self._renew(channel)
             raise
         except asyncio.CancelledError:
@@ -307,3 +313,12 @@ class _Target:
 def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _refusal(exc: DeliveryError) -> bool:
+    """Whether the broker refused the publish (basic.nack), as opposed to
+    returning it as unroutable (basic.return)."""
+    cause = exc.__cause__
+    return isinstance(cause, aiormq.exceptions.DeliveryError) and not isinstance(
+        cause, aiormq.exceptions.PublishError
+    )
