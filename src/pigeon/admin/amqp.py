@@ -43,6 +43,7 @@ from .rows import declared_rows
 
 MAX_LETTERS = 10_000  # dead letters taken per call at most
 INVENTORY_IDLE = 0.3  # seconds without a new inventory entry: the end is reached
+INVENTORY_PAUSE = 2.0  # the same, before the stream's end at the look's start has come
 MAX_INVENTORY = 100_000  # entries read at most
 
 
@@ -112,20 +113,36 @@ class AmqpAdmin(Admin):
                     queue = await channel.declare_queue(inventory.QUEUE, passive=True)
             except DeliveryError:  # nothing recorded yet
                 return []
-            entries: asyncio.Queue[bytes] = asyncio.Queue()
+            # The stream's length when declared tells where its end was when
+            # this look began. Until an entry that far on has come, a pause
+            # in the broker's delivery is no end (stopping at the first quiet
+            # moment lost the newest names on a loaded machine); after it, a
+            # short quiet spell is. (A few offsets of a stream carry no entry,
+            # so the far end may never come: INVENTORY_PAUSE bounds that.)
+            expected = int(queue.declaration_result.message_count or 0)
+            entries: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
 
             async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                entries.put_nowait(message.body)
+                offset = (message.headers or {}).get("x-stream-offset")
+                entries.put_nowait((message.body, offset if isinstance(offset, int) else -1))
                 await message.ack()
 
             with map_exceptions(f"read {inventory.QUEUE}", address=self.url):
                 tag = await queue.consume(take, arguments={"x-stream-offset": "first"})
             deadline = time.monotonic() + self._timeout
-            while len(names) < MAX_INVENTORY and time.monotonic() < deadline:
+            first = last = -1
+            while len(names) < MAX_INVENTORY:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                at_end = expected == 0 or (first >= 0 and last >= first + expected - 1)
                 try:
-                    body = await asyncio.wait_for(entries.get(), INVENTORY_IDLE)
+                    wait = min(left, INVENTORY_IDLE if at_end else INVENTORY_PAUSE)
+                    body, last = await asyncio.wait_for(entries.get(), wait)
                 except TimeoutError:
-                    break  # caught up: nothing more came for a while
+                    break  # caught up
+                if first < 0:
+                    first = last
                 name = body.decode("utf-8", "replace")
                 try:
                     names.add(check_name(name, "queue"))
