@@ -8,11 +8,13 @@ for the robust connection to come back and is published again, marked
 before the link broke: nothing confirmed is lost, nothing unconfirmed is
 silently dropped, and duplicates are flagged.
 
-A publish the broker refuses (``basic.nack``) fails with DeliveryError (or
-TransportError if it was a resend: the first copy may be stored), and the
-next publishes go on a new channel: RabbitMQ 3.10 keeps refusing every
-publish to a quorum queue on a channel opened while that queue had no
-quorum, even once it has one again, and a new channel is served.
+A publish the broker refuses (``basic.nack``) moves the next publishes to a
+new channel and is sent once more there (counted ``refusals_retried``);
+refused again, it fails with DeliveryError (or TransportError if it was a
+resend: the first copy may be stored). The new channel is needed because
+RabbitMQ 3.10 keeps refusing every publish to a quorum queue on a channel
+opened while that queue had no quorum, even once it has one again, and a
+new channel is served.
 """
 
 from __future__ import annotations
