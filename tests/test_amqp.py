@@ -395,6 +395,42 @@ def test_host_side_attempt_limit(cleanup: set[str]) -> None:
     conformance.run(scenario_wrapper(body), conformance.BrokerSetup(URL))
 
 
+def test_workers_starting_at_once_on_a_new_queue_all_consume(cleanup: set[str]) -> None:
+    """Four connections consume a queue none of them declared before, all at
+    once, ten times over. RabbitMQ 3.10 crashes a consume that reaches a new
+    quorum queue before its process runs, closing that whole connection
+    (without the restart, about one round in four failed with
+    ``ConnectionInternalError``); each consume is tried again after the
+    reconnect, and every worker then gets messages."""
+    rounds, workers = 10, 4
+
+    async def body() -> None:
+        connections = [await pigeon.connect(URL).__aenter__() for _ in range(workers)]
+        try:
+            for _ in range(rounds):
+                queue = conformance.unique("at-once")
+                cleanup.update({queue, pigeon.dead_letter_queue(queue)})
+                got: list[int] = []
+
+                async def take(d: pigeon.Delivery, got: list[int] = got) -> None:
+                    got.append(d.message.attempt)
+                    await d.ack()
+
+                subs = await asyncio.gather(*(c.consume(queue, take) for c in connections))
+                for n in range(workers):
+                    await connections[0].send(queue, n)
+                await conformance.wait_until(lambda got=got: len(got) == workers, what="each send")
+                for sub in subs:
+                    await sub.close()
+            restarts = sum(c.transport.stats().get("consume_restarts", 0) for c in connections)
+            print(f"consume_restarts {restarts} in {rounds} rounds")
+        finally:
+            for connection in connections:
+                await connection.close()
+
+    conformance.run(scenario_wrapper(body), conformance.BrokerSetup(URL), timeout=120.0)
+
+
 def test_options_it_cannot_honour() -> None:
     for options in (
         {"max_length": 10},

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
@@ -33,13 +35,18 @@ from aio_pika.abc import (
 
 from ..._core import headers, policy
 from ..._core.ledger import dead_letter_queue
-from ...errors import PigeonError, TransportError
+from ...errors import AuthenticationError, PigeonError, TransportError
 from ...message import Message
 from ..base import ConsumeOptions, Delivery, DeliverySink
 from .envelope import from_amqp, to_amqp
 from .errors import map_exceptions
 from .publisher import Prepare, Publisher
 from .topology import Topology, queue_arguments
+
+# A consume the broker crashed on (see Subscription.start) is tried again
+# for this long, a pause apart.
+RESTART_WITHIN = 10.0  # seconds
+RESTART_PAUSE = 0.25  # seconds
 
 
 class _Lease:
@@ -106,18 +113,60 @@ class Subscription:
     async def start(self) -> None:
         """Declare the queue and start consuming.
 
+        A consume the broker crashed on is tried again for up to
+        ``RESTART_WITHIN`` seconds, counted in ``consume_restarts``:
+        RabbitMQ 3.10 answers a ``basic.consume`` of a quorum queue that
+        another connection declared an instant before, while the queue's
+        own process is not running yet, by closing this whole connection
+        (541 INTERNAL_ERROR). The robust connection reconnects, restoring
+        the other channels on it.
+
         Raises:
             ConfigurationError: the queue exists with other arguments.
             TransportError: the broker cannot be reached.
         """
         await self._prepare()
-        with map_exceptions(f"consume {self.queue!r}", address=self.address):
-            self.channel = channel = await self.connection().channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self.options.prefetch)
-            # Declared on this channel too, so the robust channel restores the
-            # queue and its consumer after a reconnect.
-            self._amqp_queue = await self._declare(channel)
-            self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+        deadline: float | None = None
+        while True:
+            try:
+                with map_exceptions(f"consume {self.queue!r}", address=self.address):
+                    await self._consume()
+                return
+            except TransportError as exc:
+                now = time.monotonic()
+                if deadline is None:
+                    if not isinstance(exc.__cause__, aiormq.exceptions.ConnectionInternalError):
+                        raise  # only a broker that crashed our consume is waited for
+                    deadline = now + RESTART_WITHIN
+                if isinstance(exc, AuthenticationError) or now >= deadline:
+                    raise
+            # The connection is back within a reconnect interval (one second
+            # unless the URL says otherwise); tried again till the deadline.
+            self.counts["consume_restarts"] += 1
+            await self._drop_channel()
+            await asyncio.sleep(RESTART_PAUSE)
+            with contextlib.suppress(TimeoutError):
+                connected = self.connection().connected.wait()
+                await asyncio.wait_for(connected, max(0.0, deadline - time.monotonic()))
+
+    async def _consume(self) -> None:
+        """Open this consumer's channel, declare the queue, start consuming
+        (inside map_exceptions)."""
+        self.channel = channel = await self.connection().channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=self.options.prefetch)
+        # Declared on this channel too, so the robust channel restores the
+        # queue and its consumer after a reconnect.
+        self._amqp_queue = await self._declare(channel)
+        self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+
+    async def _drop_channel(self) -> None:
+        """Close a channel a failed start left (so a reconnect does not
+        restore it), whatever state it is in."""
+        channel, self.channel = self.channel, None
+        self._amqp_queue = None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):  # noqa: BLE001  (it is being dropped)
+                await channel.close()
 
     async def _prepare(self) -> None:
         """What must exist before the queue is consumed (its dead-letter queue)."""
