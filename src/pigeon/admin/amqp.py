@@ -45,6 +45,7 @@ MAX_LETTERS = 10_000  # dead letters taken per call at most
 INVENTORY_IDLE = 0.3  # seconds without a new inventory entry: the end is reached
 INVENTORY_PAUSE = 2.0  # the same, before the stream's end at the look's start has come
 MAX_INVENTORY = 100_000  # entries read at most
+COUNT_CHANNELS = 8  # passive declares in flight at once
 
 
 class AmqpAdmin(Admin):
@@ -92,16 +93,40 @@ class AmqpAdmin(Admin):
         """A channel of its own: a refused passive declare closes it."""
         return plain_channel(self._connection, self.url, confirms=confirms)
 
-    async def _count(self, queue: str) -> tuple[int, int] | None:
-        """(ready, consumers) of ``queue``, or None if there is none."""
-        async with self._channel() as channel:
-            try:
-                with map_exceptions(f"look for queue {queue!r}", address=self.url):
-                    declared = await channel.declare_queue(queue, passive=True)
-            except DeliveryError:  # no such queue
-                return None
-            result = declared.declaration_result
-            return int(result.message_count or 0), int(result.consumer_count or 0)
+    async def _counts(self, names: list[str]) -> dict[str, tuple[int, int] | None]:
+        """(ready, consumers) of each queue in ``names``, None where there is
+        none. The inventory names every queue ever recorded, most of them
+        perhaps deleted since: the declares run ``COUNT_CHANNELS`` at a time,
+        each on a channel kept while the broker answers and opened anew
+        only after a refusal (a missing queue closes its channel)."""
+        pending = list(reversed(names))
+        counts: dict[str, tuple[int, int] | None] = {}
+
+        async def declare_in_turn() -> None:
+            while pending:
+                async with self._channel() as channel:
+                    while pending and not channel.is_closed:
+                        name = pending.pop()
+                        counts[name] = await self._declared(channel, name)
+
+        workers = [
+            asyncio.ensure_future(declare_in_turn()) for _ in range(min(COUNT_CHANNELS, len(names)))
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:  # (one failed: the rest stop too)
+                worker.cancel()
+        return counts
+
+    async def _declared(self, channel: AbstractChannel, queue: str) -> tuple[int, int] | None:
+        try:
+            with map_exceptions(f"look for queue {queue!r}", address=self.url):
+                declared = await channel.declare_queue(queue, passive=True)
+        except DeliveryError:  # no such queue (and the broker closed the channel)
+            return None
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
 
     async def inventory(self) -> list[str]:
         """The queue names in the inventory (see the module docstring)."""
@@ -120,6 +145,11 @@ class AmqpAdmin(Admin):
             # short quiet spell is. (A few offsets of a stream carry no entry,
             # so the far end may never come: INVENTORY_PAUSE bounds that.)
             expected = int(queue.declaration_result.message_count or 0)
+            if expected == 0:
+                # Nothing recorded yet, and perhaps declared this instant: a
+                # consume before the stream's writer runs crashes the
+                # broker's channel and with it this connection.
+                return []
             entries: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
 
             async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -135,7 +165,7 @@ class AmqpAdmin(Admin):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                at_end = expected == 0 or (first >= 0 and last >= first + expected - 1)
+                at_end = first >= 0 and last >= first + expected - 1
                 try:
                     wait = min(left, INVENTORY_IDLE if at_end else INVENTORY_PAUSE)
                     body, last = await asyncio.wait_for(entries.get(), wait)
@@ -175,7 +205,7 @@ class AmqpAdmin(Admin):
     async def queues(self) -> dict[str, QueueRow]:
         names = set(await self.inventory()) | set(self._names)
         names |= {dead_letter_queue(n) for n in names if not n.endswith(DEAD_SUFFIX)}
-        return declared_rows({name: await self._count(name) for name in sorted(names)})
+        return declared_rows(await self._counts(sorted(names)))
 
     async def services(self) -> dict[str, ServiceRow]:
         return {}
