@@ -5,6 +5,8 @@ RabbitMQ (these two skip without a broker, and fail in CI)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -150,3 +152,26 @@ def test_rabbitmq() -> None:
     queue = unique("sa")
     # Shown even before the broker's inventory lists it.
     two_ready_then_purged(url, queue, queues=[queue])
+
+
+def test_an_admin_left_open_is_closed_at_exit() -> None:
+    """Like a sync connection, a sync admin session nobody closed is closed
+    when the interpreter exits (an amqp:// one would otherwise drop its
+    connection without a close)."""
+    script = (
+        "import pigeon.sync\n"
+        "admin = pigeon.sync.open_admin('memory://left-open')\n"
+        "inner = admin._admin\n"
+        "close = inner.close\n"
+        "async def told():\n"
+        "    print('closed', flush=True)\n"
+        "    await close()\n"
+        "inner.close = told\n"
+        "closed = pigeon.sync.open_admin('memory://closed')\n"
+        "closed.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["closed"]

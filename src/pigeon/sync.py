@@ -55,6 +55,7 @@ class _LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_async.Connection] = set()
+        self._admins: set[Any] = set()  # pigeon.admin sessions of sync_admin.Admin
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -108,12 +109,18 @@ class _LoopThread:
         return outer
 
     def close_all(self) -> None:
-        # At exit, give open connections a bounded chance to confirm and close.
+        # At exit, give open connections a bounded chance to confirm and close,
+        # and close the admin sessions left open.
         if self._loop is None or self._loop.is_closed():
             return
         for conn in list(self._connections):
             try:
                 self.run(conn.close(timeout=2.0), timeout=5.0)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+        for admin in list(self._admins):
+            try:
+                self.run(admin.close(), timeout=5.0)
             except (concurrent.futures.TimeoutError, RuntimeError):
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -43,6 +43,7 @@ class Admin:
         self._admin = admin
         self.transport: str = admin.transport
         self.url: str = admin.url
+        _sync._runner._admins.add(admin)  # closed at exit if still open
 
     def __enter__(self) -> Admin:
         return self
@@ -87,7 +88,8 @@ class Admin:
         return _run(self._admin.ping())
 
     def close(self) -> None:
-        """Close the session (idempotent)."""
+        """Close the session (idempotent); one left open is closed at exit."""
+        _sync._runner._admins.discard(self._admin)
         _run(self._admin.close())
 
 
