@@ -31,7 +31,7 @@ class Foreign(enum.Enum):
     NOT_PIGEON = "a first frame that is not a pigeon frame"
     HANDSHAKE = (
         "it dropped the ZeroMQ handshake (a socket type that cannot talk to this one, "
-        "e.g. PUSH, or not ZeroMQ at all)"
+        "e.g. PUSH, or not ZeroMQ at all; or a client that closed before its handshake ended)"
     )
     SILENT = "it completed the ZeroMQ handshake but did not answer Hello (e.g. a REP or ROUTER)"
 
