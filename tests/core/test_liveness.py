@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pigeon._core.liveness import Liveness
+from pigeon._core.liveness import Liveness, OwnStalls
 
 
 def test_grace_is_interval_times_misses() -> None:
@@ -97,3 +97,33 @@ def test_a_claimed_interval_is_capped_and_never_shortens_ours() -> None:
     live.heard("back", 0.0, interval=5.0)
     live.heard("back", 1.0, interval=0.0)  # says nothing now: our own rule again
     assert live.reap(4.01) == ["back"]
+
+
+def test_a_check_on_time_or_a_little_late_excuses_nothing() -> None:
+    stalls = OwnStalls(interval=1.0)
+    assert stalls.tick(100.0) == 0.0  # the first check has nothing to compare with
+    assert stalls.tick(101.0) == 0.0
+    assert stalls.tick(103.0) == 0.0  # late by one interval: ordinary jitter
+    assert (stalls.stalls, stalls.excused) == (0, 0.0)
+
+
+def test_a_late_check_excuses_the_time_past_one_interval_and_counts_it() -> None:
+    stalls = OwnStalls(interval=1.0)
+    stalls.tick(100.0)
+    assert stalls.tick(106.0) == 5.0
+    assert stalls.tick(107.0) == 0.0  # measured from the late check
+    assert (stalls.stalls, stalls.excused) == (1, 5.0)
+
+
+def test_an_excused_stall_keeps_live_peers_and_delays_a_dead_ones_reaping() -> None:
+    live = Liveness(interval=1.0, misses=3)
+    stalls = OwnStalls(interval=1.0)
+    live.heard("quiet", 100.0)  # says nothing more
+    live.heard("beating", 100.0)  # beats on, but its frames wait unread
+    stalls.tick(100.0)
+    now = 110.0  # the loop was held up ten seconds
+    live.excuse(stalls.tick(now))
+    assert live.reap(now) == []  # nobody is taken for dead for our stall
+    live.heard("beating", 110.0)  # its waiting frames are read
+    assert live.reap(112.0) == []
+    assert live.reap(112.001) == ["quiet"]  # 100 + 9 excused + 3 of grace

@@ -8,6 +8,13 @@ the interval the peer said it beats at (``Hello.heartbeat``), so a peer that
 beats slower than we do is not declared dead while alive. What a peer may
 claim is capped at ``MAX_PEER_HEARTBEAT``: no claim keeps a silent peer's
 leases held for longer than ``misses`` times that.
+Rule 4: a stall of this node's own loop is not its peers' silence. The
+heartbeat check runs once per interval; when it runs more than two
+intervals after the last run, the loop was held up (a CPU-starved or paused
+process, a long blocking call) while the peers' frames waited unread in
+its sockets. The time past one interval is then excused to every peer
+(:class:`OwnStalls` measures it, :meth:`Liveness.excuse` applies it): a
+dead peer is found that much later, a live one is not declared dead.
 """
 
 from __future__ import annotations
@@ -68,6 +75,12 @@ class Liveness:
         self._last_heard.pop(peer, None)
         self._grace.pop(peer, None)
 
+    def excuse(self, seconds: float) -> None:
+        """Move every peer's last sign of life ``seconds`` later (Rule 4)."""
+        last_heard = self._last_heard
+        for peer in last_heard:
+            last_heard[peer] += seconds
+
     def reap(self, now: float) -> list[Hashable]:
         """Return (and forget) every peer silent for longer than its grace."""
         grace, default = self._grace, self.grace
@@ -78,3 +91,29 @@ class Liveness:
 
     def peers(self) -> list[Hashable]:
         return list(self._last_heard)
+
+
+class OwnStalls:
+    """How late this node's own heartbeat checks run (Rule 4).
+
+    ``tick(now)`` at each check returns the seconds to excuse to every peer:
+    0 unless the check ran more than two intervals after the previous one,
+    else how far past one interval it ran. Stalls are counted.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.stalls = 0
+        self.excused = 0.0  # seconds in all
+        self._last: float | None = None
+
+    def tick(self, now: float) -> float:
+        last, self._last = self._last, now
+        if last is None:
+            return 0.0
+        late = now - last - self.interval
+        if late <= self.interval:
+            return 0.0  # a check late by less than an interval is ordinary jitter
+        self.stalls += 1
+        self.excused += late
+        return late

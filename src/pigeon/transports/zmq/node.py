@@ -24,6 +24,7 @@ import zmq
 from ..._core.discovery import is_ipv6
 from ..._core.frames import Cancel, Consume, Frame, Hello, Reply, Request, Subscribe, Verdict
 from ..._core.limits import MAX_NAME, MAX_SERVICES
+from ..._core.liveness import OwnStalls
 from ..._core.topics import Retention
 from ...errors import (
     Backpressure,
@@ -148,6 +149,7 @@ class ZmqTransport:
         self.bound: list[str] = []
         self._local_subs: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self.own_stalls = OwnStalls(self.config.heartbeat)
         self._closed = False
         self._started = False
         self.restored = 0
@@ -349,6 +351,12 @@ class ZmqTransport:
         while True:
             await asyncio.sleep(heartbeat)
             now = time.monotonic()
+            # This loop's own stall is no silence of the peers (liveness Rule 4).
+            if excused := self.own_stalls.tick(now):
+                for link in self.links:
+                    link.last_heard += excused
+                if self.router is not None:
+                    self.router.liveness.excuse(excused)
             for link in self.links:
                 link.send_hello()
                 link.check_silent(now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from ..._core.liveness import OwnStalls
 from ..._core.service_stats import ServiceTally
 from ..host import QueueHost
 from ..local import LocalServices
@@ -38,6 +39,7 @@ class CountedNode(Protocol):
     restored: int
     store_path: str | None
     last_remote_error: str
+    own_stalls: OwnStalls
 
 
 def node_stats(node: CountedNode) -> dict[str, Any]:
@@ -67,6 +69,10 @@ def node_stats(node: CountedNode) -> dict[str, Any]:
         "malformed_frames": sum(link.pump.malformed for link in links)
         + (router.pump.malformed if router and router.pump else 0),
         "peers_lost": router.peers_lost if router else 0,
+        # Heartbeat checks that ran over two intervals late (this node's loop
+        # was held up), and the seconds of silence excused to peers for them.
+        "loop_stalls": node.own_stalls.stalls,
+        "stall_seconds_excused": round(node.own_stalls.excused, 3),
         # Peers that do not speak pigeon (a REQ, a PUSH, garbage; a REP or
         # PUSH this node connected to), each counted and logged once.
         "foreign_peers": (router.foreign.count if router else 0)
