@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -46,6 +47,11 @@ INVENTORY_IDLE = 0.3  # seconds without a new inventory entry: the end is reache
 INVENTORY_PAUSE = 2.0  # the same, before the stream's end at the look's start has come
 MAX_INVENTORY = 100_000  # entries read at most
 COUNT_CHANNELS = 8  # passive declares in flight at once
+FRESH_INVENTORY_WAIT = 3.0  # seconds an inventory counted empty is tried for
+FRESH_INVENTORY_PAUSE = 0.25  # seconds between those tries
+
+# Opens another connection to the broker, named (for its management views).
+Connect = Callable[[str], Awaitable[AbstractConnection]]
 
 
 class AmqpAdmin(Admin):
@@ -54,15 +60,24 @@ class AmqpAdmin(Admin):
     transport = "amqp"
 
     def __init__(
-        self, address: str, connection: AbstractConnection, names: list[str], timeout: float
+        self,
+        address: str,
+        connection: AbstractConnection,
+        names: list[str],
+        timeout: float,
+        connect: Connect,
     ) -> None:
         self.url = address
         self._connection = connection
+        self._connect = connect  # another connection to the same broker
         self._names = names
         self._timeout = timeout
         # Inventory entries that are not queue names (any client may write
         # the stream): skipped, never declared, and counted in info().
         self.inventory_skipped = 0
+        # Reads of an inventory counted empty that the broker cut off (see
+        # inventory()) and that were tried again.
+        self.inventory_retries = 0
 
     @classmethod
     async def open(
@@ -73,19 +88,21 @@ class AmqpAdmin(Admin):
         extra: dict[str, Any] = {}
         if settings.tls is not None:
             extra["ssl_context"] = settings.tls.ssl_context()
-        try:
+
+        async def connect(name: str) -> AbstractConnection:
             with map_exceptions(f"connect to {settings.address}", address=settings.address):
-                connection = await aio_pika.connect(
-                    urls[0],
-                    timeout=timeout,
-                    client_properties={"connection_name": "pigeon admin"},
-                    **extra,
+                connection: AbstractConnection = await aio_pika.connect(
+                    urls[0], timeout=timeout, client_properties={"connection_name": name}, **extra
                 )
+            return connection
+
+        try:
+            connection = await connect("pigeon admin")
         except AuthenticationError:
             raise  # something answered, and refused us
         except TransportError as exc:
             raise Unreachable(settings.address, str(exc)) from exc
-        return cls(settings.address, connection, list(queues or ()), timeout)
+        return cls(settings.address, connection, list(queues or ()), timeout, connect)
 
     def _channel(
         self, *, confirms: bool = False
@@ -130,26 +147,50 @@ class AmqpAdmin(Admin):
 
     async def inventory(self) -> list[str]:
         """The queue names in the inventory (see the module docstring)."""
-        names: set[str] = set()
         async with self._channel() as channel:
             try:
                 with map_exceptions(f"read {inventory.QUEUE}", address=self.url):
-                    await channel.set_qos(prefetch_count=1000)
-                    queue = await channel.declare_queue(inventory.QUEUE, passive=True)
+                    declared = await channel.declare_queue(inventory.QUEUE, passive=True)
             except DeliveryError:  # nothing recorded yet
                 return []
-            # The stream's length when declared tells where its end was when
-            # this look began. Until an entry that far on has come, a pause
-            # in the broker's delivery is no end (stopping at the first quiet
-            # moment lost the newest names on a loaded machine); after it, a
-            # short quiet spell is. (A few offsets of a stream carry no entry,
-            # so the far end may never come: INVENTORY_PAUSE bounds that.)
-            expected = int(queue.declaration_result.message_count or 0)
-            if expected == 0:
-                # Nothing recorded yet, and perhaps declared this instant: a
-                # consume before the stream's writer runs crashes the
-                # broker's channel and with it this connection.
-                return []
+        # The entries the stream holds as the broker last counted them: it
+        # counts a stream every few seconds, so this is a lower bound.
+        expected = int(declared.declaration_result.message_count or 0)
+        if expected:
+            return await self._read_inventory(self._connection, expected)
+        # Counted empty: perhaps declared an instant ago, and a consume that
+        # comes before the stream's writer runs crashes the broker's channel
+        # and with it the whole connection. So it is read on a connection of
+        # its own, tried again for up to FRESH_INVENTORY_WAIT.
+        deadline = time.monotonic() + FRESH_INVENTORY_WAIT
+        while True:
+            try:
+                side = await self._connect("pigeon admin inventory")
+                try:
+                    return await self._read_inventory(side, 0)
+                finally:
+                    with contextlib.suppress(Exception):  # noqa: BLE001  (the broker may have closed it)
+                        await side.close()
+            except TransportError:
+                if time.monotonic() >= deadline:
+                    raise
+                self.inventory_retries += 1
+                await asyncio.sleep(FRESH_INVENTORY_PAUSE)
+
+    async def _read_inventory(self, connection: AbstractConnection, expected: int) -> list[str]:
+        """Read the inventory stream on ``connection`` from its first entry.
+
+        Until an entry ``expected`` offsets on has come, a pause in the
+        broker's delivery is no end (stopping at the first quiet moment lost
+        the newest names on a loaded machine); after it, a short quiet spell
+        is. (A few offsets of a stream carry no entry, so the far end may
+        never come: INVENTORY_PAUSE bounds that.)
+        """
+        names: set[str] = set()
+        async with plain_channel(connection, self.url) as channel:
+            with map_exceptions(f"read {inventory.QUEUE}", address=self.url):
+                await channel.set_qos(prefetch_count=1000)
+                queue = await channel.declare_queue(inventory.QUEUE, passive=True)
             entries: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
 
             async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -165,7 +206,7 @@ class AmqpAdmin(Admin):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                at_end = first >= 0 and last >= first + expected - 1
+                at_end = expected == 0 or (first >= 0 and last >= first + expected - 1)
                 try:
                     wait = min(left, INVENTORY_IDLE if at_end else INVENTORY_PAUSE)
                     body, last = await asyncio.wait_for(entries.get(), wait)
@@ -196,6 +237,7 @@ class AmqpAdmin(Admin):
             "services": [],
             "peers": await self.peers(),
             "inventory_skipped": self.inventory_skipped,
+            "inventory_retries": self.inventory_retries,
         }
 
     async def overview(self) -> dict[str, Any]:
