@@ -232,59 +232,97 @@ def delete_amqp_queues(url: str, names: list[str]) -> None:
     asyncio.run(delete())
 
 
-async def delete_idle_queues_recorded_since(url: str, since: float) -> int:
+async def delete_idle_queues_recorded_since(url: str, since: float) -> tuple[int, int]:
     """Delete the work queues (and their dead-letter queues) that pigeon
     recorded in RabbitMQ's inventory since ``since`` (epoch seconds), where
-    they are empty and nobody consumes them; return how many went.
+    they are empty and nobody consumes them; then compact the inventory to
+    the names of queues that still exist. Returns (queues deleted, names
+    dropped from the inventory).
 
     Each suite run declares a few dozen uniquely named quorum queues, and a
     broker that keeps collecting them run after run gets slower for every
-    later run. Only empty queues nobody consumes go, so a message is never
-    lost with one."""
+    later run; so does ``pigeon queues`` for every name of a deleted queue
+    its inventory still holds. Only empty queues nobody consumes go, so a
+    message is never lost with one."""
     from datetime import UTC, datetime
 
+    import aio_pika
+
+    from pigeon.admin.amqp import AmqpAdmin
+    from pigeon.transports.amqp import inventory
+
+    connection = await aio_pika.connect(url, timeout=5)
+    async with connection:
+        start = datetime.fromtimestamp(max(since - 1, 1), UTC)
+        names = await _inventory_names(connection, start)
+        deleted = 0
+        for name in sorted(names | {f"{n}.dead" for n in names}):
+            counts = await _counts(connection, name)
+            # Quorum queues refuse delete's if-unused and if-empty flags, so
+            # the counts are read first (CI is alone on the broker by now:
+            # nothing starts using it between).
+            if counts == (0, 0):
+                async with connection.channel() as own:
+                    await own.queue_delete(name)
+                deleted += 1
+        # Compacted: the stream is deleted and the names of queues that
+        # still exist (or whose dead-letter queue does) are recorded anew.
+        # Read with pigeon's own admin, which reads the stream to its end.
+        admin = await AmqpAdmin.open(url, timeout=30.0)
+        try:
+            everything = await admin.inventory()
+            found = await admin._counts(everything + [f"{n}.dead" for n in everything])
+        finally:
+            await admin.close()
+        kept = [n for n in everything if found.get(n) or found.get(f"{n}.dead")]
+        async with connection.channel() as own:
+            await own.queue_delete(inventory.QUEUE)
+        if kept and not await inventory.record(connection, kept, url):
+            raise RuntimeError(f"could not record {len(kept)} names in the new inventory")
+    return deleted, len(everything) - len(kept)
+
+
+async def _inventory_names(connection: Any, offset: Any) -> set[str]:
+    """The queue names in pigeon's inventory stream from ``offset`` on."""
     import aio_pika
     import aiormq
 
     from pigeon.transports.amqp import inventory
 
     names: set[str] = set()
-    connection = await aio_pika.connect(url, timeout=5)
-    async with connection:
-        channel = await connection.channel()
+    async with connection.channel() as channel:
         await channel.set_qos(prefetch_count=1000)
         try:
             stream = await channel.declare_queue(inventory.QUEUE, passive=True)
         except aiormq.exceptions.ChannelClosed:
-            return 0  # nothing recorded
+            return names  # nothing recorded
+        if not stream.declaration_result.message_count:
+            return names  # (a consume of a stream just declared can crash the channel)
         entries: asyncio.Queue[str] = asyncio.Queue()
 
         async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             entries.put_nowait(message.body.decode("utf-8", "replace"))
             await message.ack()
 
-        start = datetime.fromtimestamp(max(since - 1, 1), UTC)
-        await stream.consume(take, arguments={"x-stream-offset": start})
-        while len(names) < 10_000:
+        await stream.consume(take, arguments={"x-stream-offset": offset})
+        while len(names) < 100_000:
             try:
-                names.add(await asyncio.wait_for(entries.get(), 0.5))
+                name = await asyncio.wait_for(entries.get(), 0.5)
             except TimeoutError:
                 break  # read to the end
-        deleted = 0
-        for name in sorted(names | {f"{n}.dead" for n in names}):
-            if name == inventory.QUEUE or not name or len(name.encode()) > 255:
-                continue
-            try:
-                # A channel each: looking for a queue that is not there closes it.
-                async with connection.channel() as own:
-                    queue = await own.declare_queue(name, passive=True)
-                    result = queue.declaration_result
-                    # Quorum queues refuse delete's if-unused and if-empty
-                    # flags, so the counts are read first (CI is alone on
-                    # the broker by now: nothing starts using it between).
-                    if not result.message_count and not result.consumer_count:
-                        await own.queue_delete(name)
-                        deleted += 1
-            except (aiormq.exceptions.ChannelClosed, ValueError):
-                pass  # no such queue, or no name a queue can have (any client may write)
-    return deleted
+            if name and name != inventory.QUEUE and len(name.encode()) <= 255:
+                names.add(name)  # (any client may write the stream)
+    return names
+
+
+async def _counts(connection: Any, name: str) -> tuple[int, int] | None:
+    """(messages, consumers) of queue ``name``, None if there is none."""
+    import aiormq
+
+    try:
+        # A channel each: looking for a queue that is not there closes it.
+        async with connection.channel() as own:
+            result = (await own.declare_queue(name, passive=True)).declaration_result
+            return int(result.message_count or 0), int(result.consumer_count or 0)
+    except (aiormq.exceptions.ChannelClosed, ValueError):
+        return None  # no such queue, or no name a queue can have

@@ -35,8 +35,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI, delete the empty, unused RabbitMQ queues recorded since this
-    run began (see brokers.delete_idle_queues_recorded_since), so runs do not
-    pile up on the shared broker. Only in CI, which has the broker to itself:
+    run began and compact the inventory (see
+    brokers.delete_idle_queues_recorded_since), so runs do not pile up on
+    the shared broker. Only in CI, which has the broker to itself:
     elsewhere another run on the same broker may have declared a queue it has
     not used yet."""
     import brokers
@@ -48,10 +49,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     except ImportError:
         return
     try:
-        asyncio.run(
+        deleted, dropped = asyncio.run(
             asyncio.wait_for(
                 brokers.delete_idle_queues_recorded_since(brokers.AMQP_URL, _began), 60
             )
         )
+        print(f"\nRabbitMQ: {deleted} idle queues deleted, {dropped} gone names dropped")
     except Exception as exc:  # noqa: BLE001  (tidying must not turn a run red)
         print(f"\ncould not delete this run's idle RabbitMQ queues: {exc!r}")
