@@ -521,10 +521,18 @@ def test_missing_aio_pika_says_what_to_install(monkeypatch: pytest.MonkeyPatch) 
 def test_map_exceptions_keeps_the_cause() -> None:
     import aiormq.exceptions as amqp_errors
 
-    from pigeon.transports.amqp.errors import map_exceptions
+    from pigeon.transports.amqp.errors import QueueNotReady, map_exceptions
 
     cases = [
         (amqp_errors.ChannelPreconditionFailed("x"), ConfigurationError),
+        # A stream member still starting is a moment, not a misconfiguration.
+        (
+            amqp_errors.ChannelPreconditionFailed(
+                "PRECONDITION_FAILED - queue 's' in vhost '/' does not have a replica on the "
+                "local node"
+            ),
+            QueueNotReady,
+        ),
         (amqp_errors.ConnectionClosed(320, "gone"), TransportError),
         (amqp_errors.ChannelInvalidStateError("closed"), TransportError),
         (ConnectionResetError("reset"), TransportError),

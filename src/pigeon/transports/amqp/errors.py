@@ -33,6 +33,16 @@ LOST = (
 )
 
 
+# What RabbitMQ says (PRECONDITION_FAILED) to a consume of a stream whose
+# member on its node is not running yet: a moment, not a misconfiguration.
+NO_LOCAL_REPLICA = "does not have a replica on the local node"
+
+
+class QueueNotReady(TransportError):
+    """The broker cannot serve the queue yet (its member is starting): the
+    same call may work a moment later."""
+
+
 @contextmanager
 def map_exceptions(
     action: str, *, address: str | None = None, service: str | None = None
@@ -66,6 +76,11 @@ def map_exceptions(
     except amqp_errors.DeliveryError as exc:  # basic.nack: e.g. a full queue rejecting
         raise DeliveryError(f"{action}: the broker refused the message") from exc
     except amqp_errors.ChannelPreconditionFailed as exc:
+        if NO_LOCAL_REPLICA in str(exc):
+            raise QueueNotReady(
+                f"{action}: the queue has no running member on the broker's node yet ({exc})",
+                address=address,
+            ) from exc
         raise ConfigurationError(
             f"{action}: the broker refused it ({exc}); a queue of that name probably exists "
             "with other arguments (queue type, dead-letter settings)"

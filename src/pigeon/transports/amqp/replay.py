@@ -38,7 +38,10 @@ fall: what is trimmed before it is read shows as a gap). After a
 reconnect the consumer resumes after the last offset seen; an offset at or
 below it is a repeat, skipped and counted.
 Rule 6 (faults): a history that makes no progress for ``STALL`` seconds is
-a TransportError, never a hang.
+a TransportError, never a hang. A stream whose member on the broker's node
+is (re)starting refuses a consume (PRECONDITION_FAILED, "does not have a
+replica on the local node"): the start is tried again for up to
+``NOT_READY_WAIT`` seconds, counted in ``replay_restarts``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import asyncio
 import contextlib
 import datetime
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -65,7 +69,7 @@ from ...errors import PigeonError, ReplayTrimmed, TransportError
 from ...message import Message, new_id
 from ..base import DeliverySink, SubscribeOptions
 from .envelope import from_amqp
-from .errors import map_exceptions
+from .errors import QueueNotReady, map_exceptions
 from .leases import ClientLeases
 from .publisher import Publisher
 from .subscribers import topic_of, with_topic
@@ -75,6 +79,8 @@ from .topology import Topology
 STALL = 10.0  # seconds a history read may go without a message
 SKEW = 2  # seconds before from_time the stream is read from
 OFFSET = "x-stream-offset"
+NOT_READY_WAIT = 5.0  # seconds a stream not ready on the broker's node is tried for
+NOT_READY_PAUSE = 0.25  # seconds between those tries
 
 
 def offset_of(incoming: AbstractIncomingMessage) -> int | None:
@@ -185,12 +191,18 @@ class ReplaySubscription(ClientLeases):
                 stalled (Rule 6).
         """
         start = self.start_at
-        with map_exceptions(f"replay {self.pattern!r}", address=self.address):
-            self.channel = channel = await self.connection().channel(publisher_confirms=False)
-            # A stream consumer needs a prefetch; it is also the credit.
-            await channel.set_qos(prefetch_count=self.options.prefetch)
-            self._queue = await channel.declare_queue(self.stream, passive=True)
-        self._end = await self._find_end()
+        deadline = time.monotonic() + NOT_READY_WAIT
+        while True:
+            try:
+                await self._open_and_find_end()
+                break
+            except QueueNotReady:
+                # The stream's member on the broker's node is (re)starting.
+                if time.monotonic() >= deadline:
+                    raise
+            self.counts["replay_restarts"] += 1
+            await self._drop_channel()
+            await asyncio.sleep(NOT_READY_PAUSE)
         if start.last is not None:
             self._window = max(0, self._end - start.last)
         loop = asyncio.get_running_loop()
@@ -200,6 +212,21 @@ class ReplaySubscription(ClientLeases):
         await self._consume(self._first_argument(), collect=buffered)
         if self._history is not None:
             await self._await_progress(self._history, "read the retained history")
+
+    async def _open_and_find_end(self) -> None:
+        with map_exceptions(f"replay {self.pattern!r}", address=self.address):
+            self.channel = channel = await self.connection().channel(publisher_confirms=False)
+            # A stream consumer needs a prefetch; it is also the credit.
+            await channel.set_qos(prefetch_count=self.options.prefetch)
+            self._queue = await channel.declare_queue(self.stream, passive=True)
+        self._end = await self._find_end()
+
+    async def _drop_channel(self) -> None:
+        channel, self.channel = self.channel, None
+        self._queue = None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):  # noqa: BLE001  (it is being dropped)
+                await channel.close()
 
     def _first_argument(self) -> Any:
         start = self.start_at
