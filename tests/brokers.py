@@ -14,6 +14,7 @@ binding, someone else may have taken it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -252,24 +253,22 @@ async def delete_idle_queues_recorded_since(url: str, since: float) -> tuple[int
     from pigeon.transports.amqp import inventory
 
     connection = await aio_pika.connect(url, timeout=5)
+    # pigeon's own admin counts the queues and reads the stream to its end.
+    admin = await AmqpAdmin.open(url, timeout=30.0)
     async with connection:
-        start = datetime.fromtimestamp(max(since - 1, 1), UTC)
-        names = await _inventory_names(connection, start)
-        deleted = 0
-        for name in sorted(names | {f"{n}.dead" for n in names}):
-            counts = await _counts(connection, name)
+        try:
+            start = datetime.fromtimestamp(max(since - 1, 1), UTC)
+            names = sorted(await _inventory_names(connection, start))
+            found = await admin._counts(names + [f"{n}.dead" for n in names])
             # Quorum queues refuse delete's if-unused and if-empty flags, so
             # the counts are read first (CI is alone on the broker by now:
             # nothing starts using it between).
-            if counts == (0, 0):
-                async with connection.channel() as own:
+            idle = sorted(name for name, counts in found.items() if counts == (0, 0))
+            async with connection.channel() as own:
+                for name in idle:
                     await own.queue_delete(name)
-                deleted += 1
-        # Compacted: the stream is deleted and the names of queues that
-        # still exist (or whose dead-letter queue does) are recorded anew.
-        # Read with pigeon's own admin, which reads the stream to its end.
-        admin = await AmqpAdmin.open(url, timeout=30.0)
-        try:
+            # Compacted: the stream is deleted and the names of queues that
+            # still exist (or whose dead-letter queue does) are recorded anew.
             everything = await admin.inventory()
             found = await admin._counts(everything + [f"{n}.dead" for n in everything])
         finally:
@@ -279,7 +278,7 @@ async def delete_idle_queues_recorded_since(url: str, since: float) -> tuple[int
             await own.queue_delete(inventory.QUEUE)
         if kept and not await inventory.record(connection, kept, url):
             raise RuntimeError(f"could not record {len(kept)} names in the new inventory")
-    return deleted, len(everything) - len(kept)
+    return len(idle), len(everything) - len(kept)
 
 
 async def _inventory_names(connection: Any, offset: Any) -> set[str]:
@@ -287,6 +286,7 @@ async def _inventory_names(connection: Any, offset: Any) -> set[str]:
     import aio_pika
     import aiormq
 
+    from pigeon._core.limits import check_name
     from pigeon.transports.amqp import inventory
 
     names: set[str] = set()
@@ -310,19 +310,6 @@ async def _inventory_names(connection: Any, offset: Any) -> set[str]:
                 name = await asyncio.wait_for(entries.get(), 0.5)
             except TimeoutError:
                 break  # read to the end
-            if name and name != inventory.QUEUE and len(name.encode()) <= 255:
-                names.add(name)  # (any client may write the stream)
+            with contextlib.suppress(ValueError):  # (any client may write the stream)
+                names.add(check_name(name, "queue"))
     return names
-
-
-async def _counts(connection: Any, name: str) -> tuple[int, int] | None:
-    """(messages, consumers) of queue ``name``, None if there is none."""
-    import aiormq
-
-    try:
-        # A channel each: looking for a queue that is not there closes it.
-        async with connection.channel() as own:
-            result = (await own.declare_queue(name, passive=True)).declaration_result
-            return int(result.message_count or 0), int(result.consumer_count or 0)
-    except (aiormq.exceptions.ChannelClosed, ValueError):
-        return None  # no such queue, or no name a queue can have

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pigeon._core.backoff import DeadLetter, Retry, RetryPolicy, on_failure, retry_delay
+from pigeon._core.backoff import (
+    DeadLetter,
+    Retry,
+    RetryPolicy,
+    TryWindow,
+    on_failure,
+    retry_delay,
+)
 from pigeon.errors import ConfigurationError
 
 NO_JITTER = RetryPolicy(max_attempts=10, base_delay=0.5, max_delay=10.0, factor=2.0, jitter=0.0)
@@ -148,3 +155,13 @@ def test_verdict_depends_only_on_attempt_vs_max(
         assert isinstance(verdict, DeadLetter) and "err" in verdict.reason
     else:
         assert verdict == Retry(retry_delay(policy, attempt, rand))
+
+
+def test_a_try_window_opens_at_the_first_failure_and_closes_after_its_seconds() -> None:
+    window = TryWindow(3.0, 0.25)
+    assert not window.opened and window.left(100.0) == 3.0
+    assert window.again(100.0)  # the first failure opens it
+    assert window.opened and window.left(101.0) == 2.0
+    assert window.again(102.999)
+    assert not window.again(103.0)  # closed: the failure stands
+    assert window.left(104.0) == 0.0

@@ -121,9 +121,14 @@ def test_an_excused_stall_keeps_live_peers_and_delays_a_dead_ones_reaping() -> N
     live.heard("quiet", 100.0)  # says nothing more
     live.heard("beating", 100.0)  # beats on, but its frames wait unread
     stalls.tick(100.0)
+    live.heard("read-first", 109.5)  # read in the turn the loop came back, before the check
     now = 110.0  # the loop was held up ten seconds
-    live.excuse(stalls.tick(now))
+    live.excuse(stalls.tick(now), now)
     assert live.reap(now) == []  # nobody is taken for dead for our stall
     live.heard("beating", 110.0)  # its waiting frames are read
     assert live.reap(112.0) == []
     assert live.reap(112.001) == ["quiet"]  # 100 + 9 excused + 3 of grace
+    live.heard("beating", 112.5)
+    # The one read after the stall is not excused it again: its life counts
+    # from 110 at the latest, not 109.5 + 9.
+    assert live.reap(113.001) == ["read-first"]

@@ -5,6 +5,7 @@ Rule 1: a failed attempt below ``max_attempts`` is retried after
 Rule 2: the delay grows by ``factor`` per attempt, is capped at ``max_delay``
 and is jittered downwards by up to ``jitter`` of itself, so a crowd of
 failures does not retry in lock-step.
+Rule 3: see :class:`TryWindow`.
 """
 
 from __future__ import annotations
@@ -76,3 +77,32 @@ def on_failure(policy: RetryPolicy, attempt: int, error: str, rand: float) -> Re
             f"failed {attempt} of {policy.max_attempts} attempts; last error: {error}"
         )
     return Retry(retry_delay(policy, attempt, rand))
+
+
+class TryWindow:
+    """Rule 3: a step that fails for a moment (a broker still starting the
+    queue it was asked for) is tried again, ``pause`` seconds apart, until
+    ``seconds`` have passed since its first failure; then the failure
+    stands. The caller decides which failures may pass, and counts tries."""
+
+    __slots__ = ("pause", "seconds", "_ends")
+
+    def __init__(self, seconds: float, pause: float) -> None:
+        self.seconds = seconds
+        self.pause = pause
+        self._ends: float | None = None
+
+    @property
+    def opened(self) -> bool:
+        """Whether a failure has been seen (the window runs)."""
+        return self._ends is not None
+
+    def left(self, now: float) -> float:
+        """Seconds until the window closes (all of it before a failure)."""
+        return self.seconds if self._ends is None else max(0.0, self._ends - now)
+
+    def again(self, now: float) -> bool:
+        """After a failure at ``now``: whether to try again (after ``pause``)."""
+        if self._ends is None:
+            self._ends = now + self.seconds
+        return now < self._ends

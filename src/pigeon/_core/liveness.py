@@ -75,11 +75,11 @@ class Liveness:
         self._last_heard.pop(peer, None)
         self._grace.pop(peer, None)
 
-    def excuse(self, seconds: float) -> None:
+    def excuse(self, seconds: float, now: float) -> None:
         """Move every peer's last sign of life ``seconds`` later (Rule 4)."""
         last_heard = self._last_heard
-        for peer in last_heard:
-            last_heard[peer] += seconds
+        for peer, last in last_heard.items():
+            last_heard[peer] = excused(last, seconds, now)
 
     def reap(self, now: float) -> list[Hashable]:
         """Return (and forget) every peer silent for longer than its grace."""
@@ -91,6 +91,13 @@ class Liveness:
 
     def peers(self) -> list[Hashable]:
         return list(self._last_heard)
+
+
+def excused(last: float, seconds: float, now: float) -> float:
+    """A last sign of life at ``last`` with ``seconds`` of stall excused: never
+    later than ``now`` (a peer read right after the stall is not given the
+    stall again)."""
+    return min(last + seconds, now)
 
 
 class OwnStalls:

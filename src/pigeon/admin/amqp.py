@@ -30,6 +30,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from .._core import policy
+from .._core.backoff import TryWindow
 from .._core.ledger import DEAD_SUFFIX, dead_letter_queue
 from .._core.limits import check_name
 from ..errors import AuthenticationError, DeliveryError, PigeonError, TransportError
@@ -134,6 +135,7 @@ class AmqpAdmin(Admin):
         finally:
             for worker in workers:  # (one failed: the rest stop too)
                 worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
         return counts
 
     async def _declared(self, channel: AbstractChannel, queue: str) -> tuple[int, int] | None:
@@ -162,7 +164,7 @@ class AmqpAdmin(Admin):
         # comes before the stream's writer runs crashes the broker's channel
         # and with it the whole connection. So it is read on a connection of
         # its own, tried again for up to FRESH_INVENTORY_WAIT.
-        deadline = time.monotonic() + FRESH_INVENTORY_WAIT
+        window = TryWindow(FRESH_INVENTORY_WAIT, FRESH_INVENTORY_PAUSE)
         while True:
             try:
                 side = await self._connect("pigeon admin inventory")
@@ -172,10 +174,10 @@ class AmqpAdmin(Admin):
                     with contextlib.suppress(Exception):  # noqa: BLE001  (the broker may have closed it)
                         await side.close()
             except TransportError:
-                if time.monotonic() >= deadline:
+                if not window.again(time.monotonic()):
                     raise
                 self.inventory_retries += 1
-                await asyncio.sleep(FRESH_INVENTORY_PAUSE)
+                await asyncio.sleep(window.pause)
 
     async def _read_inventory(self, connection: AbstractConnection, expected: int) -> list[str]:
         """Read the inventory stream on ``connection`` from its first entry.

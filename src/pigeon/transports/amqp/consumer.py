@@ -34,6 +34,7 @@ from aio_pika.abc import (
 )
 
 from ..._core import headers, policy
+from ..._core.backoff import TryWindow
 from ..._core.ledger import dead_letter_queue
 from ...errors import AuthenticationError, PigeonError, TransportError
 from ...message import Message
@@ -44,7 +45,7 @@ from .publisher import Prepare, Publisher
 from .topology import Topology, queue_arguments
 
 # A consume the broker crashed on (see Subscription.start) is tried again
-# for this long, a pause apart.
+# for this long, a pause apart (backoff Rule 3).
 RESTART_WITHIN = 10.0  # seconds
 RESTART_PAUSE = 0.25  # seconds
 
@@ -126,28 +127,26 @@ class Subscription:
             TransportError: the broker cannot be reached.
         """
         await self._prepare()
-        deadline: float | None = None
+        window = TryWindow(RESTART_WITHIN, RESTART_PAUSE)
         while True:
             try:
                 with map_exceptions(f"consume {self.queue!r}", address=self.address):
                     await self._consume()
                 return
             except TransportError as exc:
-                now = time.monotonic()
-                if deadline is None:
-                    if not isinstance(exc.__cause__, aiormq.exceptions.ConnectionInternalError):
-                        raise  # only a broker that crashed our consume is waited for
-                    deadline = now + RESTART_WITHIN
-                if isinstance(exc, AuthenticationError) or now >= deadline:
+                crashed = isinstance(exc.__cause__, aiormq.exceptions.ConnectionInternalError)
+                if not (crashed or window.opened):
+                    raise  # only a broker that crashed our consume is waited for
+                if isinstance(exc, AuthenticationError) or not window.again(time.monotonic()):
                     raise
             # The connection is back within a reconnect interval (one second
-            # unless the URL says otherwise); tried again till the deadline.
+            # unless the URL says otherwise); tried again while the window runs.
             self.counts["consume_restarts"] += 1
             await self._drop_channel()
-            await asyncio.sleep(RESTART_PAUSE)
+            await asyncio.sleep(window.pause)
             with contextlib.suppress(TimeoutError):
                 connected = self.connection().connected.wait()
-                await asyncio.wait_for(connected, max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(connected, window.left(time.monotonic()))
 
     async def _consume(self) -> None:
         """Open this consumer's channel, declare the queue, start consuming

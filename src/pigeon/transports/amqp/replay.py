@@ -64,6 +64,7 @@ from aio_pika.abc import (
 )
 
 from ..._core import headers
+from ..._core.backoff import TryWindow
 from ..._core.topics import StartAt, matches, numbered
 from ...errors import PigeonError, ReplayTrimmed, TransportError
 from ...message import Message, new_id
@@ -191,18 +192,18 @@ class ReplaySubscription(ClientLeases):
                 stalled (Rule 6).
         """
         start = self.start_at
-        deadline = time.monotonic() + NOT_READY_WAIT
+        window = TryWindow(NOT_READY_WAIT, NOT_READY_PAUSE)
         while True:
             try:
                 await self._open_and_find_end()
                 break
             except QueueNotReady:
                 # The stream's member on the broker's node is (re)starting.
-                if time.monotonic() >= deadline:
+                if not window.again(time.monotonic()):
                     raise
             self.counts["replay_restarts"] += 1
             await self._drop_channel()
-            await asyncio.sleep(NOT_READY_PAUSE)
+            await asyncio.sleep(window.pause)
         if start.last is not None:
             self._window = max(0, self._end - start.last)
         loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ from ..._core.discovery import is_ipv6
 from ..._core.frames import Cancel, Consume, Frame, Hello, Reply, Request, Subscribe, Verdict
 from ..._core.limits import MAX_NAME, MAX_SERVICES
 from ..._core.liveness import OwnStalls
+from ..._core.liveness import excused as liveness_excused
 from ..._core.topics import Retention
 from ...errors import (
     Backpressure,
@@ -354,9 +355,9 @@ class ZmqTransport:
             # This loop's own stall is no silence of the peers (liveness Rule 4).
             if excused := self.own_stalls.tick(now):
                 for link in self.links:
-                    link.last_heard += excused
+                    link.last_heard = liveness_excused(link.last_heard, excused, now)
                 if self.router is not None:
-                    self.router.liveness.excuse(excused)
+                    self.router.liveness.excuse(excused, now)
             for link in self.links:
                 link.send_hello()
                 link.check_silent(now)
